@@ -1,0 +1,167 @@
+"""The public, one-call API: load, quantise, evaluate, save.
+
+```python
+import lowbit
+model = lowbit.load_model()                        # the embedded default model
+q = lowbit.quantize(model, lowbit.W4A16)           # round-to-nearest by default
+print(lowbit.evaluate(q, reference=model, text="pydoc-eval"))
+lowbit.save(q, "out/")
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms import RTN, rtn_quantize
+from lowbit.calibration import load_text, tokenize
+from lowbit.errors import LowbitError
+from lowbit.eval.metrics import EvalConfig, ReferenceStats, TextResult, evaluate_tokens
+from lowbit.footprint import Footprint, model_footprint
+from lowbit.io import is_native_checkpoint, load_native, read_manifest, save_native
+from lowbit.models import load_pretrained, load_pretrained_tokenizer, select_linears, set_submodule
+from lowbit.nn import QuantLinear
+from lowbit.scheme import Scheme, get_scheme
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class QuantInfo:
+    """What was done to a model: attached to it as ``model.lowbit_info`` and saved with it."""
+
+    scheme: Scheme
+    method: dict[str, Any]
+    seconds: float
+    source: str = "unknown"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme.to_dict(), "method": self.method, "quantize_seconds": self.seconds,
+                "model": self.source}
+
+
+def load_model(path: PathLike | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model from a HF directory, a GGUF file, a lowbit checkpoint, or the default (None)."""
+    if path not in (None, "", "default") and is_native_checkpoint(path):  # type: ignore[arg-type]
+        return load_native(path, dtype=dtype)  # type: ignore[arg-type]
+    model = load_pretrained(path, dtype=dtype)
+    model.lowbit_source = "default" if path in (None, "", "default") else str(path)
+    return model
+
+
+def load_tokenizer(path: PathLike | None = None):  # -> PreTrainedTokenizerBase
+    """The tokenizer that belongs to `load_model` of the same argument."""
+    if path not in (None, "", "default") and is_native_checkpoint(path):  # type: ignore[arg-type]
+        if (Path(path) / "tokenizer_config.json").is_file():  # type: ignore[arg-type]
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path)
+        source = read_manifest(path).get("model")  # type: ignore[arg-type]
+        return load_pretrained_tokenizer(None if source in (None, "default") else source)
+    return load_pretrained_tokenizer(path)
+
+
+def quantize(model: nn.Module, scheme: Scheme | str, method: Any = None, calib: torch.Tensor | None = None,
+             inplace: bool = False, progress: bool = True) -> nn.Module:
+    """Quantise the linear layers the scheme selects; returns the quantised model.
+
+    The input model is left untouched unless ``inplace``. ``method`` defaults to RTN.
+    ``calib`` (a (n, seqlen) token tensor) is for methods that need calibration data.
+    """
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    method = RTN() if method is None else method
+    if not isinstance(method, RTN):
+        raise LowbitError(f"method {getattr(method, 'name', method)!r} is not available in this version; use RTN().")
+    target = model if inplace else copy.deepcopy(model)
+    linears = select_linears(target, scheme.targets, scheme.ignore)
+    if not linears:
+        raise LowbitError(f"scheme {scheme.name} selects no linear layer of {type(model).__name__}.")
+    start = time.perf_counter()
+    for name, linear in tqdm(linears.items(), desc=f"{method.name} {scheme.name}", unit="layer",
+                             disable=None if progress else True, leave=False):
+        qweight = rtn_quantize(linear.weight.detach(), scheme.weights, name=f"{name}.weight")
+        set_submodule(target, name, QuantLinear(qweight, linear.bias, scheme.activations))
+    seconds = time.perf_counter() - start
+    target.lowbit_info = QuantInfo(scheme, method.to_dict(), seconds, getattr(model, "lowbit_source", "unknown"))
+    return target
+
+
+@dataclass
+class EvalReport:
+    """Per-text results of one model, and its weight footprint."""
+
+    results: dict[str, TextResult]
+    footprint: Footprint
+    config: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.footprint.to_dict(),
+                               "ppl": {k: r.ppl for k, r in self.results.items()},
+                               "eval": {k: r.to_dict() for k, r in self.results.items()},
+                               "eval_config": vars(self.config).copy()}
+        if any(r.reference_ppl is not None for r in self.results.values()):
+            out["reference_ppl"] = {k: r.reference_ppl for k, r in self.results.items()}
+            first = next(iter(self.results.values()))
+            out["kl"], out["top1"] = first.kl, first.top1
+            out["kl_per_text"] = {k: r.kl for k, r in self.results.items()}
+            out["top1_per_text"] = {k: r.top1 for k, r in self.results.items()}
+        return out
+
+    def __str__(self) -> str:
+        lines = []
+        for text, r in self.results.items():
+            line = f"{text}: ppl {r.ppl:.4f}"
+            if r.reference_ppl is not None:
+                line += f" (reference {r.reference_ppl:.4f})"
+            if r.kl is not None:
+                line += f", KL {r.kl:.5f}, top-1 {r.top1:.2f}%"
+            lines.append(line)
+        bpw = self.footprint.bits_per_weight
+        lines.append(f"weights {self.footprint.total_bytes / 1e6:.1f} MB"
+                     + (f", {bpw:.3f} bits per quantised weight" if bpw else ""))
+        return "\n".join(lines)
+
+
+def evaluate(model: nn.Module, reference: nn.Module | dict[str, ReferenceStats] | None = None,
+             text: str | list[str] = "pydoc-eval", tokenizer: Any = None,
+             config: EvalConfig = EvalConfig(), progress: bool = True) -> EvalReport:
+    """Perplexity per text, and KL / top-1 against ``reference`` (a model, or cached stats per text)."""
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts:
+        raise LowbitError("evaluation needs at least one text source.")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(None)
+    results = {}
+    for name in texts:
+        tokens = tokenize(tokenizer, load_text(name))
+        ref = reference.get(name) if isinstance(reference, dict) else reference
+        results[name] = evaluate_tokens(model, tokens, ref, config, desc=f"eval {name}" if progress else "")
+    return EvalReport(results, model_footprint(model), config)
+
+
+def save(model: nn.Module, out: PathLike, format: str = "native", tokenizer: Any = None,
+         overwrite: bool = False) -> Path:
+    """Write a quantised model; ``format='native'`` is lowbit's safetensors + JSON layout."""
+    if format != "native":
+        raise LowbitError(f"format {format!r} is not available in this version; use 'native'.")
+    info = model.lowbit_info.to_dict() if isinstance(getattr(model, "lowbit_info", None), QuantInfo) else {}
+    return save_native(model, out, tokenizer=tokenizer, info=info, overwrite=overwrite)
+
+
+def load(path: PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a lowbit checkpoint directory."""
+    if not is_native_checkpoint(path):
+        raise LowbitError(f"'{path}' is not a lowbit checkpoint (no lowbit.json).")
+    return load_native(path, dtype=dtype)

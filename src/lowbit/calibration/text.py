@@ -1,0 +1,111 @@
+"""Text sources and the seeded calibration sampler of PROTOCOL.md.
+
+Named sources: ``pydoc-calib`` and ``pydoc-eval`` split the English prose that ships
+with every CPython (``pydoc_data.topics``): sort the topic keys, topic i is EVAL when
+``i % 5 == 0`` and CALIB otherwise, each split joined with blank lines. Anything else is
+a path: a text file, a JSONL file with a ``text`` field per line, or a directory written
+by ``datasets.Dataset.save_to_disk`` with a ``text`` column (needs ``datasets``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+
+PYDOC_SOURCES = ("pydoc-calib", "pydoc-eval")
+
+
+def pydoc_split(split: str) -> str:
+    """The ``calib`` or ``eval`` half of CPython's pydoc topics, joined with blank lines."""
+    from pydoc_data.topics import topics
+
+    if split not in ("calib", "eval"):
+        raise LowbitError(f"pydoc split must be 'calib' or 'eval', got {split!r}.")
+    keys = sorted(topics)
+    chosen = [topics[k] for i, k in enumerate(keys) if (i % 5 == 0) == (split == "eval")]
+    return "\n\n".join(chosen)
+
+
+def _read_jsonl(path: Path) -> str:
+    texts = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LowbitError(f"line {number} of '{path}' is not valid JSON ({err.msg}).") from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise LowbitError(f"line {number} of '{path}' has no string 'text' field.")
+            texts.append(record["text"])
+    return "\n\n".join(texts)
+
+
+def _read_dataset_dir(path: Path) -> str:
+    try:
+        import datasets
+    except ImportError as err:
+        raise LowbitError(f"'{path}' looks like a saved datasets dataset; install 'datasets' to read it.") from err
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        data = data["train"] if "train" in data else next(iter(data.values()))
+    if "text" not in data.column_names:
+        raise LowbitError(f"dataset '{path}' has no 'text' column (columns: {', '.join(data.column_names)}).")
+    return "\n\n".join(t for t in data["text"] if t)
+
+
+def load_text(source: str) -> str:
+    """The text of a named source or a file, refusing missing, unreadable or empty ones."""
+    if source == "pydoc-calib":
+        return pydoc_split("calib")
+    if source == "pydoc-eval":
+        return pydoc_split("eval")
+    path = Path(source)
+    if not path.exists():
+        raise LowbitError(
+            f"text source '{source}' is neither {' nor '.join(PYDOC_SOURCES)} nor an existing file."
+        )
+    if path.is_dir():
+        text = _read_dataset_dir(path)
+    else:
+        try:
+            text = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise LowbitError(f"text file '{path}' is not UTF-8 text.") from err
+    if not text.strip():
+        raise LowbitError(f"text file '{path}' is empty.")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """Token ids of ``text`` without special tokens, (N,) int64."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_set(source: str = "pydoc-calib", n: int = 128, seqlen: int = 512, tokenizer=None,
+                    seed: int = 0) -> Tensor:
+    """``n`` sequences of ``seqlen`` tokens at offsets drawn by ``random.Random(seed)``, (n, seqlen).
+
+    Offsets are uniform over the valid starts ``0 .. len(stream) - seqlen``. Without a
+    tokenizer the default model's is used.
+    """
+    if n <= 0 or seqlen <= 0:
+        raise LowbitError(f"calibration needs a positive number of sequences and length, got n={n}, seqlen={seqlen}.")
+    if tokenizer is None:
+        from lowbit.models import load_pretrained_tokenizer
+
+        tokenizer = load_pretrained_tokenizer(None)
+    stream = tokenize(tokenizer, load_text(source))
+    if stream.numel() < seqlen:
+        raise LowbitError(f"text source '{source}' has {stream.numel()} tokens, fewer than one {seqlen}-token sequence.")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, stream.numel() - seqlen) for _ in range(n)]
+    return torch.stack([stream[s : s + seqlen] for s in starts])

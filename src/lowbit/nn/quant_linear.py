@@ -1,0 +1,58 @@
+"""`QuantLinear`: an ``nn.Linear`` replacement that holds a `QuantizedWeight`.
+
+The packed tensors are registered as buffers named as in the checkpoint (``qdata``,
+``scale``, ``zero_point``, ``scale_scale``, ``scale_offset``), so ``state_dict()``,
+``.to()`` and loading with ``assign=True`` work as for any module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.kernels import quantized_linear
+from lowbit.scheme import QuantSpec
+from lowbit.tensor import QuantizedWeight, expected_layout
+
+
+class QuantLinear(nn.Module):
+    """y = x Wᵀ + b with W stored quantised (and x quantised per call for W8A8 / FP8)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None = None,
+                 activations: QuantSpec | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.spec = weight.spec
+        self.activations = activations
+        for name, tensor in weight.tensors().items():
+            self.register_buffer(name, tensor)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], spec: QuantSpec, bias: bool = False,
+              activations: QuantSpec | None = None, device: torch.device | str = "cpu") -> QuantLinear:
+        """A module with correctly shaped, uninitialised buffers, to be filled by loading."""
+        tensors = {name: torch.empty(dims, dtype=dtype, device=device)
+                   for name, (dims, dtype) in expected_layout(spec, shape).items()}
+        weight = QuantizedWeight.from_tensors(tensors, shape, spec)
+        b = torch.empty(shape[0], device=device) if bias else None
+        return cls(weight, b, activations)
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        tensors = {name: buf for name, buf in self.named_buffers(recurse=False)}
+        return QuantizedWeight.from_tensors(tensors, (self.out_features, self.in_features), self.spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantized_linear(x, self.weight, self.bias, self.activations)
+
+    def extra_repr(self) -> str:
+        act = f", activations={self.activations.describe()}" if self.activations else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.spec.describe()}{act}"
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+__all__ = ["QuantLinear", "quantized_modules"]

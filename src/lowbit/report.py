@@ -1,0 +1,53 @@
+"""Tables the command line prints (rich), kept apart from the commands that compute them."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from lowbit.footprint import Footprint, gpus_that_fit
+from lowbit.scheme import Scheme
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def print_demo_table(scheme: Scheme, method: str, report, float_bytes: int, quantize_seconds: float,
+                     load_seconds: float, console: Console | None = None) -> None:
+    """The before/after table of `lowbit demo`; ``report`` is an `EvalReport` with a reference."""
+    console = console or Console()
+    result = next(iter(report.results.values()))
+    fp = report.footprint
+    table = Table(title=f"SmolLM2-135M-Instruct on pydoc-eval ({result.tokens:,} tokens, {result.windows} windows)")
+    for column in ("model", "bits/weight (linears)", "weights", "ppl", "KL vs FP", "top-1 vs FP", "time"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row("FP (bf16 storage)", "16.00", _mb(float_bytes), f"{result.reference_ppl:.3f}", "0", "100.00%",
+                  f"load {load_seconds:.1f} s")
+    table.add_row(f"{scheme.name} {method}", f"{fp.bits_per_weight:.3f}", _mb(fp.total_bytes), f"{result.ppl:.3f}",
+                  f"{result.kl:.4f}", f"{result.top1:.2f}%", f"quantise {quantize_seconds:.1f} s")
+    console.print(table)
+    console.print(f"scheme: {scheme.describe()}; ppl change {100 * (result.ppl / result.reference_ppl - 1):+.2f}%; "
+                  f"weights {float_bytes / fp.total_bytes:.2f}× smaller (embeddings stay in bf16).")
+
+
+def print_size_table(model: str, scheme: Scheme, full: Footprint, quant: Footprint,
+                     console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"weights of {model}: {full.total_params / 1e9:.3f} B parameters")
+    for column in ("storage", "bits/weight (linears)", "weights"):
+        table.add_column(column, justify="right")
+    table.add_row("bf16", "16.000", _gb(full.total_bytes))
+    table.add_row(scheme.describe(), f"{quant.bits_per_weight or 16:.3f}", _gb(quant.total_bytes))
+    console.print(table)
+    gpus = Table(title="cards needed (weights within 90% of each card's memory; KV cache not counted)")
+    gpus.add_column("GPU")
+    gpus.add_column("bf16", justify="right")
+    gpus.add_column(scheme.name, justify="right")
+    for (name, _, n_full), (_, _, n_quant) in zip(gpus_that_fit(full.total_bytes), gpus_that_fit(quant.total_bytes)):
+        gpus.add_row(name, "1 (fits)" if n_full == 1 else str(n_full), "1 (fits)" if n_quant == 1 else str(n_quant))
+    console.print(gpus)

@@ -1,0 +1,323 @@
+"""`QuantizedWeight`: one quantised 2-D weight, packed as it is stored.
+
+The container holds exactly the tensors that go to disk — packed codes, scales, packed
+zero points, and for double-quantised NF4 the second-level scale codes — so that
+``bits_per_weight`` counts every byte, metadata included, and cannot drift from what a
+checkpoint holds.
+
+Layout (all row-major, groups along the input dimension, the last group of a row may be
+smaller when the group size does not divide the number of columns):
+
+================  ===========================================  =========================
+field             shape / dtype                                 meaning
+================  ===========================================  =========================
+``qdata``         (R, ceil(C*bits/8)) uint8                     codes, LSB-first bitstream
+``scale``         (R, G) ``spec.scale_dtype``; (R*G,) int8       per-group step / absmax
+                  when double-quantised
+``zero_point``    (R, ceil(G*bits/8)) uint8 or None             asymmetric int only
+``scale_scale``   (ceil(R*G/256),) float32 or None              double quantisation only
+``scale_offset``  () float32 or None                            double quantisation only
+================  ===========================================  =========================
+
+Symmetric integer codes are stored offset by 2**(bits-1) so that every stored code is
+unsigned. Per-tensor granularity keeps the (R, C) code layout with a (1, 1) scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit import observers
+from lowbit.errors import LowbitError
+from lowbit.formats import (
+    FP8_MAX,
+    choose_qparams_affine,
+    dequantize_affine,
+    dequantize_fp8,
+    dequantize_lut,
+    double_dequantize,
+    double_quantize,
+    fp4_e2m1_levels,
+    nf4_levels,
+    num_groups,
+    pack,
+    packed_length,
+    quantize_affine,
+    quantize_fp8,
+    quantize_lut,
+    unpack,
+)
+from lowbit.scheme import QuantSpec
+
+DOUBLE_QUANT_BLOCK = 256
+
+
+def _lut_levels(fmt: str) -> Tensor:
+    return nf4_levels() if fmt == "nf4" else fp4_e2m1_levels()
+
+
+def _level_max(fmt: str) -> float:
+    if fmt.startswith("fp8_"):
+        return FP8_MAX[fmt[4:]]
+    return float(_lut_levels(fmt).abs().max())
+
+
+def _scale_from_absmax(absmax: Tensor, level_max: float, dtype: torch.dtype) -> Tensor:
+    """Absmax scale in ``dtype``; a zero scale (all-zero group) becomes the smallest normal."""
+    scale = (absmax.float() / level_max).to(dtype)
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).smallest_normal), scale)
+
+
+def _double_dequantized_scales(codes: Tensor, block_scale: Tensor, offset: Tensor,
+                               shape: tuple[int, int]) -> Tensor:
+    """Second-level decode of NF4 block scales; kept positive so codes never flip sign."""
+    scale = double_dequantize(codes, block_scale, offset, shape)
+    return scale.clamp_min(torch.finfo(torch.float32).smallest_normal)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantised (R, C) weight; see the module docstring for the stored layout."""
+
+    qdata: Tensor
+    scale: Tensor
+    zero_point: Tensor | None
+    shape: tuple[int, int]
+    spec: QuantSpec
+    scale_scale: Tensor | None = None
+    scale_offset: Tensor | None = None
+
+    # -- geometry -------------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        rows, cols = self.shape
+        return self.spec.group_size_for(cols, rows)
+
+    @property
+    def scale_shape(self) -> tuple[int, int]:
+        rows, cols = self.shape
+        if self.spec.granularity == "tensor":
+            return (1, 1)
+        return (rows, num_groups(cols, self.group_size))
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    # -- accounting -----------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by name (what a checkpoint holds for this weight)."""
+        out = {"qdata": self.qdata, "scale": self.scale}
+        if self.zero_point is not None:
+            out["zero_point"] = self.zero_point
+        if self.scale_scale is not None and self.scale_offset is not None:
+            out["scale_scale"] = self.scale_scale
+            out["scale_offset"] = self.scale_offset
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+    # -- decoding -------------------------------------------------------------------
+    def scales(self) -> Tensor:
+        """Per-group scales as float32, (R, G) (or (1, 1) per tensor)."""
+        if self.scale_scale is not None and self.scale_offset is not None:
+            return _double_dequantized_scales(self.scale, self.scale_scale, self.scale_offset, self.scale_shape)
+        return self.scale.float().reshape(self.scale_shape)
+
+    def codes(self) -> Tensor:
+        """Unpacked integer codes (R, C), int32; symmetric int codes are signed."""
+        rows, cols = self.shape
+        codes = unpack(self.qdata, self.spec.bits, cols)
+        if self.spec.format == "int" and self.spec.symmetric:
+            codes = codes - (1 << (self.spec.bits - 1))
+        return codes
+
+    def zero_points(self) -> Tensor | None:
+        if self.zero_point is None:
+            return None
+        return unpack(self.zero_point, self.spec.bits, self.scale_shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight these codes stand for, (R, C)."""
+        rows, cols = self.shape
+        codes = self.codes()
+        scale = self.scales()
+        group = self.group_size
+        if self.spec.granularity == "tensor":
+            codes = codes.reshape(1, rows * cols)
+        fmt = self.spec.format
+        if fmt == "int":
+            out = dequantize_affine(codes, scale, self.zero_points(), group, dtype=torch.float32)
+        elif fmt in ("nf4", "fp4"):
+            out = dequantize_lut(codes.to(torch.uint8), scale, _lut_levels(fmt), group, dtype=torch.float32)
+        else:
+            out = dequantize_fp8(codes.to(torch.uint8), scale, fmt[4:], group, dtype=torch.float32)
+        return out.reshape(rows, cols).to(dtype)
+
+    # -- serialisation --------------------------------------------------------------
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], shape: tuple[int, int], spec: QuantSpec,
+                     name: str = "weight") -> QuantizedWeight:
+        """Rebuild from stored tensors, checking every shape and dtype against the spec."""
+        expected = expected_layout(spec, shape)
+        for key, (exp_shape, exp_dtype) in expected.items():
+            if key not in tensors:
+                raise LowbitError(f"tensor {name}.{key} is missing.")
+            t = tensors[key]
+            if tuple(t.shape) != exp_shape or t.dtype != exp_dtype:
+                raise LowbitError(
+                    f"tensor {name}.{key} has shape {tuple(t.shape)} and dtype {t.dtype}, "
+                    f"expected {exp_shape} and {exp_dtype}."
+                )
+        return cls(
+            qdata=tensors["qdata"],
+            scale=tensors["scale"],
+            zero_point=tensors.get("zero_point"),
+            shape=(int(shape[0]), int(shape[1])),
+            spec=spec,
+            scale_scale=tensors.get("scale_scale"),
+            scale_offset=tensors.get("scale_offset"),
+        )
+
+
+def expected_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name → (shape, dtype) of every tensor stored for a weight of this shape and spec."""
+    rows, cols = shape
+    if spec.granularity == "tensor":
+        n_rows, n_groups = 1, 1
+    else:
+        n_rows, n_groups = rows, num_groups(cols, spec.group_size_for(cols, rows))
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+        "qdata": ((rows, packed_length(cols, spec.bits)), torch.uint8),
+    }
+    if spec.double_quant:
+        n_scales = n_rows * n_groups
+        layout["scale"] = ((n_scales,), torch.int8)
+        layout["scale_scale"] = ((math.ceil(n_scales / DOUBLE_QUANT_BLOCK),), torch.float32)
+        layout["scale_offset"] = ((), torch.float32)
+    else:
+        layout["scale"] = ((n_rows, n_groups), spec.torch_scale_dtype)
+    if spec.format == "int" and not spec.symmetric:
+        layout["zero_point"] = ((n_rows, packed_length(n_groups, spec.bits)), torch.uint8)
+    return layout
+
+
+def storage_bytes(spec: QuantSpec, shape: tuple[int, int]) -> int:
+    """Bytes a weight of ``shape`` takes in this spec, without quantising anything."""
+    total = 0
+    for dims, dtype in expected_layout(spec, shape).values():
+        total += math.prod(dims) * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
+# -- quantisation ------------------------------------------------------------------------
+
+def check_finite(w: Tensor, name: str) -> None:
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise LowbitError(f"tensor {name} contains {bad} NaN or Inf value(s); refusing to quantise it.")
+
+
+def _observe(x: Tensor, group: int, spec: QuantSpec, fake_quant: Callable[[Tensor, Tensor, Tensor], Tensor]
+             ) -> tuple[Tensor, Tensor]:
+    if spec.observer == "percentile":
+        return observers.percentile(x, group, spec.percentile)
+    if spec.observer == "mse":
+        return observers.mse_search(x, group, fake_quant)
+    return observers.minmax(x, group)
+
+
+def quantize_weight(w: Tensor, spec: QuantSpec, name: str = "weight") -> QuantizedWeight:
+    """Round-to-nearest quantisation of a 2-D weight with the range the spec's observer picks."""
+    if w.dim() != 2:
+        raise LowbitError(f"tensor {name} must be 2-D to be quantised, got shape {tuple(w.shape)}.")
+    check_finite(w, name)
+    rows, cols = w.shape
+    x = w.detach().float()
+    if spec.granularity == "tensor":
+        x = x.reshape(1, rows * cols)
+    group = spec.group_size_for(cols, rows)
+    sdtype = spec.torch_scale_dtype
+    fmt = spec.format
+    zero_packed = scale_scale = scale_offset = None
+
+    if fmt == "int":
+        def fake_quant(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+            s, z = choose_qparams_affine(lo, hi, spec.bits, spec.symmetric, sdtype)
+            return dequantize_affine(quantize_affine(v, s, z, spec.bits, spec.symmetric, group), s, z, group)
+
+        lo, hi = _observe(x, group, spec, fake_quant)
+        scale, zero = choose_qparams_affine(lo, hi, spec.bits, spec.symmetric, sdtype)
+        codes = quantize_affine(x, scale, zero, spec.bits, spec.symmetric, group)
+        if spec.symmetric:
+            codes = codes + (1 << (spec.bits - 1))
+        else:
+            zero_packed = pack(zero, spec.bits)
+    else:
+        level_max = _level_max(fmt)
+
+        def encode(v: Tensor, s: Tensor) -> Tensor:
+            if fmt.startswith("fp8_"):
+                return quantize_fp8(v, s, fmt[4:], group)
+            return quantize_lut(v, s, _lut_levels(fmt), group)
+
+        def decode(c: Tensor, s: Tensor) -> Tensor:
+            if fmt.startswith("fp8_"):
+                return dequantize_fp8(c, s, fmt[4:], group)
+            return dequantize_lut(c, s, _lut_levels(fmt), group)
+
+        def fake_quant(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+            s = _scale_from_absmax(torch.maximum(-lo, hi), level_max, sdtype)
+            return decode(encode(v, s), s)
+
+        lo, hi = _observe(x, group, spec, fake_quant)
+        absmax = torch.maximum(-lo, hi)
+        if spec.double_quant:
+            scale_f = _scale_from_absmax(absmax, level_max, torch.float32)
+            scale, scale_scale, scale_offset = double_quantize(scale_f, DOUBLE_QUANT_BLOCK)
+            # Encode against the scales the checkpoint will actually decode with.
+            scale_used = _double_dequantized_scales(scale, scale_scale, scale_offset, tuple(scale_f.shape))
+            codes = encode(x, scale_used)
+        else:
+            scale = _scale_from_absmax(absmax, level_max, sdtype)
+            codes = encode(x, scale)
+
+    qdata = pack(codes.reshape(rows, cols).to(torch.int32), spec.bits)
+    return QuantizedWeight(qdata, scale, zero_packed, (rows, cols), spec, scale_scale, scale_offset)
+
+
+def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
+    """Quantise then dequantise ``x`` (any shape, last dim = features) with min-max ranges.
+
+    This is dynamic activation quantisation as the reference kernels define it: per
+    token means one scale per row of the flattened (tokens, features) matrix, per tensor
+    one scale for all of it. No packing happens: the codes never leave this function.
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    if spec.granularity == "tensor":
+        x2 = x2.reshape(1, -1)
+    group = spec.group_size_for(x2.shape[1], x2.shape[0]) if spec.granularity == "group" else x2.shape[1]
+    sdtype = spec.torch_scale_dtype
+    if spec.format == "int":
+        lo, hi = observers.minmax(x2, group)
+        s, z = choose_qparams_affine(lo, hi, spec.bits, spec.symmetric, sdtype)
+        out = dequantize_affine(quantize_affine(x2, s, z, spec.bits, spec.symmetric, group), s, z, group)
+    elif spec.format.startswith("fp8_"):
+        lo, hi = observers.minmax(x2, group)
+        s = _scale_from_absmax(torch.maximum(-lo, hi), _level_max(spec.format), sdtype)
+        out = dequantize_fp8(quantize_fp8(x2, s, spec.format[4:], group), s, spec.format[4:], group)
+    else:
+        raise LowbitError(f"activations cannot use the {spec.format!r} format.")
+    return out.reshape(shape).to(x.dtype)

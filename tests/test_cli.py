@@ -1,0 +1,102 @@
+"""The command line as a user drives it: one-sentence errors and non-zero exits, and real runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from lowbit.cli import cli
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "/no/such/model"], "model path '/no/such/model' does not exist"),
+        (["quantize", "/no/such/model", "--json", "x.json"], "model path '/no/such/model' does not exist"),
+        (["quantize", "default", "--group-size", "0", "--json", "x.json"], "group size must be a positive integer, got 0"),
+        (["quantize", "default", "--group-size", "-8", "--json", "x.json"], "group size must be a positive integer"),
+        (["quantize", "default", "--scheme", "W5A16", "--json", "x.json"], "unknown scheme 'W5A16'"),
+        (["quantize", "default", "--method", "magic", "--json", "x.json"], "unknown method 'magic'"),
+        (["quantize", "default"], "nothing would be kept"),
+        (["size", "/no/such/config.json"], "does not exist"),
+        (["eval", "default", "--text", "/no/such.txt"], "text source '/no/such.txt' is neither"),
+        (["eval", "default", "--window", "1"], "evaluation needs window >= 2"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_nonzero(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, output = run(*args)
+    assert code != 0
+    assert message in _one_error_line(output)
+
+
+def test_empty_text_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, output = run("eval", "default", "--text", str(empty))
+    assert code == 1
+    assert f"text file '{empty}' is empty" in _one_error_line(output)
+
+
+def test_corrupt_model_directory(tmp_path):
+    (tmp_path / "config.json").write_text("{ this is not json")
+    code, output = run("eval", str(tmp_path))
+    assert code == 1
+    assert f"could not load model '{tmp_path}'" in _one_error_line(output)
+
+
+def test_corrupt_gguf_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    code, output = run("eval", str(bad))
+    assert code == 1
+    assert "broken.gguf" in _one_error_line(output)
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    code, output = run("eval", str(tmp_path))
+    assert code == 1
+    assert "is neither a Hugging Face model directory" in _one_error_line(output)
+
+
+def test_size_of_llama2_70b_config(tmp_path):
+    config = {
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    code, output = run("size", str(path), "--scheme", "W4A16", "--json", str(tmp_path / "size.json"))
+    assert code == 0, output
+    report = json.loads((tmp_path / "size.json").read_text())
+    assert 137e9 < report["bf16_bytes"] < 139e9  # 68.98 B parameters × 2 bytes
+    # int4 + one fp16 scale per 128 weights = 4.125 bits on the linears; embeddings stay bf16
+    assert report["bits_per_weight"] == pytest.approx(4.125)
+    assert 35e9 < report["weight_bytes"] < 37e9
+    assert "H100" in output and "fits" in output
+
+
+def test_size_reads_the_default_model_config():
+    code, output = run("size", "default", "--scheme", "NF4")
+    assert code == 0, output
+    assert "0.135 B parameters" in output
+
+
+def test_console_script_runs_help():
+    out = subprocess.run([sys.executable, "-m", "lowbit.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("demo", "quantize", "eval", "size", "generate"):
+        assert command in out.stdout

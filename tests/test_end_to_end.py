@@ -1,0 +1,141 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct), with short evaluations.
+
+The protocol's full evaluation runs in bench/rtn.py; here 2 windows of 512 tokens keep
+each evaluation to a few seconds while still exercising every path.
+"""
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.eval import EvalConfig, evaluate_tokens, reference_stats
+from lowbit.nn import QuantLinear, quantized_modules
+
+SHORT = EvalConfig(window=512, max_windows=2, kl_windows=1)
+
+
+@pytest.fixture(scope="module")
+def fp_stats(default_model, eval_tokens):
+    return reference_stats(default_model, eval_tokens, SHORT)
+
+
+def test_float_model_is_the_protocol_model(default_model):
+    cfg = default_model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (9, 3)
+    params = {p.data_ptr(): p.numel() for p in default_model.parameters()}
+    assert sum(params.values()) == 134_515_008
+
+
+def test_w8a16_is_within_one_percent_of_fp(default_model, eval_tokens, fp_stats):
+    q = lowbit.quantize(default_model, lowbit.W8A16)
+    result = evaluate_tokens(q, eval_tokens, fp_stats, SHORT)
+    assert abs(result.ppl / fp_stats.ppl - 1) < 0.01
+    assert 0 < result.kl < 0.01 and result.top1 > 97
+
+
+def test_quantize_leaves_the_input_model_untouched(default_model):
+    before = default_model.model.layers[0].mlp.down_proj.weight.clone()
+    q = lowbit.quantize(default_model, lowbit.W4A16)
+    assert isinstance(default_model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert torch.equal(default_model.model.layers[0].mlp.down_proj.weight, before)
+    mods = quantized_modules(q)
+    assert len(mods) == 30 * 7  # every projection of every layer; embeddings and lm_head untouched
+    assert not any("lm_head" in name for name in mods)
+    assert isinstance(q.lm_head, torch.nn.Linear)
+
+
+def test_bits_per_weight_counts_the_ragged_groups(default_model):
+    q = lowbit.quantize(default_model, lowbit.W4A16)
+    mods = quantized_modules(q)
+    # 576 inputs = 4 groups of 128 + one of 64 → 5 fp16 scales per row; 1536 = 12 groups.
+    assert mods["model.layers.0.self_attn.q_proj"].weight.bits_per_weight == pytest.approx(4 + 5 * 16 / 576)
+    assert mods["model.layers.0.mlp.down_proj"].weight.bits_per_weight == pytest.approx(4 + 12 * 16 / 1536)
+    fp = lowbit.api.model_footprint(q)
+    stored = sum(t.numel() * t.element_size() for m in mods.values() for t in m.weight.tensors().values())
+    assert fp.quantized_bytes == stored
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "W3A16", "NF4", "FP8", "W8A8"])
+def test_every_scheme_runs_and_degrades_gracefully(default_model, eval_tokens, fp_stats, scheme):
+    q = lowbit.quantize(default_model, scheme)
+    result = evaluate_tokens(q, eval_tokens, fp_stats, SHORT)
+    assert math.isfinite(result.ppl) and math.isfinite(result.kl)
+    assert result.kl > 0
+    assert result.ppl < 1.6 * fp_stats.ppl  # none of these settings is catastrophic on this model
+
+
+def test_lower_bits_do_more_damage(default_model, eval_tokens, fp_stats):
+    kl = {}
+    for name in ("W8A16", "W4A16_ASYM", "W3A16"):
+        kl[name] = evaluate_tokens(lowbit.quantize(default_model, name), eval_tokens, fp_stats, SHORT).kl
+    assert kl["W8A16"] < kl["W4A16_ASYM"] < kl["W3A16"]
+
+
+def test_nan_weight_is_named(default_model):
+    model = copy.deepcopy(default_model)
+    model.model.layers[3].mlp.up_proj.weight.data[5, 7] = float("nan")
+    with pytest.raises(LowbitError, match=r"tensor model\.layers\.3\.mlp\.up_proj\.weight contains 1 NaN or Inf"):
+        lowbit.quantize(model, lowbit.W4A16)
+
+
+def test_save_and_load_round_trip(default_model, default_tokenizer, tmp_path):
+    q = lowbit.quantize(default_model, lowbit.W4A16_ASYM)
+    path = lowbit.save(q, tmp_path / "ckpt", tokenizer=default_tokenizer)
+    manifest = json.loads((path / "lowbit.json").read_text())
+    assert manifest["scheme"]["name"] == "W4A16_ASYM" and len(manifest["layers"]) == 210
+    loaded = lowbit.load(path)
+    for name, module in quantized_modules(q).items():
+        other = loaded.get_submodule(name)
+        assert isinstance(other, QuantLinear)
+        for key, tensor in module.weight.tensors().items():
+            assert torch.equal(tensor, other.weight.tensors()[key]), (name, key)
+    ids = torch.arange(100, 164)[None]
+    with torch.inference_mode():
+        assert torch.equal(q(ids).logits, loaded(ids).logits)
+    with pytest.raises(LowbitError, match="already exists and is not empty"):
+        lowbit.save(q, path)
+
+
+def test_corrupt_checkpoint_names_the_tensor(default_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    q = lowbit.quantize(default_model, lowbit.W8A16)
+    path = lowbit.save(q, tmp_path / "ckpt")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.layers.2.self_attn.k_proj.scale"] = tensors["model.layers.2.self_attn.k_proj.scale"][:10]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(LowbitError, match=r"model\.layers\.2\.self_attn\.k_proj\.scale has shape \(10, 1\)"):
+        lowbit.load(path)
+
+
+def test_cli_quantize_then_eval(tmp_path):
+    out, report = tmp_path / "w4", tmp_path / "q.json"
+    common = ["--window", "512", "--max-windows", "1", "--kl-windows", "1"]
+    subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", "default", "--scheme", "W4A16", "--out", str(out),
+                    "--json", str(report), *common], check=True, capture_output=True, text=True)
+    data = json.loads(report.read_text())
+    for key in ("model", "scheme", "method", "bits_per_weight", "weight_bytes", "ppl", "reference_ppl", "kl",
+                "top1", "quantize_seconds", "peak_rss_bytes", "versions"):
+        assert key in data, key
+    assert data["scheme"]["name"] == "W4A16" and data["method"]["name"] == "rtn"
+    again = tmp_path / "e.json"
+    subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", str(out), "--json", str(again), *common],
+                   check=True, capture_output=True, text=True)
+    evaluated = json.loads(again.read_text())
+    assert evaluated["ppl"]["pydoc-eval"] == pytest.approx(data["ppl"]["pydoc-eval"], rel=1e-5)
+    assert evaluated["scheme"]["name"] == "W4A16"
+
+
+def test_demo_prints_the_before_after_table():
+    out = subprocess.run([sys.executable, "-m", "lowbit.cli", "demo", "--window", "512", "--max-windows", "1",
+                          "--kl-windows", "1"], check=True, capture_output=True, text=True)
+    for needle in ("FP (bf16 storage)", "W4A16 rtn", "ppl", "KL vs FP", "top-1"):
+        assert needle in out.stdout, out.stdout
