@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 from lowbit.footprint import Footprint, gpus_that_fit
 from lowbit.scheme import Scheme
+
+
+def _console() -> Console:
+    """Rich's console; piped output gets a wide fixed width so tables never wrap mid-cell."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _mb(n: int) -> str:
@@ -20,7 +27,7 @@ def _gb(n: int) -> str:
 def print_demo_table(scheme: Scheme, method: str, report, float_bytes: int, quantize_seconds: float,
                      load_seconds: float, console: Console | None = None) -> None:
     """The before/after table of `lowbit demo`; ``report`` is an `EvalReport` with a reference."""
-    console = console or Console()
+    console = console or _console()
     result = next(iter(report.results.values()))
     fp = report.footprint
     table = Table(title=f"SmolLM2-135M-Instruct on pydoc-eval ({result.tokens:,} tokens, {result.windows} windows)")
@@ -37,7 +44,7 @@ def print_demo_table(scheme: Scheme, method: str, report, float_bytes: int, quan
 
 def print_size_table(model: str, scheme: Scheme, full: Footprint, quant: Footprint,
                      console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     table = Table(title=f"weights of {model}: {full.total_params / 1e9:.3f} B parameters")
     for column in ("storage", "bits/weight (linears)", "weights"):
         table.add_column(column, justify="right")

@@ -76,7 +76,7 @@ def _scale_from_absmax(absmax: Tensor, level_max: float, dtype: torch.dtype) -> 
 def _double_dequantized_scales(codes: Tensor, block_scale: Tensor, offset: Tensor,
                                shape: tuple[int, int]) -> Tensor:
     """Second-level decode of NF4 block scales; kept positive so codes never flip sign."""
-    scale = double_dequantize(codes, block_scale, offset, shape)
+    scale = double_dequantize(codes, block_scale, offset, shape, DOUBLE_QUANT_BLOCK)
     return scale.clamp_min(torch.finfo(torch.float32).smallest_normal)
 
 

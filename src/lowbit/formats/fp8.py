@@ -1,0 +1,70 @@
+"""8-bit floating point (FP8) with absmax scales: e4m3 (max 448) and e5m2 (max 57344).
+
+Formats as in Micikevicius et al., "FP8 Formats for Deep Learning" (arXiv 2209.05433)
+and the OCP 8-bit floating point specification: e4m3 has no infinities (the "fn"
+variant torch calls ``float8_e4m3fn``), e5m2 follows IEEE 754 conventions.
+
+`round_to_minifloat` is written in plain arithmetic (no float8 casts) for any small
+float format, so it also gives FP4 e2m1; it agrees exactly with torch's float8 casts on
+every finite in-range value (tested), rounding half to even and saturating at ±max.
+Codes are the 8-bit patterns, stored as uint8.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+from lowbit.formats.integer import expand_groups, pad_to_groups
+
+FP8_MAX: dict[str, float] = {"e4m3": 448.0, "e5m2": 57344.0}
+FP8_BITS: dict[str, tuple[int, int]] = {"e4m3": (4, 3), "e5m2": (5, 2)}
+FP8_DTYPES: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def _check_fmt(fmt: str) -> None:
+    if fmt not in FP8_MAX:
+        raise LowbitError(f"FP8 format must be one of {', '.join(FP8_MAX)}, got {fmt!r}.")
+
+
+def round_to_minifloat(x: Tensor, exp_bits: int, man_bits: int, max_value: float) -> Tensor:
+    """Nearest value of a (1, exp_bits, man_bits) float with IEEE bias, subnormals included.
+
+    Halfway cases go to the even mantissa; magnitudes beyond ``max_value`` saturate.
+    """
+    bias = (1 << (exp_bits - 1)) - 1
+    xf = x.float()
+    mag = xf.abs()
+    _, exponent = torch.frexp(mag)  # mag = m · 2^exponent with m in [0.5, 1)
+    binade = (exponent - 1).clamp(min=1 - bias)  # floor(log2 |x|); subnormals share the lowest binade
+    step = torch.pow(2.0, (binade - man_bits).float())  # spacing of representable values there
+    rounded = torch.round(mag / step) * step  # torch.round rounds half to even
+    rounded = rounded.clamp(max=max_value)
+    return torch.copysign(rounded, xf)
+
+
+def choose_scale_fp8(x: Tensor, group_size: int, fmt: str, scale_dtype: torch.dtype = torch.float32) -> Tensor:
+    """absmax / FP8_MAX per group, (R, G); an all-zero group gets the smallest normal."""
+    _check_fmt(fmt)
+    absmax = pad_to_groups(x.float().abs(), group_size).amax(dim=-1)
+    scale = (absmax / FP8_MAX[fmt]).to(scale_dtype)
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale_dtype).smallest_normal), scale)
+
+
+def quantize_fp8(x: Tensor, scale: Tensor, fmt: str, group_size: int) -> Tensor:
+    """FP8 bit patterns of x / s, (R, C) uint8."""
+    _check_fmt(fmt)
+    exp_bits, man_bits = FP8_BITS[fmt]
+    limit = FP8_MAX[fmt]
+    y = (x.float() / expand_groups(scale.float(), x.shape[1], group_size)).clamp(-limit, limit)
+    rounded = round_to_minifloat(y, exp_bits, man_bits, limit)
+    return rounded.to(FP8_DTYPES[fmt]).view(torch.uint8)  # exact: already representable
+
+
+def dequantize_fp8(codes: Tensor, scale: Tensor, fmt: str, group_size: int,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """value(code) * s, (R, C)."""
+    _check_fmt(fmt)
+    values = codes.view(FP8_DTYPES[fmt]).float()
+    return (values * expand_groups(scale.float(), codes.shape[1], group_size)).to(dtype)

@@ -1,0 +1,91 @@
+"""4-bit lookup-table formats: NF4 (NormalFloat) and FP4 (e2m1), with absmax scales.
+
+NF4 (Dettmers et al., "QLoRA", arXiv 2305.14314, §3): 16 levels placed at quantiles of
+a standard normal so that each level is equally used by normally distributed weights,
+with an exact zero; positive and negative halves are built separately (8 positive, 7
+negative levels), then the whole set is normalised to [-1, 1]. The outermost
+probability is ``offset = ((1 - 1/(2·15)) + (1 - 1/(2·16))) / 2``, the mean of the
+centres of the end bins for 15 and 16 bins, which keeps Φ⁻¹ finite.
+
+Double quantisation (QLoRA §3): the fp32 absmax scales of the blocks are themselves
+quantised to int8, symmetric, in blocks of 256, after subtracting their mean.
+
+FP4 e2m1 (OCP Microscaling formats spec v1.0): sign, 2 exponent bits, 1 mantissa bit;
+magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6. Code c = sign << 3 | magnitude index.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lowbit.formats.integer import expand_groups, pad_to_groups
+
+NF4_OFFSET = ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16))) / 2
+FP4_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_CHUNK_ELEMENTS = 1 << 22  # elements per argmin chunk: × 16 levels × 4 bytes = 256 MB
+
+
+def nf4_levels() -> Tensor:
+    """The 16 NF4 levels, ascending, in [-1, 1], with an exact 0, (16,) float32."""
+    ndtri = torch.special.ndtri
+    positive = ndtri(torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1])  # 8 levels > 0
+    negative = -ndtri(torch.linspace(NF4_OFFSET, 0.5, 8, dtype=torch.float64)[:-1])  # 7 levels < 0
+    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative])
+    levels = levels / levels.abs().max()
+    return levels.sort().values.float()
+
+
+def fp4_e2m1_levels() -> Tensor:
+    """Value of each FP4 e2m1 code 0..15 (code order, not sorted), (16,) float32."""
+    mags = torch.tensor(FP4_E2M1_MAGNITUDES, dtype=torch.float32)
+    return torch.cat([mags, -mags])
+
+
+def choose_scale_absmax(x: Tensor, group_size: int, level_max: float,
+                        scale_dtype: torch.dtype = torch.float16) -> Tensor:
+    """absmax / level_max per group, (R, G), zeros replaced by the smallest normal."""
+    absmax = pad_to_groups(x.float().abs(), group_size).amax(dim=-1)
+    scale = (absmax / level_max).to(scale_dtype)
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale_dtype).smallest_normal), scale)
+
+
+def quantize_lut(x: Tensor, scale: Tensor, levels: Tensor, group_size: int) -> Tensor:
+    """Code of the level nearest to x / s, (R, C) uint8."""
+    rows, cols = x.shape
+    levels = levels.to(x.device, torch.float32)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=x.device)
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        part = x[start : start + step].float() / expand_groups(scale[start : start + step].float(), cols, group_size)
+        codes[start : start + step] = (part[..., None] - levels).abs().argmin(dim=-1).to(torch.uint8)
+    return codes
+
+
+def dequantize_lut(codes: Tensor, scale: Tensor, levels: Tensor, group_size: int,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """levels[code] * s, (R, C)."""
+    values = levels.to(codes.device, torch.float32)[codes.long()]
+    return (values * expand_groups(scale.float(), codes.shape[1], group_size)).to(dtype)
+
+
+def double_quantize(scale: Tensor, block_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """int8 codes (N,), per-block fp32 scales (ceil(N/block),) and the fp32 mean offset ()."""
+    flat = scale.float().reshape(-1)
+    offset = flat.mean()
+    centred = (flat - offset)[None]  # (1, N)
+    absmax = pad_to_groups(centred.abs(), block_size).amax(dim=-1)[0]  # (B,)
+    block_scale = absmax / 127.0
+    block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
+    per_elem = expand_groups(block_scale[None], flat.numel(), block_size)[0]
+    codes = torch.round(centred[0] / per_elem).clamp(-127, 127).to(torch.int8)
+    return codes, block_scale, offset
+
+
+def double_dequantize(codes: Tensor, block_scale: Tensor, offset: Tensor, shape: tuple[int, ...],
+                      block_size: int = 256) -> Tensor:
+    """Inverse of `double_quantize`, reshaped to ``shape``, float32."""
+    per_elem = expand_groups(block_scale.float()[None], codes.numel(), block_size)[0]
+    return (codes.float() * per_elem + offset.float()).reshape(shape)
