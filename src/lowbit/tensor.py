@@ -50,6 +50,7 @@ from lowbit.formats import (
     quantize_affine,
     quantize_fp8,
     quantize_lut,
+    store_scale,
     unpack,
 )
 from lowbit.scheme import QuantSpec
@@ -68,9 +69,8 @@ def _level_max(fmt: str) -> float:
 
 
 def _scale_from_absmax(absmax: Tensor, level_max: float, dtype: torch.dtype) -> Tensor:
-    """Absmax scale in ``dtype``; a zero scale (all-zero group) becomes the smallest normal."""
-    scale = (absmax.float() / level_max).to(dtype)
-    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).smallest_normal), scale)
+    """Absmax scale in ``dtype``, rounded up, never zero (see `store_scale`)."""
+    return store_scale(absmax.float() / level_max, dtype)
 
 
 def _double_dequantized_scales(codes: Tensor, block_scale: Tensor, offset: Tensor,

@@ -22,6 +22,7 @@ from lowbit.formats.integer import (
     num_groups,
     pad_to_groups,
     quantize_affine,
+    store_scale,
 )
 from lowbit.formats.lut import (
     NF4_OFFSET,
@@ -41,5 +42,5 @@ __all__ = [
     "dequantize_affine", "dequantize_fp8", "dequantize_lut", "double_dequantize", "double_quantize",
     "expand_groups", "fake_quantize_affine", "fp4_e2m1_levels", "group_index", "group_minmax", "int_range",
     "nf4_levels", "num_groups", "pack", "packed_length", "pad_to_groups", "quantize_affine", "quantize_fp8",
-    "quantize_lut", "round_to_minifloat", "unpack",
+    "quantize_lut", "round_to_minifloat", "store_scale", "unpack",
 ]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.integer import expand_groups, pad_to_groups
+from lowbit.formats.integer import expand_groups, pad_to_groups, store_scale
 
 FP8_MAX: dict[str, float] = {"e4m3": 448.0, "e5m2": 57344.0}
 FP8_BITS: dict[str, tuple[int, int]] = {"e4m3": (4, 3), "e5m2": (5, 2)}
@@ -48,8 +48,7 @@ def choose_scale_fp8(x: Tensor, group_size: int, fmt: str, scale_dtype: torch.dt
     """absmax / FP8_MAX per group, (R, G); an all-zero group gets the smallest normal."""
     _check_fmt(fmt)
     absmax = pad_to_groups(x.float().abs(), group_size).amax(dim=-1)
-    scale = (absmax / FP8_MAX[fmt]).to(scale_dtype)
-    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale_dtype).smallest_normal), scale)
+    return store_scale(absmax / FP8_MAX[fmt], scale_dtype)
 
 
 def quantize_fp8(x: Tensor, scale: Tensor, fmt: str, group_size: int) -> Tensor:

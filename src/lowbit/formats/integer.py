@@ -76,10 +76,20 @@ def group_minmax(x: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return groups.amin(dim=-1), groups.amax(dim=-1)
 
 
-def _positive(scale: Tensor) -> Tensor:
-    """Replace zero scales (all-zero groups, underflow) by the dtype's smallest normal."""
-    tiny = torch.finfo(scale.dtype).smallest_normal
-    return torch.where(scale == 0, torch.full_like(scale, tiny), scale)
+def store_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast float32 scales to their storage dtype, never down and never to zero.
+
+    Rounding a scale down would shrink the grid below the range it must cover (fp16
+    subnormals lose whole percent of precision), so a scale the cast lowered is moved
+    up to the next representable value; a zero scale (all-zero group) becomes the
+    dtype's smallest normal, so nothing ever divides by zero.
+    """
+    stored = scale.to(dtype)
+    lowered = stored.float() < scale.float()
+    if lowered.any():
+        stored = torch.where(lowered, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    tiny = torch.finfo(dtype).smallest_normal
+    return torch.where(stored == 0, torch.full_like(stored, tiny), stored)
 
 
 def choose_qparams_affine(xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool,
@@ -93,10 +103,10 @@ def choose_qparams_affine(xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool
     xmin, xmax = xmin.float(), xmax.float()
     if symmetric:
         amax = torch.maximum(xmin.abs(), xmax.abs())
-        return _positive((amax / qmax).to(scale_dtype)), None
+        return store_scale(amax / qmax, scale_dtype), None
     xmin = torch.clamp(xmin, max=0.0)
     xmax = torch.clamp(xmax, min=0.0)
-    scale = _positive(((xmax - xmin) / qmax).to(scale_dtype))
+    scale = store_scale((xmax - xmin) / qmax, scale_dtype)
     zero = torch.round(-xmin / scale.float()).clamp(qmin, qmax).to(torch.int32)
     return scale, zero
 

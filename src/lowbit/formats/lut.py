@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from lowbit.formats.integer import expand_groups, pad_to_groups
+from lowbit.formats.integer import expand_groups, pad_to_groups, store_scale
 
 NF4_OFFSET = ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16))) / 2
 FP4_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -48,8 +48,7 @@ def choose_scale_absmax(x: Tensor, group_size: int, level_max: float,
                         scale_dtype: torch.dtype = torch.float16) -> Tensor:
     """absmax / level_max per group, (R, G), zeros replaced by the smallest normal."""
     absmax = pad_to_groups(x.float().abs(), group_size).amax(dim=-1)
-    scale = (absmax / level_max).to(scale_dtype)
-    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale_dtype).smallest_normal), scale)
+    return store_scale(absmax / level_max, scale_dtype)
 
 
 def quantize_lut(x: Tensor, scale: Tensor, levels: Tensor, group_size: int) -> Tensor:

@@ -1,0 +1,59 @@
+"""FP8: our arithmetic rounding agrees with torch's float8 casts; scaled round trips."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.formats import FP8_BITS, FP8_DTYPES, FP8_MAX, choose_scale_fp8, dequantize_fp8, quantize_fp8, round_to_minifloat
+
+
+def _torch_round(x, fmt):
+    return x.to(FP8_DTYPES[fmt]).float()
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_every_code_and_every_midpoint_matches_torch(fmt):
+    exp_bits, man_bits = FP8_BITS[fmt]
+    values = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPES[fmt]).float()
+    finite = values[torch.isfinite(values) & (values.abs() <= FP8_MAX[fmt])].unique()
+    assert torch.equal(round_to_minifloat(finite, exp_bits, man_bits, FP8_MAX[fmt]), finite)
+    mids = (finite[1:] + finite[:-1]) / 2  # exact ties: round half to even
+    assert torch.equal(round_to_minifloat(mids, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(mids, fmt))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["e4m3", "e5m2"]), st.integers(0, 2**31 - 1), st.sampled_from([1e-6, 1e-3, 1.0, 100.0]))
+def test_random_values_match_torch(fmt, seed, magnitude):
+    exp_bits, man_bits = FP8_BITS[fmt]
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(seed)) * magnitude
+    x = x.clamp(-FP8_MAX[fmt], FP8_MAX[fmt])
+    assert torch.equal(round_to_minifloat(x, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(x, fmt))
+
+
+def test_saturates_at_max():
+    assert round_to_minifloat(torch.tensor([1e6, -1e6]), 4, 3, 448.0).tolist() == [448.0, -448.0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["e4m3", "e5m2"]), st.integers(1, 6), st.integers(1, 200), st.integers(0, 2**31 - 1),
+       st.sampled_from([1e-3, 1.0, 1e3]))
+def test_scaled_round_trip(fmt, rows, cols, seed, magnitude):
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * magnitude
+    scale = choose_scale_fp8(x, cols, fmt)
+    codes = quantize_fp8(x, scale, fmt, cols)
+    assert codes.dtype == torch.uint8
+    deq = dequantize_fp8(codes, scale, fmt, cols)
+    _, man_bits = FP8_BITS[fmt]
+    smallest_normal = 2.0 ** (2 - 2 ** (FP8_BITS[fmt][0] - 1)) * scale  # per row
+    normal = x.abs() >= smallest_normal
+    rel = ((deq - x).abs() / x.abs().clamp_min(1e-30))[normal]
+    assert (rel <= 2.0 ** -(man_bits + 1) + 1e-6).all()
+    assert torch.equal(codes.view(FP8_DTYPES[fmt]).float() * scale, deq)
+
+
+def test_all_zero_rows_have_a_positive_scale():
+    x = torch.zeros(2, 10)
+    scale = choose_scale_fp8(x, 10, "e4m3")
+    assert (scale > 0).all()
+    assert torch.equal(dequantize_fp8(quantize_fp8(x, scale, "e4m3", 10), scale, "e4m3", 10), x)
