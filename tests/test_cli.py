@@ -100,3 +100,17 @@ def test_console_script_runs_help():
     out = subprocess.run([sys.executable, "-m", "lowbit.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("demo", "quantize", "eval", "size", "generate"):
         assert command in out.stdout
+
+
+def test_include_and_exclude_patterns(tmp_path):
+    report = tmp_path / "r.json"
+    code, output = run("quantize", "default", "--include", r".*\.mlp\..*", "--exclude", r".*down_proj",
+                       "--no-eval", "--json", str(report))
+    assert code == 0, output
+    data = json.loads(report.read_text())
+    assert data["quantized_params"] == 30 * 2 * 576 * 1536  # gate and up of every layer, nothing else
+    assert data["scheme"]["targets"] == [r".*\.mlp\..*"]
+    code, output = run("quantize", "default", "--include", "(", "--no-eval", "--json", str(report))
+    assert code == 1 and "is not a valid regular expression" in _one_error_line(output)
+    code, output = run("quantize", "default", "--include", "nothing.matches", "--no-eval", "--json", str(report))
+    assert code == 1 and "selects no linear layer" in _one_error_line(output)

@@ -177,3 +177,12 @@ def test_demo_prints_the_before_after_table():
                           "--kl-windows", "1"], check=True, capture_output=True, text=True)
     for needle in ("FP (bf16 storage)", "W4A16 rtn", "ppl", "KL vs FP", "top-1"):
         assert needle in out.stdout, out.stdout
+
+
+def test_cli_generate_from_a_saved_checkpoint(default_model, default_tokenizer, tmp_path):
+    path = lowbit.save(lowbit.quantize(default_model, lowbit.W8A16), tmp_path / "w8", tokenizer=default_tokenizer)
+    out = subprocess.run([sys.executable, "-m", "lowbit.cli", "generate", str(path), "--prompt",
+                          "The capital of France is", "--max-new-tokens", "8"], check=True, capture_output=True,
+                         text=True)
+    assert out.stdout.startswith("The capital of France is") and len(out.stdout) > len("The capital of France is")
+    assert "tokens/s" in out.stderr

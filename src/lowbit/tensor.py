@@ -17,6 +17,8 @@ field             shape / dtype                                 meaning
 ``zero_point``    (R, ceil(G*bits/8)) uint8 or None             asymmetric int only
 ``scale_scale``   (ceil(R*G/256),) float32 or None              double quantisation only
 ``scale_offset``  () float32 or None                            double quantisation only
+``g_idx``         (C,) int32 or None                            group of each column when
+                                                               act-order reorders groups
 ================  ===========================================  =========================
 
 Symmetric integer codes are stored offset by 2**(bits-1) so that every stored code is
@@ -91,6 +93,7 @@ class QuantizedWeight:
     spec: QuantSpec
     scale_scale: Tensor | None = None
     scale_offset: Tensor | None = None
+    g_idx: Tensor | None = None
 
     # -- geometry -------------------------------------------------------------------
     @property
@@ -118,6 +121,8 @@ class QuantizedWeight:
         if self.scale_scale is not None and self.scale_offset is not None:
             out["scale_scale"] = self.scale_scale
             out["scale_offset"] = self.scale_offset
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx
         return out
 
     @property
@@ -157,8 +162,13 @@ class QuantizedWeight:
         if self.spec.granularity == "tensor":
             codes = codes.reshape(1, rows * cols)
         fmt = self.spec.format
+        zero = self.zero_points()
+        if self.g_idx is not None:  # groups are not contiguous: expand to one scale per column
+            index = self.g_idx.long()
+            scale, group = scale[:, index], 1
+            zero = None if zero is None else zero[:, index]
         if fmt == "int":
-            out = dequantize_affine(codes, scale, self.zero_points(), group, dtype=torch.float32)
+            out = dequantize_affine(codes, scale, zero, group, dtype=torch.float32)
         elif fmt in ("nf4", "fp4"):
             out = dequantize_lut(codes.to(torch.uint8), scale, _lut_levels(fmt), group, dtype=torch.float32)
         else:
@@ -170,7 +180,7 @@ class QuantizedWeight:
     def from_tensors(cls, tensors: dict[str, Tensor], shape: tuple[int, int], spec: QuantSpec,
                      name: str = "weight") -> QuantizedWeight:
         """Rebuild from stored tensors, checking every shape and dtype against the spec."""
-        expected = expected_layout(spec, shape)
+        expected = expected_layout(spec, shape, g_idx="g_idx" in tensors)
         for key, (exp_shape, exp_dtype) in expected.items():
             if key not in tensors:
                 raise LowbitError(f"tensor {name}.{key} is missing.")
@@ -188,10 +198,12 @@ class QuantizedWeight:
             spec=spec,
             scale_scale=tensors.get("scale_scale"),
             scale_offset=tensors.get("scale_offset"),
+            g_idx=tensors.get("g_idx"),
         )
 
 
-def expected_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def expected_layout(spec: QuantSpec, shape: tuple[int, int], g_idx: bool = False
+                    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name → (shape, dtype) of every tensor stored for a weight of this shape and spec."""
     rows, cols = shape
     if spec.granularity == "tensor":
@@ -210,13 +222,15 @@ def expected_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[
         layout["scale"] = ((n_rows, n_groups), spec.torch_scale_dtype)
     if spec.format == "int" and not spec.symmetric:
         layout["zero_point"] = ((n_rows, packed_length(n_groups, spec.bits)), torch.uint8)
+    if g_idx:
+        layout["g_idx"] = ((cols,), torch.int32)
     return layout
 
 
-def storage_bytes(spec: QuantSpec, shape: tuple[int, int]) -> int:
+def storage_bytes(spec: QuantSpec, shape: tuple[int, int], g_idx: bool = False) -> int:
     """Bytes a weight of ``shape`` takes in this spec, without quantising anything."""
     total = 0
-    for dims, dtype in expected_layout(spec, shape).values():
+    for dims, dtype in expected_layout(spec, shape, g_idx).values():
         total += math.prod(dims) * torch.empty((), dtype=dtype).element_size()
     return total
 
@@ -238,6 +252,29 @@ def _observe(x: Tensor, group: int, spec: QuantSpec, fake_quant: Callable[[Tenso
     return observers.minmax(x, group)
 
 
+def int_qparams(x: Tensor, spec: QuantSpec, group_size: int) -> tuple[Tensor, Tensor | None]:
+    """Integer scale and zero point of each group of ``x`` (R, n), with the spec's observer."""
+    sdtype = spec.torch_scale_dtype
+
+    def fake_quant(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        s, z = choose_qparams_affine(lo, hi, spec.bits, spec.symmetric, sdtype)
+        return dequantize_affine(quantize_affine(v, s, z, spec.bits, spec.symmetric, group_size), s, z, group_size)
+
+    lo, hi = _observe(x.float(), group_size, spec, fake_quant)
+    return choose_qparams_affine(lo, hi, spec.bits, spec.symmetric, sdtype)
+
+
+def from_int_codes(codes: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec,
+                   g_idx: Tensor | None = None) -> QuantizedWeight:
+    """Pack integer codes (R, C) (signed when symmetric) with their (R, G) parameters."""
+    rows, cols = codes.shape
+    stored = codes + (1 << (spec.bits - 1)) if spec.symmetric else codes
+    zero_packed = None if zero is None else pack(zero, spec.bits)
+    index = None if g_idx is None else g_idx.to(torch.int32)
+    return QuantizedWeight(pack(stored.to(torch.int32), spec.bits), scale, zero_packed, (rows, cols), spec,
+                           g_idx=index)
+
+
 def quantize_weight(w: Tensor, spec: QuantSpec, name: str = "weight") -> QuantizedWeight:
     """Round-to-nearest quantisation of a 2-D weight with the range the spec's observer picks."""
     if w.dim() != 2:
@@ -250,51 +287,43 @@ def quantize_weight(w: Tensor, spec: QuantSpec, name: str = "weight") -> Quantiz
     group = spec.group_size_for(cols, rows)
     sdtype = spec.torch_scale_dtype
     fmt = spec.format
-    zero_packed = scale_scale = scale_offset = None
+    scale_scale = scale_offset = None
 
     if fmt == "int":
-        def fake_quant(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-            s, z = choose_qparams_affine(lo, hi, spec.bits, spec.symmetric, sdtype)
-            return dequantize_affine(quantize_affine(v, s, z, spec.bits, spec.symmetric, group), s, z, group)
-
-        lo, hi = _observe(x, group, spec, fake_quant)
-        scale, zero = choose_qparams_affine(lo, hi, spec.bits, spec.symmetric, sdtype)
+        scale, zero = int_qparams(x, spec, group)
         codes = quantize_affine(x, scale, zero, spec.bits, spec.symmetric, group)
-        if spec.symmetric:
-            codes = codes + (1 << (spec.bits - 1))
-        else:
-            zero_packed = pack(zero, spec.bits)
+        return from_int_codes(codes.reshape(rows, cols), scale, zero, spec)
+
+    level_max = _level_max(fmt)
+
+    def encode(v: Tensor, s: Tensor) -> Tensor:
+        if fmt.startswith("fp8_"):
+            return quantize_fp8(v, s, fmt[4:], group)
+        return quantize_lut(v, s, _lut_levels(fmt), group)
+
+    def decode(c: Tensor, s: Tensor) -> Tensor:
+        if fmt.startswith("fp8_"):
+            return dequantize_fp8(c, s, fmt[4:], group)
+        return dequantize_lut(c, s, _lut_levels(fmt), group)
+
+    def fake_quant(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        s = _scale_from_absmax(torch.maximum(-lo, hi), level_max, sdtype)
+        return decode(encode(v, s), s)
+
+    lo, hi = _observe(x, group, spec, fake_quant)
+    absmax = torch.maximum(-lo, hi)
+    if spec.double_quant:
+        scale_f = _scale_from_absmax(absmax, level_max, torch.float32)
+        scale, scale_scale, scale_offset = double_quantize(scale_f, DOUBLE_QUANT_BLOCK)
+        # Encode against the scales the checkpoint will actually decode with.
+        scale_used = _double_dequantized_scales(scale, scale_scale, scale_offset, tuple(scale_f.shape))
+        codes = encode(x, scale_used)
     else:
-        level_max = _level_max(fmt)
-
-        def encode(v: Tensor, s: Tensor) -> Tensor:
-            if fmt.startswith("fp8_"):
-                return quantize_fp8(v, s, fmt[4:], group)
-            return quantize_lut(v, s, _lut_levels(fmt), group)
-
-        def decode(c: Tensor, s: Tensor) -> Tensor:
-            if fmt.startswith("fp8_"):
-                return dequantize_fp8(c, s, fmt[4:], group)
-            return dequantize_lut(c, s, _lut_levels(fmt), group)
-
-        def fake_quant(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-            s = _scale_from_absmax(torch.maximum(-lo, hi), level_max, sdtype)
-            return decode(encode(v, s), s)
-
-        lo, hi = _observe(x, group, spec, fake_quant)
-        absmax = torch.maximum(-lo, hi)
-        if spec.double_quant:
-            scale_f = _scale_from_absmax(absmax, level_max, torch.float32)
-            scale, scale_scale, scale_offset = double_quantize(scale_f, DOUBLE_QUANT_BLOCK)
-            # Encode against the scales the checkpoint will actually decode with.
-            scale_used = _double_dequantized_scales(scale, scale_scale, scale_offset, tuple(scale_f.shape))
-            codes = encode(x, scale_used)
-        else:
-            scale = _scale_from_absmax(absmax, level_max, sdtype)
-            codes = encode(x, scale)
+        scale = _scale_from_absmax(absmax, level_max, sdtype)
+        codes = encode(x, scale)
 
     qdata = pack(codes.reshape(rows, cols).to(torch.int32), spec.bits)
-    return QuantizedWeight(qdata, scale, zero_packed, (rows, cols), spec, scale_scale, scale_offset)
+    return QuantizedWeight(qdata, scale, None, (rows, cols), spec, scale_scale, scale_offset)
 
 
 def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:

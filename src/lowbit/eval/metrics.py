@@ -119,11 +119,12 @@ def _kl_top1(ref: list[Tensor], test: list[Tensor]) -> tuple[float, int, int]:
 
 
 def reference_stats(model: nn.Module, tokens: Tensor, config: EvalConfig = EvalConfig(),
-                    desc: str = "reference") -> ReferenceStats:
+                    desc: str = "reference", progress: bool = True) -> ReferenceStats:
     """Run the reference once over the windows and keep what comparisons need."""
     nll_sum, count, kept = 0.0, 0, []
     windows = windows_of(tokens, config)
-    for i, ids in enumerate(tqdm(windows, desc=desc, unit="window", leave=False, disable=None)):
+    for i, ids in enumerate(tqdm(windows, desc=desc, unit="window", leave=False,
+                                         disable=None if progress else True)):
         logprobs = _log_softmax_chunks(_logits(model, ids))
         nll, n = _nll(logprobs, ids)
         nll_sum, count = nll_sum + nll, count + n
@@ -133,14 +134,15 @@ def reference_stats(model: nn.Module, tokens: Tensor, config: EvalConfig = EvalC
 
 
 def evaluate_tokens(model: nn.Module, tokens: Tensor, reference: nn.Module | ReferenceStats | None = None,
-                    config: EvalConfig = EvalConfig(), desc: str = "eval") -> TextResult:
+                    config: EvalConfig = EvalConfig(), desc: str = "eval", progress: bool = True) -> TextResult:
     """Perplexity of ``model`` on ``tokens``, and KL / top-1 against ``reference`` if given."""
     windows = windows_of(tokens, config)
     if isinstance(reference, ReferenceStats) and not torch.equal(reference.windows, windows):
         raise LowbitError("the cached reference statistics were computed on other text or windows.")
     nll_sum = ref_nll_sum = kl_sum = 0.0
     count = agree = kl_count = 0
-    for i, ids in enumerate(tqdm(windows, desc=desc, unit="window", leave=False, disable=None)):
+    for i, ids in enumerate(tqdm(windows, desc=desc, unit="window", leave=False,
+                                         disable=None if progress else True)):
         logprobs = _log_softmax_chunks(_logits(model, ids))
         nll, n = _nll(logprobs, ids)
         nll_sum, count = nll_sum + nll, count + n

@@ -66,6 +66,7 @@ def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: 
             "weights": m.spec.to_dict(),
             "activations": m.activations.to_dict() if m.activations else None,
             "bias": m.bias is not None,
+            "g_idx": m.weight.g_idx is not None,
             "bits_per_weight": m.weight.bits_per_weight,
         }
         for name, m in quantized_modules(model).items()

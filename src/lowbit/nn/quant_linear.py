@@ -30,10 +30,11 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def empty(cls, shape: tuple[int, int], spec: QuantSpec, bias: bool = False,
-              activations: QuantSpec | None = None, device: torch.device | str = "cpu") -> QuantLinear:
+              activations: QuantSpec | None = None, g_idx: bool = False,
+              device: torch.device | str = "cpu") -> QuantLinear:
         """A module with correctly shaped, uninitialised buffers, to be filled by loading."""
         tensors = {name: torch.empty(dims, dtype=dtype, device=device)
-                   for name, (dims, dtype) in expected_layout(spec, shape).items()}
+                   for name, (dims, dtype) in expected_layout(spec, shape, g_idx).items()}
         weight = QuantizedWeight.from_tensors(tensors, shape, spec)
         b = torch.empty(shape[0], device=device) if bias else None
         return cls(weight, b, activations)

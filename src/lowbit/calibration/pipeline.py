@@ -1,0 +1,145 @@
+"""Run calibration data through a model one decoder layer at a time.
+
+The inputs of the first decoder layer — hidden states, and whatever keyword arguments
+the model passes its layers (attention mask, position ids, rotary cos/sin) — are
+captured by a pre-hook while the model's own forward runs, with its layer list cut to
+that one layer, so nothing the model computes is re-implemented here. From then on each
+layer is run directly on the captured inputs: statistics of its linear layers' inputs
+are collected with forward hooks, the layer is quantised, and its *quantised* outputs
+become the next layer's inputs. Only one layer's activations are alive at a time.
+
+Any causal LM whose decoder layers sit in an ``nn.ModuleList`` works; see
+`lowbit.models.decoder_layers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.models import decoder_layers
+
+
+class InputStatistic(Protocol):
+    def add(self, x: Tensor) -> None: ...
+
+
+@dataclass
+class LayerInputs:
+    """Per calibration batch: the hidden states entering a layer and the layer's other kwargs."""
+
+    hidden: list[Tensor]  # each (B, T, D)
+    kwargs: list[dict[str, Any]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _first(output: Any) -> Tensor:
+    """A decoder layer returns its hidden states, alone or first in a tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def capture_first_layer_inputs(model: nn.Module, calib: Tensor, batch_size: int = 8
+                               ) -> tuple[str, nn.ModuleList, LayerInputs]:
+    """Run ``calib`` (N, T) token ids up to the first decoder layer and keep its inputs."""
+    if calib.dim() != 2 or calib.numel() == 0:
+        raise LowbitError(f"calibration tokens must be a non-empty (sequences, length) tensor, got {tuple(calib.shape)}.")
+    name, layers = decoder_layers(model)
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    captured = LayerInputs([], [])
+
+    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")})
+
+    device = next(model.parameters()).device
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    setattr(owner, attr, nn.ModuleList([layers[0]]))  # the model's own forward, cut after layer 0
+    try:
+        with torch.inference_mode():
+            for batch in calib.split(batch_size):
+                owner(input_ids=batch.to(device), use_cache=False)
+    finally:
+        setattr(owner, attr, layers)
+        handle.remove()
+    return name, layers, captured
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[Tensor]:
+    """The layer's outputs for every captured batch."""
+    with torch.inference_mode():
+        return [_first(layer(h, **kw)).detach() for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+
+def collect(layer: nn.Module, inputs: LayerInputs, targets: dict[str, nn.Module],
+            make: Callable[[nn.Module], InputStatistic]) -> tuple[dict[str, InputStatistic], list[Tensor]]:
+    """Run the layer once with hooks feeding each target's input to a fresh statistic.
+
+    Returns the statistics by name and the layer's outputs for this pass.
+    """
+    stats = {name: make(module) for name, module in targets.items()}
+    handles = []
+    for name, module in targets.items():
+        def hook(_m: nn.Module, args: tuple, _out: Any, stat: InputStatistic = stats[name]) -> None:
+            stat.add(args[0].detach())
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        outputs = run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, outputs
+
+
+def execution_groups(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Module]) -> list[list[str]]:
+    """Linears in the order the layer calls them, grouped by the input they share.
+
+    For a LLaMA block: [q, k, v], [o], [gate, up], [down] — found by running one batch,
+    not from names, so any architecture gets its own order.
+    """
+    order: list[tuple[str, int]] = []
+    handles = []
+    for name, module in linears.items():
+        def hook(_m: nn.Module, args: tuple, _out: Any, name: str = name) -> None:
+            order.append((name, id(args[0])))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        one = LayerInputs(inputs.hidden[:1], inputs.kwargs[:1])
+        run_layer(layer, one)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    for name, input_id in order:
+        if any(name in g for g in groups):
+            continue
+        if groups and input_id == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = input_id
+    never = [n for n in linears if not any(n in g for g in groups)]
+    if never:
+        groups.append(never)  # never called on calibration data: handled by the caller
+    return groups
+
+
+def relative_error(reference: Iterable[Tensor], test: Iterable[Tensor]) -> float:
+    """‖test − reference‖² / ‖reference‖² over all batches."""
+    num = den = 0.0
+    for r, t in zip(reference, test):
+        num += (t.float() - r.float()).pow(2).sum().item()
+        den += r.float().pow(2).sum().item()
+    return num / den if den else 0.0
