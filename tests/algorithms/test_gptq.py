@@ -114,3 +114,17 @@ def test_refusals():
     bad[0, 0] = float("nan")
     with pytest.raises(LowbitError, match="Hessian of w contains NaN"):
         gptq_quantize(torch.ones(2, 8), bad, QuantSpec("int", 4, "channel"), name="w")
+
+
+def test_hessian_statistics_add_exactly_across_batches():
+    x = correlated_inputs(1000, 40)
+    whole = HessianAccumulator.zeros(40, dtype=torch.float64)
+    whole.add(x)
+    parts = [HessianAccumulator.zeros(40, dtype=torch.float64) for _ in range(3)]
+    for part, chunk in zip(parts, x.split(400)):
+        part.add(chunk[None])  # leading dims are rows too
+    parts[0].merge(parts[1])
+    parts[0].merge(parts[2])
+    assert parts[0].count == 1000
+    assert torch.allclose(parts[0].hessian(), whole.hessian(), atol=1e-6)
+    assert torch.allclose(whole.hessian(), (2 * x.double().T @ x.double() / 1000).float(), atol=1e-5)

@@ -6,6 +6,7 @@ from lowbit.formats.fp8 import (
     FP8_MAX,
     choose_scale_fp8,
     dequantize_fp8,
+    fp4_codes_from_values,
     quantize_fp8,
     round_to_minifloat,
 )
@@ -40,7 +41,7 @@ __all__ = [
     "FP8_BITS", "FP8_DTYPES", "FP8_MAX", "NF4_OFFSET",
     "check_bits", "check_group_size", "choose_qparams_affine", "choose_scale_absmax", "choose_scale_fp8",
     "dequantize_affine", "dequantize_fp8", "dequantize_lut", "double_dequantize", "double_quantize",
-    "expand_groups", "fake_quantize_affine", "fp4_e2m1_levels", "group_index", "group_minmax", "int_range",
-    "nf4_levels", "num_groups", "pack", "packed_length", "pad_to_groups", "quantize_affine", "quantize_fp8",
-    "quantize_lut", "round_to_minifloat", "store_scale", "unpack",
+    "expand_groups", "fake_quantize_affine", "fp4_codes_from_values", "fp4_e2m1_levels", "group_index",
+    "group_minmax", "int_range", "nf4_levels", "num_groups", "pack", "packed_length", "pad_to_groups",
+    "quantize_affine", "quantize_fp8", "quantize_lut", "round_to_minifloat", "store_scale", "unpack",
 ]

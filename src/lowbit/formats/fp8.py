@@ -7,7 +7,9 @@ variant torch calls ``float8_e4m3fn``), e5m2 follows IEEE 754 conventions.
 `round_to_minifloat` is written in plain arithmetic (no float8 casts) for any small
 float format, so it also gives FP4 e2m1; it agrees exactly with torch's float8 casts on
 every finite in-range value (tested), rounding half to even and saturating at ±max.
-Codes are the 8-bit patterns, stored as uint8.
+Codes are the 8-bit patterns, stored as uint8. FP4 e2m1 codes go through
+`lowbit.formats.lut.quantize_lut` with `fp4_e2m1_levels` (nearest level), or through
+`fp4_codes_from_values` after `round_to_minifloat(y, 2, 1, 6.0)` (round half to even).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats.integer import expand_groups, pad_to_groups, store_scale
+from lowbit.formats.lut import FP4_E2M1_MAGNITUDES
 
 FP8_MAX: dict[str, float] = {"e4m3": 448.0, "e5m2": 57344.0}
 FP8_BITS: dict[str, tuple[int, int]] = {"e4m3": (4, 3), "e5m2": (5, 2)}
@@ -31,8 +34,13 @@ def _check_fmt(fmt: str) -> None:
 def round_to_minifloat(x: Tensor, exp_bits: int, man_bits: int, max_value: float) -> Tensor:
     """Nearest value of a (1, exp_bits, man_bits) float with IEEE bias, subnormals included.
 
-    Halfway cases go to the even mantissa; magnitudes beyond ``max_value`` saturate.
+    Halfway cases go to the even mantissa; magnitudes beyond ``max_value`` saturate (so
+    do infinities); NaN stays NaN; the sign of zero is kept. Returns float32.
     """
+    if not isinstance(exp_bits, int) or not isinstance(man_bits, int) or exp_bits < 1 or man_bits < 0:
+        raise LowbitError(f"minifloat needs exp_bits >= 1 and man_bits >= 0, got ({exp_bits!r}, {man_bits!r}).")
+    if not max_value > 0:
+        raise LowbitError(f"minifloat max_value must be positive, got {max_value!r}.")
     bias = (1 << (exp_bits - 1)) - 1
     xf = x.float()
     mag = xf.abs()
@@ -42,6 +50,21 @@ def round_to_minifloat(x: Tensor, exp_bits: int, man_bits: int, max_value: float
     rounded = torch.round(mag / step) * step  # torch.round rounds half to even
     rounded = rounded.clamp(max=max_value)
     return torch.copysign(rounded, xf)
+
+
+def fp4_codes_from_values(v: Tensor) -> Tensor:
+    """FP4 e2m1 codes (sign << 3 | magnitude index, as `fp4_e2m1_levels`) of e2m1 values, uint8.
+
+    ``fp4_codes_from_values(round_to_minifloat(y, 2, 1, 6.0))`` encodes with round half to
+    even; `quantize_lut` with the FP4 levels gives the same values except at exact ties.
+    """
+    mags = torch.tensor(FP4_E2M1_MAGNITUDES, dtype=torch.float32, device=v.device)  # (8,)
+    vf = v.float()
+    index = torch.searchsorted(mags, vf.abs().contiguous())
+    index = index.clamp(max=mags.numel() - 1)
+    if not bool((mags[index] == vf.abs()).all()):
+        raise LowbitError("values must be FP4 e2m1 values (±0, 0.5, 1, 1.5, 2, 3, 4, 6) to be encoded.")
+    return (torch.signbit(vf).to(torch.uint8) << 3) | index.to(torch.uint8)
 
 
 def choose_scale_fp8(x: Tensor, group_size: int, fmt: str, scale_dtype: torch.dtype = torch.float32) -> Tensor:

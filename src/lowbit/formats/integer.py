@@ -15,8 +15,6 @@ Integer-Arithmetic-Only Inference", CVPR 2018 (arXiv 1712.05877).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -43,7 +41,7 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
 
 def num_groups(cols: int, group_size: int) -> int:
     check_group_size(group_size)
-    return math.ceil(cols / group_size)
+    return -(-cols // group_size)  # ceil, exact for any int
 
 
 def group_index(cols: int, group_size: int, device: torch.device | str | None = None) -> Tensor:
@@ -53,8 +51,14 @@ def group_index(cols: int, group_size: int, device: torch.device | str | None = 
 
 
 def expand_groups(t: Tensor, cols: int, group_size: int) -> Tensor:
-    """Per-group values (R, G) → per-column values (R, C)."""
-    return t[:, group_index(cols, group_size, t.device)]
+    """Per-group values (R, G) → per-column values (R, C); R may be 1 to broadcast."""
+    groups = num_groups(cols, group_size)
+    if t.dim() != 2 or t.shape[1] != groups:
+        raise LowbitError(
+            f"per-group parameters must have {groups} columns for {cols} columns in groups of "
+            f"{group_size}, got shape {tuple(t.shape)}."
+        )
+    return t[:, group_index(cols, group_size, t.device)]  # (R, C)
 
 
 def pad_to_groups(x: Tensor, group_size: int) -> Tensor:
@@ -62,6 +66,8 @@ def pad_to_groups(x: Tensor, group_size: int) -> Tensor:
 
     Repeating a column leaves every min, max and absmax unchanged.
     """
+    if x.dim() != 2:
+        raise LowbitError(f"grouped tensors must be 2-D (rows, cols), got shape {tuple(x.shape)}.")
     rows, cols = x.shape
     g = num_groups(cols, group_size)
     pad = g * group_size - cols

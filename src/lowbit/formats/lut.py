@@ -8,7 +8,9 @@ probability is ``offset = ((1 - 1/(2·15)) + (1 - 1/(2·16))) / 2``, the mean of
 centres of the end bins for 15 and 16 bins, which keeps Φ⁻¹ finite.
 
 Double quantisation (QLoRA §3): the fp32 absmax scales of the blocks are themselves
-quantised to int8, symmetric, in blocks of 256, after subtracting their mean.
+quantised in blocks of 256 after subtracting their mean, so that a symmetric code fits
+them. The paper stores the second level as 8-bit floats; here it is symmetric absmax
+int8 (codes in [-127, 127]), whose error is at most half a block step, absmax / 254.
 
 FP4 e2m1 (OCP Microscaling formats spec v1.0): sign, 2 exponent bits, 1 mantissa bit;
 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6. Code c = sign << 3 | magnitude index.
@@ -16,16 +18,15 @@ magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6. Code c = sign << 3 | magnitude index.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from lowbit.errors import LowbitError
 from lowbit.formats.integer import expand_groups, pad_to_groups, store_scale
 
 NF4_OFFSET = ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16))) / 2
 FP4_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_CHUNK_ELEMENTS = 1 << 22  # elements per argmin chunk: × 16 levels × 4 bytes = 256 MB
+_CHUNK_BYTES = 1 << 28  # 256 MB of float32 distances per argmin chunk
 
 
 def nf4_levels() -> Tensor:
@@ -52,15 +53,22 @@ def choose_scale_absmax(x: Tensor, group_size: int, level_max: float,
 
 
 def quantize_lut(x: Tensor, scale: Tensor, levels: Tensor, group_size: int) -> Tensor:
-    """Code of the level nearest to x / s, (R, C) uint8."""
+    """Code (index into ``levels``) of the level nearest to x / s, (R, C) uint8.
+
+    Ties go to the lower index (``argmin``'s first minimum). The (elements × levels)
+    distance matrix is built in chunks of at most ~256 MB.
+    """
+    if levels.dim() != 1 or not 1 <= levels.numel() <= 256:
+        raise LowbitError(f"levels must be a 1-D table of 1 to 256 values, got shape {tuple(levels.shape)}.")
     rows, cols = x.shape
-    levels = levels.to(x.device, torch.float32)
-    codes = torch.empty(rows, cols, dtype=torch.uint8, device=x.device)
-    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
-    for start in range(0, rows, step):
-        part = x[start : start + step].float() / expand_groups(scale[start : start + step].float(), cols, group_size)
-        codes[start : start + step] = (part[..., None] - levels).abs().argmin(dim=-1).to(torch.uint8)
-    return codes
+    levels = levels.to(x.device, torch.float32)  # (L,)
+    y = (x.float() / expand_groups(scale.float(), cols, group_size)).reshape(-1)  # (R·C,)
+    codes = torch.empty(y.numel(), dtype=torch.uint8, device=x.device)
+    step = max(1, _CHUNK_BYTES // (4 * levels.numel()))
+    for start in range(0, y.numel(), step):
+        dist = y[start : start + step, None] - levels  # (n, L)
+        codes[start : start + step] = dist.abs_().argmin(dim=-1).to(torch.uint8)
+    return codes.reshape(rows, cols)
 
 
 def dequantize_lut(codes: Tensor, scale: Tensor, levels: Tensor, group_size: int,
@@ -70,21 +78,32 @@ def dequantize_lut(codes: Tensor, scale: Tensor, levels: Tensor, group_size: int
     return (values * expand_groups(scale.float(), codes.shape[1], group_size)).to(dtype)
 
 
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise LowbitError(f"double-quantisation block size must be a positive integer, got {block_size!r}.")
+
+
 def double_quantize(scale: Tensor, block_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
-    """int8 codes (N,), per-block fp32 scales (ceil(N/block),) and the fp32 mean offset ()."""
-    flat = scale.float().reshape(-1)
-    offset = flat.mean()
+    """int8 codes (N,), per-block fp32 scales (ceil(N/block),) and the fp32 mean offset ().
+
+    N = scale.numel(); the last block is smaller when ``block_size`` does not divide N.
+    A block whose scales all equal the mean gets block scale 1 (its codes are all 0).
+    """
+    _check_block_size(block_size)
+    flat = scale.float().reshape(-1)  # (N,)
+    offset = flat.mean() if flat.numel() else torch.zeros((), device=flat.device)
     centred = (flat - offset)[None]  # (1, N)
     absmax = pad_to_groups(centred.abs(), block_size).amax(dim=-1)[0]  # (B,)
     block_scale = absmax / 127.0
     block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
-    per_elem = expand_groups(block_scale[None], flat.numel(), block_size)[0]
+    per_elem = expand_groups(block_scale[None], flat.numel(), block_size)[0]  # (N,)
     codes = torch.round(centred[0] / per_elem).clamp(-127, 127).to(torch.int8)
     return codes, block_scale, offset
 
 
 def double_dequantize(codes: Tensor, block_scale: Tensor, offset: Tensor, shape: tuple[int, ...],
                       block_size: int = 256) -> Tensor:
-    """Inverse of `double_quantize`, reshaped to ``shape``, float32."""
-    per_elem = expand_groups(block_scale.float()[None], codes.numel(), block_size)[0]
+    """Inverse of `double_quantize`: codes · block scale + offset, reshaped to ``shape``, float32."""
+    _check_block_size(block_size)
+    per_elem = expand_groups(block_scale.float()[None], codes.numel(), block_size)[0]  # (N,)
     return (codes.float() * per_elem + offset.float()).reshape(shape)

@@ -9,8 +9,6 @@ layout (eight 4-bit codes per word, the first in the lowest nibble); in uint8 wo
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -25,16 +23,32 @@ def _storage_bits(storage: torch.dtype) -> int:
     return _STORAGE_BITS[storage]
 
 
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise LowbitError(f"packing supports 1 to 8 bits per code, got {bits!r}.")
+
+
+def _positions(n: int, bits: int, word: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Word index and bit offset inside that word of each of ``n`` codes, (n,) int64 each."""
+    start = torch.arange(n, device=device) * bits  # first bit of each code in the stream
+    return start // word, start % word
+
+
 def packed_length(n: int, bits: int, storage: torch.dtype = torch.uint8) -> int:
-    """Words per row for ``n`` codes of ``bits`` bits."""
-    return math.ceil(n * bits / _storage_bits(storage))
+    """Words per row for ``n`` codes of ``bits`` bits: ceil(n · bits / word bits)."""
+    _check_bits(bits)
+    word = _storage_bits(storage)
+    return -(-n * bits // word)
 
 
 def pack(codes: Tensor, bits: int, storage: torch.dtype = torch.uint8) -> Tensor:
     """(..., n) codes in [0, 2^bits) → (..., packed_length(n)) words."""
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise LowbitError(f"packing supports 1 to 8 bits per code, got {bits!r}.")
+    _check_bits(bits)
     word = _storage_bits(storage)
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise LowbitError(f"codes to pack must be an integer tensor, got {codes.dtype}.")
+    if codes.dim() == 0:
+        raise LowbitError("codes to pack must have at least one dimension, got a scalar.")
     codes = codes.to(torch.int64)
     if codes.numel() and (codes.min() < 0 or codes.max() >= (1 << bits)):
         raise LowbitError(f"codes must lie in [0, {(1 << bits) - 1}] to be packed in {bits} bits.")
@@ -45,12 +59,14 @@ def pack(codes: Tensor, bits: int, storage: torch.dtype = torch.uint8) -> Tensor
         padded = torch.nn.functional.pad(codes, (0, words * per_word - n))
         shifts = torch.arange(per_word, device=codes.device) * bits
         packed = (padded.reshape(*lead, words, per_word) << shifts).sum(dim=-1)
-    else:  # codes straddle words: go through the bitstream
-        shifts = torch.arange(bits, device=codes.device)
-        stream = ((codes[..., None] >> shifts) & 1).reshape(*lead, n * bits)  # (..., n·bits) bits
-        stream = torch.nn.functional.pad(stream, (0, words * word - n * bits))
-        weights = torch.ones(word, dtype=torch.int64, device=codes.device) << torch.arange(word, device=codes.device)
-        packed = (stream.reshape(*lead, words, word) * weights).sum(dim=-1)  # (..., words), unsigned value
+    else:  # codes may straddle two words: low part into word w, high part into w + 1
+        word_of, shift = _positions(n, bits, word, codes.device)  # (n,), (n,)
+        packed = torch.zeros(*lead, words + 1, dtype=torch.int64, device=codes.device)
+        low = (codes << shift) & ((1 << word) - 1)  # bits that land in word_of
+        high = codes >> (word - shift)  # bits past the word's end (0 if none)
+        packed.scatter_add_(-1, word_of.expand_as(codes), low)  # fields are disjoint: add = or
+        packed.scatter_add_(-1, (word_of + 1).expand_as(codes), high)
+        packed = packed[..., :words]
     if storage == torch.int32:
         packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)  # two's complement
     return packed.to(storage)
@@ -58,9 +74,10 @@ def pack(codes: Tensor, bits: int, storage: torch.dtype = torch.uint8) -> Tensor
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of `pack`: (..., words) → (..., n) int32 codes."""
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise LowbitError(f"packing supports 1 to 8 bits per code, got {bits!r}.")
+    _check_bits(bits)
     word = _storage_bits(packed.dtype)
+    if packed.dim() == 0:
+        raise LowbitError("packed words must have at least one dimension, got a scalar.")
     *lead, words = packed.shape
     if words * word < n * bits:
         raise LowbitError(f"{words} packed words hold fewer than {n} codes of {bits} bits.")
@@ -72,7 +89,9 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
         shifts = torch.arange(per_word, device=packed.device) * bits
         codes = (values[..., None] >> shifts) & ((1 << bits) - 1)  # (..., words, per_word)
         return codes.reshape(*lead, words * per_word)[..., :n].to(torch.int32)
-    stream = (values[..., None] >> torch.arange(word, device=packed.device)) & 1  # (..., words, word)
-    stream = stream.reshape(*lead, words * word)[..., : n * bits].reshape(*lead, n, bits)
-    weights = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(bits, device=packed.device)
-    return (stream * weights).sum(dim=-1).to(torch.int32)
+    word_of, shift = _positions(n, bits, word, packed.device)  # (n,), (n,)
+    values = torch.nn.functional.pad(values, (0, 1))  # a zero word after the last
+    index = word_of.expand(*lead, n)
+    low = values.gather(-1, index) >> shift
+    high = values.gather(-1, index + 1) << (word - shift)
+    return ((low | high) & ((1 << bits) - 1)).to(torch.int32)

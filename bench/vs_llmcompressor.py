@@ -1,0 +1,141 @@
+"""lowbit's GPTQ beside llm-compressor's, on the same model, calibration tokens and metric.
+
+llm-compressor runs in its own virtual environment (it pins its own transformers); this
+script drives both sides and evaluates both results with lowbit's PROTOCOL.md evaluator:
+
+    python -m venv /work/llmc-venv
+    /work/llmc-venv/bin/pip install torch==2.13.0 llmcompressor
+    python bench/vs_llmcompressor.py --llmc-python /work/llmc-venv/bin/python
+
+Steps: (1) write the protocol's calibration set (128 × 512 tokens of pydoc-calib,
+random.Random(0) offsets) and the float model's safetensors directory; (2) in the other
+environment, run llm-compressor's `oneshot` with a GPTQModifier (W4A16, int4 symmetric,
+group 64 — it refuses group 128 on 576-wide layers — its defaults otherwise: static
+act-order, damping 0.01, block 128), timing it and reading its peak RSS, and save the
+dequantised weights it produced; (3) load those weights into the float model here and
+evaluate; (4) run `lowbit quantize --method gptq` with the same scheme (and group 128)
+as a user would; (5) write bench/results/vs_llmcompressor.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+LLMC_SIDE = r'''
+import json, resource, sys, time
+import torch
+from safetensors.torch import load_file, save_file
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+import llmcompressor
+
+model_dir, calib_file, out_file, group = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tokens = load_file(calib_file)["input_ids"]
+data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+    num_bits=4, type="int", symmetric=True, strategy="group", group_size=group))
+recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+start = time.perf_counter()
+oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=tokens.shape[0],
+        max_seq_length=tokens.shape[1], shuffle_calibration_samples=False)
+seconds = time.perf_counter() - start
+weights = {n + ".weight": m.weight.detach().float().contiguous() for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+# The weights must already lie on the 4-bit grid (at most 16 values per group of a row).
+probe = weights["model.layers.0.mlp.down_proj.weight"][:8, :group]
+assert all(row.unique().numel() <= 16 for row in probe), "llm-compressor left unquantised weights"
+save_file(weights, out_file)
+print(json.dumps({"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "version": llmcompressor.__version__, "torch": torch.__version__}))
+'''
+
+
+def evaluate_weights(weights_file: Path) -> dict:
+    """Float model with the given linear weights swapped in, evaluated against the float model."""
+    import torch
+    from safetensors.torch import load_file
+
+    import lowbit
+    from lowbit.calibration import load_text, tokenize
+    from lowbit.eval import evaluate_tokens
+
+    reference = lowbit.load_model()
+    tok = lowbit.load_tokenizer()
+    model = lowbit.load_model()
+    for name, tensor in load_file(str(weights_file)).items():
+        model.get_submodule(name[: -len(".weight")]).weight.data = tensor
+    tokens = tokenize(tok, load_text("pydoc-eval"))
+    with torch.inference_mode():
+        r = evaluate_tokens(model, tokens, reference)
+    return {"ppl": r.ppl, "reference_ppl": r.reference_ppl, "kl": r.kl, "top1": r.top1}
+
+
+def lowbit_run(args: list[str], workdir: Path) -> dict:
+    report = workdir / f"lowbit-{len(list(workdir.iterdir()))}.json"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", "default", *args, "--json", str(report)],
+                   check=True)
+    data = json.loads(report.read_text())
+    return {"ppl": data["ppl"]["pydoc-eval"], "reference_ppl": data["reference_ppl"]["pydoc-eval"], "kl": data["kl"],
+            "top1": data["top1"], "seconds": data["quantize_seconds"], "peak_rss_bytes": data["peak_rss_bytes"],
+            "wall_seconds": time.perf_counter() - start, "bits_per_weight": data["bits_per_weight"],
+            "versions": data["versions"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llmc-python", required=True, help="python of the environment with llmcompressor")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    import lowbit
+    from lowbit.models.loading import _ensure_gguf_cache, resolve_source
+    from safetensors.torch import save_file
+
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = _ensure_gguf_cache(resolve_source(None))
+        calib = lowbit.calibration_set("pydoc-calib", n=128, seqlen=512, tokenizer=lowbit.load_tokenizer())
+        save_file({"input_ids": calib}, str(work / "calib.safetensors"))
+        script = work / "llmc_side.py"
+        script.write_text(LLMC_SIDE)
+        out = subprocess.run([args.llmc_python, str(script), str(model_dir), str(work / "calib.safetensors"),
+                              str(work / "llmc.safetensors"), "64"], check=True, capture_output=True, text=True)
+        llmc = json.loads(out.stdout.strip().splitlines()[-1])
+        llmc.update(evaluate_weights(work / "llmc.safetensors"))
+        rows["llm-compressor GPTQ W4A16 g64 (static act-order)"] = llmc
+        rows["lowbit GPTQ W4A16 g64 (static act-order)"] = lowbit_run(
+            ["--scheme", "W4A16", "--group-size", "64", "--method", "gptq", "--act-order", "--static-groups"], work)
+        rows["lowbit GPTQ W4A16 g128 (static act-order)"] = lowbit_run(
+            ["--scheme", "W4A16", "--method", "gptq", "--act-order", "--static-groups"], work)
+        rows["lowbit RTN W4A16 g64"] = lowbit_run(["--scheme", "W4A16", "--group-size", "64"], work)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "vs_llmcompressor.json").write_text(json.dumps(rows, indent=2) + "\n")
+    v = rows["lowbit GPTQ W4A16 g64 (static act-order)"]["versions"]
+    lines = [f"# GPTQ: lowbit beside llm-compressor {llmc['version']} (SmolLM2-135M-Instruct, pydoc-eval)", "",
+             f"Measured {v['date']} on {v['machine']}, torch {v['torch']}; calibration 128 × 512 tokens of "
+             "pydoc-calib for both; both evaluated by lowbit's PROTOCOL.md evaluator.", "",
+             "| run | ppl | KL | top-1 % | quantise s | peak RSS GB |", "|---|---:|---:|---:|---:|---:|"]
+    for label, r in rows.items():
+        lines.append(f"| {label} | {r['ppl']:.4f} | {r['kl']:.5f} | {r['top1']:.2f} | {r['seconds']:.1f} | "
+                     f"{r['peak_rss_bytes'] / 1e9:.2f} |")
+    text = "\n".join(lines) + ("\n\n" + args.note if args.note else "") + "\n"
+    (RESULTS / "vs_llmcompressor.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
