@@ -1,11 +1,13 @@
 """Layer-by-layer quantisation with calibration data (the shell around GPTQ's pure core).
 
-For each decoder layer: collect the input Hessian of its selected linears (all at once,
-or group by group in execution order when ``true_sequential``, so q/k/v are quantised
-before o sees their outputs), quantise them with `gptq_quantize`, swap in `QuantLinear`
-modules, and run the quantised layer to make the next layer's inputs. A linear that the
-calibration data never reaches (an unused expert, say) falls back to round-to-nearest
-and is named in the report; so is every dead input channel.
+For each decoder layer, true-sequentially by default: one forward pass over the whole
+calibration set, in which a pre-hook on each selected linear builds its input Hessian
+from what actually reaches it (already through the quantised q/k/v when o runs, and so
+on), quantises it with `gptq_quantize`, and lets the pass continue with the quantised
+weight; the pass's output feeds the next layer. Without true-sequential, the Hessians
+come from the float layer and a second pass makes the outputs. A linear the calibration
+data never reaches (an unused expert, say) falls back to round-to-nearest and is named
+in the report; so is every dead input channel.
 """
 
 from __future__ import annotations

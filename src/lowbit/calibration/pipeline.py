@@ -14,7 +14,7 @@ Any causal LM whose decoder layers sit in an ``nn.ModuleList`` works; see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,12 +134,3 @@ def execution_groups(layer: nn.Module, inputs: LayerInputs, linears: dict[str, n
     if never:
         groups.append(never)  # never called on calibration data: handled by the caller
     return groups
-
-
-def relative_error(reference: Iterable[Tensor], test: Iterable[Tensor]) -> float:
-    """‖test − reference‖² / ‖reference‖² over all batches."""
-    num = den = 0.0
-    for r, t in zip(reference, test):
-        num += (t.float() - r.float()).pow(2).sum().item()
-        den += r.float().pow(2).sum().item()
-    return num / den if den else 0.0
