@@ -217,6 +217,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                  kl_windows: int, json_path: str | None) -> None:
     """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize, save
+    from lowbit.nn import quantized_modules
 
     scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
@@ -231,7 +232,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     calibration = _calibration(method_config, calib, calib_samples, calib_seqlen, tokenizer)
     quantized = quantize(float_model, scheme, method_config, calib=calibration)
     info = quantized.lowbit_info
-    click.echo(f"quantised {len(_quantized(quantized))} linear layers in {info.seconds:.1f} s", err=True)
+    click.echo(f"quantised {len(quantized_modules(quantized))} linear layers in {info.seconds:.1f} s", err=True)
     if out:
         save(quantized, out, tokenizer=tokenizer, overwrite=overwrite)
         click.echo(f"saved to {out}", err=True)
@@ -248,12 +249,6 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                   calibration={"source": calib, "samples": calib_samples, "seqlen": calib_seqlen}
                   if calibration is not None else None, details=info.details)
     write_json(json_path, report)
-
-
-def _quantized(model) -> dict:
-    from lowbit.nn import quantized_modules
-
-    return quantized_modules(model)
 
 
 @cli.command("eval")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.layers import name_filter
 from lowbit.nn import quantized_modules
 from lowbit.scheme import Scheme
 from lowbit.tensor import storage_bytes
@@ -138,14 +138,11 @@ def config_tensors(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
 
 def config_footprint(config: dict[str, Any], scheme: Scheme | None, float_bytes: int = 2) -> Footprint:
     """Weight bytes of the model a config describes, quantised with ``scheme`` (None: float)."""
-    want = [re.compile(p) for p in scheme.targets] if scheme else []
-    skip = [re.compile(p) for p in scheme.ignore] if scheme else []
+    chosen = name_filter(scheme.targets, scheme.ignore) if scheme else None
     q_bytes = q_params = f_params = 0
     for name, shape in config_tensors(config):
         linear = len(shape) == 2 and not name.endswith(".weight")
-        chosen = (scheme is not None and linear and any(p.fullmatch(name) for p in want)
-                  and not any(p.fullmatch(name) for p in skip))
-        if chosen:
+        if scheme is not None and chosen is not None and linear and chosen(name):
             q_bytes += storage_bytes(scheme.weights, (shape[0], shape[1]))  # type: ignore[union-attr]
             q_params += math.prod(shape)
         else:

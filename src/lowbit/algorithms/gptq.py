@@ -23,7 +23,7 @@ serving kernels prefer. Dead inputs (diag(H) = 0) are zeroed as in the paper's c
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -44,7 +44,7 @@ class GPTQ:
     static_groups: bool = False
     true_sequential: bool = True
     name: str = "gptq"
-    needs_calibration: bool = True
+    needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:

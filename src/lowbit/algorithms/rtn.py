@@ -7,7 +7,7 @@ group comes from min-max, a percentile, or an MSE-optimal clipping search.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -25,7 +25,7 @@ class RTN:
     """Round-to-nearest; needs no calibration data."""
 
     name: str = "rtn"
-    needs_calibration: bool = False
+    needs_calibration: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -99,38 +99,3 @@ def collect(layer: nn.Module, inputs: LayerInputs, targets: dict[str, nn.Module]
         for handle in handles:
             handle.remove()
     return stats, outputs
-
-
-def execution_groups(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Module]) -> list[list[str]]:
-    """Linears in the order the layer calls them, grouped by the input they share.
-
-    For a LLaMA block: [q, k, v], [o], [gate, up], [down] — found by running one batch,
-    not from names, so any architecture gets its own order.
-    """
-    order: list[tuple[str, int]] = []
-    handles = []
-    for name, module in linears.items():
-        def hook(_m: nn.Module, args: tuple, _out: Any, name: str = name) -> None:
-            order.append((name, id(args[0])))
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        one = LayerInputs(inputs.hidden[:1], inputs.kwargs[:1])
-        run_layer(layer, one)
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups: list[list[str]] = []
-    last_input = None
-    for name, input_id in order:
-        if any(name in g for g in groups):
-            continue
-        if groups and input_id == last_input:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        last_input = input_id
-    never = [n for n in linears if not any(n in g for g in groups)]
-    if never:
-        groups.append(never)  # never called on calibration data: handled by the caller
-    return groups

@@ -9,7 +9,7 @@ keeps them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
@@ -26,17 +26,17 @@ def _compile(patterns: Iterable[str], option: str) -> list[re.Pattern[str]]:
     return compiled
 
 
-def select_linears(model: nn.Module, targets: Iterable[str], ignore: Iterable[str]) -> dict[str, nn.Linear]:
-    """Name → module of every ``nn.Linear`` matched by a target and by no ignore pattern."""
+def name_filter(targets: Iterable[str], ignore: Iterable[str]) -> Callable[[str], bool]:
+    """A predicate: the name matches some target and no ignore pattern (``re.fullmatch``)."""
     want = _compile(targets, "target")
     skip = _compile(ignore, "ignore")
-    chosen: dict[str, nn.Linear] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if any(p.fullmatch(name) for p in want) and not any(p.fullmatch(name) for p in skip):
-            chosen[name] = module
-    return chosen
+    return lambda name: any(p.fullmatch(name) for p in want) and not any(p.fullmatch(name) for p in skip)
+
+
+def select_linears(model: nn.Module, targets: Iterable[str], ignore: Iterable[str]) -> dict[str, nn.Linear]:
+    """Name → module of every ``nn.Linear`` matched by a target and by no ignore pattern."""
+    chosen = name_filter(targets, ignore)
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and chosen(name)}
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -41,8 +41,11 @@ class QuantLinear(nn.Module):
 
     @property
     def weight(self) -> QuantizedWeight:
-        tensors = {name: buf for name, buf in self.named_buffers(recurse=False)}
-        return QuantizedWeight.from_tensors(tensors, (self.out_features, self.in_features), self.spec)
+        """The buffers as a `QuantizedWeight` (validated once, when the module was built)."""
+        get = self._buffers.get
+        return QuantizedWeight(get("qdata"), get("scale"), get("zero_point"),  # type: ignore[arg-type]
+                               (self.out_features, self.in_features), self.spec,
+                               get("scale_scale"), get("scale_offset"), get("g_idx"))
 
     def forward(self, x: Tensor) -> Tensor:
         return quantized_linear(x, self.weight, self.bias, self.activations)
