@@ -33,7 +33,7 @@ def _one_error_line(output: str) -> str:
         (["quantize", "default", "--method", "magic", "--json", "x.json"], "unknown method 'magic'"),
         (["quantize", "default"], "nothing would be kept"),
         (["size", "/no/such/config.json"], "does not exist"),
-        (["eval", "default", "--text", "/no/such.txt"], "text source '/no/such.txt' is neither"),
+        (["eval", "default", "--text", "/no/such.txt"], "text source '/no/such.txt' is not one of"),
         (["eval", "default", "--window", "1"], "evaluation needs window >= 2"),
     ],
 )

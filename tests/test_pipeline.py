@@ -86,3 +86,79 @@ def test_gptq_refusals(default_model, calib):
         lowbit.quantize(default_model, lowbit.NF4, method=lowbit.GPTQ(), calib=calib)
     with pytest.raises(LowbitError, match="GPTQ damping must lie in"):
         lowbit.GPTQ(damp=-0.1)
+
+
+def test_linears_reading_one_tensor_are_found_by_probing_not_by_name(default_model, calib):
+    from lowbit.models import select_linears
+    from lowbit.sequential import shared_input_groups
+
+    _, layers, probe = capture_first_layer_inputs(default_model, calib[:1, :16], 1)
+    prefix = "model.layers.3."
+    linears = {n[len(prefix):]: m for n, m in select_linears(default_model, lowbit.W4A16.targets, lowbit.W4A16.ignore).items()
+               if n.startswith(prefix)}
+    groups = shared_input_groups(layers[3], probe, linears)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_calibration_dtype_float32_and_bfloat16_give_close_results(small_model, calib):
+    """The bfloat16 calibration forward changes the Hessians only by bfloat16 rounding of the activations."""
+    errors = {}
+    for dtype in ("float32", "bfloat16"):
+        q = lowbit.quantize(small_model, lowbit.W4A16_ASYM, method=lowbit.GPTQ(calib_dtype=dtype), calib=calib,
+                            progress=False)
+        details = q.lowbit_info.details
+        assert details["calibration_dtype"] == dtype
+        errors[dtype] = torch.tensor(details["layer_errors"])
+    assert torch.allclose(errors["bfloat16"], errors["float32"], rtol=0.05)
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _toy_inputs(chunks):
+    from lowbit.calibration.pipeline import LayerInputs
+
+    gen = torch.Generator().manual_seed(0)
+    return LayerInputs([torch.randn(2, 3, 6, generator=gen) for _ in range(chunks)], [{} for _ in range(chunks)])
+
+
+def test_staged_pass_pauses_every_chunk_before_each_stage_and_matches_one_batch():
+    from lowbit.calibration.pipeline import run_layer_staged
+
+    toy, inputs = _Toy(), _toy_inputs(4)
+    events = []
+
+    def finish(stage):
+        assert sum(1 for e in events if e == ("observe", stage)) == 4  # every chunk arrived first
+        events.append(("finish", stage))
+        getattr(toy, stage).weight.data *= 0.5  # later chunks and stages see the change
+
+    outputs = run_layer_staged(toy, inputs, {"a": toy.a, "b": toy.b}, stage=lambda n: n,
+                               observe=lambda s, x: events.append(("observe", s)), finish=finish)
+    assert [e for e in events if e[0] == "finish"] == [("finish", "a"), ("finish", "b")]
+    assert all(h is None for h in inputs.hidden)  # consumed
+    with torch.no_grad():  # every chunk went through both halved weights: a plain forward now agrees
+        for out, h in zip(outputs, _toy_inputs(4).hidden):
+            assert torch.allclose(out, toy(h), atol=1e-6)
+
+
+def test_staged_pass_error_unwinds_paused_chunks_and_removes_hooks():
+    from lowbit.calibration.pipeline import run_layer_staged
+
+    toy = _Toy()
+
+    def finish(stage):
+        raise LowbitError(f"cannot finish {stage}")
+
+    with pytest.raises(LowbitError, match="cannot finish a"):
+        run_layer_staged(toy, _toy_inputs(3), {"a": toy.a, "b": toy.b}, stage=lambda n: n,
+                         observe=lambda s, x: None, finish=finish)
+    assert not toy.a._forward_pre_hooks and not toy.b._forward_pre_hooks
+    toy(torch.zeros(1, 6))  # usable afterwards

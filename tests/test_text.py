@@ -46,7 +46,7 @@ def test_bad_text_files_are_named(tmp_path, content, name, message):
 
 
 def test_missing_text_source():
-    with pytest.raises(LowbitError, match="text source 'nope.txt' is neither pydoc-calib nor pydoc-eval"):
+    with pytest.raises(LowbitError, match="text source 'nope.txt' is not one of pydoc-calib, pydoc-eval, python-license"):
         load_text("nope.txt")
 
 
@@ -76,3 +76,11 @@ def test_calibration_refuses_short_text(tmp_path):
         calibration_set(str(tmp_path / "short.txt"), n=2, seqlen=64, tokenizer=_CharTokenizer())
     with pytest.raises(LowbitError, match="positive number"):
         calibration_set("pydoc-calib", n=0, seqlen=64, tokenizer=_CharTokenizer())
+
+
+@pytest.mark.parametrize("source,marker,least", [("python-license", "PYTHON SOFTWARE FOUNDATION LICENSE", 10_000),
+                                                 ("stdlib-code", "class ArgumentParser", 150_000)])
+def test_other_domain_sources_ship_with_python(source, marker, least):
+    text = load_text(source)
+    assert marker in text and len(text) > least
+    assert text not in load_text("pydoc-calib")

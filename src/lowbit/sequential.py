@@ -3,32 +3,41 @@
 For each decoder layer, true-sequentially by default: one forward pass over the whole
 calibration set, in which a pre-hook on each selected linear builds its input Hessian
 from what actually reaches it (already through the quantised q/k/v when o runs, and so
-on), quantises it with `gptq_quantize`, and lets the pass continue with the quantised
-weight; the pass's output feeds the next layer. Without true-sequential, the Hessians
-come from the float layer and a second pass makes the outputs. A linear the calibration
-data never reaches (an unused expert, say) falls back to round-to-nearest and is named
-in the report; so is every dead input channel.
+on), quantises it with GPTQ, and lets the pass continue with the quantised weight; the
+pass's output feeds the next layer. Linears that read the same tensor (q/k/v, gate/up:
+found by running the layer on a 16-token probe, not by name) share one Hessian and one
+solve. Without true-sequential, the Hessians come from the float layer and a second
+pass makes the outputs. The pass's matmuls run in bfloat16 where the hardware has it
+(`GPTQ.calib_dtype`); Hessians are float32. A linear the calibration data never reaches
+(an unused expert, say) falls back to round-to-nearest and is named in the report; so
+is every dead input channel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.gptq import GPTQ, gptq_quantize
+from lowbit.algorithms.gptq import GPTQ, gptq_quantize_group
 from lowbit.algorithms.hessian import HessianAccumulator
 from lowbit.algorithms.rtn import rtn_quantize
-from lowbit.calibration.pipeline import LayerInputs, capture_first_layer_inputs, collect, run_layer
+from lowbit.calibration.pipeline import (LayerInputs, capture_first_layer_inputs, collect, run_layer,
+                                        run_layer_staged)
+from lowbit.memory import release_pages, trim_heap
 from lowbit.models import select_linears, set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.scheme import Scheme
 from lowbit.tensor import QuantizedWeight
 
 log = logging.getLogger(__name__)
+
+CHUNK_TOKENS = 4096  # calibration tokens per chunk: memory ∝ chunk, matmuls still large
 
 
 @dataclass
@@ -41,96 +50,162 @@ class LayerwiseReport:
     fallbacks: list[str] = field(default_factory=list)  # modules never reached: quantised with RTN
     dead_columns: dict[str, int] = field(default_factory=dict)
     calibration_tokens: int = 0
+    calibration_dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         relative = {k: v / self.module_signal[k] if self.module_signal.get(k) else 0.0
                     for k, v in self.module_errors.items()}
         return {"layer_errors": self.layer_errors, "module_relative_errors": relative,
                 "fallbacks": self.fallbacks, "dead_columns": self.dead_columns,
-                "calibration_tokens": self.calibration_tokens}
+                "calibration_tokens": self.calibration_tokens, "calibration_dtype": self.calibration_dtype}
 
 
-def _gptq(linear: nn.Linear, acc: HessianAccumulator, spec, method: GPTQ, full: str, report: LayerwiseReport):
-    result = gptq_quantize(linear.weight, acc.hessian(), spec, method.block_size, method.damp, method.act_order,
-                           method.static_groups, name=f"{full}.weight")
-    report.module_errors[full] = result.error
-    report.module_signal[full] = result.signal
-    if result.dead_columns:
-        report.dead_columns[full] = result.dead_columns
-    return result.weight
+def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the calibration forward's matmuls; see `GPTQ.calib_dtype`."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
-def _quantize_in_one_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear], prefix: str,
-                          spec, method: GPTQ, report: LayerwiseReport) -> tuple[dict[str, QuantizedWeight], list[Tensor]]:
-    """True-sequential GPTQ in a single forward pass over all calibration samples at once.
+def _autocast(layer: nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Matmuls in ``dtype`` (weights stay as they are) unless the layer already computes in it."""
+    param = next(layer.parameters(), None)
+    if param is None or dtype == torch.float32 or param.dtype == dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(param.device.type, dtype=dtype)
 
-    A pre-hook on each linear takes the input it is about to receive — which already
-    flows through every quantised predecessor — builds its Hessian, runs GPTQ, and lets
-    the forward continue with the quantised weight. The layer's output is then the
-    quantised layer's output, ready for the next layer.
+
+def shared_input_groups(layer: nn.Module, probe: LayerInputs, linears: dict[str, nn.Linear]) -> list[list[str]]:
+    """Linears that receive the very same input tensor (q/k/v, gate/up), from a run on a tiny probe.
+
+    They share one Hessian and one GPTQ solve. Groups come in the order the layer calls
+    its linears; a linear the probe does not reach is left out (it gets its own group if
+    the calibration pass reaches it).
     """
-    weights: dict[str, QuantizedWeight] = {}
-    # q/k/v and gate/up read the same tensor: one Hessian each. The tensor is kept in the
-    # cache so its memory cannot be reused by another input with the same address.
-    shared: dict[tuple[int, tuple[int, ...]], tuple[Tensor, HessianAccumulator]] = {}
+    by_input: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    alive: list[Tensor] = []  # held, so a freed input's address cannot be reused by the next one
     handles = []
     for local, linear in linears.items():
-        def pre_hook(module: nn.Linear, args: tuple, local: str = local) -> None:
-            if local in weights:
-                return
-            x = args[0].detach()
-            key = (x.data_ptr(), tuple(x.shape))
-            if key not in shared:
-                acc = HessianAccumulator.zeros(module.in_features)
-                acc.add(x)
-                shared[key] = (x, acc)
-            weights[local] = _gptq(module, shared[key][1], spec, method, prefix + local, report)
-            module.weight.data = weights[local].dequantize(module.weight.dtype)
+        def record(_module: nn.Module, args: tuple, local: str = local) -> None:
+            x = args[0]
+            alive.append(x)
+            by_input.setdefault((x.data_ptr(), tuple(x.shape)), []).append(local)
 
-        handles.append(linear.register_forward_pre_hook(pre_hook))
+        handles.append(linear.register_forward_pre_hook(record))
     try:
-        outputs = run_layer(layer, inputs)
+        run_layer(layer, probe)
     finally:
         for handle in handles:
             handle.remove()
+    return list(by_input.values())
+
+
+def _solve(group: list[str], linears: dict[str, nn.Linear], acc: HessianAccumulator, spec, method: GPTQ,
+           prefix: str, report: LayerwiseReport) -> dict[str, QuantizedWeight]:
+    """GPTQ on the group's weights with their shared Hessian; each weight is set to its dequantised value."""
+    results = gptq_quantize_group([linears[n].weight for n in group], acc.hessian(), spec, method.block_size,
+                                  method.damp, method.act_order, method.static_groups,
+                                  [f"{prefix}{n}.weight" for n in group])
+    weights = {}
+    for local, result in zip(group, results):
+        full = prefix + local
+        report.module_errors[full] = result.error
+        report.module_signal[full] = result.signal
+        if result.dead_columns:
+            report.dead_columns[full] = result.dead_columns
+        linear = linears[local]
+        old, linear.weight.data = linear.weight.data, result.weight.dequantize(linear.weight.dtype)
+        release_pages(old)  # a memory-mapped float weight would otherwise stay resident
+        weights[local] = result.weight
+    return weights
+
+
+def _quantize_in_one_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear],
+                          groups: list[list[str]], prefix: str, spec, method: GPTQ, report: LayerwiseReport,
+                          dtype: torch.dtype) -> tuple[dict[str, QuantizedWeight], list[Tensor]]:
+    """True-sequential GPTQ in a single forward pass over the calibration chunks.
+
+    The chunks pause before each group of linears (`run_layer_staged`); their inputs —
+    which already flow through every quantised predecessor — make the group's Hessian,
+    GPTQ quantises the group, and the chunks go on with the quantised weights. The
+    layer's output is then the quantised layer's output, ready for the next layer.
+    """
+    weights: dict[str, QuantizedWeight] = {}
+    group_of = {local: group for group in groups for local in group}
+    accs: dict[str, HessianAccumulator] = {}
+
+    def observe(key: str, x: Tensor) -> None:
+        if key not in accs:
+            accs[key] = HessianAccumulator.zeros(x.shape[-1], device=x.device)
+        accs[key].add(x)
+
+    def finish(key: str) -> None:
+        group = group_of.get(key, [key])
+        with torch.autocast(linears[key].weight.device.type, enabled=False):  # float32 solve
+            weights.update(_solve(group, linears, accs.pop(key), spec, method, prefix, report))
+        trim_heap()  # the chunks' freed temporaries, before they all go on
+
+    with _autocast(layer, dtype):
+        outputs = run_layer_staged(layer, inputs, linears, stage=lambda local: group_of.get(local, [local])[0],
+                                   observe=observe, finish=finish)
     return weights, outputs
 
 
-def _quantize_after_float_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear], prefix: str,
-                               spec, method: GPTQ, report: LayerwiseReport
-                               ) -> tuple[dict[str, QuantizedWeight], list[Tensor]]:
-    """All Hessians from the float layer (batch by batch), then GPTQ, then a quantised pass."""
-    stats, _ = collect(layer, inputs, linears, lambda m: HessianAccumulator.zeros(m.in_features))
-    weights = {}
-    for local, linear in linears.items():
-        acc = stats[local]
+def _quantize_after_float_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear],
+                               groups: list[list[str]], prefix: str, spec, method: GPTQ, report: LayerwiseReport,
+                               dtype: torch.dtype) -> tuple[dict[str, QuantizedWeight], list[Tensor]]:
+    """All Hessians from the float layer (chunk by chunk), then GPTQ, then a quantised pass."""
+    grouped = {local for group in groups for local in group}
+    groups = groups + [[local] for local in linears if local not in grouped]
+    firsts = {group[0]: linears[group[0]] for group in groups}
+    with _autocast(layer, dtype):
+        stats, _ = collect(layer, inputs, firsts,
+                           lambda m: HessianAccumulator.zeros(m.in_features, device=m.weight.device))
+    weights: dict[str, QuantizedWeight] = {}
+    for group in groups:
+        acc = stats[group[0]]
         assert isinstance(acc, HessianAccumulator)
         if acc.count:
-            weights[local] = _gptq(linear, acc, spec, method, prefix + local, report)
-            linear.weight.data = weights[local].dequantize(linear.weight.dtype)
-    return weights, run_layer(layer, inputs)
+            weights.update(_solve(group, linears, acc, spec, method, prefix, report))
+    with _autocast(layer, dtype):
+        return weights, run_layer(layer, inputs)
 
 
 def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ, calib: Tensor, batch_size: int | None = None,
                        progress: bool = True) -> LayerwiseReport:
     """Quantise ``model`` in place, one decoder layer at a time, with GPTQ on ``calib`` (N, T).
 
-    With ``method.true_sequential`` (the default) every layer costs one forward pass over
-    the calibration set, processed as one batch; otherwise the Hessians come from the
-    float layer in batches of ``batch_size`` and a second pass makes the outputs.
+    The calibration set runs in chunks of ``batch_size`` sequences (default: about
+    CHUNK_TOKENS tokens each). With ``method.true_sequential`` (the default) every layer
+    costs one forward pass over all chunks, paused before each group of linears while
+    GPTQ quantises it; otherwise the Hessians come from the float layer and a second pass
+    makes the outputs.
     """
     spec = scheme.weights
     selected = select_linears(model, scheme.targets, scheme.ignore)
-    one_batch = calib.shape[0] if method.true_sequential or batch_size is None else batch_size
-    name, layers, inputs = capture_first_layer_inputs(model, calib, one_batch)
-    report = LayerwiseReport(calibration_tokens=inputs.tokens)
+    names = set(selected)
+    if batch_size is None:  # chunks of about CHUNK_TOKENS tokens
+        batch_size = max(1, CHUNK_TOKENS // max(1, calib.shape[1]))
+    name, layers, inputs = capture_first_layer_inputs(model, calib, batch_size)
+    _, _, probe = capture_first_layer_inputs(model, calib[:1, :16], 1)
+    dtype = calibration_dtype(method.calib_dtype, next(model.parameters()).device)
+    report = LayerwiseReport(calibration_tokens=inputs.tokens, calibration_dtype=str(dtype).removeprefix("torch."))
     bar = tqdm(range(len(layers)), desc=f"gptq {scheme.name}", unit="layer", disable=None if progress else True)
     for i in bar:
         layer = layers[i]
         prefix = f"{name}.{i}."
-        linears = {n[len(prefix):]: m for n, m in selected.items() if n.startswith(prefix)}
+        # popped: the float modules (and the float weights they hold) go as soon as the layer is done
+        linears = {n[len(prefix):]: selected.pop(n) for n in list(selected) if n.startswith(prefix)}
         step = _quantize_in_one_pass if method.true_sequential else _quantize_after_float_pass
-        weights, outputs = step(layer, inputs, linears, prefix, spec, method, report)
+        with _autocast(layer, dtype):
+            groups = shared_input_groups(layer, probe, linears)
+        weights, outputs = step(layer, inputs, linears, groups, prefix, spec, method, report, dtype)
+        with _autocast(layer, dtype):
+            probe = LayerInputs(run_layer(layer, probe), probe.kwargs)
         for local, weight in weights.items():
             set_submodule(layer, local, QuantLinear(weight, linears[local].bias, scheme.activations))
         signal = sum(report.module_signal[prefix + n] for n in weights) or 1.0
@@ -139,7 +214,9 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ, calib: Te
         bar.set_postfix(layer=i, rel_err=f"{error:.2e}")
         log.info("layer %d: relative output error of its linears %.3e", i, error)
         inputs = LayerInputs(outputs, inputs.kwargs)
-    unreached = [(n, m) for n, m in model.named_modules() if n in selected and isinstance(m, nn.Linear)]
+        trim_heap()
+    selected.clear()
+    unreached = [(n, m) for n, m in model.named_modules() if n in names and isinstance(m, nn.Linear)]
     for full, linear in unreached:  # selected but never reached by calibration data
         log.warning("%s never saw calibration data; quantised with round-to-nearest", full)
         report.fallbacks.append(full)

@@ -128,3 +128,39 @@ def test_hessian_statistics_add_exactly_across_batches():
     assert parts[0].count == 1000
     assert torch.allclose(parts[0].hessian(), whole.hessian(), atol=1e-6)
     assert torch.allclose(whole.hessian(), (2 * x.double().T @ x.double() / 1000).float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("block,rows,cols", [(16, 37, 50), (16, 1000, 16), (7, 5, 64), (256, 8192, 300)])
+def test_block_triangular_accumulation_equals_the_full_product(monkeypatch, block, rows, cols):
+    import lowbit.algorithms.hessian as hessian
+
+    monkeypatch.setattr(hessian, "BLOCK", block)
+    monkeypatch.setattr(hessian, "ROWS", rows)
+    x = correlated_inputs(523, cols, seed=7)
+    acc = HessianAccumulator.zeros(cols, dtype=torch.float64)
+    acc.add(x[:300].bfloat16())  # a bfloat16 input is widened slice by slice
+    acc.add(x[300:].bfloat16())
+    xb = x.bfloat16().double()
+    expected = (2 * xb.T @ xb / 523).float()
+    H = acc.hessian()
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
+def test_one_solve_for_weights_sharing_an_input_equals_separate_solves(act_order, static):
+    from lowbit.algorithms.gptq import gptq_quantize_group
+
+    x = correlated_inputs(1024, 72, seed=4)
+    H = hessian_of(x)
+    gen = torch.Generator().manual_seed(9)
+    weights = [torch.randn(r, 72, generator=gen) * 0.05 for r in (24, 8, 8)]
+    spec = QuantSpec("int", 4, "group", 32, symmetric=False)
+    together = gptq_quantize_group(weights, H, spec, block_size=32, act_order=act_order, static_groups=static,
+                                   names=["q", "k", "v"])
+    for W, joint in zip(weights, together):
+        alone = gptq_quantize(W, H, spec, block_size=32, act_order=act_order, static_groups=static)
+        assert (joint.weight.codes() == alone.weight.codes()).float().mean() > 0.999
+        assert torch.allclose(joint.weight.dequantize(), alone.weight.dequantize(), atol=1e-6)
+        assert joint.error == pytest.approx(alone.error, rel=1e-4)
+        assert (joint.weight.g_idx is None) == (alone.weight.g_idx is None)

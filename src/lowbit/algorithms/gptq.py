@@ -23,6 +23,7 @@ serving kernels prefer. Dead inputs (diag(H) = 0) are zeroed as in the paper's c
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +35,9 @@ from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight, check_finite, from_int_codes, int_qparams
 
 
+CALIB_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class GPTQ:
     """GPTQ settings. ``damp`` is a fraction of the mean diagonal of H added to it."""
@@ -43,6 +47,10 @@ class GPTQ:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    # dtype of the calibration forward's matmuls: "auto" is bfloat16 where the hardware
+    # multiplies it natively (CUDA, CPUs with AVX512-BF16 or AMX), float32 elsewhere.
+    # Hessians are accumulated in float32 and the weights stay float32 either way.
+    calib_dtype: str = "auto"
     name: str = "gptq"
     needs_calibration: ClassVar[bool] = True
 
@@ -51,6 +59,8 @@ class GPTQ:
             raise LowbitError(f"GPTQ block size must be positive, got {self.block_size}.")
         if not 0 <= self.damp < 1:
             raise LowbitError(f"GPTQ damping must lie in [0, 1), got {self.damp}.")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise LowbitError(f"calibration dtype must be one of {', '.join(CALIB_DTYPES)}, got {self.calib_dtype!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,30 +82,72 @@ def output_error(W: Tensor, Q: Tensor, H: Tensor) -> float:
 
 
 def _inverse_cholesky(H: Tensor, damp: float, name: str) -> Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ in float64, raising λ until H is positive definite."""
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU in float64, raising λ until H is positive definite.
+
+    With J the reversal permutation and J·H·J = L·Lᵀ, H = R·Rᵀ for the upper triangular
+    R = J·L·J, so H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹: one factorisation and one triangular inverse,
+    without forming H⁻¹.
+    """
     H64 = H.double()
     mean_diag = H64.diagonal().mean().item()
     eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
     for extra in (1.0, 10.0, 100.0, 1000.0):
         lam = max(damp * extra, 1e-8) * mean_diag if damp > 0 or extra > 1 else 0.0
-        L, info = torch.linalg.cholesky_ex(H64 + lam * eye)
+        L, info = torch.linalg.cholesky_ex((H64 + lam * eye).flip(0, 1))
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info.item() == 0:
-                return U
+            R = L.flip(0, 1)
+            return torch.linalg.solve_triangular(R, eye, upper=True)
     raise LowbitError(f"the Hessian of {name} is not positive definite even with strong damping.")
 
 
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
                   act_order: bool = False, static_groups: bool = False, name: str = "weight") -> GPTQResult:
     """Quantise W (R, C) given its input Hessian H (C, C); integer formats only."""
+    return gptq_quantize_group([W], H, spec, block_size, damp, act_order, static_groups, [name])[0]
+
+
+def gptq_quantize_group(weights: Sequence[Tensor], H: Tensor, spec: QuantSpec, block_size: int = 128,
+                        damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                        names: Sequence[str] | None = None) -> list[GPTQResult]:
+    """Quantise several weights that read the same input (q/k/v, gate/up) in one solve.
+
+    GPTQ treats the rows of W independently given H, so stacking the weights' rows and
+    solving once gives each weight exactly what its own solve would, with one pass over
+    the columns instead of one per weight.
+    """
+    names = list(names) if names is not None else [f"weight{i}" for i in range(len(weights))]
+    if len(weights) > 1 and spec.granularity == "tensor":  # one scale per tensor: no shared solve
+        return [gptq_quantize(W, H, spec, block_size, damp, act_order, static_groups, name)
+                for W, name in zip(weights, names)]
     if spec.format != "int":
-        raise LowbitError(f"GPTQ quantises integer formats; {name} asks for {spec.format}.")
-    check_finite(W, name)
+        raise LowbitError(f"GPTQ quantises integer formats; {names[0]} asks for {spec.format}.")
+    for W, name in zip(weights, names):
+        check_finite(W, name)
+        if W.dim() != 2 or W.shape[1] != H.shape[0]:
+            raise LowbitError(f"{name} has shape {tuple(W.shape)}; its Hessian is {tuple(H.shape)}.")
     if not torch.isfinite(H).all():
-        raise LowbitError(f"the Hessian of {name} contains NaN or Inf; the calibration activations overflowed.")
-    rows, cols = W.shape
-    W_in, H_in = W.detach().float(), H.detach().float()
+        raise LowbitError(f"the Hessian of {names[0]} contains NaN or Inf; the calibration activations overflowed.")
+    W_in = torch.cat([W.detach().float() for W in weights]) if len(weights) > 1 else weights[0].detach().float()
+    H_in = H.detach().float()
+    codes, Q, scale, zero, col_group, loss, dead = _solve(W_in, H_in, spec, block_size, damp, act_order,
+                                                          static_groups, names[0])
+    g_idx = col_group if (act_order and spec.granularity == "group" and not static_groups) else None
+    results, start = [], 0
+    for W in weights:
+        rows = slice(start, start + W.shape[0])
+        start += W.shape[0]
+        weight = from_int_codes(codes[rows], scale[rows], None if zero is None else zero[rows], spec, g_idx=g_idx)
+        w = W.detach().float()
+        results.append(GPTQResult(weight, loss if len(weights) == 1 else float("nan"),
+                                  output_error(w, Q[rows], H_in), dead,
+                                  output_error(w, torch.zeros_like(w), H_in)))
+    return results
+
+
+def _solve(W_in: Tensor, H_in: Tensor, spec: QuantSpec, block_size: int, damp: float, act_order: bool,
+           static_groups: bool, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, float, int]:
+    """The column loop: codes (R, C) int32, Q (R, C), scale and zero (R, G), group of each column, loss, dead."""
+    rows, cols = W_in.shape
     W, H = W_in.clone(), H_in.clone()
 
     dead = H.diagonal() == 0
@@ -116,44 +168,47 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, 
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_cholesky(H, damp, name).float()  # (C, C) upper
+    diag = U.diagonal().tolist()
 
     # Keep every dynamic group inside one lazy block, so its range is read from current weights.
     B = max(g, block_size // g * g) if dynamic and g <= block_size else block_size
     qmin, qmax = int_range(spec.bits, spec.symmetric)
     # Work on Wᵀ (C, R): a column of W is a contiguous row here, which the per-column loop needs.
     Wt = W.T.contiguous()
-    Qt = torch.zeros_like(Wt)
-    codes_t = torch.zeros(cols, rows, dtype=torch.float32)
+    Qt = torch.empty_like(Wt)
+    codes_t = torch.empty(cols, rows, dtype=torch.float32)
     groups: list[tuple[Tensor, Tensor | None]] = list(fixed)
     col_group = torch.zeros(cols, dtype=torch.long)  # group id of each permuted column
-    if not dynamic and spec.granularity == "group":
+    if not dynamic and grouped:
         col_group = perm // g
+    group_of = col_group.tolist()
     loss = 0.0
     s = z = None
+    current = -1
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
         W1 = Wt[i1:i2].clone()  # (b, R)
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             p = i1 + i
             if dynamic and p % g == 0:
                 groups.append(int_qparams(W1[i : i + g].T, spec, min(g, cols - p)))
                 col_group[p : p + g] = len(groups) - 1
-            if dynamic or spec.granularity == "group" or s is None:
-                scale, zero = groups[int(col_group[p])]
+                group_of[p : p + g] = [len(groups) - 1] * len(group_of[p : p + g])
+            if group_of[p] != current:
+                current = group_of[p]
+                scale, zero = groups[current]
                 s = scale[:, 0].float()
                 z = torch.zeros_like(s) if zero is None else zero[:, 0].float()
             w = W1[i]
-            c = (torch.round(w / s) + z).clamp_(qmin, qmax)
-            q = (c - z) * s
-            codes_t[p] = c
-            Qt[p] = q
-            err = (w - q) / U1[i, i]
-            Err1[i] = err
-            W1[i:] -= U1[i, i:, None] * err[None, :]
+            c = codes_t[p]
+            torch.div(w, s, out=c).round_().add_(z).clamp_(qmin, qmax)
+            q = torch.mul(c - z, s, out=Qt[p])
+            err = torch.sub(w, q, out=Err1[i]).div_(diag[p])
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)
         loss += float(Err1.pow(2).sum()) / 2
-        Wt[i2:] -= U[i1:i2, i2:].T @ Err1
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
     codes, Q = codes_t.T.to(torch.int32), Qt.T
 
     invperm = torch.argsort(perm)
@@ -162,7 +217,4 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, 
     zero = None if spec.symmetric else torch.cat([z for _, z in groups], dim=1)  # type: ignore[misc]
     if spec.granularity == "tensor":
         scale, zero = scale[:1], None if zero is None else zero[:1]
-    g_idx = col_group if (act_order and dynamic) else None
-    weight = from_int_codes(codes, scale, zero, spec, g_idx=g_idx)
-    return GPTQResult(weight, loss, output_error(W_in, Q, H_in), int(dead.sum()),
-                      output_error(W_in, torch.zeros_like(W_in), H_in))
+    return codes, Q, scale, zero, col_group, loss, int(dead.sum())

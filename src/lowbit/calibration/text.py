@@ -2,8 +2,10 @@
 
 Named sources: ``pydoc-calib`` and ``pydoc-eval`` split the English prose that ships
 with every CPython (``pydoc_data.topics``): sort the topic keys, topic i is EVAL when
-``i % 5 == 0`` and CALIB otherwise, each split joined with blank lines. Anything else is
-a path: a text file, a JSONL file with a ``text`` field per line, or a directory written
+``i % 5 == 0`` and CALIB otherwise, each split joined with blank lines. Two sources of
+other domains, to check for overfitting to the calibration text: ``python-license``
+(CPython's LICENSE.txt, legal prose) and ``stdlib-code`` (the source of a few standard
+modules). Anything else is a path: a text file, a JSONL file with a ``text`` field per line, or a directory written
 by ``datasets.Dataset.save_to_disk`` with a ``text`` column (needs ``datasets``).
 """
 
@@ -19,6 +21,29 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 
 PYDOC_SOURCES = ("pydoc-calib", "pydoc-eval")
+# Text of other domains than the calibration prose, also shipped with every CPython: for
+# checking that a calibrated method has not overfitted its calibration text.
+STDLIB_CODE_MODULES = ("argparse", "difflib", "textwrap", "fractions", "statistics")
+OTHER_SOURCES = ("python-license", "stdlib-code")
+NAMED_SOURCES = PYDOC_SOURCES + OTHER_SOURCES
+
+
+def python_license() -> str:
+    """CPython's LICENSE.txt: the history of the software and its licence agreements (legal prose)."""
+    import sysconfig
+
+    path = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if not path.is_file():
+        raise LowbitError(f"this Python has no {path}; pass a text file instead of 'python-license'.")
+    return path.read_text(encoding="utf-8")
+
+
+def stdlib_code() -> str:
+    """The Python source of a few pure-Python standard modules, joined with blank lines (code)."""
+    import importlib
+
+    return "\n\n".join(Path(importlib.import_module(name).__file__).read_text(encoding="utf-8")  # type: ignore[arg-type]
+                        for name in STDLIB_CODE_MODULES)
 
 
 def pydoc_split(split: str) -> str:
@@ -67,11 +92,13 @@ def load_text(source: str) -> str:
         return pydoc_split("calib")
     if source == "pydoc-eval":
         return pydoc_split("eval")
+    if source == "python-license":
+        return python_license()
+    if source == "stdlib-code":
+        return stdlib_code()
     path = Path(source)
     if not path.exists():
-        raise LowbitError(
-            f"text source '{source}' is neither {' nor '.join(PYDOC_SOURCES)} nor an existing file."
-        )
+        raise LowbitError(f"text source '{source}' is not one of {', '.join(NAMED_SOURCES)} and not an existing file.")
     if path.is_dir():
         text = _read_dataset_dir(path)
     else:
