@@ -34,23 +34,27 @@ def run_setting(label: str, args: list[str], workdir: Path) -> dict:
 def markdown(title: str, rows: list[dict], note: str = "") -> str:
     first = rows[0]
     v = first["versions"]
-    text = next(iter(first["ppl"]))
+    text, *others = list(first["ppl"])
     lines = [
         f"# {title} (SmolLM2-135M-Instruct, {text}, {first['eval'][text]['tokens']:,} predicted tokens)",
         "",
         f"Measured {v['date']} on {v['machine']}, torch {v['torch']} ({v['torch_threads']} threads), "
-        f"transformers {v['transformers']}, lowbit {v['lowbit']}. FP perplexity {first['reference_ppl'][text]:.4f}.",
-        "Bits per weight count scales, zero points and g_idx; weights = all stored bytes (embeddings in bf16).",
+        f"transformers {v['transformers']}, lowbit {v['lowbit']}. FP perplexity {first['reference_ppl'][text]:.4f}"
+        + "".join(f"; on {o} {first['reference_ppl'][o]:.4f}" for o in others) + ".",
+        "Bits per weight count scales, zero points and g_idx; weights = all stored bytes (embeddings in bf16). "
+        "Peak RSS: of the quantising process, read before it evaluates.",
         "",
-        "| setting | bits/weight | weights MB | ppl | Δppl | KL | top-1 % | quantise s | peak RSS GB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | bits/weight | weights MB | ppl | Δppl | KL | top-1 % | "
+        + "".join(f"ppl {o} | KL {o} | " for o in others) + "quantise s | peak RSS GB |",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(others) + "---:|---:|",
     ]
     for r in rows:
         ppl, ref = r["ppl"][text], r["reference_ppl"][text]
         lines.append(
             f"| {r['label']} | {r['bits_per_weight']:.3f} | {r['weight_bytes'] / 1e6:.1f} | {ppl:.4f} | "
-            f"{100 * (ppl / ref - 1):+.2f}% | {r['kl']:.5f} | {r['top1']:.2f} | {r['quantize_seconds']:.1f} | "
-            f"{r['peak_rss_bytes'] / 1e9:.2f} |"
+            f"{100 * (ppl / ref - 1):+.2f}% | {r['kl']:.5f} | {r['top1']:.2f} | "
+            + "".join(f"{r['ppl'][o]:.4f} | {r['kl_per_text'][o]:.5f} | " for o in others)
+            + f"{r['quantize_seconds']:.1f} | {r.get('peak_rss_quantize_bytes', r['peak_rss_bytes']) / 1e9:.2f} |"
         )
     return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
 

@@ -43,7 +43,19 @@ class _Group(click.Group):
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak resident set size of this process's memory (VmHWM on Linux).
+
+    Not ``getrusage``'s ``ru_maxrss`` on Linux: that survives ``exec``, so a process started
+    by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
 def versions() -> dict[str, Any]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lowbit.kernels import quantized_linear
+from lowbit.errors import LowbitError
+from lowbit.kernels import dispatch
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight, expected_layout
 
@@ -27,6 +28,8 @@ class QuantLinear(nn.Module):
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._prepared: dict[str, dispatch.Prepared] = {}  # kernel name → its layout, on the current device
+        self._prepared_device: torch.device | None = None
 
     @classmethod
     def empty(cls, shape: tuple[int, int], spec: QuantSpec, bias: bool = False,
@@ -48,7 +51,18 @@ class QuantLinear(nn.Module):
                                get("scale_scale"), get("scale_offset"), get("g_idx"))
 
     def forward(self, x: Tensor) -> Tensor:
-        return quantized_linear(x, self.weight, self.bias, self.activations)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise LowbitError(f"{self.extra_repr()}: expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
+        weight = self.weight
+        kernel = dispatch.choose(weight, self.activations, x.device, x.numel() // self.in_features)
+        if kernel is dispatch.REFERENCE:
+            return kernel.run(x, {}, weight, self.bias, self.activations)
+        if self._prepared_device != x.device:
+            self._prepared, self._prepared_device = {}, x.device
+        prepared = self._prepared.get(kernel.name)
+        if prepared is None:
+            prepared = self._prepared[kernel.name] = kernel.prepare(weight)
+        return kernel.run(x, prepared, weight, self.bias, self.activations)
 
     def extra_repr(self) -> str:
         act = f", activations={self.activations.describe()}" if self.activations else ""

@@ -1,0 +1,79 @@
+"""Which kernel runs a quantised linear: by device, format, and the number of tokens M.
+
+Kernels register here in priority order. For a call, the first kernel whose
+``supports(weight, activations, device)`` returns no reason and whose M range covers
+the call runs it; the reference op (dequantise + ``F.linear``) is always last and always
+able. A weight that only the reference can run is named once in the log with the
+reasons the faster kernels gave, then runs — never a crash.
+
+A kernel's ``prepare`` turns the stored weight into the layout the kernel reads, once
+per device; `QuantLinear` keeps the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.kernels.ops import reference_op
+from lowbit.scheme import QuantSpec
+from lowbit.tensor import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+Prepared = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    # None when the kernel can run this weight on this device, else a short reason
+    supports: Callable[[QuantizedWeight, QuantSpec | None, torch.device], str | None]
+    prepare: Callable[[QuantizedWeight], Prepared]
+    run: Callable[[Tensor, Prepared, QuantizedWeight, Tensor | None, QuantSpec | None], Tensor]
+    min_m: int = 1
+    max_m: int | None = None
+
+    def covers(self, m: int) -> bool:
+        return m >= self.min_m and (self.max_m is None or m <= self.max_m)
+
+
+REFERENCE = Kernel("reference", supports=lambda w, a, d: None, prepare=lambda w: {},
+                   run=lambda x, p, w, b, a: reference_op(x, w, b, a))
+
+_KERNELS: list[Kernel] = []
+_warned: set[tuple] = set()
+
+
+def register(kernel: Kernel, first: bool = False) -> None:
+    """Add a kernel (before the others with ``first``); the reference stays last."""
+    global _KERNELS
+    others = [k for k in _KERNELS if k.name != kernel.name]
+    _KERNELS = [kernel, *others] if first else [*others, kernel]
+
+
+def kernels() -> list[Kernel]:
+    return [*_KERNELS, REFERENCE]
+
+
+def choose(weight: QuantizedWeight, activations: QuantSpec | None, device: torch.device, m: int,
+           name: str = "a quantised linear") -> Kernel:
+    """The kernel for ``m`` tokens through ``weight`` on ``device``."""
+    reasons = []
+    for kernel in _KERNELS:
+        reason = kernel.supports(weight, activations, device)
+        if reason is None:
+            if kernel.covers(m):
+                return kernel
+        else:
+            reasons.append(f"{kernel.name}: {reason}")
+    key = (weight.spec, activations, device.type)
+    if reasons and key not in _warned and all(k.supports(weight, activations, device) for k in _KERNELS):
+        _warned.add(key)
+        log.warning("%s (%s) runs on the reference kernel on %s (%s)", name, weight.spec.describe(), device.type,
+                    "; ".join(reasons))
+    return REFERENCE
