@@ -33,7 +33,7 @@ def test_reference_op_passes_opcheck_and_equals_the_python_reference(spec):
 
 
 def test_a_format_without_a_fast_kernel_runs_on_the_reference_with_one_warning(caplog, monkeypatch):
-    never = dispatch.Kernel("never", supports=lambda w, a, d: "not on this machine", prepare=lambda w: {},
+    never = dispatch.Kernel("never", "cpu", supports=lambda w, a, d: "not on this machine", prepare=lambda w: {},
                             run=lambda *a: (_ for _ in ()).throw(AssertionError("must not run")))
     monkeypatch.setattr(dispatch, "_KERNELS", [never])
     monkeypatch.setattr(dispatch, "_warned", set())
@@ -48,7 +48,7 @@ def test_a_format_without_a_fast_kernel_runs_on_the_reference_with_one_warning(c
 
 def test_a_kernel_is_prepared_once_per_device_and_chosen_by_m(monkeypatch):
     prepared = []
-    small = dispatch.Kernel("small-m", supports=lambda w, a, d: None,
+    small = dispatch.Kernel("small-m", "cpu", supports=lambda w, a, d: None,
                             prepare=lambda w: prepared.append(1) or {"w": w.dequantize()},
                             run=lambda x, p, w, b, a: x @ p["w"].T, max_m=4)
     monkeypatch.setattr(dispatch, "_KERNELS", [small])

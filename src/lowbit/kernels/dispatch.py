@@ -1,10 +1,12 @@
 """Which kernel runs a quantised linear: by device, format, and the number of tokens M.
 
-Kernels register here in priority order. For a call, the first kernel whose
-``supports(weight, activations, device)`` returns no reason and whose M range covers
-the call runs it; the reference op (dequantise + ``F.linear``) is always last and always
-able. A weight that only the reference can run is named once in the log with the
-reasons the faster kernels gave, then runs — never a crash.
+Kernels register here in priority order, each for one device type. For a call, the
+first kernel of the input's device type whose ``supports(weight, activations, device)``
+returns no reason and whose M range covers the call runs it; the reference op
+(dequantise + ``F.linear``) is always last and always able — it is also the choice where
+a kernel's M range ends (dequantise + GEMM wins at large M). A weight that no kernel of
+its device can run at any M is named once in the log with the kernels' reasons, then
+runs on the reference — never a crash.
 
 A kernel's ``prepare`` turns the stored weight into the layout the kernel reads, once
 per device; `QuantLinear` keeps the result.
@@ -31,6 +33,7 @@ Prepared = dict[str, Tensor]
 @dataclass(frozen=True)
 class Kernel:
     name: str
+    device_type: str  # "cpu", "cuda"
     # None when the kernel can run this weight on this device, else a short reason
     supports: Callable[[QuantizedWeight, QuantSpec | None, torch.device], str | None]
     prepare: Callable[[QuantizedWeight], Prepared]
@@ -42,7 +45,7 @@ class Kernel:
         return m >= self.min_m and (self.max_m is None or m <= self.max_m)
 
 
-REFERENCE = Kernel("reference", supports=lambda w, a, d: None, prepare=lambda w: {},
+REFERENCE = Kernel("reference", "any", supports=lambda w, a, d: None, prepare=lambda w: {},
                    run=lambda x, p, w, b, a: reference_op(x, w, b, a))
 
 _KERNELS: list[Kernel] = []
@@ -63,8 +66,9 @@ def kernels() -> list[Kernel]:
 def choose(weight: QuantizedWeight, activations: QuantSpec | None, device: torch.device, m: int,
            name: str = "a quantised linear") -> Kernel:
     """The kernel for ``m`` tokens through ``weight`` on ``device``."""
+    candidates = [k for k in _KERNELS if k.device_type == device.type]
     reasons = []
-    for kernel in _KERNELS:
+    for kernel in candidates:
         reason = kernel.supports(weight, activations, device)
         if reason is None:
             if kernel.covers(m):
@@ -72,8 +76,8 @@ def choose(weight: QuantizedWeight, activations: QuantSpec | None, device: torch
         else:
             reasons.append(f"{kernel.name}: {reason}")
     key = (weight.spec, activations, device.type)
-    if reasons and key not in _warned and all(k.supports(weight, activations, device) for k in _KERNELS):
+    if len(reasons) == len(candidates) and key not in _warned:  # no kernel here runs it at any M
         _warned.add(key)
-        log.warning("%s (%s) runs on the reference kernel on %s (%s)", name, weight.spec.describe(), device.type,
-                    "; ".join(reasons))
+        log.warning("%s (%s) runs on the reference kernel on %s%s", name, weight.spec.describe(), device.type,
+                    f" ({'; '.join(reasons)})" if reasons else "")
     return REFERENCE

@@ -1,0 +1,89 @@
+"""Greedy decoding speed of the default model on this CPU: FP32 against quantised weights.
+
+PROTOCOL.md: torch with 2 threads, batch 1, a 64-token prompt (the start of pydoc-eval),
+128 new tokens, greedy; tokens/s = new tokens / wall time of ``generate`` (prefill
+included), best of ``--repeats`` runs after one warm-up. Each quantised model is RTN of
+the same float model; its text is compared with the same quantised weights run through
+the reference kernel (dequantise + F.linear), which must give the same greedy tokens.
+
+    python bench/cpu_decode.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.calibration import load_text, tokenize
+from lowbit.kernels import dispatch
+
+RESULTS = Path(__file__).parent / "results"
+SCHEMES = ("W8A16", "W4A16", "W4A16_ASYM", "W8A8")
+
+
+def decode(model, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, torch.Tensor]:
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        out = model.generate(prompt, **kwargs)  # warm-up (and the first-use kernel build)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model.generate(prompt, **kwargs)
+            best = min(best, time.perf_counter() - start)
+    return new / best, out[0, prompt.shape[1]:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    tok = lowbit.load_tokenizer()
+    prompt = tokenize(tok, load_text("pydoc-eval"))[:64][None]
+    fp = lowbit.load_model()
+    fp_speed, fp_tokens = decode(fp, prompt, args.new_tokens, args.repeats)
+    rows = [{"setting": "FP32", "tokens_per_s": fp_speed, "speedup": 1.0, "kernel": "F.linear",
+             "same_text_as_reference": True, "same_text_as_fp32": True}]
+    print(f"FP32: {fp_speed:.2f} tokens/s", flush=True)
+    for name in SCHEMES:
+        q = lowbit.quantize(fp, name, progress=False)
+        layer = next(m for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear))
+        kernel = dispatch.choose(layer.weight, layer.activations, torch.device("cpu"), 1).name
+        speed, tokens = decode(q, prompt, args.new_tokens, args.repeats)
+        saved = dispatch._KERNELS[:]
+        dispatch._KERNELS.clear()  # the same weights through the reference kernel only
+        try:
+            _, ref_tokens = decode(q, prompt, args.new_tokens, 0)
+        finally:
+            dispatch._KERNELS.extend(saved)
+        rows.append({"setting": name, "tokens_per_s": speed, "speedup": speed / fp_speed, "kernel": kernel,
+                     "same_text_as_reference": bool(torch.equal(tokens, ref_tokens)),
+                     "same_text_as_fp32": bool(torch.equal(tokens, fp_tokens))})
+        print(f"{name}: {speed:.2f} tokens/s ({speed / fp_speed:.2f}× FP32, kernel {kernel}), "
+              f"text equal to reference kernel's: {rows[-1]['same_text_as_reference']}", flush=True)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu_decode.json").write_text(json.dumps({"date": when, "machine": machine, "rows": rows}, indent=2))
+    lines = [f"# Greedy decoding on CPU (SmolLM2-135M-Instruct, prompt 64, {args.new_tokens} new tokens, batch 1)",
+             "", f"Measured {when} on {machine}; best of {args.repeats} after a warm-up; RTN weights; lm_head and "
+             "embeddings stay float32 (tied).", "",
+             "| weights | kernel at M=1 | tokens/s | × FP32 | greedy text = reference kernel's | = FP32's |",
+             "|---|---|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['kernel']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f} | "
+                     f"{r['same_text_as_reference']} | {r['same_text_as_fp32']} |")
+    (RESULTS / "cpu_decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
