@@ -178,10 +178,8 @@ def _solve(W_in: Tensor, H_in: Tensor, spec: QuantSpec, block_size: int, damp: f
     Qt = torch.empty_like(Wt)
     codes_t = torch.empty(cols, rows, dtype=torch.float32)
     groups: list[tuple[Tensor, Tensor | None]] = list(fixed)
-    col_group = torch.zeros(cols, dtype=torch.long)  # group id of each permuted column
-    if not dynamic and grouped:
-        col_group = perm // g
-    group_of = col_group.tolist()
+    # group id of each permuted column: fixed up front, or assigned as dynamic groups are reached
+    group_of = (perm // g).tolist() if grouped and not dynamic else [0] * cols
     loss = 0.0
     s = z = None
     current = -1
@@ -194,7 +192,6 @@ def _solve(W_in: Tensor, H_in: Tensor, spec: QuantSpec, block_size: int, damp: f
             p = i1 + i
             if dynamic and p % g == 0:
                 groups.append(int_qparams(W1[i : i + g].T, spec, min(g, cols - p)))
-                col_group[p : p + g] = len(groups) - 1
                 group_of[p : p + g] = [len(groups) - 1] * len(group_of[p : p + g])
             if group_of[p] != current:
                 current = group_of[p]
@@ -210,6 +207,7 @@ def _solve(W_in: Tensor, H_in: Tensor, spec: QuantSpec, block_size: int, damp: f
         loss += float(Err1.pow(2).sum()) / 2
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
     codes, Q = codes_t.T.to(torch.int32), Qt.T
+    col_group = torch.tensor(group_of, dtype=torch.long)
 
     invperm = torch.argsort(perm)
     codes, Q, col_group = codes[:, invperm], Q[:, invperm], col_group[invperm]

@@ -52,11 +52,9 @@ _KERNELS: list[Kernel] = []
 _warned: set[tuple] = set()
 
 
-def register(kernel: Kernel, first: bool = False) -> None:
-    """Add a kernel (before the others with ``first``); the reference stays last."""
-    global _KERNELS
-    others = [k for k in _KERNELS if k.name != kernel.name]
-    _KERNELS = [kernel, *others] if first else [*others, kernel]
+def register(kernel: Kernel) -> None:
+    """Add a kernel after those registered before it (replacing one of the same name)."""
+    _KERNELS[:] = [*(k for k in _KERNELS if k.name != kernel.name), kernel]
 
 
 def kernels() -> list[Kernel]:

@@ -25,6 +25,7 @@ def spec_from_json(text: str) -> QuantSpec:
     return QuantSpec.from_dict(json.loads(text))
 
 
+@functools.lru_cache(maxsize=256)  # called on every forward of a QuantLinear
 def spec_to_json(spec: QuantSpec | None) -> str:
     return "" if spec is None else json.dumps(spec.to_dict(), sort_keys=True)
 
