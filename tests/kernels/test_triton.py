@@ -199,7 +199,7 @@ def test_w4a16_op_equals_its_launcher_and_keeps_leading_dims():
 
 
 def test_prepared_4bit_layout_holds_the_codes_in_as_many_bytes():
-    for case in (W4A16_CASES[4], W4A16_CASES[6]):  # K = 100 (not a multiple of 8); act-order
+    for case in (W4A16_CASES[1], W4A16_CASES[4], W4A16_CASES[6]):  # K = 160; K = 100 (not a multiple of 8); act-order
         w = _w4a16_weight(case)
         p = prepare_w4a16(w)
         n, k = w.shape
@@ -212,6 +212,23 @@ def test_prepared_4bit_layout_holds_the_codes_in_as_many_bytes():
         assert torch.equal(codes, expected)
         assert torch.equal(p["scales"], w.scale.T)
         assert all(not t.is_floating_point() or t.numel() <= w.scale.numel() for t in p.values())
+
+
+def test_the_4bit_kernel_reads_its_operands_through_their_strides():
+    w = _w4a16_weight(W4A16_CASES[1])  # asymmetric: words, scales and zero points, K-major and N-major
+    p = prepare_w4a16(w)
+    n_major = {"qweight": w.qdata.view(torch.int32).T, "scales": w.scale.T, "zeros": p["zeros"].T.contiguous().T}
+    assert all(not t.is_contiguous() and torch.equal(t, p[name]) for name, t in n_major.items())
+    n, k = w.shape
+    x = torch.randn(5, k, generator=_gen(21)).to(DEVICE)
+    outs = []
+    for layout in (p, n_major):
+        out = _poisoned(5, n, torch.float32)
+        launch_int4(out, x, layout["qweight"], layout["scales"], layout["zeros"], None, None, None, None,
+                    w.group_size)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    _check(outs[0], quantized_linear(x, w))
 
 
 # -- NF4 ------------------------------------------------------------------------------------------
@@ -355,9 +372,9 @@ def test_launchers_refuse_operands_they_would_misread():
     w = _w4a16_weight(W4A16_CASES[0])
     p = prepare_w4a16(w)
     x = torch.randn(2, 96, generator=_gen(16)).to(DEVICE)
-    strided = p["qweight"].T.contiguous().T  # same shape and values, column-major
-    with pytest.raises(LowbitError, match="qweight must be contiguous"):
-        launch_int4(_poisoned(2, 40, torch.float32), x, strided, p["scales"], None, None, None, None, None, 32)
+    bias = torch.zeros(80, device=DEVICE)[::2]  # 40 values, stride 2
+    with pytest.raises(LowbitError, match="bias must be contiguous"):
+        launch_int4(_poisoned(2, 40, torch.float32), x, p["qweight"], p["scales"], None, None, None, None, bias, 32)
     with pytest.raises(LowbitError, match="float16, bfloat16 or float32"):
         launch_int4(_poisoned(2, 40, torch.float32), x.double(), p["qweight"], p["scales"], None, None, None, None,
                     None, 32)
@@ -380,7 +397,9 @@ def test_the_kernels_compile_for_sm90():
                            "--shapes", "4096x11008"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads(done.stdout)
-    assert len(records) == 11
-    gemms = [r for r in records if not r["variant"].startswith("quantize_rows")]
-    assert all(r["mma"] for r in gemms)
-    assert all(r["wgmma"] for r in gemms if "block_m=128" in r["variant"])  # prefill tiles: Hopper wgmma
+    names = [r["variant"] for r in records]
+    assert sum(name.startswith("quantize_rows") for name in names) == 1
+    assert any("backend='gemv'" in name for name in names) and any("backend='dequant'" in name for name in names)
+    fused = [r for r in records if "backend='triton'" in r["variant"]]
+    assert len(fused) >= 4 and all(r["mma"] for r in fused)  # the fused GEMMs run on tensor cores
+    assert all(r["wgmma"] for r in fused if "block_m=128" in r["variant"])  # prefill tiles: Hopper wgmma

@@ -34,9 +34,10 @@ def _int4_source(jit, dtype: str, decode: int, per_block: bool, gidx: bool, bias
     from triton.compiler import ASTSource
 
     t = _TYPES[dtype]
-    sig = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
+    sig = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
+           **{f"stride_{a}": "i32" for a in ("wk", "wn", "sg", "sn", "zg", "zn")}, "SPLIT_K": "i32"}
     const = {"GROUP": group, "DECODE": decode, "PER_BLOCK": per_block, "HAS_GIDX": gidx, "HAS_BIAS": bias,
-             "SPLIT_K": cfg.split_k, "IEEE": False, "UPCAST": False, "BLOCK_M": cfg.block_m,
+             "ATOMIC": cfg.split_k > 1, "IEEE": False, "UPCAST": False, "UNPACK": cfg.unpack, "BLOCK_M": cfg.block_m,
              "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
     _constexpr(sig, const, x_ptr=f"*{t}", w_ptr="*i32", s_ptr="*fp16" if decode != 2 else "*fp32",
                z_ptr="*u8" if decode == 1 else None, g_ptr="*i32" if gidx else None,
@@ -50,13 +51,49 @@ def _w8a8_source(jit, dtype: str, fused: bool, bias: bool, cfg: BlockConfig):
     from triton.compiler import ASTSource
 
     t = _TYPES[dtype]
-    sig = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
-    const = {"FUSED_QUANT": fused, "HAS_BIAS": bias, "SPLIT_K": cfg.split_k, "BLOCK_M": cfg.block_m,
+    sig = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "SPLIT_K": "i32"}
+    const = {"FUSED_QUANT": fused, "HAS_BIAS": bias, "ATOMIC": cfg.split_k > 1, "BLOCK_M": cfg.block_m,
              "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
     _constexpr(sig, const, x_ptr=f"*{t}" if fused else "*i8", xs_ptr=None if fused else "*fp32", w_ptr="*i8",
                ws_ptr="*fp32", b_ptr=f"*{t}" if bias else None, out_ptr="*fp32" if cfg.split_k > 1 else f"*{t}")
     sig.update({k: "constexpr" for k in const if k not in sig})
     return ASTSource(jit.w8a8_matmul_kernel, sig, const)
+
+
+def _dequant_source(jit, dtype: str, decode: int, group: int, cfg: BlockConfig):
+    from triton.compiler import ASTSource
+
+    sig = {"N": "i32", "K": "i32", **{f"stride_{a}": "i32" for a in ("wk", "wn", "sg", "sn", "zg", "zn")}}
+    const = {"GROUP": group, "DECODE": decode, "HAS_GIDX": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
+    _constexpr(sig, const, w_ptr="*i32", s_ptr="*fp16" if decode != 2 else "*fp32",
+               z_ptr="*u8" if decode == 1 else None, g_ptr=None, lut_ptr="*fp32" if decode == 2 else None,
+               out_ptr=f"*{_TYPES[dtype]}")
+    sig.update({k: "constexpr" for k in const if k not in sig})
+    return ASTSource(jit.dequant4_kernel, sig, const)
+
+
+def _gemv_source(jit, dtype: str, decode: int, bias: bool, cfg: BlockConfig, group: int):
+    from triton.compiler import ASTSource
+
+    t = _TYPES[dtype]
+    sig = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
+           **{f"stride_{a}": "i32" for a in ("wk", "wn", "sg", "sn", "zg", "zn")}, "SPLIT_K": "i32"}
+    const = {"GROUP": group, "DECODE": decode, "HAS_BIAS": bias, "ATOMIC": cfg.split_k > 1, "BLOCK_M": cfg.block_m,
+             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
+    _constexpr(sig, const, x_ptr=f"*{t}", w_ptr="*i32", s_ptr="*fp16" if decode != 2 else "*fp32",
+               z_ptr="*u8" if decode == 1 else None, lut_ptr="*fp32" if decode == 2 else None,
+               b_ptr=f"*{t}" if bias else None, out_ptr="*fp32" if cfg.split_k > 1 else f"*{t}")
+    sig.update({k: "constexpr" for k in const if k not in sig})
+    return ASTSource(jit.int4_gemv_kernel, sig, const)
+
+
+def _4bit_source(jit, dtype: str, decode: int, gidx: bool, bias: bool, cfg: BlockConfig, group: int):
+    """The kernel the 4-bit launcher runs for this config (fused, GEMV, or the dequantise step)."""
+    if cfg.backend == "gemv":
+        return _gemv_source(jit, dtype, decode, bias, cfg, group)
+    if cfg.backend == "dequant":
+        return _dequant_source(jit, dtype, decode, group, cfg)
+    return _int4_source(jit, dtype, decode, not gidx, gidx, bias, cfg, group)
 
 
 def _quant_source(jit, dtype: str):
@@ -78,13 +115,13 @@ def variants(sms: int, dtypes: tuple[str, ...], tokens: tuple[int, ...] = TOKENS
         for k, n in shapes:
             for m in tokens:
                 c4 = int4_config(m, n, k, 128, k // 128, sms)
+                cn = int4_config(m, n, k, 64, k // 64, sms, lut=True)
                 c8 = w8a8_config(m, n, k, sms)
                 cases = [
-                    (f"w4a16 sym {dtype} {c4}", _int4_source(jit, dtype, 0, True, False, False, c4, 128), c4),
-                    (f"w4a16 asym+bias {dtype} {c4}", _int4_source(jit, dtype, 1, True, False, True, c4, 128), c4),
-                    (f"nf4 {dtype} {c4}", _int4_source(jit, dtype, 2, True, False, False, c4, 64), c4),
-                    (f"w4a16 act-order uneven {dtype} {c4}", _int4_source(jit, dtype, 0, False, True, False, c4, 128),
-                     c4),
+                    (f"w4a16 sym {dtype} {c4}", _4bit_source(jit, dtype, 0, False, False, c4, 128), c4),
+                    (f"w4a16 asym+bias {dtype} {c4}", _4bit_source(jit, dtype, 1, False, True, c4, 128), c4),
+                    (f"nf4 {dtype} {cn}", _4bit_source(jit, dtype, 2, False, False, cn, 64), cn),
+                    (f"w4a16 act-order uneven {dtype} {c4}", _4bit_source(jit, dtype, 0, True, False, c4, 128), c4),
                     (f"w8a8 fused={m <= 64} {dtype} {c8}", _w8a8_source(jit, dtype, m <= 64, True, c8), c8),
                 ]
                 for name, src, cfg in cases:

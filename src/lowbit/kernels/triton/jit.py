@@ -16,6 +16,10 @@ for W4A16 Quantized Inference with SplitK Work Decomposition", arXiv 2402.00025)
   and the group scale multiplies the (BLOCK_M, BLOCK_N) partial product afterwards;
   otherwise (act-order with uneven groups, or a group size no block fits) each code is
   scaled by the scale of its own column's group before the dot.
+- `int4_gemv_kernel`: the same weights for 1–4 tokens on the CUDA cores (no ``tl.dot``): a
+  bandwidth-bound stream of the packed words with float32 FMAs.
+- `dequant4_kernel`: the same decoding, written out as a float (N, K) weight, for
+  dequantise + GEMM at large M, where a vendor GEMM beats decoding inside the tiles.
 - `w8a8_matmul_kernel`: int8 × int8 → int32 ``tl.dot``, rescaled by token scale ×
   channel scale (LLM.int8() without outliers / SmoothQuant's W8A8 GEMM, arXiv
   2208.07339, 2211.10438). With FUSED_QUANT the per-token quantisation happens inside:
@@ -54,8 +58,9 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.c
 
 
 @triton.jit
-def _k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """[first, last) K block of this program's split."""
+def _k_range(K, BLOCK_K: tl.constexpr, SPLIT_K):
+    """[first, last) K block of this program's split (SPLIT_K is a run-time value: one compiled
+    kernel serves every split)."""
     k_blocks = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLIT_K)
     first = tl.program_id(1) * per_split
@@ -64,40 +69,61 @@ def _k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 @triton.jit
 def _epilogue(acc, out_ptr, b_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr,
-              SPLIT_K: tl.constexpr):
-    """acc (BLOCK_M, BLOCK_N) float32 (+ bias) → out; atomically added when K is split."""
+              ATOMIC: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) float32 (+ bias) → out; atomically added when K is split (ATOMIC)."""
     n_mask = offs_n < N
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
+        if ATOMIC:
             bias = bias * (tl.program_id(1) == 0).to(tl.float32)  # once, from the first split
         acc = acc + bias[None, :]
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m[:, None] < M) & n_mask[None, :]
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(ptrs, acc, mask=mask)
 
 
 @triton.jit
+def _codes(w_ptr, kb, offs_n, n_mask, K, stride_wk, stride_wn, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_K, BLOCK_N) int32 4-bit codes of K block ``kb``; each 32-bit word loaded once, its 8 codes unpacked."""
+    shift = (tl.arange(0, 8) * 4)[None, :, None]  # bit offset of code i inside its word
+    offs_w = kb * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(w_ptr + offs_w[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=(offs_w < tl.cdiv(K, 8))[:, None] & n_mask[None, :], other=0)
+    return tl.reshape((words[:, None, :] >> shift) & 0xF, (BLOCK_K, BLOCK_N))  # k = 8·word + i
+
+
+@triton.jit
+def _values(q, z, lut_ptr, DECODE: tl.constexpr):
+    """Codes → unscaled float32 values: int sym (q − 8), int asym (q − z), or lut[q]."""
+    if DECODE == 0:
+        v = (q - 8).to(tl.float32)
+    elif DECODE == 1:
+        v = q.to(tl.float32) - z
+    else:
+        v = tl.load(lut_ptr + q)
+    return v
+
+
+@triton.jit
 def int4_matmul_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, lut_ptr, b_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om,
+    M, N, K, stride_xm, stride_om, stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn,
     GROUP: tl.constexpr,  # columns per group (K when one group per row)
     DECODE: tl.constexpr,  # 0: int, code - 8; 1: int, code - zero; 2: lut[code]
     PER_BLOCK: tl.constexpr,  # every K block lies inside one group
-    HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT_K, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, UNPACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out (M, N) = x (M, K) @ decode(qweight (ceil(K/8), N) int32, scales (G, N), ...)."""
+    """out (M, N) = x (M, K) @ decode(words (ceil(K/8), N) int32, scales (G, N), ...), any strides."""
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    shift = (tl.arange(0, 8) * 4)[None, :, None]  # bit offset of code i inside its word
     first, last = _k_range(K, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(first, last):
@@ -105,30 +131,30 @@ def int4_matmul_kernel(
         k_mask = offs_k < K
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
-        kn_mask = k_mask[:, None] & n_mask[None, :]
-        offs_w = kb * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)  # each word once: (BK/8, BN) loads
-        words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :],
-                        mask=(offs_w < tl.cdiv(K, 8))[:, None] & n_mask[None, :], other=0)
-        q = tl.reshape((words[:, None, :] >> shift) & 0xF, (BLOCK_K, BLOCK_N))  # (BK, BN) int32, k = 8·word + i
+        if UNPACK == 0:
+            q = _codes(w_ptr, kb, offs_n, n_mask, K, stride_wk, stride_wn, BLOCK_K, BLOCK_N)
+        else:  # each row of the tile loads its own word (8 rows share one, from L1) and shifts: no reshape
+            words = tl.load(w_ptr + (offs_k // 8)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=k_mask[:, None] & n_mask[None, :], other=0)
+            q = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
+        z = 0.0
         if PER_BLOCK:  # one group for the whole block: (1, BN) parameters
             g = (kb * BLOCK_K) // GROUP
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             if DECODE == 1:
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+                z = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[None, :]
         else:  # (BK, BN) parameters, gathered by each column's group
+            kn_mask = k_mask[:, None] & n_mask[None, :]
             if HAS_GIDX:
                 g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
             else:
                 g = offs_k // GROUP
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=kn_mask,
+                        other=0.0).to(tl.float32)
             if DECODE == 1:
-                z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0).to(tl.float32)
-        if DECODE == 0:
-            v = (q - 8).to(tl.float32)
-        elif DECODE == 1:
-            v = q.to(tl.float32) - z
-        else:
-            v = tl.load(lut_ptr + q)
+                z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=kn_mask,
+                            other=0).to(tl.float32)
+        v = _values(q, z, lut_ptr, DECODE)
         if not PER_BLOCK:
             v = v * s
         if UPCAST:
@@ -142,7 +168,75 @@ def int4_matmul_kernel(
             acc += part * s
         else:
             acc += part
-    _epilogue(acc, out_ptr, b_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS, SPLIT_K)
+    _epilogue(acc, out_ptr, b_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn, SPLIT_K,
+    GROUP: tl.constexpr, DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out (M, N) for a few tokens (M ≤ BLOCK_M ≤ 4) without tensor cores: decoding is memory-bound, so
+    each program streams (BLOCK_K/8, BLOCK_N) words, and for each of the 8 nibble positions multiplies
+    the decoded values by the matching x columns in float32, accumulating (BLOCK_M, BLOCK_K/8, BLOCK_N)
+    partial sums that are reduced once at the end. Scales (and zero points) are gathered per word, so
+    any group size that is a multiple of 8 (or one group per row) works."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    first, last = _k_range(K, BLOCK_K, SPLIT_K)
+    acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+    for kb in range(first, last):
+        offs_w = kb * WORDS + tl.arange(0, WORDS)
+        w_mask = (offs_w < tl.cdiv(K, 8))[:, None] & n_mask[None, :]
+        words = tl.load(w_ptr + offs_w[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=w_mask, other=0)
+        g = (offs_w * 8) // GROUP
+        s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=w_mask, other=0.0)
+        s = s.to(tl.float32)
+        z = 0.0
+        if DECODE == 1:
+            z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=w_mask, other=0)
+            z = z.to(tl.float32)
+        for i in tl.static_range(8):
+            v = _values((words >> (4 * i)) & 0xF, z, lut_ptr, DECODE) * s  # (WORDS, BN)
+            offs_k = offs_w * 8 + i
+            xi = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)  # (BM, WORDS)
+            acc += xi[:, :, None] * v[None, :, :]
+    _epilogue(tl.sum(acc, axis=1), out_ptr, b_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def dequant4_kernel(
+    w_ptr, s_ptr, z_ptr, g_ptr, lut_ptr, out_ptr,
+    N, K, stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn,
+    GROUP: tl.constexpr, DECODE: tl.constexpr, HAS_GIDX: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out (N, K) row-major, in out's dtype = decode(words) · scale: the 4-bit weight as floats, for
+    dequantise + GEMM at large M (one pass: reads the packed words once, writes each value once)."""
+    kb = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    kn_mask = k_mask[:, None] & n_mask[None, :]
+    q = _codes(w_ptr, kb, offs_n, n_mask, K, stride_wk, stride_wn, BLOCK_K, BLOCK_N)
+    if HAS_GIDX:
+        g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
+    else:
+        g = offs_k // GROUP
+    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=kn_mask, other=0.0)
+    z = 0.0
+    if DECODE == 1:
+        z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=kn_mask, other=0)
+        z = z.to(tl.float32)
+    v = _values(q, z, lut_ptr, DECODE) * s.to(tl.float32)  # (BK, BN)
+    tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], v.to(out_ptr.dtype.element_ty), mask=kn_mask)
 
 
 @triton.jit
@@ -191,7 +285,7 @@ def w8a8_matmul_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
     M, N, K, stride_xm, stride_om,
     FUSED_QUANT: tl.constexpr,  # x is float and quantised here; else x is int8 with scales xs
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    SPLIT_K, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out (M, N) = (q(x) @ W (N, K) int8 ᵀ) · x scale (M,) · w scale (N,) (+ bias)."""
@@ -220,7 +314,7 @@ def w8a8_matmul_kernel(
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     w_scale = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
     y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
-    _epilogue(y, out_ptr, b_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS, SPLIT_K)
+    _epilogue(y, out_ptr, b_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS, ATOMIC)
 
 
 INTERPRETED: bool = isinstance(int4_matmul_kernel, InterpretedFunction)  # how the @triton.jit above were built

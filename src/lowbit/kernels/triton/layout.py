@@ -1,8 +1,9 @@
 """Stored `QuantizedWeight` → the layouts the Triton kernels read; pure torch, run once per device.
 
 Every ``prepare_*`` returns a ``dict[str, Tensor]`` (the dispatcher's ``Prepared``) that
-holds about as many bytes as the stored weight: codes are re-laid, never expanded to
-floats. Shapes below use N = out features (rows of the stored weight), K = in
+holds about as many bytes as the stored weight: codes are re-laid (K-major, the
+layout the Triton kernels ran fastest on), never expanded to floats. The kernels read
+every operand through its strides, so other layouts run too, only slower. Shapes below use N = out features (rows of the stored weight), K = in
 features, G = groups per row.
 
 4-bit weights (int4 and NF4), K-major words as in GPTQ's ``qweight``::
@@ -96,7 +97,11 @@ def _check(reason: str | None, kernel: str) -> None:
 
 
 def _k_major_words(weight: QuantizedWeight, perm: Tensor | None) -> Tensor:
-    """(N, ceil(K/2)) uint8 nibbles → (ceil(K/8), N) int32 words, columns taken in ``perm`` order."""
+    """(N, ceil(K/2)) uint8 nibbles → (ceil(K/8), N) int32 words, K-major, columns in ``perm`` order.
+
+    A copy: the kernels can read the stored (N-major) bytes through strides, but on an H100
+    the K-major copy ran the fused kernel 1.4–1.7× faster (8192 × 28672, M = 1: 131 µs
+    against 187 µs for the best config on the stored layout; M = 2048: 3.4 ms against 5.6)."""
     rows, cols = weight.shape
     if perm is None:  # bytes → little-endian words: nibble i of word w is code 8w + i, as `pack` lays it
         pad = (-weight.qdata.shape[1]) % 4
