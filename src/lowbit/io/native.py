@@ -12,10 +12,12 @@ Reads validate every tensor's presence, shape and dtype and name the one at faul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,14 +54,36 @@ def _state_dict_without_aliases(model: nn.Module) -> tuple[dict[str, torch.Tenso
     return tensors, aliases
 
 
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or overwrite it.")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into; renamed to ``out`` when the block succeeds, removed
+    when it fails, so an interrupted write never leaves a half-written checkpoint (nor touches the old one)."""
+    out = Path(out)
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: dict[str, Any] | None = None,
                 overwrite: bool = False) -> Path:
     """Write a quantised model to directory ``out`` atomically; returns the path."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or overwrite it.")
+    _check_target(out, overwrite)
     layers = {
         name: {
             "shape": [m.out_features, m.in_features],
@@ -74,23 +98,15 @@ def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: 
     tensors, aliases = _state_dict_without_aliases(model)
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": layers, "aliases": aliases,
                 **(info or {})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        config = getattr(model, "config", None)
-        if config is None:
-            raise LowbitError("only Hugging Face models (with a .config) can be saved in the native format.")
+    config = getattr(model, "config", None)
+    if config is None:
+        raise LowbitError("only Hugging Face models (with a .config) can be saved in the native format.")
+    with atomic_directory(out, overwrite) as tmp:
         config.to_json_file(tmp / "config.json")
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -1,0 +1,68 @@
+"""What the exporters and importers of other formats share: the quantised layers of a model to export and
+its float tensors stored once, and, on import, loading the remaining float tensors into the model
+skeleton, checked one by one, and tying the embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.nn import QuantLinear, quantized_modules
+
+
+def layers_to_export(model: nn.Module, fmt: str) -> dict[str, QuantLinear]:
+    """The quantised layers of an HF model, or a LowbitError saying why it cannot be written as ``fmt``."""
+    if getattr(model, "config", None) is None:
+        raise LowbitError(f"only Hugging Face models (with a .config) can be exported to {fmt}.")
+    layers = quantized_modules(model)
+    if not layers:
+        raise LowbitError("the model has no quantised layers to export.")
+    return layers
+
+
+def float_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """The model's state dict without the keys in ``skip``, tied tensors (embeddings / lm_head) once."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for key, tensor in model.state_dict().items():
+        ptr = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in skip or (tensor.numel() and ptr in seen):
+            continue
+        seen.add(ptr)
+        out[key] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def tied_output_key(model: nn.Module) -> str | None:
+    """State-dict key of the output embedding when it is tied to the input one (checkpoints store it once)."""
+    out = model.get_output_embeddings()
+    if not getattr(model.config, "tie_word_embeddings", False) or out is None:
+        return None
+    name = next((n for n, m in model.named_modules() if m is out), None)
+    return None if name is None else f"{name}.weight"
+
+
+def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quantized: list[str] | set[str],
+                       where: str | Path, dtype: torch.dtype) -> nn.Module:
+    """Assign ``tensors`` (every float tensor of the checkpoint, the quantised layers' removed) to the
+    model, after checking that they are exactly the ones it expects, in the shapes it expects."""
+    expected = {k: t for k, t in model.state_dict().items() if not any(k.startswith(n + ".") for n in quantized)}
+    tied = tied_output_key(model)
+    missing = sorted(k for k in set(expected) - set(tensors) if k != tied)
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise LowbitError(f"'{where}' does not match its config: {which}.")
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise LowbitError(f"tensor {key} in '{where}' has shape {tuple(tensor.shape)}, expected "
+                              f"{tuple(expected[key].shape)}.")
+    model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
+                          strict=False, assign=True)
+    model.tie_weights()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
