@@ -14,7 +14,7 @@ timeout "${1:-420}" python3 bench/gpu_kernels.py --out "$OUT" --progress "$OUT/p
     > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/bench.log"
 [ "${2:-100}" -gt 0 ] && TRITON_INTERPRET=0 timeout "${2:-100}" python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_triton.py \
-    tests/kernels/test_fp8.py > "$OUT/pytest.log" 2>&1
+    tests/kernels/test_fp8_kernel.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?" | tee -a "$OUT/pytest.log"
 tail -n 45 "$OUT/bench.log"
 tail -n 4 "$OUT/pytest.log"

@@ -4,7 +4,7 @@ A directory with the model's ``config.json`` carrying a ``quantization_config`` 
 ``"quant_method": "compressed-tensors"``, ``model.safetensors`` and the tokenizer files.
 Each quantised linear ``L`` is stored in one of three formats (the compressed-tensors
 package, version 0.19, defines them; its own compressors are the reference this module
-was checked against, see tests/io/test_compressed_tensors.py):
+was checked against, see tests/io/test_compressed_tensors_checkpoint.py):
 
 - ``pack-quantized`` (integer weight-only, 2–8 bits, per group or per channel):
   ``L.weight_packed`` int32 (N, ⌈K·b/32⌉) — the b-bit codes, offset to unsigned by
