@@ -38,7 +38,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import pack, unpack
 from lowbit.io.native import atomic_directory
-from lowbit.io.skeleton import float_tensors, layers_to_export, load_float_tensors
+from lowbit.io.skeleton import build_model, float_tensors, layers_to_export, load_float_tensors, read_config
 from lowbit.models import set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantSpec
@@ -55,9 +55,9 @@ def is_compressed_tensors_checkpoint(path: str | Path) -> bool:
         return False
     try:
         qc = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
+        return qc.get("quant_method") == "compressed-tensors"
+    except (OSError, ValueError, AttributeError):  # unreadable, or not a JSON object: not ours to claim
         return False
-    return qc.get("quant_method") == "compressed-tensors"
 
 
 # -- scheme ↔ QuantizationArgs ----------------------------------------------------------------
@@ -221,7 +221,12 @@ def _weight_from_ct(name: str, tensors: dict[str, torch.Tensor], fmt: str, spec:
             raise LowbitError(f"tensor {name}.{key} is missing from '{file}'.")
         return tensors[f"{name}.{key}"]
 
-    scale = get("weight_scale").reshape(rows, -1)
+    groups = -(-cols // spec.group_size) if spec.granularity == "group" else 1
+    scale = get("weight_scale")
+    if tuple(scale.shape) not in ((rows, groups),) + (((rows,),) if groups == 1 else ()):
+        raise LowbitError(f"tensor {name}.weight_scale in '{file}' has shape {tuple(scale.shape)}, expected "
+                          f"({rows}, {groups}).")
+    scale = scale.reshape(rows, groups)
     found: dict[str, torch.Tensor] = {"scale": scale.contiguous()}
     if fmt == "pack-quantized":
         packed = get("weight_packed")
@@ -231,7 +236,6 @@ def _weight_from_ct(name: str, tensors: dict[str, torch.Tensor], fmt: str, spec:
         found["qdata"] = packed.contiguous().view(torch.uint8)[:, :math.ceil(cols * spec.bits / 8)].contiguous()
         if not spec.symmetric:
             zp = get("weight_zero_point")  # (⌈N·b/32⌉, G) int32, packed down the columns
-            groups = scale.shape[1]
             if zp.dtype != torch.int32 or tuple(zp.shape) != (math.ceil(rows * spec.bits / 32), groups):
                 raise LowbitError(f"tensor {name}.weight_zero_point in '{file}' is {zp.dtype} {tuple(zp.shape)}, "
                                   f"expected int32 ({math.ceil(rows * spec.bits / 32)}, {groups}).")
@@ -255,12 +259,13 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     whose quantised linears are `QuantLinear` modules holding the stored codes unchanged."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     file = path / WEIGHTS
-    config = AutoConfig.from_pretrained(path)
-    qc = dict(getattr(config, "quantization_config", None) or {})
+    config = read_config(path)
+    qc = getattr(config, "quantization_config", None) or {}
+    if not isinstance(qc, dict):
+        raise LowbitError(f"'{path / 'config.json'}': quantization_config is not a JSON object.")
     if qc.get("quant_method") != "compressed-tensors":
         raise LowbitError(f"'{path / 'config.json'}' has no compressed-tensors quantization_config.")
     if qc.get("quantization_status") not in (None, "compressed"):
@@ -271,7 +276,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     except (OSError, SafetensorError) as err:
         raise LowbitError(f"could not read '{file}': {err}") from err
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = build_model(config, dtype, path)
     ignore = qc.get("ignore") or []
     taken: set[str] = set()
     for group_name, group in (qc.get("config_groups") or {}).items():

@@ -34,7 +34,14 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import pack, unpack
 from lowbit.io.native import atomic_directory
-from lowbit.io.skeleton import float_tensors, layers_to_export, load_float_tensors
+from lowbit.io.skeleton import (
+    build_model,
+    float_tensors,
+    json_object,
+    layers_to_export,
+    load_float_tensors,
+    read_config,
+)
 from lowbit.models import set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantSpec
@@ -50,9 +57,9 @@ def is_gptq_checkpoint(path: str | Path) -> bool:
         return True
     try:
         qc = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
+        return qc.get("quant_method") == "gptq"
+    except (OSError, ValueError, AttributeError):  # unreadable, or not a JSON object: not ours to claim
         return False
-    return qc.get("quant_method") == "gptq"
 
 
 def _layer_config(name: str, layer: QuantLinear) -> dict[str, Any]:
@@ -132,10 +139,13 @@ def _read_quantize_config(path: Path) -> dict[str, Any]:
     for file, key in ((path / QUANTIZE_CONFIG, None), (path / "config.json", "quantization_config")):
         if file.is_file():
             try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise LowbitError(f"'{file}' is not valid JSON ({err}).") from err
+                text = file.read_text(encoding="utf-8")
+            except (OSError, ValueError) as err:
+                raise LowbitError(f"could not read '{file}' ({err}).") from err
+            data = json_object(text, file)
             data = data.get(key) if key else data
+            if data and not isinstance(data, dict):
+                raise LowbitError(f"'{file}': the GPTQ quantization config is not a JSON object.")
             if data:
                 if data.get("checkpoint_format", "gptq") != "gptq":
                     raise LowbitError(f"'{file}': checkpoint_format {data['checkpoint_format']!r} is not GPTQ v1.")
@@ -186,7 +196,6 @@ def load_gptq(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module
     """Rebuild a GPTQ v1 checkpoint (ours, AutoGPTQ's or GPTQModel's) as a lowbit model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     qc = _read_quantize_config(path)
@@ -202,10 +211,10 @@ def load_gptq(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module
             tensors.update(load_file(str(file)))
         except (OSError, SafetensorError) as err:
             raise LowbitError(f"could not read '{file}': {err}") from err
-    config = AutoConfig.from_pretrained(path)
+    config = read_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = build_model(config, dtype, path)
     where = files[0] if len(files) == 1 else path
     taken = []
     for name, module in list(model.named_modules()):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.io.skeleton import build_model, read_config
 from lowbit.models import set_submodule
 from lowbit.nn import QuantLinear, quantized_modules
 from lowbit.scheme import QuantSpec
@@ -114,7 +115,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     file = Path(path) / MANIFEST
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise LowbitError(f"'{file}' is not a readable lowbit manifest ({err}).") from err
     if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
         raise LowbitError(f"'{file}' is not a version-{FORMAT_VERSION} {FORMAT_NAME} manifest.")
@@ -125,21 +126,17 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     """Rebuild a quantised model saved by `save_native`, validating every tensor."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     manifest = read_manifest(path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as err:  # transformers raises many types; give one sentence
-        raise LowbitError(f"could not read '{path / 'config.json'}': {err}") from err
+    config = read_config(path)
     try:
         state = load_file(str(path / WEIGHTS))
     except (OSError, SafetensorError) as err:
         raise LowbitError(f"could not read '{path / WEIGHTS}': {err}") from err
 
     # TODO(issue 5): build on the meta device so float weights are never materialised.
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = build_model(config, dtype, path)
     for name, layer in manifest["layers"].items():
         shape = (int(layer["shape"][0]), int(layer["shape"][1]))
         spec = QuantSpec.from_dict(layer["weights"])

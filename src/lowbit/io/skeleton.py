@@ -36,6 +36,42 @@ def float_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_config(path: Path):  # -> transformers.PretrainedConfig
+    """The HF config of checkpoint directory ``path``, or one LowbitError naming the file."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types; give one sentence
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LowbitError(f"could not read '{path / 'config.json'}': {first}") from err
+
+
+def build_model(config, dtype: torch.dtype, path: Path) -> nn.Module:
+    """The float model ``config`` describes, or one LowbitError naming the config that cannot be built."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - a config transformers accepts can still fail to build
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LowbitError(f"'{path / 'config.json'}' describes a model that cannot be built "
+                          f"({type(err).__name__}: {first}).") from err
+
+
+def json_object(text: str, file: Path) -> dict:
+    """A JSON object from ``text`` (a file's contents), or one LowbitError naming the file."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise LowbitError(f"'{file}' is not valid JSON ({err}).") from err
+    if not isinstance(data, dict):
+        raise LowbitError(f"'{file}' does not hold a JSON object.")
+    return data
+
+
 def tied_output_key(model: nn.Module) -> str | None:
     """State-dict key of the output embedding when it is tied to the input one (checkpoints store it once)."""
     out = model.get_output_embeddings()
