@@ -48,11 +48,15 @@ def read_config(path: Path):  # -> transformers.PretrainedConfig
 
 
 def build_model(config, dtype: torch.dtype, path: Path) -> nn.Module:
-    """The float model ``config`` describes, or one LowbitError naming the config that cannot be built."""
+    """The model ``config`` describes with its parameters on the meta device (no float weight is ever
+    allocated: the loaders assign the checkpoint's tensors), buffers such as rotary tables real; or one
+    LowbitError naming the config that cannot be built."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - a config transformers accepts can still fail to build
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LowbitError(f"'{path / 'config.json'}' describes a model that cannot be built "
@@ -99,6 +103,9 @@ def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quant
     model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
                           strict=False, assign=True)
     model.tie_weights()
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise LowbitError(f"'{where}' leaves {empty[0]} without a value.")
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
