@@ -135,7 +135,6 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     except (OSError, SafetensorError) as err:
         raise LowbitError(f"could not read '{path / WEIGHTS}': {err}") from err
 
-    # TODO(issue 5): build on the meta device so float weights are never materialised.
     model = build_model(config, dtype, path)
     for name, layer in manifest["layers"].items():
         shape = (int(layer["shape"][0]), int(layer["shape"][1]))
