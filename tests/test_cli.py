@@ -114,3 +114,30 @@ def test_include_and_exclude_patterns(tmp_path):
     assert code == 1 and "is not a valid regular expression" in _one_error_line(output)
     code, output = run("quantize", "default", "--include", "nothing.matches", "--no-eval", "--json", str(report))
     assert code == 1 and "selects no linear layer" in _one_error_line(output)
+
+
+def test_quantize_to_compressed_tensors_then_export_to_gptq_and_evaluate(tmp_path):
+    """The checkpoint-format round trip a user makes: the codes survive both writes, evaluation reads either."""
+    import json
+
+    import torch
+
+    import lowbit
+    from lowbit.nn import quantized_modules
+
+    ct, gptq = tmp_path / "ct", tmp_path / "gptq"
+    code, output = run("quantize", "default", "--scheme", "W4A16", "--group-size", "64", "--format",
+                       "compressed-tensors", "--out", str(ct), "--no-eval", "--json", str(tmp_path / "q.json"))
+    assert code == 0, output
+    assert json.loads((ct / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    code, output = run("export", str(ct), "--format", "gptq", "--out", str(gptq))
+    assert code == 0, output
+    a, b = quantized_modules(lowbit.load(ct)), quantized_modules(lowbit.load(gptq))
+    assert len(a) == 210 and a.keys() == b.keys()
+    assert all(torch.equal(a[k].weight.dequantize(), b[k].weight.dequantize()) for k in a)
+    code, output = run("eval", str(gptq), "--max-windows", "1", "--json", str(tmp_path / "e.json"))
+    assert code == 0, output
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["format"] == "gptq" and 10 < report["ppl"]["pydoc-eval"] < 40
+    code, output = run("export", str(ct), "--format", "gptq", "--out", str(gptq))
+    assert code != 0 and "already exists" in _one_error_line(output)

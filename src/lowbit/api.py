@@ -28,7 +28,18 @@ from lowbit.calibration import load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import EvalConfig, ReferenceStats, TextResult, evaluate_tokens
 from lowbit.footprint import Footprint, model_footprint
-from lowbit.io import is_native_checkpoint, load_native, read_manifest, save_native
+from lowbit.io import (
+    is_compressed_tensors_checkpoint,
+    is_gptq_checkpoint,
+    is_native_checkpoint,
+    load_compressed_tensors,
+    load_gptq,
+    load_native,
+    read_manifest,
+    save_compressed_tensors,
+    save_gptq,
+    save_native,
+)
 from lowbit.models import load_pretrained, load_pretrained_tokenizer, select_linears, set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.scheme import Scheme, get_scheme
@@ -54,10 +65,28 @@ class QuantInfo:
                 "model": self.source, "details": self.details}
 
 
+FORMATS = ("native", "compressed-tensors", "gptq")
+
+
+def checkpoint_format(path: PathLike | None) -> str | None:
+    """Which quantised-checkpoint format directory ``path`` holds (one of `FORMATS`), or None."""
+    if path in (None, "", "default") or not Path(path).is_dir():  # type: ignore[arg-type]
+        return None
+    if is_native_checkpoint(path):  # type: ignore[arg-type]
+        return "native"
+    if is_gptq_checkpoint(path):  # type: ignore[arg-type]
+        return "gptq"
+    if is_compressed_tensors_checkpoint(path):  # type: ignore[arg-type]
+        return "compressed-tensors"
+    return None
+
+
 def load_model(path: PathLike | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A model from a HF directory, a GGUF file, a lowbit checkpoint, or the default (None)."""
-    if path not in (None, "", "default") and is_native_checkpoint(path):  # type: ignore[arg-type]
-        return load_native(path, dtype=dtype)  # type: ignore[arg-type]
+    """A model from a HF directory, a GGUF file, a quantised checkpoint (lowbit's native, compressed-tensors
+    or GPTQ), or the default (None)."""
+    fmt = checkpoint_format(path)
+    if fmt is not None:
+        return load(path, dtype=dtype)  # type: ignore[arg-type]
     model = load_pretrained(path, dtype=dtype)
     model.lowbit_source = "default" if path in (None, "", "default") else str(path)
     return model
@@ -65,11 +94,15 @@ def load_model(path: PathLike | None = None, dtype: torch.dtype = torch.float32)
 
 def load_tokenizer(path: PathLike | None = None):  # -> PreTrainedTokenizerBase
     """The tokenizer that belongs to `load_model` of the same argument."""
-    if path not in (None, "", "default") and is_native_checkpoint(path):  # type: ignore[arg-type]
+    fmt = checkpoint_format(path)
+    if fmt is not None:
         if (Path(path) / "tokenizer_config.json").is_file():  # type: ignore[arg-type]
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(path)
+        if fmt != "native":
+            raise LowbitError(f"'{path}' holds no tokenizer files (tokenizer_config.json); save the tokenizer "
+                              "beside the checkpoint.")
         source = read_manifest(path).get("model")  # type: ignore[arg-type]
         return load_pretrained_tokenizer(None if source in (None, "default") else source)
     return load_pretrained_tokenizer(path)
@@ -165,15 +198,31 @@ def evaluate(model: nn.Module, reference: nn.Module | dict[str, ReferenceStats] 
 
 def save(model: nn.Module, out: PathLike, format: str = "native", tokenizer: Any = None,
          overwrite: bool = False) -> Path:
-    """Write a quantised model; ``format='native'`` is lowbit's safetensors + JSON layout."""
-    if format != "native":
-        raise LowbitError(f"format {format!r} is not available in this version; use 'native'.")
-    info = model.lowbit_info.to_dict() if isinstance(getattr(model, "lowbit_info", None), QuantInfo) else {}
-    return save_native(model, out, tokenizer=tokenizer, info=info, overwrite=overwrite)
+    """Write a quantised model to directory ``out`` in ``format``: 'native' (lowbit's safetensors + JSON
+    layout, any scheme), 'compressed-tensors' (vLLM, transformers) or 'gptq' (GPTQ v1)."""
+    if format == "native":
+        info = model.lowbit_info.to_dict() if isinstance(getattr(model, "lowbit_info", None), QuantInfo) else {}
+        return save_native(model, out, tokenizer=tokenizer, info=info, overwrite=overwrite)
+    if format == "compressed-tensors":
+        return save_compressed_tensors(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    if format == "gptq":
+        return save_gptq(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    raise LowbitError(f"format {format!r} is not one of {', '.join(FORMATS)}.")
 
 
 def load(path: PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a lowbit checkpoint directory."""
-    if not is_native_checkpoint(path):
-        raise LowbitError(f"'{path}' is not a lowbit checkpoint (no lowbit.json).")
-    return load_native(path, dtype=dtype)
+    """Load a quantised checkpoint directory: lowbit's native format, compressed-tensors or GPTQ v1."""
+    fmt = checkpoint_format(path)
+    loaders = {"native": load_native, "compressed-tensors": load_compressed_tensors, "gptq": load_gptq}
+    if fmt in loaders:
+        try:
+            return loaders[fmt](path, dtype=dtype)
+        except LowbitError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+            # The readers check what a damaged file usually gets wrong; anything else they trip on is
+            # still the file's fault, and still one sentence.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise LowbitError(f"'{path}' is not a valid {fmt} checkpoint ({type(err).__name__}: {first}).") from err
+    raise LowbitError(f"'{path}' is not a quantised checkpoint lowbit reads (no lowbit.json, no gptq "
+                      "quantize_config.json, no compressed-tensors quantization_config in config.json).")

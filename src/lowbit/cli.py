@@ -219,6 +219,8 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
 @scheme_options
 @method_options
 @click.option("--out", "out", default=None, help="Directory to write the quantised checkpoint to.")
+@click.option("--format", "fmt", type=click.Choice(["native", "compressed-tensors", "gptq"]), default="native",
+              show_default=True, help="Checkpoint format of --out (compressed-tensors: vLLM / transformers; gptq: v1).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--eval-text", "eval_texts", multiple=True, default=("pydoc-eval",), show_default=True,
               help="Text(s) to evaluate on after quantising (pydoc-eval, python-license, stdlib-code, a file).")
@@ -230,7 +232,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                  method: str, act_order: bool | None, static_groups: bool | None, damp: float | None,
                  block_size: int | None, true_sequential: bool | None, calib_dtype: str | None, calib: str,
                  calib_samples: int,
-                 calib_seqlen: int, out: str | None, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
+                 calib_seqlen: int, out: str | None, fmt: str, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
                  kl_windows: int, json_path: str | None) -> None:
     """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize, save
@@ -253,9 +255,10 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     peak_quantize = peak_rss_bytes()
     click.echo(f"quantised {len(quantized_modules(quantized))} linear layers in {info.seconds:.1f} s", err=True)
     if out:
-        save(quantized, out, tokenizer=tokenizer, overwrite=overwrite)
-        click.echo(f"saved to {out}", err=True)
-    report: dict[str, Any] = {"model": model, "scheme": scheme.to_dict(), "method": method_config.to_dict()}
+        save(quantized, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite)
+        click.echo(f"saved to {out} ({fmt})", err=True)
+    report: dict[str, Any] = {"model": model, "scheme": scheme.to_dict(), "method": method_config.to_dict(),
+                              "format": fmt if out else None}
     if not no_eval:
         result = evaluate(quantized, reference=load_model(model), text=list(eval_texts), tokenizer=tokenizer,
                           config=config)
@@ -281,7 +284,8 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
 def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: int, max_windows: int,
              kl_windows: int, json_path: str | None) -> None:
-    """Perplexity of MODEL (a lowbit checkpoint, HF directory, GGUF file or 'default') on each text."""
+    """Perplexity of MODEL (a quantised checkpoint — native, compressed-tensors or GPTQ —, a HF directory, a GGUF
+    file or 'default') on each text."""
     from lowbit.api import evaluate, load_model, load_tokenizer
     from lowbit.io import is_native_checkpoint, read_manifest
 
@@ -295,7 +299,9 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
     ref = load_model(reference) if reference else None
     result = evaluate(evaluated, reference=ref, text=list(texts), tokenizer=tokenizer, config=config)
     click.echo(str(result))
-    report: dict[str, Any] = {"model": model, "reference": reference}
+    from lowbit.api import checkpoint_format
+
+    report: dict[str, Any] = {"model": model, "reference": reference, "format": checkpoint_format(model)}
     if model != "default" and is_native_checkpoint(model):
         manifest = read_manifest(model)
         report.update(scheme=manifest.get("scheme"), method=manifest.get("method"),
@@ -304,6 +310,31 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
         report.update(scheme=None, method=None, quantize_seconds=None)
     report.update(result.to_dict(), peak_rss_bytes=peak_rss_bytes(), versions=versions())
     write_json(json_path, report)
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--format", "fmt", type=click.Choice(["native", "compressed-tensors", "gptq"]), required=True,
+              help="Format to write.")
+@click.option("--out", required=True, help="Directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export(checkpoint: str, fmt: str, out: str, overwrite: bool) -> None:
+    """Rewrite a quantised CHECKPOINT (any format lowbit reads) in another format, codes unchanged."""
+    from lowbit.api import checkpoint_format, load, load_tokenizer, save
+
+    source = checkpoint_format(checkpoint)
+    if source is None:
+        raise LowbitError(f"'{checkpoint}' is not a quantised checkpoint (native, compressed-tensors or gptq).")
+    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or pass "
+                          "--overwrite.")
+    model = load(checkpoint)
+    try:
+        tokenizer = load_tokenizer(checkpoint)
+    except LowbitError:
+        tokenizer = None
+    save(model, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite)
+    click.echo(f"{checkpoint} ({source}) → {out} ({fmt})" + ("" if tokenizer else ", without a tokenizer"), err=True)
 
 
 @cli.command()
