@@ -1,6 +1,14 @@
 """Shared fixtures: the real default model, loaded once per test session."""
 
+import os
+
 import pytest
+
+# Triton decides between compiler and interpreter from this variable, and some of that decision is
+# taken when triton is first imported — which other packages (compressed-tensors, transformers) may
+# do while their tests are collected, before tests/kernels/test_triton.py could set it. So it is set
+# here, first; TRITON_INTERPRET=0 in the environment still runs the kernel tests on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
