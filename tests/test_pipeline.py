@@ -101,16 +101,40 @@ def test_linears_reading_one_tensor_are_found_by_probing_not_by_name(default_mod
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-def test_calibration_dtype_float32_and_bfloat16_give_close_results(small_model, calib):
-    """The bfloat16 calibration forward changes the Hessians only by bfloat16 rounding of the activations."""
-    errors = {}
+def test_calibration_dtype_float32_and_bfloat16_give_close_results(small_model, eval_tokens, fp_stats, calib):
+    """A bfloat16 calibration forward (activations included) quantises as well as a float32 one.
+
+    Each run's layer errors are measured with its own Hessians, which bfloat16 activations
+    change a little (most in the layer whose down_proj writes the residual stream's
+    massive activation: 7 % here), so they agree loosely; fidelity to the float model is
+    the like-for-like comparison.
+    """
+    errors, kl = {}, {}
     for dtype in ("float32", "bfloat16"):
         q = lowbit.quantize(small_model, lowbit.W4A16_ASYM, method=lowbit.GPTQ(calib_dtype=dtype), calib=calib,
                             progress=False)
         details = q.lowbit_info.details
         assert details["calibration_dtype"] == dtype
         errors[dtype] = torch.tensor(details["layer_errors"])
-    assert torch.allclose(errors["bfloat16"], errors["float32"], rtol=0.05)
+        kl[dtype] = evaluate_tokens(q, eval_tokens, fp_stats, SHORT).kl
+    assert torch.allclose(errors["bfloat16"], errors["float32"], rtol=0.15)
+    assert kl["bfloat16"] < 1.1 * kl["float32"]
+
+
+def test_bfloat16_pass_leaves_the_float_layer_as_it_was(small_model):
+    """The bfloat16 copies are gone afterwards: untouched parameters are the originals again."""
+    from lowbit.sequential import _precision
+
+    layer = copy.deepcopy(small_model.model.layers[0])
+    before = {n: p.data for n, p in layer.named_parameters()}
+    with _precision(layer, torch.bfloat16):
+        assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
+        layer.mlp.down_proj.weight.data = torch.zeros(576, 1536, dtype=torch.bfloat16)  # as a quantised weight is
+    for name, param in layer.named_parameters():
+        if name == "mlp.down_proj.weight":
+            assert param.dtype == torch.bfloat16 and not param.any()
+        else:
+            assert param.dtype == torch.float32 and param.data_ptr() == before[name].data_ptr()
 
 
 class _Toy(nn.Module):

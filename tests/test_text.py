@@ -84,3 +84,23 @@ def test_other_domain_sources_ship_with_python(source, marker, least):
     text = load_text(source)
     assert marker in text and len(text) > least
     assert text not in load_text("pydoc-calib")
+
+
+def test_calibration_mix_takes_an_equal_share_from_each_source():
+    tok = _CharTokenizer()
+    mix = calibration_set(["pydoc-calib", "stdlib-calib"], n=5, seqlen=64, tokenizer=tok)
+    assert mix.shape == (5, 64)
+    assert torch.equal(mix[:3], calibration_set("pydoc-calib", n=3, seqlen=64, tokenizer=tok))  # 3 + 2
+    assert torch.equal(mix[3:], calibration_set("stdlib-calib", n=2, seqlen=64, tokenizer=tok))
+    assert torch.equal(calibration_set(["pydoc-calib"], n=5, seqlen=64, tokenizer=tok),
+                       calibration_set("pydoc-calib", n=5, seqlen=64, tokenizer=tok))
+    with pytest.raises(LowbitError, match="between 1 and n=1 text sources"):
+        calibration_set(["pydoc-calib", "stdlib-calib"], n=1, seqlen=64, tokenizer=tok)
+
+
+def test_calibration_code_is_no_evaluation_text():
+    from lowbit.calibration.text import STDLIB_CALIB_MODULES, STDLIB_CODE_MODULES
+
+    assert not set(STDLIB_CALIB_MODULES) & set(STDLIB_CODE_MODULES)
+    code = load_text("stdlib-calib")
+    assert "def signature(" in code and code not in load_text("stdlib-code")

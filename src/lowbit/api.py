@@ -125,14 +125,14 @@ def quantize(model: nn.Module, scheme: Scheme | str, method: Any = None, calib: 
         if calib is None:
             raise LowbitError("GPTQ needs calibration data: pass calib=lowbit.calibration_set(...).")
     target = model if inplace else copy.deepcopy(model)
-    linears = select_linears(target, scheme.targets, scheme.ignore)
-    if not linears:
+    if not select_linears(target, scheme.targets, scheme.ignore):
         raise LowbitError(f"scheme {scheme.name} selects no linear layer of {type(model).__name__}.")
     start = time.perf_counter()
     details: dict[str, Any] = {}
-    if isinstance(method, GPTQ):
+    if isinstance(method, GPTQ):  # it lets each float linear go once its layer is done: hold none of them here
         details = quantize_layerwise(target, scheme, method, calib, progress=progress).to_dict()  # type: ignore[arg-type]
     else:
+        linears = select_linears(target, scheme.targets, scheme.ignore)
         for name, linear in tqdm(linears.items(), desc=f"{method.name} {scheme.name}", unit="layer",
                                  disable=None if progress else True, leave=False):
             qweight = rtn_quantize(linear.weight.detach(), scheme.weights, name=f"{name}.weight")

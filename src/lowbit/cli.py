@@ -111,8 +111,9 @@ def method_options(func):  # GPTQ's knobs, shared by quantize and demo
                         help="Tokens per calibration sequence.")(func)
     func = click.option("--calib-samples", type=int, default=128, show_default=True,
                         help="Calibration sequences (drawn with random.Random(0)).")(func)
-    func = click.option("--calib", default="pydoc-calib", show_default=True,
-                        help="Calibration text for methods that use it: pydoc-calib, a text or JSONL file.")(func)
+    func = click.option("--calib", multiple=True, default=("pydoc-calib",), show_default=True,
+                        help="Calibration text for methods that use it: pydoc-calib, stdlib-calib, a text or JSONL "
+                             "file; repeat it to mix texts (an equal share of the sequences from each).")(func)
     func = click.option("--true-sequential/--no-true-sequential", default=None,
                         help="GPTQ: quantise q/k/v, o, gate/up, down in turn, each seeing its quantised inputs "
                              "(default: on).")(func)
@@ -122,21 +123,22 @@ def method_options(func):  # GPTQ's knobs, shared by quantize and demo
     func = click.option("--block-size", type=int, default=None, help="GPTQ lazy-update block (default 128).")(func)
     func = click.option("--damp", type=float, default=None, help="GPTQ damping, a fraction of mean diag(H) "
                                                                   "(default 0.01).")(func)
-    func = click.option("--static-groups", is_flag=True, default=None,
+    func = click.option("--static-groups/--no-static-groups", default=None,
                         help="GPTQ act-order with group scales fixed in natural order (no g_idx).")(func)
-    func = click.option("--act-order", is_flag=True, default=None,
+    func = click.option("--act-order/--no-act-order", default=None,
                         help="GPTQ: visit columns by descending Hessian diagonal.")(func)
     func = click.option("--method", default="rtn", show_default=True, help=f"One of {', '.join(METHOD_NAMES)}.")(func)
     return func
 
 
-def _calibration(method_config: Any, source: str, samples: int, seqlen: int, tokenizer: Any):  # -> Tensor | None
+def _calibration(method_config: Any, sources: tuple[str, ...], samples: int, seqlen: int,
+                 tokenizer: Any):  # -> Tensor | None
     if not getattr(method_config, "needs_calibration", False):
         return None
     from lowbit.calibration import calibration_set
 
-    click.echo(f"calibration: {samples} × {seqlen} tokens of {source}", err=True)
-    return calibration_set(source, n=samples, seqlen=seqlen, tokenizer=tokenizer)
+    click.echo(f"calibration: {samples} × {seqlen} tokens of {' + '.join(sources)}", err=True)
+    return calibration_set(list(sources), n=samples, seqlen=seqlen, tokenizer=tokenizer)
 
 
 def _eval_config(window: int, max_windows: int, kl_windows: int):  # -> EvalConfig
@@ -186,7 +188,7 @@ def cli(verbose: bool) -> None:
 def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
          observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], method: str,
          act_order: bool | None, static_groups: bool | None, damp: float | None, block_size: int | None,
-         true_sequential: bool | None, calib_dtype: str | None, calib: str, calib_samples: int, calib_seqlen: int,
+         true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...], calib_samples: int, calib_seqlen: int,
          window: int, max_windows: int, kl_windows: int, json_path: str | None) -> None:
     """Quantise the embedded default model and print the before/after table."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize
@@ -230,7 +232,7 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
 def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool,
                  symmetric: bool | None, observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
                  method: str, act_order: bool | None, static_groups: bool | None, damp: float | None,
-                 block_size: int | None, true_sequential: bool | None, calib_dtype: str | None, calib: str,
+                 block_size: int | None, true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...],
                  calib_samples: int,
                  calib_seqlen: int, out: str | None, fmt: str, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
                  kl_windows: int, json_path: str | None) -> None:
@@ -270,7 +272,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
         report.update(model_footprint(quantized).to_dict())
     report.update(quantize_seconds=info.seconds, peak_rss_bytes=peak_rss_bytes(),
                   peak_rss_quantize_bytes=peak_quantize, versions=versions(), out=out,
-                  calibration={"source": calib, "samples": calib_samples, "seqlen": calib_seqlen}
+                  calibration={"source": list(calib), "samples": calib_samples, "seqlen": calib_seqlen}
                   if calibration is not None else None, details=info.details)
     write_json(json_path, report)
 

@@ -2,9 +2,14 @@
 
 Weights loaded from safetensors are views of a memory-mapped file. Once a layer's float
 weights are replaced by quantised ones, their pages stay resident until the whole file
-is unmapped. `release_pages` asks the kernel to reclaim them with
-``madvise(MADV_PAGEOUT)``, which never loses data: a clean file page is simply read again
-if anything touches it, an anonymous page is kept (or swapped). Between layers,
+is unmapped. `release_pages` drops them from this process with ``madvise(MADV_DONTNEED)``
+when /proc/self/pagemap shows that every resident page of the range is a file page (not
+a private copy made by a write): such a page is simply read again if anything touches
+it, so nothing is lost. ``MADV_PAGEOUT``, tried otherwise, also never loses data, but the
+kernel skips pages that other processes map too — the page cache of a model file that
+another process has open — and on this machine it reclaimed none of them.
+`drop_file_pages` does the same for a tensor still in use that will not be read for a
+while (the embeddings, once the calibration tokens have gone through them). Between layers,
 `trim_heap` hands the malloc heap's free pages back: the calibration chunks' tensors
 (tens of MB each) live in the heap, not in their own mappings, and would otherwise leave
 it fragmented and growing.
@@ -20,7 +25,11 @@ import sys
 
 from torch import Tensor
 
+_MADV_DONTNEED = 4
 _MADV_PAGEOUT = 21
+_PAGE_PRESENT = 1 << 63  # /proc/pid/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+_PAGE_SWAPPED = 1 << 62
+_PAGE_FILE = 1 << 61  # a file page or shared anonymous page: dropping it from this process loses nothing
 
 
 @functools.cache
@@ -35,19 +44,54 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def release_pages(tensor: Tensor) -> bool:
-    """Ask the kernel to reclaim the whole pages of a CPU tensor's storage no longer needed; True if it agreed."""
-    libc = _libc()
-    if libc is None or tensor.device.type != "cpu":
+def _only_file_pages(first: int, last: int) -> bool:
+    """Whether every page in [first, last) is a file page or absent (never a private or swapped one)."""
+    page = mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first // page * 8)
+            entries = memoryview(pagemap.read((last - first) // page * 8)).cast("Q")
+    except OSError:
         return False
+    return len(entries) == (last - first) // page and all(
+        (e & _PAGE_FILE) if e & _PAGE_PRESENT else not e & _PAGE_SWAPPED for e in entries)
+
+
+def _whole_pages(tensor: Tensor) -> tuple[int, int] | None:
+    """The page-aligned address range inside a CPU tensor's storage; None if it holds no whole page."""
+    if _libc() is None or tensor.device.type != "cpu":
+        return None
     storage = tensor.untyped_storage()
     start, size = storage.data_ptr(), storage.nbytes()
     page = mmap.PAGESIZE
-    first = -(-start // page) * page  # whole pages inside the storage only
+    first = -(-start // page) * page  # whole pages only: a neighbour may share the partial ones
     last = (start + size) // page * page
-    if last <= first:
+    return (first, last) if last > first else None
+
+
+def drop_file_pages(tensor: Tensor) -> bool:
+    """Drop a tensor's pages from this process if they are all file pages (read again if touched); True if done.
+
+    Loses nothing, so it also suits tensors still in use that will not be read for a while.
+    """
+    pages = _whole_pages(tensor)
+    if pages is None or not _only_file_pages(*pages):
         return False
-    return libc.madvise(first, last - first, _MADV_PAGEOUT) == 0
+    return _libc().madvise(pages[0], pages[1] - pages[0], _MADV_DONTNEED) == 0  # type: ignore[union-attr]
+
+
+def release_pages(tensor: Tensor) -> bool:
+    """Give back the whole pages of a CPU tensor's storage no longer needed, without losing data; True if done.
+
+    File pages are dropped (`drop_file_pages`); otherwise the kernel is asked to reclaim
+    the pages (``MADV_PAGEOUT``), which it may decline.
+    """
+    if drop_file_pages(tensor):
+        return True
+    pages = _whole_pages(tensor)
+    if pages is None:
+        return False
+    return _libc().madvise(pages[0], pages[1] - pages[0], _MADV_PAGEOUT) == 0  # type: ignore[union-attr]
 
 
 def trim_heap() -> bool:

@@ -55,9 +55,24 @@ def _first(output: Any) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def capture_first_layer_inputs(model: nn.Module, calib: Tensor, batch_size: int = 8
+def _cast(value: Any, dtype: torch.dtype | None) -> Any:
+    """Floating tensors (also inside tuples, like rotary cos/sin) in ``dtype``; anything else as it is."""
+    if dtype is None:
+        return value
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+def capture_first_layer_inputs(model: nn.Module, calib: Tensor, batch_size: int = 8, dtype: torch.dtype | None = None
                                ) -> tuple[str, nn.ModuleList, LayerInputs]:
-    """Run ``calib`` (N, T) token ids up to the first decoder layer and keep its inputs."""
+    """Run ``calib`` (N, T) token ids up to the first decoder layer and keep its inputs.
+
+    With ``dtype``, the floating inputs (hidden states, rotary cos/sin, a float mask) are
+    kept in it.
+    """
     if calib.dim() != 2 or calib.numel() == 0:
         raise LowbitError(f"calibration tokens must be a non-empty (sequences, length) tensor, got {tuple(calib.shape)}.")
     name, layers = decoder_layers(model)
@@ -67,8 +82,9 @@ def capture_first_layer_inputs(model: nn.Module, calib: Tensor, batch_size: int 
 
     def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach())
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")})
+        captured.hidden.append(_cast(hidden.detach(), dtype))
+        captured.kwargs.append({k: _cast(v, dtype) for k, v in kwargs.items()
+                                if k not in ("cache", "past_key_values", "use_cache")})
         raise _Captured
 
     device = next(model.parameters()).device
