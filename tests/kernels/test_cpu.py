@@ -1,58 +1,139 @@
-"""The packed-integer CPU kernel against the reference, on awkward shapes, and its dispatch."""
+"""The packed-integer CPU kernels against the reference, on awkward shapes, and their dispatch."""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowbit.kernels import dispatch, quantized_linear
-from lowbit.kernels.cpu import INT_GEMV, MAX_M, extension
+from lowbit.kernels.cpu import DEQUANT_GEMM, INT_GEMV, MAX_M, extension
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantSpec
-from lowbit.tensor import quantize_weight
+from lowbit.tensor import QuantizedWeight, quantize_weight
 
 pytestmark = pytest.mark.skipif(isinstance(extension(), str), reason="the C++ kernels cannot be built here")
 
-CASES = [  # (spec, N, K): ragged last groups where the group does not divide K
+CASES = [  # (spec, N, K): ragged last groups where the group does not divide K, N not a multiple of 4
     (QuantSpec("int", 4, "group", 128), 72, 576),
+    (QuantSpec("int", 4, "group", 128, symmetric=False), 37, 1536),
     (QuantSpec("int", 4, "group", 64, symmetric=False), 40, 160),
     (QuantSpec("int", 4, "group", 32, symmetric=False, scale_dtype="bfloat16"), 40, 100),
+    (QuantSpec("int", 4, "group", 8, symmetric=False), 13, 200),  # groups start inside a 16-byte step
     (QuantSpec("int", 8, "channel"), 72, 96),
+    (QuantSpec("int", 8, "channel"), 19, 1536),
     (QuantSpec("int", 8, "group", 64, symmetric=False), 40, 150),
     (QuantSpec("int", 2, "group", 64, symmetric=False), 40, 162),
+    (QuantSpec("int", 2, "group", 16), 9, 200),
     (QuantSpec("int", 4, "channel", scale_dtype="float32"), 24, 34),
 ]
 
 
+def check_close_to_exact(y, x, weight, bias=None):
+    """y within float32 summation-order error of x @ dequant(W).T + b computed in float64."""
+    w = weight.dequantize().double()
+    exact = x.double().reshape(-1, w.shape[1]) @ w.T
+    size = x.double().abs().reshape(-1, w.shape[1]) @ w.abs().T  # sum |x w|: the scale of rounding error
+    if bias is not None:
+        exact, size = exact + bias.double(), size + bias.double().abs()
+    err = (y.double().reshape(exact.shape) - exact).abs()
+    assert torch.isfinite(y).all()
+    assert (err <= 1e-5 * size + 1e-30).all(), f"worst error {(err / (size + 1e-30)).max().item():.3g} of sum |x w|"
+
+
 @pytest.mark.parametrize("spec,N,K", CASES, ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
-@pytest.mark.parametrize("M", [1, 7, 16])
-def test_kernel_matches_the_reference(spec, N, K, M):
+@pytest.mark.parametrize("M", [1, 2, 3, 7, 16])
+def test_gemv_matches_the_reference(spec, N, K, M):
     gen = torch.Generator().manual_seed(N * K + M)
     weight = quantize_weight(torch.randn(N, K, generator=gen), spec)
     assert INT_GEMV.supports(weight, None, torch.device("cpu")) is None
     x, bias = torch.randn(M, K, generator=gen), torch.randn(N, generator=gen)
     y = INT_GEMV.run(x, {}, weight, bias, None)
     ref = quantized_linear(x, weight, bias)
-    assert torch.isfinite(y).all()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+    check_close_to_exact(y, x, weight, bias)
 
 
-def test_custom_op_passes_opcheck():
-    weight = quantize_weight(torch.randn(40, 160), QuantSpec("int", 4, "group", 64, symmetric=False))
-    args = (torch.randn(3, 160), weight.qdata, weight.scale, weight.zero_point, 4, 64, 40)
-    torch.library.opcheck(torch.ops.lowbit.int_gemv_cpu.default, args)
+def random_weight(bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed) -> QuantizedWeight:
+    group = None if per_channel else group_bytes * (8 // bits)
+    spec = QuantSpec("int", bits, "channel" if per_channel else "group", group, symmetric, scale_dtype=scale_dtype)
+    return quantize_weight(torch.randn(N, K, generator=torch.Generator().manual_seed(seed)), spec)
 
 
-def test_quant_linear_uses_it_for_decode_and_the_reference_for_prefill(monkeypatch):
+WEIGHTS = dict(bits=st.sampled_from([2, 4, 8]), per_channel=st.booleans(), group_bytes=st.integers(1, 80),
+               symmetric=st.booleans(), scale_dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
+               N=st.integers(1, 41), K=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=150, deadline=None)
+@given(M=st.integers(1, 16), **WEIGHTS)
+def test_gemv_on_random_shapes(M, bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed):
+    weight = random_weight(bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1))
+    check_close_to_exact(INT_GEMV.run(x, {}, weight, None, None), x, weight)
+
+
+@settings(max_examples=150, deadline=None)
+@given(**WEIGHTS)
+def test_dequant_is_the_reference_weight_exactly(bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed):
+    weight = random_weight(bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed)
+    w = torch.ops.lowbit.dequant_cpu(weight.qdata, weight.scale, weight.zero_point, bits, weight.group_size, K)
+    assert torch.equal(w, weight.dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec,N,K", CASES[:4], ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
+def test_prefill_kernel_is_the_reference_bit_for_bit(spec, N, K, dtype):
+    gen = torch.Generator().manual_seed(N + K)
+    weight = quantize_weight(torch.randn(N, K, generator=gen), spec)
+    x, bias = torch.randn(2, 40, K, generator=gen).to(dtype), torch.randn(N, generator=gen)
+    y = DEQUANT_GEMM.run(x, {}, weight, bias, None)
+    assert y.dtype == dtype and torch.equal(y, quantized_linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_custom_ops_pass_opcheck(zero_point):
+    weight = quantize_weight(torch.randn(40, 160), QuantSpec("int", 4, "group", 64, symmetric=not zero_point))
+    packed = (weight.qdata, weight.scale, weight.zero_point, 4, 64)
+    torch.library.opcheck(torch.ops.lowbit.int_gemv_cpu.default, (torch.randn(2, 3, 160), *packed, 40))
+    torch.library.opcheck(torch.ops.lowbit.dequant_cpu.default, (*packed, 160))
+
+
+def test_inputs_that_are_not_contiguous_or_not_float32():
+    weight = quantize_weight(torch.randn(24, 96), QuantSpec("int", 4, "group", 32))
+    x = torch.randn(96, 5).T  # (5, 96), column-major
+    check_close_to_exact(INT_GEMV.run(x, {}, weight, None, None), x, weight)
+    y = INT_GEMV.run(x.to(torch.bfloat16), {}, weight, None, None)
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 24)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.lowbit.int_gemv_cpu(x.double(), weight.qdata, weight.scale, None, 4, 32, 24)
+    with pytest.raises(RuntimeError, match="qdata"):
+        torch.ops.lowbit.int_gemv_cpu(x[:, :90], weight.qdata, weight.scale, None, 4, 32, 24)
+
+
+def test_quant_linear_uses_the_gemv_for_decode_and_dequant_gemm_for_prefill(monkeypatch):
     layer = QuantLinear(quantize_weight(torch.randn(72, 576), QuantSpec("int", 4, "group", 128)))
-    assert dispatch.choose(layer.weight, None, torch.device("cpu"), 1) is INT_GEMV
-    assert dispatch.choose(layer.weight, None, torch.device("cpu"), MAX_M + 1) is dispatch.REFERENCE
+    cpu = torch.device("cpu")
+    assert dispatch.choose(layer.weight, None, cpu, 1) is INT_GEMV
+    assert dispatch.choose(layer.weight, None, cpu, MAX_M) is INT_GEMV
+    assert dispatch.choose(layer.weight, None, cpu, MAX_M + 1) is DEQUANT_GEMM
     calls = []
-    original = INT_GEMV.run
-    monkeypatch.setattr(dispatch, "_KERNELS", [dispatch.Kernel(INT_GEMV.name, "cpu", INT_GEMV.supports, INT_GEMV.prepare,
-                                                               lambda *a: calls.append(1) or original(*a),
-                                                               max_m=MAX_M)])
+
+    def counted(kernel):
+        return dispatch.Kernel(kernel.name, "cpu", kernel.supports, kernel.prepare,
+                               lambda *a: calls.append(kernel.name) or kernel.run(*a), kernel.min_m, kernel.max_m)
+
+    monkeypatch.setattr(dispatch, "_KERNELS", [counted(INT_GEMV), counted(DEQUANT_GEMM)])
     x = torch.randn(2, 3, 576)  # leading dimensions are tokens too
     torch.testing.assert_close(layer(x), quantized_linear(x, layer.weight), rtol=1e-5, atol=1e-4)
-    assert calls == [1]
+    x = torch.randn(1, 64, 576)
+    assert torch.equal(layer(x), quantized_linear(x, layer.weight))
+    assert calls == [INT_GEMV.name, DEQUANT_GEMM.name]
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("nf4", 4, "group", 64), QuantSpec("int", 3, "group", 128),
@@ -60,3 +141,29 @@ def test_quant_linear_uses_it_for_decode_and_the_reference_for_prefill(monkeypat
 def test_formats_it_cannot_run_are_refused_with_a_reason(spec):
     weight = quantize_weight(torch.randn(24, 256), spec)
     assert "integer 2/4/8-bit" in INT_GEMV.supports(weight, None, torch.device("cpu"))
+
+
+PORTABLE_CHECK = textwrap.dedent("""
+    import torch
+    from lowbit.kernels.cpu import INT_GEMV, extension
+    from lowbit.kernels.reference import quantized_linear
+    from lowbit.scheme import QuantSpec
+    from lowbit.tensor import quantize_weight
+    assert extension() is None, extension()
+    for spec, N, K in [(QuantSpec("int", 4, "group", 128), 37, 576), (QuantSpec("int", 8, "channel"), 19, 1536),
+                       (QuantSpec("int", 2, "group", 64, symmetric=False), 9, 162)]:
+        w = quantize_weight(torch.randn(N, K), spec)
+        for M in (1, 5):
+            x = torch.randn(M, K)
+            ref = quantized_linear(x, w)
+            torch.testing.assert_close(INT_GEMV.run(x, {}, w, None, None), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for x86-64-v3")
+def test_portable_build_without_avx512_matches_the_reference():
+    # its own process: the build registers the same op names as this process's
+    env = {**os.environ, "LOWBIT_CPU_MARCH": "x86-64-v3"}
+    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,11 +1,21 @@
-"""CPU kernels: weight-only integer GEMV that reads lowbit's packed codes as they are stored.
+"""CPU kernels for integer weights, reading lowbit's packed codes as they are stored.
 
 ``csrc/lowbit_cpu.cpp`` is compiled on first use with the machine's C++ compiler (through
 ``torch.utils.cpp_extension``, cached under the torch extensions directory) for
-``-march=native``. It needs no prepared copy of the weight — the stored ``qdata``,
-``scale`` and ``zero_point`` are its inputs — so a quantised model's weight memory is its
-packed size. Where it cannot be built, `supports` says why and the dispatcher falls back
-to the reference kernel.
+``-march=native``, or the target named by ``LOWBIT_CPU_MARCH`` (e.g. ``x86-64-v3``; each
+target is its own build). Its kernels need no prepared copy of the weight — the stored
+``qdata``, ``scale`` and ``zero_point`` are their inputs — so a quantised model's weight
+memory is its packed size:
+
+- ``lowbit::int_gemv_cpu`` (M ≤ 8 tokens, decode): each code is turned into its float
+  weight in registers and multiplied with x at once; no float weight is written.
+- ``lowbit::dequant_cpu`` (M > 8, prefill): the float weight of one layer, written in one
+  pass and equal to the reference's ``dequantize()``, for ``F.linear`` — the reference's own
+  arithmetic, so prefill logits are the reference's bit for bit; only its dequantise is faster
+  (one pass instead of torch's unpack, cast, expand and multiply).
+
+Where the extension cannot be built, `supports` says why and the dispatcher falls back to
+the reference kernel.
 
 torch's own packed CPU ops are not registered: on this project's 2-core x86_64 machine
 (2026-11-27, torch 2.13.0, M = 1, 60 distinct 1536×576 weights so they come from DRAM)
@@ -18,12 +28,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from pathlib import Path
-from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from lowbit.errors import LowbitError
 from lowbit.kernels.dispatch import Kernel, register
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight
@@ -31,38 +43,61 @@ from lowbit.tensor import QuantizedWeight
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
-MAX_M = 16  # above this, dequantise + GEMM (the reference) is faster
+NAME = "lowbit_cpu"
+# The GEMV's range. Above it dequantise + GEMM is faster: per 1536×576 weight from DRAM, one
+# thread (2026-11-27), int4 g128 314 vs 355 µs at M = 8, 610 vs 475 at M = 16; int8 452 vs 401
+# at M = 8, 229 vs 350 at M = 4.
+MAX_M = 8
 
 
 @functools.cache
-def extension() -> ModuleType | str:
-    """The compiled extension, or the reason it could not be built."""
+def extension() -> str | None:
+    """Build (once per machine and target) and load the C++ kernels: None, or why they cannot be."""
     if os.environ.get("LOWBIT_NO_CPP"):
         return "disabled by LOWBIT_NO_CPP"
+    march = os.environ.get("LOWBIT_CPU_MARCH", "native")
+    name = NAME if march == "native" else NAME + "_" + re.sub(r"\W", "_", march)
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("building lowbit's CPU kernels (once per machine) ...")
-        return load(name="lowbit_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        log.info("building lowbit's CPU kernels for -march=%s (once) ...", march)
+        load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        return None
     except Exception as err:  # noqa: BLE001 - any build failure means: use the reference
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"the C++ kernels could not be built ({first})"
 
 
-@torch.library.custom_op("lowbit::int_gemv_cpu", mutates_args=())
-def int_gemv_cpu(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, group: int,
-                 out_features: int) -> Tensor:
-    """``x @ dequant(W).T`` for x (M, K) float32 and a 2/4/8-bit integer weight, from its packed codes."""
-    ext = extension()
-    assert not isinstance(ext, str), ext
-    zp = zero_point if zero_point is not None else qdata.new_empty(0)
-    return ext.int_gemv(x.contiguous(), qdata, scale, zp, bits, group, out_features)
+def _define(name: str, schema: str, fake) -> None:
+    """Declare ``lowbit::<name>`` with its fake (shape-only) implementation. Its CPU
+    implementation is C++, registered when the extension loads; until then the default one
+    loads it and calls again (the C++ CPU kernel takes precedence over a default one)."""
+    qualname = f"lowbit::{name}"
+    torch.library.define(qualname, schema)
+    torch.library.register_fake(qualname, fake)
+
+    def load_then_call(*args):
+        reason = extension()
+        if reason is not None:
+            raise LowbitError(f"{qualname} cannot run: {reason}")
+        if args[0].device.type != "cpu":
+            raise LowbitError(f"{qualname} runs on CPU tensors, not {args[0].device.type}")
+        return getattr(torch.ops.lowbit, name).default(*args)
+
+    torch.library.impl(qualname, "default", load_then_call)
 
 
-@int_gemv_cpu.register_fake
-def _(x, qdata, scale, zero_point, bits, group, out_features):
-    return x.new_empty((x.shape[0], out_features))
+# x (..., K) float32 @ dequant(W).T from the packed codes, no float weight written
+_define("int_gemv_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, "
+        "int out_features) -> Tensor",
+        lambda x, qdata, scale, zero_point, bits, group, out_features: x.new_empty((*x.shape[:-1], out_features)))
+# the float32 weight (N, K) the codes stand for, equal to the reference's dequantise()
+_define("dequant_cpu", "(Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, int in_features) -> Tensor",
+        lambda qdata, scale, zero_point, bits, group, in_features: qdata.new_empty((qdata.shape[0], in_features),
+                                                                                   dtype=torch.float32))
+_INT_GEMV_OP = torch.ops.lowbit.int_gemv_cpu.default
+_DEQUANT_OP = torch.ops.lowbit.dequant_cpu.default
 
 
 def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: torch.device) -> str | None:
@@ -73,20 +108,28 @@ def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: to
         return f"integer 2/4/8-bit weights only, not {spec.describe()}"
     if spec.granularity == "tensor" or weight.g_idx is not None:
         return "per-group or per-channel scales in column order only (no g_idx)"
-    if weight.group_size % (8 // spec.bits):
+    if weight.group_size % (8 // spec.bits) and weight.group_size < weight.shape[1]:  # groups start on a byte
         return f"groups of {weight.group_size} do not fill whole bytes"
-    ext = extension()
-    return ext if isinstance(ext, str) else None
+    return extension()
 
 
 def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None, activations) -> Tensor:
-    lead = x.shape[:-1]
-    y = torch.ops.lowbit.int_gemv_cpu(x.reshape(-1, x.shape[-1]).float(), weight.qdata, weight.scale,
-                                      weight.zero_point, weight.spec.bits, weight.group_size, weight.shape[0])
+    y = _INT_GEMV_OP(x if x.dtype == torch.float32 else x.float(), weight.qdata, weight.scale, weight.zero_point,
+                     weight.spec.bits, weight.group_size, weight.shape[0])
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, weight.shape[0])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _run_dequant(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None, activations) -> Tensor:
+    # the reference's arithmetic (dequantise, then F.linear) with a one-pass dequantise
+    w = _DEQUANT_OP(weight.qdata, weight.scale, weight.zero_point, weight.spec.bits, weight.group_size,
+                    weight.shape[1])
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 INT_GEMV = Kernel("cpu-int-gemv", "cpu", supports=_supports, prepare=lambda w: {}, run=_run, max_m=MAX_M)
+DEQUANT_GEMM = Kernel("cpu-dequant-gemm", "cpu", supports=_supports, prepare=lambda w: {}, run=_run_dequant,
+                      min_m=MAX_M + 1)
 register(INT_GEMV)
+register(DEQUANT_GEMM)

@@ -64,17 +64,21 @@ def kernels() -> list[Kernel]:
 def choose(weight: QuantizedWeight, activations: QuantSpec | None, device: torch.device, m: int,
            name: str = "a quantised linear") -> Kernel:
     """The kernel for ``m`` tokens through ``weight`` on ``device``."""
-    candidates = [k for k in _KERNELS if k.device_type == device.type]
+    device_type = device.type  # called on every forward: one attribute read, no list built
+    candidates = 0
     reasons = []
-    for kernel in candidates:
+    for kernel in _KERNELS:
+        if kernel.device_type != device_type:
+            continue
+        candidates += 1
         reason = kernel.supports(weight, activations, device)
         if reason is None:
             if kernel.covers(m):
                 return kernel
         else:
             reasons.append(f"{kernel.name}: {reason}")
-    key = (weight.spec, activations, device.type)
-    if len(reasons) == len(candidates) and key not in _warned:  # no kernel here runs it at any M
+    key = (weight.spec, activations, device_type)
+    if len(reasons) == candidates and key not in _warned:  # no kernel here runs it at any M
         _warned.add(key)
         log.warning("%s (%s) runs on the reference kernel on %s%s", name, weight.spec.describe(), device.type,
                     f" ({'; '.join(reasons)})" if reasons else "")
