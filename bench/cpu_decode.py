@@ -45,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help="Comma-separated presets to time.")
     args = parser.parse_args()
     torch.set_num_threads(2)
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
@@ -55,18 +56,14 @@ def main() -> None:
     rows = [{"setting": "FP32", "tokens_per_s": fp_speed, "speedup": 1.0, "kernel": "F.linear",
              "prefill_kernel": "F.linear", "same_text_as_reference": True, "same_text_as_fp32": True}]
     print(f"FP32: {fp_speed:.2f} tokens/s", flush=True)
-    for name in SCHEMES:
+    for name in args.schemes.split(","):
         q = lowbit.quantize(fp, name, progress=False)
         layer = next(m for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear))
         kernel = dispatch.choose(layer.weight, layer.activations, torch.device("cpu"), 1).name
         prefill_kernel = dispatch.choose(layer.weight, layer.activations, torch.device("cpu"), prompt.shape[1]).name
         speed, tokens = decode(q, prompt, args.new_tokens, args.repeats)
-        saved = dispatch._KERNELS[:]
-        dispatch._KERNELS.clear()  # the same weights through the reference kernel only
-        try:
+        with dispatch.reference_only():  # the same weights through the reference kernel only
             _, ref_tokens = decode(q, prompt, args.new_tokens, 0)
-        finally:
-            dispatch._KERNELS.extend(saved)
         rows.append({"setting": name, "tokens_per_s": speed, "speedup": speed / fp_speed, "kernel": kernel,
                      "prefill_kernel": prefill_kernel,
                      "same_text_as_reference": bool(torch.equal(tokens, ref_tokens)),

@@ -121,3 +121,21 @@ def test_fake_quantize_activations_per_token(spec):
     assert y.shape == x.shape and y.dtype == x.dtype
     quiet = (y[1] - x[1]).abs().max() / x[1].abs().max()
     assert quiet < (0.07 if spec.format.startswith("fp8") else 0.01) or spec.granularity == "tensor"
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 300), bits=st.sampled_from([4, 8]),
+       granularity=st.sampled_from(["token", "tensor"]), zero_row=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fake_quantize_fast_path_equals_the_general_formula(rows, cols, bits, granularity, zero_row, seed):
+    """Symmetric float32-scaled activations take a short path; it must give the general path's values exactly."""
+    from lowbit.formats import choose_qparams_affine, dequantize_affine, group_minmax, quantize_affine
+
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 10 ** (seed % 7 - 3)
+    if zero_row:
+        x[0] = 0.0
+    flat = x.reshape(1, -1) if granularity == "tensor" else x
+    lo, hi = group_minmax(flat, flat.shape[1])
+    s, _ = choose_qparams_affine(lo, hi, bits, True, torch.float32)
+    general = dequantize_affine(quantize_affine(flat, s, None, bits, True, flat.shape[1]), s, None, flat.shape[1])
+    fast = fake_quantize(x, QuantSpec("int", bits, granularity, scale_dtype="float32"))
+    assert torch.equal(fast, general.reshape(x.shape))

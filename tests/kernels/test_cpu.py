@@ -25,6 +25,8 @@ CASES = [  # (spec, N, K): ragged last groups where the group does not divide K,
     (QuantSpec("int", 4, "group", 64, symmetric=False), 40, 160),
     (QuantSpec("int", 4, "group", 32, symmetric=False, scale_dtype="bfloat16"), 40, 100),
     (QuantSpec("int", 4, "group", 8, symmetric=False), 13, 200),  # groups start inside a 16-byte step
+    (QuantSpec("int", 4, "group", 40, symmetric=False), 33, 360),  # 4-bit word path: 5-word groups, tails masked
+    (QuantSpec("int", 4, "group", 136), 21, 1096),  # word path, ragged last group of 8 columns
     (QuantSpec("int", 8, "channel"), 72, 96),
     (QuantSpec("int", 8, "channel"), 19, 1536),
     (QuantSpec("int", 8, "group", 64, symmetric=False), 40, 150),
@@ -167,3 +169,27 @@ def test_portable_build_without_avx512_matches_the_reference():
     env = {**os.environ, "LOWBIT_CPU_MARCH": "x86-64-v3"}
     done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_w8a8_runs_on_the_gemv_with_the_references_activation_quantisation():
+    layer = QuantLinear(quantize_weight(torch.randn(72, 576), QuantSpec("int", 8, "channel")), torch.randn(72),
+                        activations=QuantSpec("int", 8, "token", scale_dtype="float32"))
+    cpu = torch.device("cpu")
+    assert dispatch.choose(layer.weight, layer.activations, cpu, 1) is INT_GEMV
+    assert dispatch.choose(layer.weight, layer.activations, cpu, 64) is DEQUANT_GEMM
+    for x in (torch.randn(1, 1, 576), torch.randn(3, 576), torch.randn(1, 64, 576)):
+        ref = quantized_linear(x, layer.weight, layer.bias, layer.activations)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+
+
+def test_forward_remembers_its_kernel_until_the_registry_or_the_buffers_change():
+    layer = QuantLinear(quantize_weight(torch.randn(24, 64), QuantSpec("int", 4, "group", 32)))
+    x = torch.randn(1, 64)
+    fast = layer(x)
+    with dispatch.reference_only():  # a remembered choice must not outlive the kernels it chose from
+        assert torch.equal(layer(x), quantized_linear(x, layer.weight))
+    torch.testing.assert_close(layer(x), fast, rtol=0, atol=0)
+    other = quantize_weight(torch.randn(24, 64), QuantSpec("int", 4, "group", 32))
+    for name, tensor in other.tensors().items():  # replaced buffers (as loading with assign=True does)
+        setattr(layer, name, tensor)
+    torch.testing.assert_close(layer(x), quantized_linear(x, other), rtol=1e-5, atol=1e-4)

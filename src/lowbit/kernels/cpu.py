@@ -38,7 +38,7 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.kernels.dispatch import Kernel, register
 from lowbit.scheme import QuantSpec
-from lowbit.tensor import QuantizedWeight
+from lowbit.tensor import QuantizedWeight, fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ _DEQUANT_OP = torch.ops.lowbit.dequant_cpu.default
 
 def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: torch.device) -> str | None:
     spec = weight.spec
-    if activations is not None:
-        return "weight-only"
+    if activations is not None and activations.format != "int":
+        return f"integer activations only, not {activations.describe()}"
     if spec.format != "int" or spec.bits not in (2, 4, 8):
         return f"integer 2/4/8-bit weights only, not {spec.describe()}"
     if spec.granularity == "tensor" or weight.g_idx is not None:
@@ -114,6 +114,8 @@ def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: to
 
 
 def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None, activations) -> Tensor:
+    if activations is not None:  # W8A8: the reference's per-call activation quantisation, then the same sums
+        x = fake_quantize(x, activations)
     y = _INT_GEMV_OP(x if x.dtype == torch.float32 else x.float(), weight.qdata, weight.scale, weight.zero_point,
                      weight.spec.bits, weight.group_size, weight.shape[0])
     if bias is not None:
@@ -123,6 +125,8 @@ def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None
 
 def _run_dequant(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None, activations) -> Tensor:
     # the reference's arithmetic (dequantise, then F.linear) with a one-pass dequantise
+    if activations is not None:
+        x = fake_quantize(x, activations)
     w = _DEQUANT_OP(weight.qdata, weight.scale, weight.zero_point, weight.spec.bits, weight.group_size,
                     weight.shape[1])
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -14,8 +14,9 @@ per device; `QuantLinear` keeps the result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +51,32 @@ REFERENCE = Kernel("reference", "any", supports=lambda w, a, d: None, prepare=la
 
 _KERNELS: list[Kernel] = []
 _warned: set[tuple] = set()
+_generation = 0  # bumped by every change made through this module
 
 
 def register(kernel: Kernel) -> None:
     """Add a kernel after those registered before it (replacing one of the same name)."""
+    global _generation
     _KERNELS[:] = [*(k for k in _KERNELS if k.name != kernel.name), kernel]
+    _generation += 1
+
+
+def registry_state() -> tuple[int, int, int]:
+    """Changes whenever the registered kernels do, so a remembered choice can tell it is stale
+    (also when a test swaps or a benchmark empties the list)."""
+    return id(_KERNELS), len(_KERNELS), _generation
+
+
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """Within the block, every quantised linear runs on the reference kernel."""
+    global _KERNELS, _generation
+    saved = _KERNELS
+    _KERNELS, _generation = [], _generation + 1
+    try:
+        yield
+    finally:
+        _KERNELS, _generation = saved, _generation + 1
 
 
 def kernels() -> list[Kernel]:

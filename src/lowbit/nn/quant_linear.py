@@ -30,6 +30,9 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._prepared: dict[str, dispatch.Prepared] = {}  # kernel name → its layout, on the current device
         self._prepared_device: torch.device | None = None
+        # forward's memo: the kernel registry's state and the buffers it was made for, their
+        # QuantizedWeight, and (device, M) → kernel
+        self._memo: tuple[tuple, QuantizedWeight, dict] | None = None
 
     @classmethod
     def empty(cls, shape: tuple[int, int], spec: QuantSpec, bias: bool = False,
@@ -53,8 +56,20 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise LowbitError(f"{self.extra_repr()}: expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
-        weight = self.weight
-        kernel = dispatch.choose(weight, self.activations, x.device, x.numel() // self.in_features)
+        # Decoding calls each layer once per token with the same M: the weight view and the kernel
+        # choice are remembered (a few µs per call) until a buffer is replaced (.to(), loading).
+        buffers = (dispatch.registry_state(), *self._buffers.values())
+        memo = self._memo
+        if memo is None or len(memo[0]) != len(buffers) or any(a is not b for a, b in zip(memo[0][1:], buffers[1:])) \
+                or memo[0][0] != buffers[0]:
+            memo = self._memo = (buffers, self.weight, {})
+        weight, chosen = memo[1], memo[2]
+        key = (x.device, x.numel() // self.in_features)
+        kernel = chosen.get(key)
+        if kernel is None:
+            if len(chosen) > 64:  # prefill lengths vary; keep the memo small
+                chosen.clear()
+            kernel = chosen[key] = dispatch.choose(weight, self.activations, x.device, key[1])
         if kernel is dispatch.REFERENCE:
             return kernel.run(x, {}, weight, self.bias, self.activations)
         if self._prepared_device != x.device:

@@ -82,6 +82,25 @@ struct Lanes {
   const float* at(int64_t m, int lane) const { return data.data() + (m * per_byte + lane) * L; }
 };
 
+// x (M, K), K a multiple of 8, for the 4-bit word path (`block_nib`): per token, lane q holds
+// x[8d + q] for every 32-bit word d of a row, zero past the row; and the sum of x over each
+// group of `group` columns.
+struct Words {
+  std::vector<float> data, sums;
+  int64_t D, G;
+  Words(const float* x, int64_t M, int64_t K, int64_t group) : D((K / 8 + 15) / 16 * 16), G((K + group - 1) / group) {
+    data.assign(M * 8 * D, 0.0f);
+    sums.assign(M * G, 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        data[(m * 8 + k % 8) * D + k / 8] = x[m * K + k];
+        sums[m * G + k / group] += x[m * K + k];
+      }
+  }
+  const float* at(int64_t m, int q) const { return data.data() + (m * 8 + q) * D; }
+  float group_sum(int64_t m, int64_t g) const { return sums[m * G + g]; }
+};
+
 template <typename S>
 inline float scale_at(const Packed<S>& w, int64_t n, int64_t g) { return static_cast<float>(w.scale[n * w.G + g]); }
 
@@ -196,6 +215,61 @@ void block_int8(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64
     for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
+// 4 bits, groups of a multiple of 8 columns (so every group starts on a 32-bit word): the
+// codes are read 16 words (128 codes) at a time and code q of each word (bits 4q..4q+3,
+// column 8d + q of word d) is isolated with a shift and a mask, converted, and multiplied
+// with x8 lane q (x[8d + q]): no shuffle, which this loop is otherwise bound by. The sum
+// runs over the raw codes c; the group's zero point comes off once per group as
+// z * sum(x over the group), then the group's scale multiplies:
+//   sum_k (c - z) s x = s (sum_k c x - z sum_k x).
+template <int R, int T, typename S>
+void block_nib(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
+  __m512 acc[R][T];
+  float corr[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0f;
+  const __m512i nib = _mm512_set1_epi32(15);
+  for (int64_t g = 0; g < w.G; ++g) {
+    const int64_t d0 = g * w.group / 8, d1 = std::min(w.K, (g + 1) * w.group) / 8;
+    __m512 part[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) part[r][t] = _mm512_setzero_ps();
+    for (int64_t d = d0; d < d1; d += 16) {
+      const __mmask16 k = tail_mask(d1 - d);
+      __m512i v[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = w.q + (n + r) * w.row_bytes + 4 * d;
+        prefetch(p);
+        v[r] = _mm512_maskz_loadu_epi32(k, p);
+      }
+#define LOWBIT_NIB_LANE(Q)                                                                          \
+      {                                                                                            \
+        __m512 xv[T];                                                                              \
+        for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(k, xw.at(m0 + t, Q) + d);       \
+        for (int r = 0; r < R; ++r) {                                                              \
+          __m512i c = (Q) ? _mm512_srli_epi32(v[r], 4 * (Q)) : v[r];                               \
+          if ((Q) < 7) c = _mm512_and_si512(c, nib);                                               \
+          const __m512 wv = _mm512_cvtepi32_ps(c);                                                 \
+          for (int t = 0; t < T; ++t) part[r][t] = _mm512_fmadd_ps(wv, xv[t], part[r][t]);         \
+        }                                                                                          \
+      }
+      LOWBIT_NIB_LANE(0) LOWBIT_NIB_LANE(1) LOWBIT_NIB_LANE(2) LOWBIT_NIB_LANE(3)
+      LOWBIT_NIB_LANE(4) LOWBIT_NIB_LANE(5) LOWBIT_NIB_LANE(6) LOWBIT_NIB_LANE(7)
+#undef LOWBIT_NIB_LANE
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = scale_at(w, n + r, g), sz = s * static_cast<float>(w.zero_code(n + r, g));
+      const __m512 sv = _mm512_set1_ps(s);
+      for (int t = 0; t < T; ++t) {
+        acc[r][t] = _mm512_fmadd_ps(part[r][t], sv, acc[r][t]);
+        corr[r][t] += sz * xw.group_sum(m0 + t, g);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) - corr[r][t];
+}
+
 template <int R, int T, typename S>
 inline void block(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_t N, int64_t n) {
   switch (w.bits) {
@@ -221,6 +295,24 @@ void rows_avx512(const Packed<S>& w, const Lanes& xl, int64_t M, float* y, int64
     case 3: rows_t<2, 3>(w, xl, m, y, N, n0, n1); break;
     case 2: rows_t<2, 2>(w, xl, m, y, N, n0, n1); break;
     case 1: rows_t<4, 1>(w, xl, m, y, N, n0, n1); break;
+  }
+}
+
+template <int R, int T, typename S>
+void rows_nib_t(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) block_nib<R, T>(w, xw, m0, y, N, n);
+  for (; n < n1; ++n) block_nib<1, T>(w, xw, m0, y, N, n);
+}
+
+template <typename S>
+void rows_nib(const Packed<S>& w, const Words& xw, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) rows_nib_t<2, 4>(w, xw, m, y, N, n0, n1);
+  switch (M - m) {
+    case 3: rows_nib_t<2, 3>(w, xw, m, y, N, n0, n1); break;
+    case 2: rows_nib_t<2, 2>(w, xw, m, y, N, n0, n1); break;
+    case 1: rows_nib_t<4, 1>(w, xw, m, y, N, n0, n1); break;
   }
 }
 #endif
@@ -347,8 +439,19 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
   at::Tensor y = at::empty(sizes, x.options());
   if (M == 0 || N == 0) return y;
   const at::Tensor xc = x.contiguous();
-  const lowbit::Lanes lanes(xc.data_ptr<float>(), M, K, wt.q.size(1), wt.bits);
   float* out = y.data_ptr<float>();
+#ifdef LOWBIT_AVX512
+  if (wt.bits == 4 && wt.group % 8 == 0 && K % 8 == 0) {
+    const lowbit::Words words(xc.data_ptr<float>(), M, K, wt.group);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt.scale.scalar_type(), "int_gemv_cpu", [&] {
+      const auto w = wt.packed<scalar_t>();
+      at::parallel_for(0, N, grain_rows(wt.q.size(1), M),
+                       [&](int64_t n0, int64_t n1) { lowbit::rows_nib(w, words, M, out, N, n0, n1); });
+    });
+    return y;
+  }
+#endif
+  const lowbit::Lanes lanes(xc.data_ptr<float>(), M, K, wt.q.size(1), wt.bits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt.scale.scalar_type(), "int_gemv_cpu", [&] {
     const auto w = wt.packed<scalar_t>();
     at::parallel_for(0, N, grain_rows(wt.q.size(1), M),
