@@ -37,6 +37,7 @@ from lowbit.io import (
     load_native,
     read_manifest,
     save_compressed_tensors,
+    save_gguf,
     save_gptq,
     save_native,
 )
@@ -65,7 +66,7 @@ class QuantInfo:
                 "model": self.source, "details": self.details}
 
 
-FORMATS = ("native", "compressed-tensors", "gptq")
+FORMATS = ("native", "compressed-tensors", "gptq", "gguf")
 
 
 def checkpoint_format(path: PathLike | None) -> str | None:
@@ -197,9 +198,15 @@ def evaluate(model: nn.Module, reference: nn.Module | dict[str, ReferenceStats] 
 
 
 def save(model: nn.Module, out: PathLike, format: str = "native", tokenizer: Any = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, gguf_type: str | None = None) -> Path:
     """Write a quantised model to directory ``out`` in ``format``: 'native' (lowbit's safetensors + JSON
-    layout, any scheme), 'compressed-tensors' (vLLM, transformers) or 'gptq' (GPTQ v1)."""
+    layout, any scheme), 'compressed-tensors' (vLLM, transformers), 'gptq' (GPTQ v1) or 'gguf' (llama.cpp:
+    one file, ``out`` itself when it ends in .gguf, else ``out/model.gguf``; float linears as ``gguf_type``,
+    see `lowbit.io.gguf`)."""
+    if format == "gguf":
+        return save_gguf(model, out, tokenizer=tokenizer, gguf_type=gguf_type, overwrite=overwrite)
+    if gguf_type is not None:
+        raise LowbitError(f"gguf_type applies to format 'gguf', not {format!r}.")
     if format == "native":
         info = model.lowbit_info.to_dict() if isinstance(getattr(model, "lowbit_info", None), QuantInfo) else {}
         return save_native(model, out, tokenizer=tokenizer, info=info, overwrite=overwrite)
@@ -224,5 +231,7 @@ def load(path: PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
             # still the file's fault, and still one sentence.
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise LowbitError(f"'{path}' is not a valid {fmt} checkpoint ({type(err).__name__}: {first}).") from err
+    if Path(path).suffix.lower() == ".gguf" and Path(path).is_file():  # llama.cpp's format: read as a float model
+        return load_model(path, dtype=dtype)
     raise LowbitError(f"'{path}' is not a quantised checkpoint lowbit reads (no lowbit.json, no gptq "
                       "quantize_config.json, no compressed-tensors quantization_config in config.json).")

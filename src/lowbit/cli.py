@@ -220,9 +220,11 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
 @click.argument("model", required=False, default="default")
 @scheme_options
 @method_options
-@click.option("--out", "out", default=None, help="Directory to write the quantised checkpoint to.")
-@click.option("--format", "fmt", type=click.Choice(["native", "compressed-tensors", "gptq"]), default="native",
-              show_default=True, help="Checkpoint format of --out (compressed-tensors: vLLM / transformers; gptq: v1).")
+@click.option("--out", "out", default=None, help="Directory to write the quantised checkpoint to (gguf: a .gguf file "
+              "or a directory that gets model.gguf).")
+@click.option("--format", "fmt", type=click.Choice(["native", "compressed-tensors", "gptq", "gguf"]), default="native",
+              show_default=True, help="Checkpoint format of --out (compressed-tensors: vLLM / transformers; gptq: v1; "
+              "gguf: llama.cpp, with the Q8_0, Q4_0 or Q4_1 scheme).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--eval-text", "eval_texts", multiple=True, default=("pydoc-eval",), show_default=True,
               help="Text(s) to evaluate on after quantising (pydoc-eval, python-license, stdlib-code, a file).")
@@ -247,8 +249,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     config = _eval_config(window, max_windows, kl_windows)
     if out is None and json_path is None:
         raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
-    if out and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
-        raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or pass --overwrite.")
+    _check_out(out, fmt, overwrite)
     tokenizer = load_tokenizer(model)
     calibration = _calibration(method_config, calib, calib_samples, calib_seqlen, tokenizer)
     # In place: one model in memory while quantising; the float reference is loaded again to evaluate.
@@ -314,28 +315,46 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
     write_json(json_path, report)
 
 
-@cli.command()
-@click.argument("checkpoint")
-@click.option("--format", "fmt", type=click.Choice(["native", "compressed-tensors", "gptq"]), required=True,
-              help="Format to write.")
-@click.option("--out", required=True, help="Directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export(checkpoint: str, fmt: str, out: str, overwrite: bool) -> None:
-    """Rewrite a quantised CHECKPOINT (any format lowbit reads) in another format, codes unchanged."""
-    from lowbit.api import checkpoint_format, load, load_tokenizer, save
+def _check_out(out: str | None, fmt: str, overwrite: bool) -> None:
+    """Refuse an existing --out before any work is done (a GGUF target is one file)."""
+    if not out or overwrite:
+        return
+    if fmt == "gguf":
+        from lowbit.io import gguf_target
 
-    source = checkpoint_format(checkpoint)
-    if source is None:
-        raise LowbitError(f"'{checkpoint}' is not a quantised checkpoint (native, compressed-tensors or gptq).")
-    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        if gguf_target(out).exists():
+            raise LowbitError(f"'{gguf_target(out)}' already exists; choose another path or pass --overwrite.")
+    elif Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or pass "
                           "--overwrite.")
-    model = load(checkpoint)
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--format", "fmt", type=click.Choice(["native", "compressed-tensors", "gptq", "gguf"]), required=True,
+              help="Format to write.")
+@click.option("--out", required=True, help="Directory to write (gguf: a .gguf file, or a directory for model.gguf).")
+@click.option("--gguf-type", type=click.Choice(["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q6_K", "Q4_K"]), default=None,
+              help="gguf: encode the float linear weights to this type, as llama-quantize does (default F16); "
+                   "CHECKPOINT may then be a float model (a HF directory, a GGUF file or 'default').")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export(checkpoint: str, fmt: str, out: str, gguf_type: str | None, overwrite: bool) -> None:
+    """Rewrite a quantised CHECKPOINT (any format lowbit reads) in another format, codes unchanged."""
+    from lowbit.api import checkpoint_format, load, load_model, load_tokenizer, save
+
+    source = checkpoint_format(checkpoint)
+    if source is None and fmt != "gguf":
+        raise LowbitError(f"'{checkpoint}' is not a quantised checkpoint (native, compressed-tensors or gptq).")
+    if gguf_type is not None and fmt != "gguf":
+        raise LowbitError(f"--gguf-type applies to --format gguf, not {fmt}.")
+    _check_out(out, fmt, overwrite)
+    model = load(checkpoint) if source is not None else load_model(checkpoint)
     try:
         tokenizer = load_tokenizer(checkpoint)
     except LowbitError:
         tokenizer = None
-    save(model, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite)
+    save(model, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite, gguf_type=gguf_type)
+    source = source or "float model"
     click.echo(f"{checkpoint} ({source}) → {out} ({fmt})" + ("" if tokenizer else ", without a tokenizer"), err=True)
 
 

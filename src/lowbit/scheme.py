@@ -201,9 +201,14 @@ FP8 = Scheme(QuantSpec("fp8_e4m3", 8, "channel", scale_dtype="float32"), activat
 NF4 = Scheme(QuantSpec("nf4", 4, "group", 64), name="NF4")
 W3A16 = Scheme(_int(3, 128, symmetric=False), name="W3A16")
 W2A16 = Scheme(_int(2, 64, symmetric=False), name="W2A16")
+# GGUF's 32-element block types, as lowbit schemes: a model quantised with one of these (by any method,
+# GPTQ included) is written to a GGUF file losslessly (lowbit.io.gguf).
+Q8_0 = Scheme(_int(8, 32), name="Q8_0")
+Q4_0 = Scheme(_int(4, 32), name="Q4_0")
+Q4_1 = Scheme(_int(4, 32, symmetric=False), name="Q4_1")
 
 PRESETS: dict[str, Scheme] = {
-    s.name: s for s in (W4A16, W4A16_ASYM, W8A16, W8A8, FP8, NF4, W3A16, W2A16)
+    s.name: s for s in (W4A16, W4A16_ASYM, W8A16, W8A8, FP8, NF4, W3A16, W2A16, Q8_0, Q4_0, Q4_1)
 }
 
 
