@@ -51,8 +51,9 @@ def test_captured_inputs_reproduce_the_model(default_model, calib):
     assert len(layers) == 30 and name == "model.layers"
 
 
-@pytest.mark.parametrize("method", [lowbit.GPTQ(), lowbit.GPTQ(act_order=True, true_sequential=False)],
-                         ids=["true-sequential", "act-order-batched"])
+@pytest.mark.parametrize("method", [lowbit.GPTQ(), lowbit.GPTQ(static_groups=False, true_sequential=False),
+                                    lowbit.GPTQ(act_order=False)],
+                         ids=["true-sequential-static-act-order", "act-order-g-idx-batched", "natural-order"])
 def test_gptq_beats_rtn_on_the_default_model(small_model, eval_tokens, fp_stats, calib, method):
     rtn = evaluate_tokens(lowbit.quantize(small_model, lowbit.W4A16_ASYM), eval_tokens, fp_stats, SHORT)
     q = lowbit.quantize(small_model, lowbit.W4A16_ASYM, method=method, calib=calib)
@@ -65,7 +66,7 @@ def test_gptq_beats_rtn_on_the_default_model(small_model, eval_tokens, fp_stats,
     assert details["fallbacks"] == [] and details["calibration_tokens"] == 8 * 256
     assert len(quantized_modules(q)) == 6 * 7
     has_g_idx = q.get_submodule("model.layers.0.mlp.down_proj").weight.g_idx is not None
-    assert has_g_idx == method.act_order
+    assert has_g_idx == (method.act_order and not method.static_groups)
 
 
 def test_unreached_linear_falls_back_to_rtn(small_model, calib):

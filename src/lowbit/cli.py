@@ -124,9 +124,10 @@ def method_options(func):  # GPTQ's knobs, shared by quantize and demo
     func = click.option("--damp", type=float, default=None, help="GPTQ damping, a fraction of mean diag(H) "
                                                                   "(default 0.01).")(func)
     func = click.option("--static-groups/--no-static-groups", default=None,
-                        help="GPTQ act-order with group scales fixed in natural order (no g_idx).")(func)
+                        help="GPTQ act-order with group scales fixed in natural order, no g_idx (default: on; "
+                             "--no-static-groups writes a g_idx).")(func)
     func = click.option("--act-order/--no-act-order", default=None,
-                        help="GPTQ: visit columns by descending Hessian diagonal.")(func)
+                        help="GPTQ: visit columns by descending Hessian diagonal (default: on).")(func)
     func = click.option("--method", default="rtn", show_default=True, help=f"One of {', '.join(METHOD_NAMES)}.")(func)
     return func
 
@@ -170,6 +171,19 @@ def eval_options(func):
     func = click.option("--window", type=int, default=2048, show_default=True,
                         help="Tokens per evaluation window.")(func)
     return func
+
+
+def _max_shard_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """--max-shard-size in bytes, checked before any work is done (a bad size is one LowbitError)."""
+    from lowbit.io.shards import parse_size
+
+    return parse_size(value)
+
+
+shard_option = click.option(
+    "--max-shard-size", default="5GB", show_default=True, callback=_max_shard_size,
+    help="Largest safetensors file to write: bigger checkpoints are split into shards with an index "
+         "(bytes, or e.g. 500MB, 2GB).")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -226,6 +240,7 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
               show_default=True, help="Checkpoint format of --out (compressed-tensors: vLLM / transformers; gptq: v1; "
               "gguf: llama.cpp, with the Q8_0, Q4_0 or Q4_1 scheme).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@shard_option
 @click.option("--eval-text", "eval_texts", multiple=True, default=("pydoc-eval",), show_default=True,
               help="Text(s) to evaluate on after quantising (pydoc-eval, python-license, stdlib-code, a file).")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation after quantising.")
@@ -237,7 +252,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                  block_size: int | None, true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...],
                  calib_samples: int,
                  calib_seqlen: int, out: str | None, fmt: str, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
-                 kl_windows: int, json_path: str | None) -> None:
+                 kl_windows: int, json_path: str | None, max_shard_size: int) -> None:
     """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize, save
     from lowbit.nn import quantized_modules
@@ -258,7 +273,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     peak_quantize = peak_rss_bytes()
     click.echo(f"quantised {len(quantized_modules(quantized))} linear layers in {info.seconds:.1f} s", err=True)
     if out:
-        save(quantized, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite)
+        save(quantized, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite, max_shard_size=max_shard_size)
         click.echo(f"saved to {out} ({fmt})", err=True)
     report: dict[str, Any] = {"model": model, "scheme": scheme.to_dict(), "method": method_config.to_dict(),
                               "format": fmt if out else None}
@@ -338,7 +353,9 @@ def _check_out(out: str | None, fmt: str, overwrite: bool) -> None:
               help="gguf: encode the float linear weights to this type, as llama-quantize does (default F16); "
                    "CHECKPOINT may then be a float model (a HF directory, a GGUF file or 'default').")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export(checkpoint: str, fmt: str, out: str, gguf_type: str | None, overwrite: bool) -> None:
+@shard_option
+def export(checkpoint: str, fmt: str, out: str, gguf_type: str | None, overwrite: bool,
+           max_shard_size: int) -> None:
     """Rewrite a quantised CHECKPOINT (any format lowbit reads) in another format, codes unchanged."""
     from lowbit.api import checkpoint_format, load, load_model, load_tokenizer, save
 
@@ -353,7 +370,8 @@ def export(checkpoint: str, fmt: str, out: str, gguf_type: str | None, overwrite
         tokenizer = load_tokenizer(checkpoint)
     except LowbitError:
         tokenizer = None
-    save(model, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite, gguf_type=gguf_type)
+    save(model, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite, max_shard_size=max_shard_size,
+         gguf_type=gguf_type)
     source = source or "float model"
     click.echo(f"{checkpoint} ({source}) → {out} ({fmt})" + ("" if tokenizer else ", without a tokenizer"), err=True)
 

@@ -42,7 +42,7 @@ def test_round_trip_and_the_v1_formula(tiny, tmp_path, name):
 
     scheme, method = CASES[name]
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
-    q = lowbit.quantize(tiny, scheme, GPTQ(act_order=True) if method else None, calib=calib if method else None,
+    q = lowbit.quantize(tiny, scheme, GPTQ(static_groups=False) if method else None, calib=calib if method else None,
                         progress=False)
     layers = quantized_modules(q)
     if name.startswith("w2") or not scheme.weights.symmetric:  # v1 cannot store a zero point of 0
