@@ -41,6 +41,7 @@ from lowbit.io import (
     save_gptq,
     save_native,
 )
+from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE
 from lowbit.models import load_pretrained, load_pretrained_tokenizer, select_linears, set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.scheme import Scheme, get_scheme
@@ -198,22 +199,26 @@ def evaluate(model: nn.Module, reference: nn.Module | dict[str, ReferenceStats] 
 
 
 def save(model: nn.Module, out: PathLike, format: str = "native", tokenizer: Any = None,
-         overwrite: bool = False, gguf_type: str | None = None) -> Path:
+         overwrite: bool = False, gguf_type: str | None = None,
+         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write a quantised model to directory ``out`` in ``format``: 'native' (lowbit's safetensors + JSON
     layout, any scheme), 'compressed-tensors' (vLLM, transformers), 'gptq' (GPTQ v1) or 'gguf' (llama.cpp:
     one file, ``out`` itself when it ends in .gguf, else ``out/model.gguf``; float linears as ``gguf_type``,
-    see `lowbit.io.gguf`)."""
+    see `lowbit.io.gguf`). The safetensors formats write one file, or above ``max_shard_size`` (bytes, or
+    e.g. "2GB"; 5 GB by default) shards with an index."""
     if format == "gguf":
         return save_gguf(model, out, tokenizer=tokenizer, gguf_type=gguf_type, overwrite=overwrite)
     if gguf_type is not None:
         raise LowbitError(f"gguf_type applies to format 'gguf', not {format!r}.")
     if format == "native":
         info = model.lowbit_info.to_dict() if isinstance(getattr(model, "lowbit_info", None), QuantInfo) else {}
-        return save_native(model, out, tokenizer=tokenizer, info=info, overwrite=overwrite)
+        return save_native(model, out, tokenizer=tokenizer, info=info, overwrite=overwrite,
+                           max_shard_size=max_shard_size)
     if format == "compressed-tensors":
-        return save_compressed_tensors(model, out, tokenizer=tokenizer, overwrite=overwrite)
+        return save_compressed_tensors(model, out, tokenizer=tokenizer, overwrite=overwrite,
+                                       max_shard_size=max_shard_size)
     if format == "gptq":
-        return save_gptq(model, out, tokenizer=tokenizer, overwrite=overwrite)
+        return save_gptq(model, out, tokenizer=tokenizer, overwrite=overwrite, max_shard_size=max_shard_size)
     raise LowbitError(f"format {format!r} is not one of {', '.join(FORMATS)}.")
 
 

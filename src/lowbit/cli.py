@@ -273,7 +273,8 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     peak_quantize = peak_rss_bytes()
     click.echo(f"quantised {len(quantized_modules(quantized))} linear layers in {info.seconds:.1f} s", err=True)
     if out:
-        save(quantized, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite, max_shard_size=max_shard_size)
+        save(quantized, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite,
+             max_shard_size=max_shard_size)
         click.echo(f"saved to {out} ({fmt})", err=True)
     report: dict[str, Any] = {"model": model, "scheme": scheme.to_dict(), "method": method_config.to_dict(),
                               "format": fmt if out else None}

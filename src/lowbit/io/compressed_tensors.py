@@ -1,7 +1,9 @@
 """compressed-tensors checkpoints: the format vLLM, SGLang and transformers load quantised models from.
 
 A directory with the model's ``config.json`` carrying a ``quantization_config`` with
-``"quant_method": "compressed-tensors"``, ``model.safetensors`` and the tokenizer files.
+``"quant_method": "compressed-tensors"``, ``model.safetensors`` (or, above ``max_shard_size``,
+shards ``model-0000i-of-0000N.safetensors`` with a ``model.safetensors.index.json``, each
+quantised layer's tensors in one shard: see `lowbit.io.shards`) and the tokenizer files.
 Each quantised linear ``L`` is stored in one of three formats (the compressed-tensors
 package, version 0.19, defines them; its own compressors are the reference this module
 was checked against, see tests/io/test_compressed_tensors_checkpoint.py):
@@ -38,13 +40,13 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import pack, unpack
 from lowbit.io.native import atomic_directory
+from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE, load_tensors, parse_size, save_tensors
 from lowbit.io.skeleton import build_model, float_tensors, layers_to_export, load_float_tensors, read_config
 from lowbit.models import set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight
 
-WEIGHTS = "model.safetensors"
 CT_VERSION = "0.19.0"  # the compressed-tensors release whose format this writes and reads
 _SCALE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -159,16 +161,16 @@ def _quantization_config(groups: dict[str, dict[str, Any]], formats: set[str], i
     return config
 
 
-def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer: Any = None,
-                            overwrite: bool = False) -> Path:
-    """Write a lowbit-quantised HF model as a compressed-tensors checkpoint in directory ``out``."""
-    from safetensors.torch import save_file
-
+def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrite: bool = False,
+                            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a lowbit-quantised HF model as a compressed-tensors checkpoint in directory ``out``, in shards
+    above ``max_shard_size`` (bytes, or a string such as "2GB")."""
+    parse_size(max_shard_size)  # a bad size is refused before anything is written
     layers = layers_to_export(model, "compressed-tensors")
     groups: dict[str, dict[str, Any]] = {}
     by_key: dict[str, str] = {}
     formats: set[str] = set()
-    tensors: dict[str, torch.Tensor] = {}
+    layer_formats: dict[str, str] = {}
     for name, layer in layers.items():
         fmt, weights, inputs = _weight_args(name, layer)
         key = json.dumps([fmt, weights, inputs], sort_keys=True)
@@ -178,11 +180,18 @@ def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer: Any = 
                                    "output_activations": None, "format": fmt}
         groups[by_key[key]]["targets"].append(name)
         formats.add(fmt)
-        tensors.update(_layer_tensors(name, layer, fmt))
-        if layer.bias is not None:
-            tensors[f"{name}.bias"] = layer.bias.detach().contiguous()
+        layer_formats[name] = fmt
     quantized = {f"{name}.{buf}" for name, m in layers.items() for buf, _ in m.named_buffers(recurse=False)}
-    tensors.update(float_tensors(model, quantized | set(tensors)))
+    quantized |= {f"{name}.bias" for name in layers}
+
+    def units():  # one layer's compressed tensors at a time: made as the shard that holds them fills
+        for name, layer in layers.items():
+            unit = _layer_tensors(name, layer, layer_formats[name])
+            if layer.bias is not None:
+                unit[f"{name}.bias"] = layer.bias.detach().contiguous()
+            yield unit
+        yield from ({key: t} for key, t in float_tensors(model, quantized).items())
+
     if len(groups) == 1:  # one scheme for every quantised linear: target the class, name the rest
         only = next(iter(groups.values()))
         only["targets"] = ["Linear"]
@@ -194,7 +203,7 @@ def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer: Any = 
         config_dict = model.config.to_dict()
         config_dict["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
-        save_file({k: t.cpu() for k, t in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_tensors(tmp, units(), max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
@@ -256,12 +265,9 @@ def _weight_from_ct(name: str, tensors: dict[str, torch.Tensor], fmt: str, spec:
 
 def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a compressed-tensors checkpoint (ours or a peer's: llm-compressor, …) as a lowbit model
-    whose quantised linears are `QuantLinear` modules holding the stored codes unchanged."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    whose quantised linears are `QuantLinear` modules holding the stored codes unchanged (one file or
+    shards with an index)."""
     path = Path(path)
-    file = path / WEIGHTS
     config = read_config(path)
     qc = getattr(config, "quantization_config", None) or {}
     if not isinstance(qc, dict):
@@ -271,10 +277,8 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     if qc.get("quantization_status") not in (None, "compressed"):
         raise LowbitError(f"'{path}' is in status {qc.get('quantization_status')!r}; only compressed checkpoints "
                           "can be read.")
-    try:
-        tensors = load_file(str(file))
-    except (OSError, SafetensorError) as err:
-        raise LowbitError(f"could not read '{file}': {err}") from err
+    stored = load_tensors(path)
+    tensors = stored.tensors
     del config.quantization_config
     model = build_model(config, dtype, path)
     ignore = qc.get("ignore") or []
@@ -298,6 +302,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
                 continue
             if not _targeted(name, module, group.get("targets") or []):
                 continue
+            file = stored.file(f"{name}.weight_scale")
             where = f"'{file}': {name}"
             scale = tensors.get(f"{name}.weight_scale")
             if scale is None:
@@ -312,4 +317,4 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
                 tensors.pop(f"{name}.{key}", None)
     if not taken:
         raise LowbitError(f"'{path / 'config.json'}' targets no linear layer of the model.")
-    return load_float_tensors(model, tensors, taken, file, dtype)
+    return load_float_tensors(model, tensors, taken, stored.where, dtype, stored.files)

@@ -14,6 +14,10 @@ Each quantised linear ``L`` with N outputs, K inputs, b ∈ {2, 4, 8} bits and G
 
     w[n, k] = scales[g_idx[k], n] · (q[n, k] − (qzeros[g_idx[k], n] + 1))
 
+The tensors are in ``model.safetensors`` or, above ``max_shard_size``, in shards
+``model-0000i-of-0000N.safetensors`` with a ``model.safetensors.index.json``, each
+layer's tensors in one shard (see `lowbit.io.shards`); without an index every
+``*.safetensors`` file of the directory is read (peer tools name theirs freely).
 ``quantize_config.json`` (and ``quantization_config`` in ``config.json``) give bits,
 group_size, desc_act, sym and ``checkpoint_format: "gptq"``. Symmetric weights are
 stored with zero point 2^(b−1), as GPTQ kernels expect. What v1 cannot hold is refused
@@ -34,6 +38,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import pack, unpack
 from lowbit.io.native import atomic_directory
+from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE, INDEX, load_tensors, parse_size, save_tensors
 from lowbit.io.skeleton import (
     build_model,
     float_tensors,
@@ -47,7 +52,6 @@ from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight
 
-WEIGHTS = "model.safetensors"
 QUANTIZE_CONFIG = "quantize_config.json"
 
 
@@ -105,10 +109,11 @@ def _layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": t for key, t in out.items()}
 
 
-def save_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrite: bool = False) -> Path:
-    """Write a lowbit-quantised HF model as a GPTQ v1 checkpoint in directory ``out``."""
-    from safetensors.torch import save_file
-
+def save_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrite: bool = False,
+              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a lowbit-quantised HF model as a GPTQ v1 checkpoint in directory ``out``, in shards above
+    ``max_shard_size`` (bytes, or a string such as "2GB")."""
+    parse_size(max_shard_size)  # a bad size is refused before anything is written
     layers = layers_to_export(model, "GPTQ")
     configs = {name: _layer_config(name, layer) for name, layer in layers.items()}
     first = next(iter(configs.values()))
@@ -116,12 +121,13 @@ def save_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrit
         if cfg != first:
             raise LowbitError(f"layer {name} is quantised as {cfg}, another as {first}: a GPTQ checkpoint holds one "
                               "scheme.")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        tensors.update(_layer_tensors(name, layer))
     quantized = {f"{name}.{buf}" for name, m in layers.items() for buf, _ in m.named_buffers(recurse=False)}
     quantized |= {f"{name}.bias" for name in layers}
-    tensors.update(float_tensors(model, quantized))
+
+    def units():  # one layer's repacked tensors at a time: made as the shard that holds them fills
+        yield from (_layer_tensors(name, layer) for name, layer in layers.items())
+        yield from ({key: t} for key, t in float_tensors(model, quantized).items())
+
     quantize_config = {**first, "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
                        "checkpoint_format": "gptq", "quant_method": "gptq", "model_file_base_name": "model"}
     with atomic_directory(out, overwrite) as tmp:
@@ -129,7 +135,7 @@ def save_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrit
         config_dict["quantization_config"] = quantize_config
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(quantize_config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_tensors(tmp, units(), max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
@@ -193,33 +199,26 @@ def _weight_from_gptq(name: str, tensors: dict[str, torch.Tensor], bits: int, gr
 
 
 def load_gptq(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild a GPTQ v1 checkpoint (ours, AutoGPTQ's or GPTQModel's) as a lowbit model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Rebuild a GPTQ v1 checkpoint (ours, AutoGPTQ's or GPTQModel's; one file or shards) as a lowbit model."""
     path = Path(path)
     qc = _read_quantize_config(path)
     bits, group = int(qc.get("bits", 0)), int(qc.get("group_size", -1))
     if bits not in (2, 4, 8):
         raise LowbitError(f"'{path}': {bits}-bit GPTQ is not read here (2, 4 or 8 bits).")
     files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not files and not (path / INDEX).is_file():
         raise LowbitError(f"'{path}' holds no .safetensors weights (lowbit never unpickles .bin files).")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            tensors.update(load_file(str(file)))
-        except (OSError, SafetensorError) as err:
-            raise LowbitError(f"could not read '{file}': {err}") from err
+    stored = load_tensors(path, files)
+    tensors = stored.tensors
     config = read_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = build_model(config, dtype, path)
-    where = files[0] if len(files) == 1 else path
     taken = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in tensors:
-            weight = _weight_from_gptq(name, tensors, bits, group, (module.out_features, module.in_features), where)
+            weight = _weight_from_gptq(name, tensors, bits, group, (module.out_features, module.in_features),
+                                       stored.file(f"{name}.qweight"))
             bias = tensors.pop(f"{name}.bias", None)
             set_submodule(model, name, QuantLinear(weight, None if bias is None else bias.to(dtype)))
             for key in ("qweight", "qzeros", "scales", "g_idx"):
@@ -227,4 +226,4 @@ def load_gptq(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module
             taken.append(name)
     if not taken:
         raise LowbitError(f"'{path}' has no qweight tensor for any linear layer of the model.")
-    return load_float_tensors(model, tensors, taken, where, dtype)
+    return load_float_tensors(model, tensors, taken, stored.where, dtype, stored.files)

@@ -1,9 +1,11 @@
 """lowbit's native checkpoint: safetensors (never pickle) plus ``lowbit.json``.
 
 A directory holds ``config.json`` (the float model's HF config), ``model.safetensors``
-(packed codes, scales, zero points, and the float tensors left unquantised), the
-tokenizer files when a tokenizer was given, and ``lowbit.json``: the scheme, the method,
-the versions, and per quantised layer its shape, spec and bits per weight.
+(packed codes, scales, zero points, and the float tensors left unquantised) — or, above
+``max_shard_size``, shards ``model-0000i-of-0000N.safetensors`` with a
+``model.safetensors.index.json``, each quantised layer's tensors in one shard (see
+`lowbit.io.shards`) —, the tokenizer files when a tokenizer was given, and ``lowbit.json``:
+the scheme, the method, the versions, and per quantised layer its shape, spec and bits per weight.
 
 Writes are atomic: everything goes into a temporary sibling directory that is renamed
 into place at the end, so an interrupted save leaves no half-written checkpoint.
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE, layer_units, load_tensors, parse_size, save_tensors
 from lowbit.io.skeleton import build_model, read_config
 from lowbit.models import set_submodule
 from lowbit.nn import QuantLinear, quantized_modules
@@ -31,7 +34,6 @@ from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight
 
 MANIFEST = "lowbit.json"
-WEIGHTS = "model.safetensors"
 FORMAT_NAME = "lowbit-native"
 FORMAT_VERSION = 1
 
@@ -79,12 +81,12 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
 
 
 def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: dict[str, Any] | None = None,
-                overwrite: bool = False) -> Path:
-    """Write a quantised model to directory ``out`` atomically; returns the path."""
-    from safetensors.torch import save_file
-
+                overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a quantised model to directory ``out`` atomically, in shards above ``max_shard_size`` (bytes,
+    or a string such as "2GB"); returns the path."""
     out = Path(out)
     _check_target(out, overwrite)
+    parse_size(max_shard_size)  # a bad size is refused before anything is written
     layers = {
         name: {
             "shape": [m.out_features, m.in_features],
@@ -104,7 +106,7 @@ def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: 
         raise LowbitError("only Hugging Face models (with a .config) can be saved in the native format.")
     with atomic_directory(out, overwrite) as tmp:
         config.to_json_file(tmp / "config.json")
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_tensors(tmp, layer_units(tensors, layers), max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -123,17 +125,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild a quantised model saved by `save_native`, validating every tensor."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Rebuild a quantised model saved by `save_native` (one file or shards), validating every tensor."""
     path = Path(path)
     manifest = read_manifest(path)
     config = read_config(path)
-    try:
-        state = load_file(str(path / WEIGHTS))
-    except (OSError, SafetensorError) as err:
-        raise LowbitError(f"could not read '{path / WEIGHTS}': {err}") from err
+    stored = load_tensors(path)
+    state = stored.tensors
 
     model = build_model(config, dtype, path)
     for name, layer in manifest["layers"].items():
@@ -142,26 +139,28 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
         act = QuantSpec.from_dict(layer["activations"]) if layer.get("activations") else None
         found = {key[len(name) + 1:]: t for key, t in state.items()
                  if key.startswith(name + ".") and key[len(name) + 1:] not in ("bias",)}
-        weight = QuantizedWeight.from_tensors(found, shape, spec, name=f"{WEIGHTS}:{name}")
+        file = stored.file(f"{name}.qdata")
+        weight = QuantizedWeight.from_tensors(found, shape, spec, name=f"{file.name}:{name}")
         bias = state.get(f"{name}.bias")
         if layer.get("bias") and bias is None:
-            raise LowbitError(f"tensor {name}.bias is missing from '{path / WEIGHTS}'.")
+            raise LowbitError(f"tensor {name}.bias is missing from '{file}'.")
         set_submodule(model, name, QuantLinear(weight, bias, act))
     for alias, target in manifest.get("aliases", {}).items():
         if target not in state:
-            raise LowbitError(f"tensor {target} (stored for {alias}) is missing from '{path / WEIGHTS}'.")
+            raise LowbitError(f"tensor {target} (stored for {alias}) is missing from '{stored.where}'.")
         state[alias] = state[target]
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise LowbitError(f"'{path / WEIGHTS}' does not match its config: {which}.")
+        where = stored.where if missing else stored.file(unexpected[0])
+        raise LowbitError(f"'{where}' does not match its config: {which}.")
     quantized_keys = _quantized_keys(model)
     for key, tensor in expected.items():
         got = state[key]
         if tuple(got.shape) != tuple(tensor.shape):
-            raise LowbitError(f"tensor {key} in '{path / WEIGHTS}' has shape {tuple(got.shape)}, "
+            raise LowbitError(f"tensor {key} in '{stored.file(key)}' has shape {tuple(got.shape)}, "
                               f"expected {tuple(tensor.shape)}.")
         if got.is_floating_point() and tensor.is_floating_point() and key not in quantized_keys:
             state[key] = got.to(dtype)

@@ -86,19 +86,22 @@ def tied_output_key(model: nn.Module) -> str | None:
 
 
 def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quantized: list[str] | set[str],
-                       where: str | Path, dtype: torch.dtype) -> nn.Module:
+                       where: str | Path, dtype: torch.dtype, files: dict[str, Path] | None = None) -> nn.Module:
     """Assign ``tensors`` (every float tensor of the checkpoint, the quantised layers' removed) to the
-    model, after checking that they are exactly the ones it expects, in the shapes it expects."""
+    model, after checking that they are exactly the ones it expects, in the shapes it expects. Errors
+    name ``where`` (the checkpoint's file or index), or the tensor's own file when ``files`` gives it."""
+    files = files or {}
     expected = {k: t for k, t in model.state_dict().items() if not any(k.startswith(n + ".") for n in quantized)}
     tied = tied_output_key(model)
     missing = sorted(k for k in set(expected) - set(tensors) if k != tied)
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise LowbitError(f"'{where}' does not match its config: {which}.")
+        raise LowbitError(f"'{where if missing else files.get(unexpected[0], where)}' does not match its config: "
+                          f"{which}.")
     for key, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise LowbitError(f"tensor {key} in '{where}' has shape {tuple(tensor.shape)}, expected "
+            raise LowbitError(f"tensor {key} in '{files.get(key, where)}' has shape {tuple(tensor.shape)}, expected "
                               f"{tuple(expected[key].shape)}.")
     model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
                           strict=False, assign=True)
