@@ -309,3 +309,32 @@ def test_cli_export_writes_gguf_from_a_native_checkpoint(model, tok, tmp_path):
                               "--out", str(tmp_path / "g")])
     assert bad.exit_code == 1 and "--gguf-type applies to --format gguf" in bad.output
     assert json.loads((tmp_path / "native" / "lowbit.json").read_text())["layers"]
+
+
+def test_act_order_column_order_is_refused(model, tok, tmp_path):
+    """GPTQ's act-order with a g_idx (--no-static-groups) cannot go to GGUF: the error says so and names the layer."""
+    calib = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+    q = lowbit.quantize(model, "Q4_0", method=lowbit.GPTQ(static_groups=False), calib=calib, progress=False)
+    assert any(m.weight.g_idx is not None for m in quantized_modules(q).values())
+    with pytest.raises(LowbitError, match=r"layer model\.layers\.0\.\S+ has act-order's column order \(g_idx\)"):
+        save_gguf(q, tmp_path / "a.gguf", tokenizer=tok)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_cli_quantizes_the_default_model_to_gguf_and_evaluates_the_file(tmp_path):
+    """What a user types: quantise to Q4_0 straight into a .gguf, then evaluate that file."""
+    from click.testing import CliRunner
+
+    from lowbit.cli import cli
+
+    out = tmp_path / "m.gguf"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["quantize", "default", "--scheme", "Q4_0", "--format", "gguf", "--out", str(out),
+                                 "--no-eval", "--json", str(tmp_path / "q.json")])
+    assert result.exit_code == 0, result.output
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types == {"Q4_0", "Q8_0", "F32"}  # linears, the tied embedding, norms
+    result = runner.invoke(cli, ["eval", str(out), "--max-windows", "1", "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert 10 < json.loads((tmp_path / "e.json").read_text())["ppl"]["pydoc-eval"] < 40
