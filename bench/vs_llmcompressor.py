@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -121,21 +122,24 @@ def main() -> None:
         save_file({"input_ids": calib}, str(work / "calib.safetensors"))
         script = work / "llmc_side.py"
         script.write_text(LLMC_SIDE)
+        loads = {"before llm-compressor": os.getloadavg()[0]}  # the machine is shared: say how busy it was
         out = subprocess.run([args.llmc_python, str(script), str(model_dir), str(work / "calib.safetensors"),
                               str(work / "llmc.safetensors"), "64"], check=True, capture_output=True, text=True)
         llmc = json.loads(out.stdout.strip().splitlines()[-1])
         llmc.update(evaluate_weights(work / "llmc.safetensors"))
         rows["llm-compressor GPTQ W4A16 g64 (static act-order)"] = llmc
+        loads["before lowbit"] = os.getloadavg()[0]
         rows["lowbit GPTQ W4A16 g64 (static act-order)"] = lowbit_run(
             ["--scheme", "W4A16", "--group-size", "64", "--method", "gptq", "--act-order", "--static-groups"], work)
         rows["lowbit RTN W4A16 g64"] = lowbit_run(["--scheme", "W4A16", "--group-size", "64"], work)
+        loads["at the end"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vs_llmcompressor.json").write_text(json.dumps(rows, indent=2) + "\n")
     v = rows["lowbit GPTQ W4A16 g64 (static act-order)"]["versions"]
     fp = rows["lowbit RTN W4A16 g64"]["reference_ppl"]
     lines = [f"# GPTQ: lowbit beside llm-compressor {llmc['version']} (SmolLM2-135M-Instruct)", "",
-             f"Measured {v['date']} on {v['machine']}, torch {v['torch']}, one after the other on an otherwise idle "
-             "machine; calibration 128 × 512 tokens of pydoc-calib for both; every model evaluated by lowbit's "
+             f"Measured {v['date']} on {v['machine']}, torch {v['torch']}, one after the other (1-minute load "
+             "average " + ", ".join(f"{v:.2f} {k}" for k, v in loads.items()) + "); calibration 128 × 512 tokens of pydoc-calib for both; every model evaluated by lowbit's "
              "PROTOCOL.md evaluator on the calibration domain (pydoc-eval) and on two others: python-license "
              "(CPython's LICENSE.txt, legal prose, one 2048-token window) and stdlib-code (Python source).", "",
              "FP ppl: " + ", ".join(f"{t} {fp[t]:.4f}" for t in TEXTS) + ".", "",
