@@ -37,7 +37,7 @@ def test_a_written_page_is_never_dropped(mapped):
     tensor, data = mapped
     tensor[5 << 20] = -1.0  # a private copy of that page now holds the only copy of this value
     assert not drop_file_pages(tensor)
-    assert release_pages(tensor) in (True, False)  # the kernel may decline; nothing may be lost either way
+    release_pages(tensor)  # the kernel may decline; nothing may be lost either way
     assert tensor[5 << 20].item() == -1.0 and torch.equal(tensor[: 5 << 20], data[: 5 << 20])
 
 

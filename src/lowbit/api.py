@@ -29,6 +29,9 @@ from lowbit.errors import LowbitError
 from lowbit.eval.metrics import EvalConfig, ReferenceStats, TextResult, evaluate_tokens
 from lowbit.footprint import Footprint, model_footprint
 from lowbit.io import (
+    check_directory_target,
+    check_file_target,
+    gguf_target,
     is_compressed_tensors_checkpoint,
     is_gptq_checkpoint,
     is_native_checkpoint,
@@ -127,14 +130,15 @@ def quantize(model: nn.Module, scheme: Scheme | str, method: Any = None, calib: 
         if calib is None:
             raise LowbitError("GPTQ needs calibration data: pass calib=lowbit.calibration_set(...).")
     target = model if inplace else copy.deepcopy(model)
-    if not select_linears(target, scheme.targets, scheme.ignore):
+    linears = select_linears(target, scheme.targets, scheme.ignore)
+    if not linears:
         raise LowbitError(f"scheme {scheme.name} selects no linear layer of {type(model).__name__}.")
     start = time.perf_counter()
     details: dict[str, Any] = {}
-    if isinstance(method, GPTQ):  # it lets each float linear go once its layer is done: hold none of them here
+    if isinstance(method, GPTQ):
+        del linears  # GPTQ lets each float linear go once its layer is done: hold none of them here
         details = quantize_layerwise(target, scheme, method, calib, progress=progress).to_dict()  # type: ignore[arg-type]
     else:
-        linears = select_linears(target, scheme.targets, scheme.ignore)
         for name, linear in tqdm(linears.items(), desc=f"{method.name} {scheme.name}", unit="layer",
                                  disable=None if progress else True, leave=False):
             qweight = rtn_quantize(linear.weight.detach(), scheme.weights, name=f"{name}.weight")
@@ -196,6 +200,14 @@ def evaluate(model: nn.Module, reference: nn.Module | dict[str, ReferenceStats] 
         ref = reference.get(name) if isinstance(reference, dict) else reference
         results[name] = evaluate_tokens(model, tokens, ref, config, desc=f"eval {name}", progress=progress)
     return EvalReport(results, model_footprint(model), config)
+
+
+def check_output(out: PathLike, format: str, overwrite: bool = False) -> None:
+    """Refuse, before any work, an ``out`` that `save` in ``format`` would refuse as already there."""
+    if format == "gguf":
+        check_file_target(gguf_target(out), overwrite)
+    else:
+        check_directory_target(Path(out), overwrite)
 
 
 def save(model: nn.Module, out: PathLike, format: str = "native", tokenizer: Any = None,

@@ -305,7 +305,7 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
              kl_windows: int, json_path: str | None) -> None:
     """Perplexity of MODEL (a quantised checkpoint — native, compressed-tensors or GPTQ —, a HF directory, a GGUF
     file or 'default') on each text."""
-    from lowbit.api import evaluate, load_model, load_tokenizer
+    from lowbit.api import checkpoint_format, evaluate, load_model, load_tokenizer
     from lowbit.io import is_native_checkpoint, read_manifest
 
     from lowbit.calibration import load_text
@@ -318,8 +318,6 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
     ref = load_model(reference) if reference else None
     result = evaluate(evaluated, reference=ref, text=list(texts), tokenizer=tokenizer, config=config)
     click.echo(str(result))
-    from lowbit.api import checkpoint_format
-
     report: dict[str, Any] = {"model": model, "reference": reference, "format": checkpoint_format(model)}
     if model != "default" and is_native_checkpoint(model):
         manifest = read_manifest(model)
@@ -332,17 +330,11 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
 
 
 def _check_out(out: str | None, fmt: str, overwrite: bool) -> None:
-    """Refuse an existing --out before any work is done (a GGUF target is one file)."""
-    if not out or overwrite:
-        return
-    if fmt == "gguf":
-        from lowbit.io import gguf_target
+    """Refuse an existing --out before any work is done."""
+    if out:
+        from lowbit.api import check_output
 
-        if gguf_target(out).exists():
-            raise LowbitError(f"'{gguf_target(out)}' already exists; choose another path or pass --overwrite.")
-    elif Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
-        raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or pass "
-                          "--overwrite.")
+        check_output(out, fmt, overwrite)
 
 
 @cli.command()
@@ -358,7 +350,7 @@ def _check_out(out: str | None, fmt: str, overwrite: bool) -> None:
 def export(checkpoint: str, fmt: str, out: str, gguf_type: str | None, overwrite: bool,
            max_shard_size: int) -> None:
     """Rewrite a quantised CHECKPOINT (any format lowbit reads) in another format, codes unchanged."""
-    from lowbit.api import checkpoint_format, load, load_model, load_tokenizer, save
+    from lowbit.api import checkpoint_format, load_model, load_tokenizer, save
 
     source = checkpoint_format(checkpoint)
     if source is None and fmt != "gguf":
@@ -366,7 +358,7 @@ def export(checkpoint: str, fmt: str, out: str, gguf_type: str | None, overwrite
     if gguf_type is not None and fmt != "gguf":
         raise LowbitError(f"--gguf-type applies to --format gguf, not {fmt}.")
     _check_out(out, fmt, overwrite)
-    model = load(checkpoint) if source is not None else load_model(checkpoint)
+    model = load_model(checkpoint)  # a quantised checkpoint as it is stored, or a float model (gguf only)
     try:
         tokenizer = load_tokenizer(checkpoint)
     except LowbitError:

@@ -1,5 +1,6 @@
 """The packed-integer CPU kernels against the reference, on awkward shapes, and their dispatch."""
 
+import copy
 import os
 import platform
 import subprocess
@@ -182,14 +183,23 @@ def test_w8a8_runs_on_the_gemv_with_the_references_activation_quantisation():
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 
 
-def test_forward_remembers_its_kernel_until_the_registry_or_the_buffers_change():
+def test_forward_remembers_its_kernel_until_the_registry_or_the_buffers_change(monkeypatch):
+    calls = []
+    counting = dispatch.Kernel("counting", "cpu", supports=lambda w, a, d: None,
+                               prepare=lambda w: calls.append("prepare") or {"w": w.dequantize()},
+                               run=lambda x, p, w, b, a: calls.append("run") or x @ p["w"].T)
+    monkeypatch.setattr(dispatch, "_KERNELS", [counting])
     layer = QuantLinear(quantize_weight(torch.randn(24, 64), QuantSpec("int", 4, "group", 32)))
     x = torch.randn(1, 64)
-    fast = layer(x)
+    first = layer(x)
+    assert calls == ["prepare", "run"]
     with dispatch.reference_only():  # a remembered choice must not outlive the kernels it chose from
         assert torch.equal(layer(x), quantized_linear(x, layer.weight))
-    torch.testing.assert_close(layer(x), fast, rtol=0, atol=0)
+    assert calls == ["prepare", "run"]
+    assert torch.equal(layer(x), first) and calls == ["prepare", "run", "prepare", "run"]
     other = quantize_weight(torch.randn(24, 64), QuantSpec("int", 4, "group", 32))
     for name, tensor in other.tensors().items():  # replaced buffers (as loading with assign=True does)
         setattr(layer, name, tensor)
-    torch.testing.assert_close(layer(x), quantized_linear(x, other), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer(x), x @ other.dequantize().T)  # prepared again from the new codes
+    assert calls[-2:] == ["prepare", "run"] and len(calls) == 6
+    assert copy.deepcopy(layer)._memo is None and layer._memo is not None

@@ -128,21 +128,18 @@ def q4_1_from_codes(codes: Tensor, d: Tensor, m: Tensor) -> Tensor:
 
 def _encode_q8_0(x: Tensor, what: str) -> Tensor:
     d = _f16(x.abs().amax(dim=1, keepdim=True) / 127, what)
-    q = _safe_div(x, d.float()).round().clamp(-128, 127)
-    return torch.cat([_f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
+    return q8_0_from_codes(_safe_div(x, d.float()).round().clamp(-128, 127), d)
 
 
 def _encode_q4_0(x: Tensor, what: str) -> Tensor:
     d = _f16(_signed_absmax(x) / -8, what)
-    q = (_safe_div(x, d.float()).round() + 8).clamp(0, 15)
-    return torch.cat([_f16_bytes(d), _nibbles(q)], dim=1)
+    return q4_0_from_codes((_safe_div(x, d.float()).round() + 8).clamp(0, 15), d)
 
 
 def _encode_q4_1(x: Tensor, what: str) -> Tensor:
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
     d, m = _f16((hi - lo) / 15, what), _f16(lo, what)
-    q = _safe_div(x - m.float(), d.float()).round().clamp(0, 15)
-    return torch.cat([_f16_bytes(d), _f16_bytes(m), _nibbles(q)], dim=1)
+    return q4_1_from_codes(_safe_div(x - m.float(), d.float()).round().clamp(0, 15), d, m)
 
 
 def _decode_q8_0(b: Tensor) -> Tensor:
@@ -271,14 +268,9 @@ def ggml_encode(w: Tensor, kind: str, what: str = "weight") -> Tensor:
 def ggml_decode(data: Tensor, kind: str) -> Tensor:
     """(R, n_bytes) uint8 blocks of GGML type ``kind`` → (R, C) float32."""
     _check_kind(kind)
-    block, size = GGML_BLOCKS[kind]
+    size = GGML_BLOCKS[kind][1]
     if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] % size:
         raise LowbitError(f"GGUF {kind} data must be (rows, a multiple of {size}) uint8, got {data.dtype} "
                           f"{tuple(data.shape)}.")
     rows = data.shape[0]
     return _DECODERS[kind](data.reshape(-1, size)).reshape(rows, -1)
-
-
-def ggml_nbytes(shape: tuple[int, int], kind: str) -> int:
-    block, size = GGML_BLOCKS[kind]
-    return shape[0] * (shape[1] // block) * size

@@ -81,12 +81,17 @@ def gguf_target(out: str | os.PathLike[str]) -> Path:
     return out if out.suffix.lower() == ".gguf" and not out.is_dir() else out / DEFAULT_FILE
 
 
+def check_file_target(target: Path, overwrite: bool) -> None:
+    """Refuse an existing ``target`` unless ``overwrite``."""
+    if target.exists() and not overwrite:
+        raise LowbitError(f"'{target}' already exists; choose another path or overwrite it.")
+
+
 @contextlib.contextmanager
 def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary file beside ``target`` to write; renamed over it when the block succeeds and removed when
     it fails, so an interrupted write leaves any previous file as it was."""
-    if target.exists() and not overwrite:
-        raise LowbitError(f"'{target}' already exists; choose another path or overwrite it.")
+    check_file_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
@@ -335,8 +340,7 @@ def save_gguf(model: nn.Module, out: str | os.PathLike[str], tokenizer: Any = No
     if tokenizer is None:
         raise LowbitError("a GGUF file carries its tokenizer: pass tokenizer= (lowbit.load_tokenizer(...)).")
     target = gguf_target(out)
-    if target.exists() and not overwrite:
-        raise LowbitError(f"'{target}' already exists; choose another path or overwrite it.")
+    check_file_target(target, overwrite)  # before the tensors are encoded
     config = _check_llama(model)
     tensors = gguf_tensors(model, gguf_type, embedding_type)
     linear_kinds = Counter(kind for name, (kind, data) in tensors.items() if name.startswith("blk.") and data.ndim == 2)

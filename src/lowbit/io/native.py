@@ -57,7 +57,8 @@ def _state_dict_without_aliases(model: nn.Module) -> tuple[dict[str, torch.Tenso
     return tensors, aliases
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_directory_target(out: Path, overwrite: bool) -> None:
+    """Refuse an existing, non-empty ``out`` unless ``overwrite``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LowbitError(f"output directory '{out}' already exists and is not empty; choose another or overwrite it.")
 
@@ -67,7 +68,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     """A temporary sibling of ``out`` to write into; renamed to ``out`` when the block succeeds, removed
     when it fails, so an interrupted write never leaves a half-written checkpoint (nor touches the old one)."""
     out = Path(out)
-    _check_target(out, overwrite)
+    check_directory_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -85,7 +86,7 @@ def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: 
     """Write a quantised model to directory ``out`` atomically, in shards above ``max_shard_size`` (bytes,
     or a string such as "2GB"); returns the path."""
     out = Path(out)
-    _check_target(out, overwrite)
+    check_directory_target(out, overwrite)
     parse_size(max_shard_size)  # a bad size is refused before anything is written
     layers = {
         name: {

@@ -139,10 +139,6 @@ class StoredTensors:
         return self.files.get(name, self.where)
 
 
-def is_sharded(directory: str | Path) -> bool:
-    return (Path(directory) / INDEX).is_file()
-
-
 def _read_file(file: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -28,11 +28,7 @@ class QuantLinear(nn.Module):
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._prepared: dict[str, dispatch.Prepared] = {}  # kernel name → its layout, on the current device
-        self._prepared_device: torch.device | None = None
-        # forward's memo: the kernel registry's state and the buffers it was made for, their
-        # QuantizedWeight, and (device, M) → kernel
-        self._memo: tuple[tuple, QuantizedWeight, dict] | None = None
+        self._memo: _Memo | None = None
 
     @classmethod
     def empty(cls, shape: tuple[int, int], spec: QuantSpec, bias: bool = False,
@@ -56,32 +52,51 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise LowbitError(f"{self.extra_repr()}: expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
-        # Decoding calls each layer once per token with the same M: the weight view and the kernel
-        # choice are remembered (a few µs per call) until a buffer is replaced (.to(), loading).
-        buffers = (dispatch.registry_state(), *self._buffers.values())
         memo = self._memo
-        if memo is None or len(memo[0]) != len(buffers) or any(a is not b for a, b in zip(memo[0][1:], buffers[1:])) \
-                or memo[0][0] != buffers[0]:
-            memo = self._memo = (buffers, self.weight, {})
-        weight, chosen = memo[1], memo[2]
-        key = (x.device, x.numel() // self.in_features)
-        kernel = chosen.get(key)
+        if memo is None or not memo.holds(self):
+            memo = self._memo = _Memo(self)
+        m = x.numel() // self.in_features
+        kernel = memo.kernels.get((x.device, m))
         if kernel is None:
-            if len(chosen) > 64:  # prefill lengths vary; keep the memo small
-                chosen.clear()
-            kernel = chosen[key] = dispatch.choose(weight, self.activations, x.device, key[1])
+            if len(memo.kernels) > 64:  # prefill lengths vary; keep the memo small
+                memo.kernels.clear()
+            kernel = memo.kernels[x.device, m] = dispatch.choose(memo.weight, self.activations, x.device, m)
         if kernel is dispatch.REFERENCE:
-            return kernel.run(x, {}, weight, self.bias, self.activations)
-        if self._prepared_device != x.device:
-            self._prepared, self._prepared_device = {}, x.device
-        prepared = self._prepared.get(kernel.name)
+            return kernel.run(x, {}, memo.weight, self.bias, self.activations)
+        prepared = memo.prepared.get(kernel.name)
         if prepared is None:
-            prepared = self._prepared[kernel.name] = kernel.prepare(weight)
-        return kernel.run(x, prepared, weight, self.bias, self.activations)
+            prepared = memo.prepared[kernel.name] = kernel.prepare(memo.weight)
+        return kernel.run(x, prepared, memo.weight, self.bias, self.activations)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), …: the memo would keep the old buffers alive
+        self._memo = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # copies and pickles rebuild the memo on first use
+        return {**super().__getstate__(), "_memo": None}
 
     def extra_repr(self) -> str:
         act = f", activations={self.activations.describe()}" if self.activations else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.spec.describe()}{act}"
+
+
+class _Memo:
+    """What `QuantLinear.forward` derives from the buffers, kept while they and the kernel registry
+    stay as they are: decoding calls each layer once per token with the same M, and building the
+    weight view and choosing the kernel cost a few µs per call. Replacing a buffer (``.to()``, loading
+    with ``assign=True``) or changing the registry starts a new one, prepared layouts included."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        self.registry = dispatch.registry_state()
+        self.buffers = tuple(layer._buffers.values())
+        self.weight = layer.weight
+        self.kernels: dict[tuple[torch.device, int], dispatch.Kernel] = {}  # (device, M) → kernel
+        self.prepared: dict[str, dispatch.Prepared] = {}  # kernel name → its layout of the weight
+
+    def holds(self, layer: QuantLinear) -> bool:
+        buffers = layer._buffers.values()
+        return (self.registry == dispatch.registry_state() and len(buffers) == len(self.buffers)
+                and all(a is b for a, b in zip(buffers, self.buffers)))
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:

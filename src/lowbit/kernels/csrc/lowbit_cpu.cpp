@@ -270,49 +270,42 @@ void block_nib(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_
     for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) - corr[r][t];
 }
 
-template <int R, int T, typename S>
-inline void block(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_t N, int64_t n) {
-  switch (w.bits) {
-    case 2: block_lut<R, T, 2>(w, xl, m0, y, N, n); break;
-    case 4: block_lut<R, T, 4>(w, xl, m0, y, N, n); break;
-    default: block_int8<R, T>(w, xl, m0, y, N, n);
+// The two ways to do R rows × T tokens, by the layout x was rearranged into (`Lanes` or `Words`).
+struct ByteBlocks {
+  template <int R, int T, typename S>
+  static void run(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_t N, int64_t n) {
+    switch (w.bits) {
+      case 2: block_lut<R, T, 2>(w, xl, m0, y, N, n); break;
+      case 4: block_lut<R, T, 4>(w, xl, m0, y, N, n); break;
+      default: block_int8<R, T>(w, xl, m0, y, N, n);
+    }
   }
-}
+};
+
+struct WordBlocks {
+  template <int R, int T, typename S>
+  static void run(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
+    block_nib<R, T>(w, xw, m0, y, N, n);
+  }
+};
 
 // rows [n0, n1) for tokens [m0, m0 + T): blocks of R rows, then single rows
-template <int R, int T, typename S>
-void rows_t(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_t N, int64_t n0, int64_t n1) {
+template <class B, int R, int T, typename S, typename X>
+void rows_t(const Packed<S>& w, const X& x, int64_t m0, float* y, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + R <= n1; n += R) block<R, T>(w, xl, m0, y, N, n);
-  for (; n < n1; ++n) block<1, T>(w, xl, m0, y, N, n);
+  for (; n + R <= n1; n += R) B::template run<R, T>(w, x, m0, y, N, n);
+  for (; n < n1; ++n) B::template run<1, T>(w, x, m0, y, N, n);
 }
 
-template <typename S>
-void rows_avx512(const Packed<S>& w, const Lanes& xl, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+// rows [n0, n1) for all M tokens: four at a time, then the rest (one token: four rows per pass)
+template <class B, typename S, typename X>
+void rows_avx512(const Packed<S>& w, const X& x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) rows_t<2, 4>(w, xl, m, y, N, n0, n1);
+  for (; m + 4 <= M; m += 4) rows_t<B, 2, 4>(w, x, m, y, N, n0, n1);
   switch (M - m) {
-    case 3: rows_t<2, 3>(w, xl, m, y, N, n0, n1); break;
-    case 2: rows_t<2, 2>(w, xl, m, y, N, n0, n1); break;
-    case 1: rows_t<4, 1>(w, xl, m, y, N, n0, n1); break;
-  }
-}
-
-template <int R, int T, typename S>
-void rows_nib_t(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) block_nib<R, T>(w, xw, m0, y, N, n);
-  for (; n < n1; ++n) block_nib<1, T>(w, xw, m0, y, N, n);
-}
-
-template <typename S>
-void rows_nib(const Packed<S>& w, const Words& xw, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) rows_nib_t<2, 4>(w, xw, m, y, N, n0, n1);
-  switch (M - m) {
-    case 3: rows_nib_t<2, 3>(w, xw, m, y, N, n0, n1); break;
-    case 2: rows_nib_t<2, 2>(w, xw, m, y, N, n0, n1); break;
-    case 1: rows_nib_t<4, 1>(w, xw, m, y, N, n0, n1); break;
+    case 3: rows_t<B, 2, 3>(w, x, m, y, N, n0, n1); break;
+    case 2: rows_t<B, 2, 2>(w, x, m, y, N, n0, n1); break;
+    case 1: rows_t<B, 4, 1>(w, x, m, y, N, n0, n1); break;
   }
 }
 #endif
@@ -321,7 +314,7 @@ void rows_nib(const Packed<S>& w, const Words& xw, int64_t M, float* y, int64_t 
 template <typename S>
 void gemv_rows(const Packed<S>& w, const Lanes& xl, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
 #ifdef LOWBIT_AVX512
-  rows_avx512(w, xl, M, y, N, n0, n1);
+  rows_avx512<ByteBlocks>(w, xl, M, y, N, n0, n1);
 #else
   rows_portable(w, xl, M, y, N, n0, n1);
 #endif
@@ -446,7 +439,9 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt.scale.scalar_type(), "int_gemv_cpu", [&] {
       const auto w = wt.packed<scalar_t>();
       at::parallel_for(0, N, grain_rows(wt.q.size(1), M),
-                       [&](int64_t n0, int64_t n1) { lowbit::rows_nib(w, words, M, out, N, n0, n1); });
+                       [&](int64_t n0, int64_t n1) {
+                         lowbit::rows_avx512<lowbit::WordBlocks>(w, words, M, out, N, n0, n1);
+                       });
     });
     return y;
   }
