@@ -35,6 +35,17 @@ def _one_error_line(output: str) -> str:
         (["size", "/no/such/config.json"], "does not exist"),
         (["eval", "default", "--text", "/no/such.txt"], "text source '/no/such.txt' is not one of"),
         (["eval", "default", "--window", "1"], "evaluation needs window >= 2"),
+        (["quantize", "default", "--method", "smoothquant", "--json", "x.json"], "leaves them in float (use AWQ)"),
+        (["quantize", "default", "--scheme", "W8A8", "--method", "awq", "--json", "x.json"], "(use SmoothQuant)"),
+        (["quantize", "default", "--method", "awq", "--alpha", "0.3", "--json", "x.json"],
+         "--alpha does not apply to --method awq"),
+        (["quantize", "default", "--method", "awq", "--act-order", "--json", "x.json"],
+         "--act-order does not apply to --method awq"),
+        (["quantize", "default", "--scheme", "W8A8", "--method", "smoothquant", "--alpha", "2", "--json", "x.json"],
+         "SmoothQuant alpha must lie in [0, 1], got 2.0"),
+        (["quantize", "default", "--scheme", "FP8", "--method", "smoothquant+gptq", "--json", "x.json"],
+         "SmoothQuant+GPTQ quantises integer weights"),
+        (["quantize", "default", "--scheme", "W8A8_STATIC", "--json", "x.json"], "calibrated by SmoothQuant"),
     ],
 )
 def test_bad_input_is_one_sentence_and_nonzero(args, message, tmp_path, monkeypatch):
@@ -141,3 +152,19 @@ def test_quantize_to_compressed_tensors_then_export_to_gptq_and_evaluate(tmp_pat
     assert report["format"] == "gptq" and 10 < report["ppl"]["pydoc-eval"] < 40
     code, output = run("export", str(ct), "--format", "gptq", "--out", str(gptq))
     assert code != 0 and "already exists" in _one_error_line(output)
+
+
+def test_smoothquant_from_the_command_line_then_eval(tmp_path):
+    """A user's run: SmoothQuant W8A8 on the default model, saved, evaluated again by 'lowbit eval'."""
+    out, report = tmp_path / "sq", tmp_path / "e.json"
+    done = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", "default", "--scheme", "W8A8", "--method",
+                           "smoothquant", "--alpha", "0.6", "--calib-samples", "2", "--calib-seqlen", "128", "--out",
+                           str(out), "--no-eval"], check=True, capture_output=True, text=True)
+    assert "scales folded into 90 groups of linears; 30 left unscaled" in done.stderr
+    assert "grouped-query attention" in done.stderr
+    subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", str(out), "--reference", "default", "--window", "256",
+                    "--max-windows", "1", "--kl-windows", "1", "--json", str(report)],
+                   check=True, capture_output=True, text=True)
+    data = json.loads(report.read_text())
+    assert data["method"]["name"] == "smoothquant" and data["method"]["alpha"] == 0.6
+    assert data["scheme"]["name"] == "W8A8" and 0 < data["kl"] < 0.1

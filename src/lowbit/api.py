@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms import GPTQ, RTN, rtn_quantize
+from lowbit.algorithms import AWQ, GPTQ, RTN, SmoothQuant, rtn_quantize
 from lowbit.calibration import load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import EvalConfig, ReferenceStats, TextResult, evaluate_tokens
@@ -122,21 +122,15 @@ def quantize(model: nn.Module, scheme: Scheme | str, method: Any = None, calib: 
     """
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     method = RTN() if method is None else method
-    if not isinstance(method, (RTN, GPTQ)):
-        raise LowbitError(f"method {getattr(method, 'name', method)!r} is not available; use RTN() or GPTQ().")
-    if isinstance(method, GPTQ):
-        if scheme.weights.format != "int":
-            raise LowbitError(f"GPTQ quantises integer weights; scheme {scheme.name} uses {scheme.weights.format}.")
-        if calib is None:
-            raise LowbitError("GPTQ needs calibration data: pass calib=lowbit.calibration_set(...).")
+    check_method(scheme, method, calib is not None)
     target = model if inplace else copy.deepcopy(model)
     linears = select_linears(target, scheme.targets, scheme.ignore)
     if not linears:
         raise LowbitError(f"scheme {scheme.name} selects no linear layer of {type(model).__name__}.")
     start = time.perf_counter()
     details: dict[str, Any] = {}
-    if isinstance(method, GPTQ):
-        del linears  # GPTQ lets each float linear go once its layer is done: hold none of them here
+    if not isinstance(method, RTN):
+        del linears  # each float linear goes once its layer is done: hold none of them here
         details = quantize_layerwise(target, scheme, method, calib, progress=progress).to_dict()  # type: ignore[arg-type]
     else:
         for name, linear in tqdm(linears.items(), desc=f"{method.name} {scheme.name}", unit="layer",
@@ -147,6 +141,29 @@ def quantize(model: nn.Module, scheme: Scheme | str, method: Any = None, calib: 
     target.lowbit_info = QuantInfo(scheme, method.to_dict(), seconds, getattr(model, "lowbit_source", "unknown"),
                                    details)
     return target
+
+
+def check_method(scheme: Scheme, method: Any, has_calibration: bool) -> None:
+    """Refuse, in one sentence, a method that cannot quantise ``scheme`` (before any work is done)."""
+    if not isinstance(method, (RTN, GPTQ, AWQ, SmoothQuant)):
+        raise LowbitError(f"method {getattr(method, 'name', method)!r} is not available; use RTN(), GPTQ(), AWQ() "
+                          "or SmoothQuant().")
+    label = "+".join({"awq": "AWQ", "gptq": "GPTQ", "smoothquant": "SmoothQuant", "rtn": "RTN"}[part]
+                     for part in method.to_dict()["name"].split("+"))
+    uses_gptq = isinstance(method, GPTQ) or getattr(method, "gptq", None) is not None
+    if (uses_gptq or isinstance(method, AWQ)) and scheme.weights.format != "int":
+        raise LowbitError(f"{label} quantises integer weights; scheme {scheme.name} uses {scheme.weights.format}.")
+    if isinstance(method, AWQ) and scheme.activations is not None:
+        raise LowbitError(f"AWQ protects weight-only schemes; scheme {scheme.name} also quantises activations "
+                          "(use SmoothQuant).")
+    if isinstance(method, SmoothQuant) and scheme.activations is None:
+        raise LowbitError(f"SmoothQuant smooths activations for W8A8 / FP8 schemes; scheme {scheme.name} leaves them "
+                          "in float (use AWQ).")
+    if scheme.activations is not None and not scheme.activations.dynamic and not isinstance(method, SmoothQuant):
+        raise LowbitError(f"scheme {scheme.name} has static activation scales, which are calibrated by SmoothQuant "
+                          "(method smoothquant or smoothquant+gptq).")
+    if not isinstance(method, RTN) and not has_calibration:
+        raise LowbitError(f"{label} needs calibration data: pass calib=lowbit.calibration_set(...).")
 
 
 @dataclass

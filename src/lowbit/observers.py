@@ -21,6 +21,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import group_minmax, num_groups
 
 FakeQuant = Callable[[Tensor, Tensor, Tensor], Tensor]
+ErrorFn = Callable[[Tensor, Tensor], Tensor]  # (x, x̂) → error per group, (R, G)
 
 
 def minmax(x: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
@@ -64,12 +65,13 @@ def group_error(x: Tensor, xhat: Tensor, group_size: int, norm: float) -> Tensor
 
 
 def mse_search(x: Tensor, group_size: int, fake_quant: FakeQuant, grid: int = 100, max_shrink: float = 0.8,
-               norm: float = 2.4) -> tuple[Tensor, Tensor]:
+               norm: float = 2.4, error: ErrorFn | None = None) -> tuple[Tensor, Tensor]:
     """The shrunk min-max range with the least quantisation error per group.
 
     Ratios p run over ``grid`` evenly spaced values from 1 down to ``1 - max_shrink``;
-    each group keeps the first (p·xmin, p·xmax) with the least Σ|x − x̂|^norm, so p = 1
-    (plain min-max) wins every tie and the result is never worse than min-max.
+    each group keeps the first (p·xmin, p·xmax) with the least error — Σ|x − x̂|^norm, or
+    ``error(x, x̂)`` when given (AWQ weighs it by the layer's inputs) — so p = 1 (plain
+    min-max) wins every tie and the result is never worse than min-max.
     """
     if not isinstance(grid, int) or grid < 1:
         raise LowbitError(f"mse_search grid must be a positive integer, got {grid!r}.")
@@ -83,7 +85,8 @@ def mse_search(x: Tensor, group_size: int, fake_quant: FakeQuant, grid: int = 10
     best_err = torch.full_like(xmin, float("inf"))
     for ratio in torch.linspace(1.0, 1.0 - max_shrink, grid).tolist():
         lo, hi = xmin * ratio, xmax * ratio
-        err = group_error(x, fake_quant(x, lo, hi), group_size, norm)
+        xhat = fake_quant(x, lo, hi)
+        err = group_error(x, xhat, group_size, norm) if error is None else error(x, xhat)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo, best_lo)
@@ -91,4 +94,4 @@ def mse_search(x: Tensor, group_size: int, fake_quant: FakeQuant, grid: int = 10
     return best_lo, best_hi
 
 
-__all__ = ["group_error", "minmax", "mse_search", "percentile"]
+__all__ = ["ErrorFn", "group_error", "minmax", "mse_search", "percentile"]

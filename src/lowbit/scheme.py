@@ -197,6 +197,9 @@ W4A16 = Scheme(_int(4, 128), name="W4A16")
 W4A16_ASYM = Scheme(_int(4, 128, symmetric=False), name="W4A16_ASYM")
 W8A16 = Scheme(_int(8, None), name="W8A16")
 W8A8 = Scheme(_int(8, None), activations=_DYNAMIC_INT8, name="W8A8")
+# int8 activations with one scale per tensor fixed from calibration data (SmoothQuant's static setting)
+W8A8_STATIC = Scheme(_int(8, None), activations=QuantSpec("int", 8, "tensor", scale_dtype="float32"),
+                     name="W8A8_STATIC")
 FP8 = Scheme(QuantSpec("fp8_e4m3", 8, "channel", scale_dtype="float32"), activations=_DYNAMIC_FP8, name="FP8")
 NF4 = Scheme(QuantSpec("nf4", 4, "group", 64), name="NF4")
 W3A16 = Scheme(_int(3, 128, symmetric=False), name="W3A16")
@@ -208,7 +211,7 @@ Q4_0 = Scheme(_int(4, 32), name="Q4_0")
 Q4_1 = Scheme(_int(4, 32, symmetric=False), name="Q4_1")
 
 PRESETS: dict[str, Scheme] = {
-    s.name: s for s in (W4A16, W4A16_ASYM, W8A16, W8A8, FP8, NF4, W3A16, W2A16, Q8_0, Q4_0, Q4_1)
+    s.name: s for s in (W4A16, W4A16_ASYM, W8A16, W8A8, W8A8_STATIC, FP8, NF4, W3A16, W2A16, Q8_0, Q4_0, Q4_1)
 }
 
 

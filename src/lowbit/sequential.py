@@ -27,15 +27,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lowbit.algorithms.awq import AWQ, awq_clip_ranges, output_error, quantize_in_range
 from lowbit.algorithms.gptq import GPTQ, gptq_quantize_group
 from lowbit.algorithms.hessian import HessianAccumulator
 from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.algorithms.smoothquant import SmoothQuant
 from lowbit.calibration.pipeline import (LayerInputs, capture_first_layer_inputs, collect, run_layer,
                                         run_layer_staged)
+from lowbit.errors import LowbitError
 from lowbit.memory import drop_file_pages, release_pages, trim_heap
 from lowbit.models import select_linears, set_submodule
+from lowbit.models.layers import name_filter
 from lowbit.nn import QuantLinear
 from lowbit.scheme import Scheme
+from lowbit.smoothing import Smoothed, activation_level_max, make_stats, smooth_layer
 from lowbit.tensor import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,8 @@ class LayerwiseReport:
     module_errors: dict[str, float] = field(default_factory=dict)  # ‖(W − Q)Xᵀ‖² / n
     module_signal: dict[str, float] = field(default_factory=dict)  # ‖WXᵀ‖² / n
     fallbacks: list[str] = field(default_factory=list)  # modules never reached: quantised with RTN
+    scales: dict[str, dict[str, Any]] = field(default_factory=dict)  # AWQ / SmoothQuant: per group folded
+    skipped_scales: dict[str, str] = field(default_factory=dict)  # per group left unscaled: why
     dead_columns: dict[str, int] = field(default_factory=dict)
     calibration_tokens: int = 0
     calibration_dtype: str = "float32"
@@ -59,7 +66,7 @@ class LayerwiseReport:
         relative = {k: v / self.module_signal[k] if self.module_signal.get(k) else 0.0
                     for k, v in self.module_errors.items()}
         return {"layer_errors": self.layer_errors, "module_relative_errors": relative,
-                "fallbacks": self.fallbacks, "dead_columns": self.dead_columns,
+                "fallbacks": self.fallbacks, "scales": self.scales, "skipped_scales": self.skipped_scales, "dead_columns": self.dead_columns,
                 "calibration_tokens": self.calibration_tokens, "calibration_dtype": self.calibration_dtype}
 
 
@@ -215,17 +222,67 @@ def _quantize_after_float_pass(layer: nn.Module, inputs: LayerInputs, linears: d
     return weights, run_layer(layer, inputs)
 
 
-def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ, calib: Tensor, batch_size: int | None = None,
-                       progress: bool = True) -> LayerwiseReport:
-    """Quantise ``model`` in place, one decoder layer at a time, with GPTQ on ``calib`` (N, T).
+def _round_to_nearest(linears: dict[str, nn.Linear], smoothed: Smoothed, prefix: str, spec, method: AWQ | SmoothQuant,
+                      report: LayerwiseReport) -> dict[str, QuantizedWeight]:
+    """Round each (scaled) weight to nearest; under AWQ with clipping, in the ranges its clipping search picks."""
+    skip_clip = name_filter(method.no_clip, ()) if isinstance(method, AWQ) else None
+    weights = {}
+    for local, linear in linears.items():
+        full, W = prefix + local, linear.weight.data.float()
+        H = smoothed.hessians.get(local)
+        if isinstance(method, AWQ) and method.clip and H is not None and not skip_clip(full):  # type: ignore[misc]
+            lo, hi = awq_clip_ranges(W, H, spec, method.clip_grid, method.clip_max_shrink)
+            weights[local] = quantize_in_range(W, spec, lo, hi, name=f"{full}.weight")
+        else:
+            weights[local] = rtn_quantize(W, spec, name=f"{full}.weight")
+        if H is not None:
+            report.module_errors[full] = output_error(weights[local].dequantize() - W, H)
+            report.module_signal[full] = output_error(W, H)
+        linear.weight.data = weights[local].dequantize(linear.weight.dtype)
+    return weights
+
+
+def _smooth(model: nn.Module, layer: nn.Module, inputs: LayerInputs, probe: LayerInputs,
+            linears: dict[str, nn.Linear], groups: list[list[str]], prefix: str, scheme: Scheme,
+            method: AWQ | SmoothQuant, dtype: torch.dtype, report: LayerwiseReport) -> Smoothed:
+    """One pass of the float layer for its input statistics, then AWQ's or SmoothQuant's scales folded in."""
+    grouped = {local for group in groups for local in group}
+    groups = groups + [[local] for local in linears if local not in grouped]
+    with _precision(layer, dtype):
+        stats, _ = collect(layer, inputs, {g[0]: linears[g[0]] for g in groups}, lambda m: make_stats(method, m))
+    smoothed = smooth_layer(model, layer, stats, probe, linears, groups, prefix, method,  # type: ignore[arg-type]
+                            scheme.weights, scheme.activations)
+    report.scales.update(smoothed.records)
+    report.skipped_scales.update(smoothed.skipped)
+    return smoothed
+
+
+def _input_scale(scheme: Scheme, smoothed: Smoothed | None, local: str) -> Tensor | None:
+    """The static per-tensor activation scale of a linear: max|x/s| on the calibration set / the largest code."""
+    act = scheme.activations
+    if act is None or act.dynamic:
+        return None
+    if smoothed is None or local not in smoothed.input_max:
+        raise LowbitError(f"{local} never saw calibration data, so it has no static activation scale; use a "
+                          "scheme with dynamic activations or calibration text that reaches it.")
+    return torch.tensor([max(smoothed.input_max[local], 1e-12) / activation_level_max(act)], dtype=torch.float32)
+
+
+def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | SmoothQuant, calib: Tensor,
+                       batch_size: int | None = None, progress: bool = True) -> LayerwiseReport:
+    """Quantise ``model`` in place, one decoder layer at a time, with ``method`` on ``calib`` (N, T).
 
     The calibration set runs in chunks of ``batch_size`` sequences (default: about
-    CHUNK_TOKENS tokens each). With ``method.true_sequential`` (the default) every layer
-    costs one forward pass over all chunks, paused before each group of linears while
-    GPTQ quantises it; otherwise the Hessians come from the float layer and a second pass
-    makes the outputs.
+    CHUNK_TOKENS tokens each). AWQ and SmoothQuant first run the float layer once for its
+    input statistics and fold their scales into it (`lowbit.smoothing`); the layer is then
+    rounded by GPTQ (``method`` itself, or the ``gptq`` of AWQ / SmoothQuant) or to nearest.
+    With ``GPTQ.true_sequential`` (the default) GPTQ costs one forward pass over all chunks,
+    paused before each group of linears while it quantises it; otherwise the Hessians come
+    from the float layer and a second pass makes the outputs.
     """
     spec = scheme.weights
+    gptq = method if isinstance(method, GPTQ) else method.gptq
+    smoother = None if isinstance(method, GPTQ) else method
     selected = select_linears(model, scheme.targets, scheme.ignore)
     names = set(selected)
     if batch_size is None:  # chunks of about CHUNK_TOKENS tokens
@@ -236,22 +293,34 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ, calib: Te
     for param in model.parameters():  # not read again until each layer's turn (or at all: embeddings, head)
         drop_file_pages(param)
     report = LayerwiseReport(calibration_tokens=inputs.tokens, calibration_dtype=str(dtype).removeprefix("torch."))
-    bar = tqdm(range(len(layers)), desc=f"gptq {scheme.name}", unit="layer", disable=None if progress else True)
+    bar = tqdm(range(len(layers)), desc=f"{method.to_dict()['name']} {scheme.name}", unit="layer",
+               disable=None if progress else True)
     for i in bar:
         layer = layers[i]
         prefix = f"{name}.{i}."
         # popped: the float modules (and the float weights they hold) go as soon as the layer is done
         linears = {n[len(prefix):]: selected.pop(n) for n in list(selected) if n.startswith(prefix)}
-        step = _quantize_in_one_pass if method.true_sequential else _quantize_after_float_pass
-        float_weights = {local: linear.weight.data for local, linear in linears.items()}  # what GPTQ solves for
         with _precision(layer, dtype):
             groups = shared_input_groups(layer, probe, linears)
-            weights, outputs = step(layer, inputs, linears, float_weights, groups, prefix, spec, method, report)
+        smoothed = None
+        if smoother is not None:
+            smoothed = _smooth(model, layer, inputs, probe, linears, groups, prefix, scheme, smoother, dtype, report)
+        if gptq is None:  # from the float32 weights, before the pass swaps them for bfloat16 copies
+            assert smoothed is not None and smoother is not None
+            weights = _round_to_nearest(linears, smoothed, prefix, spec, smoother, report)
+        float_weights = {local: linear.weight.data for local, linear in linears.items()}  # what GPTQ solves for
+        with _precision(layer, dtype):
+            if gptq is not None:
+                step = _quantize_in_one_pass if gptq.true_sequential else _quantize_after_float_pass
+                weights, outputs = step(layer, inputs, linears, float_weights, groups, prefix, spec, gptq, report)
+            else:
+                outputs = run_layer(layer, inputs)
             probe = LayerInputs(run_layer(layer, probe), probe.kwargs)
         for local, weight in weights.items():
-            set_submodule(layer, local, QuantLinear(weight, linears[local].bias, scheme.activations))
-        signal = sum(report.module_signal[prefix + n] for n in weights) or 1.0
-        error = sum(report.module_errors[prefix + n] for n in weights) / signal
+            set_submodule(layer, local, QuantLinear(weight, linears[local].bias, scheme.activations,
+                                                    input_scale=_input_scale(scheme, smoothed, local)))
+        signal = sum(report.module_signal.get(prefix + n, 0.0) for n in weights) or 1.0
+        error = sum(report.module_errors.get(prefix + n, 0.0) for n in weights) / signal
         report.layer_errors.append(error)
         bar.set_postfix(layer=i, rel_err=f"{error:.2e}")
         log.info("layer %d: relative output error of its linears %.3e", i, error)
@@ -263,5 +332,6 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ, calib: Te
         log.warning("%s never saw calibration data; quantised with round-to-nearest", full)
         report.fallbacks.append(full)
         weight = rtn_quantize(linear.weight, spec, name=f"{full}.weight")
-        set_submodule(model, full, QuantLinear(weight, linear.bias, scheme.activations))
+        set_submodule(model, full, QuantLinear(weight, linear.bias, scheme.activations,
+                                               input_scale=_input_scale(scheme, None, full)))
     return report

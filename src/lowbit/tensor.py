@@ -358,3 +358,20 @@ def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
     else:
         raise LowbitError(f"activations cannot use the {spec.format!r} format.")
     return out.reshape(shape).to(x.dtype)
+
+
+def fake_quantize_static(x: Tensor, spec: QuantSpec, scale: Tensor) -> Tensor:
+    """Quantise then dequantise ``x`` with a fixed per-tensor ``scale`` (static activations, calibrated once).
+
+    Values beyond the calibrated range saturate at the largest code, as an integer kernel's would.
+    """
+    if spec.format == "int":
+        qmin, qmax = int_range(spec.bits, True)
+        s = scale.float()
+        return torch.round(x.float() / s).clamp_(qmin, qmax).mul_(s).to(x.dtype)
+    if spec.format.startswith("fp8_"):
+        flat = x.reshape(1, -1).float()
+        s = scale.float().reshape(1, 1)
+        out = dequantize_fp8(quantize_fp8(flat, s, spec.format[4:], flat.shape[1]), s, spec.format[4:], flat.shape[1])
+        return out.reshape(x.shape).to(x.dtype)
+    raise LowbitError(f"activations cannot use the {spec.format!r} format.")

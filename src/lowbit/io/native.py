@@ -145,7 +145,7 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
         bias = state.get(f"{name}.bias")
         if layer.get("bias") and bias is None:
             raise LowbitError(f"tensor {name}.bias is missing from '{file}'.")
-        set_submodule(model, name, QuantLinear(weight, bias, act))
+        set_submodule(model, name, QuantLinear(weight, bias, act, input_scale=found.get("input_scale")))
     for alias, target in manifest.get("aliases", {}).items():
         if target not in state:
             raise LowbitError(f"tensor {target} (stored for {alias}) is missing from '{stored.where}'.")

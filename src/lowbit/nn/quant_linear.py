@@ -2,7 +2,9 @@
 
 The packed tensors are registered as buffers named as in the checkpoint (``qdata``,
 ``scale``, ``zero_point``, ``scale_scale``, ``scale_offset``), so ``state_dict()``,
-``.to()`` and loading with ``assign=True`` work as for any module.
+``.to()`` and loading with ``assign=True`` work as for any module. With static activations
+(``activations.dynamic`` false) the calibrated per-tensor activation scale is the buffer
+``input_scale``; activations are then quantised with it before the weight's kernel runs.
 """
 
 from __future__ import annotations
@@ -13,20 +15,30 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.kernels import dispatch
 from lowbit.scheme import QuantSpec
-from lowbit.tensor import QuantizedWeight, expected_layout
+from lowbit.tensor import QuantizedWeight, expected_layout, fake_quantize_static
 
 
 class QuantLinear(nn.Module):
     """y = x Wᵀ + b with W stored quantised (and x quantised per call for W8A8 / FP8)."""
 
     def __init__(self, weight: QuantizedWeight, bias: Tensor | None = None,
-                 activations: QuantSpec | None = None) -> None:
+                 activations: QuantSpec | None = None, input_scale: Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.spec = weight.spec
         self.activations = activations
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
+        static = activations is not None and not activations.dynamic
+        if static and activations.granularity != "tensor":  # type: ignore[union-attr]
+            raise LowbitError(f"static activation scales are per tensor, not per {activations.granularity}.")  # type: ignore[union-attr]
+        if static and (input_scale is None or input_scale.numel() != 1 or not bool(input_scale.float().gt(0).all())):
+            raise LowbitError("static activations need one positive calibrated input_scale "
+                              "(quantise with --method smoothquant).")
+        if not static and input_scale is not None:
+            raise LowbitError("input_scale applies to static activations only.")
+        if static:
+            self.register_buffer("input_scale", input_scale.detach().reshape(1).float().clone())  # type: ignore[union-attr]
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._memo: _Memo | None = None
 
@@ -39,7 +51,8 @@ class QuantLinear(nn.Module):
                    for name, (dims, dtype) in expected_layout(spec, shape, g_idx).items()}
         weight = QuantizedWeight.from_tensors(tensors, shape, spec)
         b = torch.empty(shape[0], device=device) if bias else None
-        return cls(weight, b, activations)
+        static = activations is not None and not activations.dynamic
+        return cls(weight, b, activations, torch.ones(1, device=device) if static else None)
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -55,18 +68,22 @@ class QuantLinear(nn.Module):
         memo = self._memo
         if memo is None or not memo.holds(self):
             memo = self._memo = _Memo(self)
+        activations = self.activations
+        if "input_scale" in self._buffers:  # static: quantised here with the calibrated scale, the kernel
+            x = fake_quantize_static(x, activations, self._buffers["input_scale"])  # then sees the codes' values
+            activations = None
         m = x.numel() // self.in_features
         kernel = memo.kernels.get((x.device, m))
         if kernel is None:
             if len(memo.kernels) > 64:  # prefill lengths vary; keep the memo small
                 memo.kernels.clear()
-            kernel = memo.kernels[x.device, m] = dispatch.choose(memo.weight, self.activations, x.device, m)
+            kernel = memo.kernels[x.device, m] = dispatch.choose(memo.weight, activations, x.device, m)
         if kernel is dispatch.REFERENCE:
-            return kernel.run(x, {}, memo.weight, self.bias, self.activations)
+            return kernel.run(x, {}, memo.weight, self.bias, activations)
         prepared = memo.prepared.get(kernel.name)
         if prepared is None:
             prepared = memo.prepared[kernel.name] = kernel.prepare(memo.weight)
-        return kernel.run(x, prepared, memo.weight, self.bias, self.activations)
+        return kernel.run(x, prepared, memo.weight, self.bias, activations)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), …: the memo would keep the old buffers alive
         self._memo = None
