@@ -1,7 +1,7 @@
 """lowbit's GPU kernels beside bf16 ``F.linear`` on the LLaMA-7B and -70B linear shapes, one GPU, one run.
 
 For each (K, N) in 4096×4096, 4096×11008, 11008×4096 (7B) and 8192×28672, 28672×8192
-(70B) and each M in 1, 16, 64, 256, 2048 tokens (bfloat16 activations):
+(70B) and each M in 1, 16, 64, 128, 256, 2048 tokens (bfloat16 activations):
 
 1. quantise one random normal weight per format on the GPU (int4 g128 sym, NF4 g64,
    int8 per-channel, FP8 e4m3 per-channel) and check every kernel against
@@ -14,9 +14,8 @@ For each (K, N) in 4096×4096, 4096×11008, 11008×4096 (7B) and 8192×28672, 28
    the block config the launcher picks today *and* every candidate config of a small
    sweep (each candidate is checked too), so the table shows both and the JSON records
    the fastest config per (shape, M) for the launchers' tables; the other backends
-   (4-bit dequantise + cuBLAS, int8 ``torch._int_mm``, FP8 ``torch._scaled_mm``); the
-   4-bit kernel reading the stored (N-major) bytes in place beside the prepared K-major
-   copy; and the peers: tinygemm (``torch._weight_int4pack_mm``) and, when importable,
+   (4-bit dequantise + cuBLAS, int8 ``torch._int_mm``, FP8 ``torch._scaled_mm``); and the
+   peers: tinygemm (``torch._weight_int4pack_mm``) and, when importable,
    bitsandbytes NF4 (``matmul_4bit``) and LLM.int8 (``Linear8bitLt``, threshold 0);
 3. measure the device memory of a `QuantLinear` on the largest shape: its packed buffers,
    what stays allocated after forwards at M = 1 and 2048 (the prepared layouts), and the
@@ -50,8 +49,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+START = time.perf_counter()
 SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N), 70B first
-TOKENS = [1, 16, 64, 256, 2048]
+TOKENS = [1, 16, 64, 128, 256, 2048]
 SMOKE_SHAPES = [(256, 96), (192, 160)]
 SMOKE_TOKENS = [1, 16, 33]
 TOL = 4 * 2.0**-8  # bf16
@@ -67,6 +67,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--shapes", default=None, help="comma-separated KxN (default: the five LLaMA shapes)")
     parser.add_argument("--tokens", default=None, help="comma-separated M values")
     parser.add_argument("--no-sweep", action="store_true", help="time only the launchers' own configs")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which only the launchers' own configs are timed (the run still ends "
+                             "with its table)")
     return parser.parse_args()
 
 
@@ -83,7 +86,6 @@ from lowbit.kernels.triton import prepare_nf4, prepare_w4a16, prepare_w8a8  # no
 from lowbit.kernels.triton.ops import (  # noqa: E402
     BlockConfig,
     _sm_count,
-    _split_k,
     int4_config,
     launch_int4,
     launch_w8a8,
@@ -98,61 +100,74 @@ NF4 = QuantSpec("nf4", 4, "group", 64)
 W8, ACT8 = get_scheme("W8A8").weights, get_scheme("W8A8").activations
 FP8W, ACTF8 = get_scheme("FP8").weights, get_scheme("FP8").activations
 
-# Candidate configs per regime: (BLOCK_M or None for the launcher's, BLOCK_N, BLOCK_K, warps, stages, programs per
-# SM, backend, unpack). "gemv" entries are tried only for M ≤ 4 (their BLOCK_M is M rounded up to a power of two).
-GEMV = [(None, 128, 128, 4, 3, 2, "gemv", 0), (None, 256, 128, 8, 3, 2, "gemv", 0),
-        (None, 128, 256, 4, 3, 2, "gemv", 0), (None, 64, 256, 4, 3, 2, "gemv", 0),
-        (None, 128, 128, 4, 3, 4, "gemv", 0), (None, 256, 256, 8, 3, 2, "gemv", 0)]
+# Candidate configs per regime. 4-bit: (backend, BLOCK_M (tokens per tile; GEMV: 1), BLOCK_N, BLOCK_K, warps,
+# stages, programs per SM that split-K aims at (0: no split), extra BlockConfig fields).
+G = "gemv"
+MMA = "mma"
+XP = {"xplanes": True}
+PLAIN = {"magic": False}
 INT4_TILES = {
-    "decode": GEMV + [(16, 64, 128, 4, 4, 2, "triton", 0), (16, 128, 128, 4, 4, 2, "triton", 0),
-                      (16, 64, 128, 4, 4, 2, "triton", 1), (16, 128, 128, 4, 4, 2, "triton", 1),
-                      (16, 128, 64, 4, 3, 2, "triton", 1), (16, 256, 64, 8, 3, 2, "triton", 1)],
-    "mid": [(None, 128, 128, 4, 3, 1, "triton", 0), (None, 128, 128, 4, 3, 1, "triton", 1),
-            (None, 64, 128, 4, 4, 1, "triton", 1), (None, 256, 64, 8, 3, 1, "triton", 1)],
-    "large": [(128, 128, 128, 8, 3, 1, "triton", 0), (128, 128, 128, 8, 3, 1, "triton", 1),
-              (128, 256, 64, 8, 3, 1, "triton", 1), (128, 128, 64, 8, 4, 1, "triton", 1),
-              (128, 256, 128, 8, 3, 1, "triton", 1)],
+    "one": [(G, 1, 128, 128, 4, 1, 4, {}), (G, 1, 256, 128, 4, 1, 4, {}), (G, 1, 128, 256, 4, 1, 4, {}),
+            (G, 1, 128, 128, 8, 1, 4, {}), (G, 1, 64, 128, 4, 1, 4, {}),
+            (G, 1, 128, 128, 4, 1, 4, XP), (G, 1, 256, 128, 4, 1, 4, XP), (G, 1, 128, 256, 4, 1, 4, XP),
+            (G, 1, 128, 128, 8, 1, 4, XP), (G, 1, 64, 128, 4, 1, 4, XP), (G, 1, 256, 128, 8, 1, 2, XP),
+            (MMA, 16, 128, 128, 4, 4, 2, {}), (MMA, 16, 64, 128, 4, 4, 2, {}), (MMA, 16, 128, 128, 4, 4, 2, PLAIN)],
+    "decode": [(MMA, 16, 64, 128, 4, 4, 2, {}), (MMA, 16, 128, 128, 4, 4, 2, {}), (MMA, 16, 64, 128, 4, 3, 4, {}),
+               (MMA, 16, 64, 128, 4, 4, 0, {}), (MMA, 16, 64, 128, 4, 4, 2, PLAIN), (MMA, 16, 128, 128, 4, 4, 2, PLAIN),
+               (MMA, 16, 64, 128, 4, 3, 4, PLAIN), (MMA, 16, 64, 128, 4, 4, 0, PLAIN),
+               (MMA, 16, 32, 128, 4, 4, 4, PLAIN), (MMA, 16, 128, 128, 8, 4, 2, PLAIN)],
+    "mid": [(MMA, 64, 128, 128, 4, 3, 1, {}), (MMA, 32, 64, 128, 4, 4, 2, {}),
+            (MMA, 64, 128, 128, 4, 3, 1, PLAIN), (MMA, 32, 64, 128, 4, 4, 2, PLAIN),
+            (MMA, 64, 64, 128, 4, 4, 1, PLAIN), (MMA, 64, 128, 128, 8, 3, 1, PLAIN)],
+    "large": [(MMA, 64, 128, 128, 4, 4, 0, {}), (MMA, 64, 128, 128, 4, 4, 0, PLAIN),
+              (MMA, 128, 128, 128, 8, 3, 0, PLAIN), (MMA, 64, 64, 128, 4, 4, 0, PLAIN),
+              (MMA, 128, 128, 64, 8, 4, 0, PLAIN), (MMA, 64, 256, 128, 8, 3, 0, PLAIN)],
+    "prefill": [(MMA, 128, 128, 64, 8, 4, 0, PLAIN), (MMA, 128, 128, 128, 8, 3, 0, PLAIN),
+                (MMA, 128, 256, 64, 8, 3, 0, PLAIN), (MMA, 256, 128, 64, 8, 3, 0, PLAIN)],
 }
 NF4_TILES = {
-    "decode": GEMV[:3] + [(16, 64, 128, 4, 4, 2, "triton", 1), (16, 128, 128, 4, 4, 2, "triton", 1)],
-    "mid": [(None, 128, 128, 4, 3, 1, "triton", 1)],
-    "large": [(128, 128, 128, 8, 3, 1, "triton", 1)],
+    "one": [(G, 1, 128, 128, 4, 1, 4, {}), (G, 1, 64, 128, 4, 1, 4, {})],
+    "decode": [("triton", 16, 64, 64, 4, 4, 2, {}), ("triton", 16, 128, 64, 4, 4, 2, {"unpack": 1})],
+    "mid": [], "large": [], "prefill": [],
 }
+T = "triton"
 W8A8_TILES = {
-    "decode": [(16, 64, 128, 4, 4, 2, "triton", 0), (16, 128, 256, 8, 3, 2, "triton", 0),
-               (16, 128, 128, 4, 4, 2, "triton", 0), (16, 256, 256, 8, 3, 2, "triton", 0)],
-    "mid": [(None, 128, 256, 8, 3, 1, "triton", 0), (None, 128, 128, 4, 4, 1, "triton", 0),
-            (None, 256, 256, 8, 3, 1, "triton", 0)],
-    "large": [(128, 128, 128, 8, 3, 1, "triton", 0), (128, 256, 128, 8, 4, 1, "triton", 0),
-              (256, 128, 128, 8, 4, 1, "triton", 0), (128, 128, 128, 4, 4, 1, "triton", 0),
-              (128, 128, 256, 8, 3, 1, "triton", 0), (128, 256, 128, 8, 3, 1, "triton", 0)],
+    "one": [(T, 16, 64, 128, 4, 4, 2, {}), (T, 16, 128, 256, 8, 3, 2, {}), (T, 16, 64, 256, 4, 4, 4, {}),
+            (T, 16, 32, 256, 4, 4, 4, {}), (T, 16, 64, 512, 8, 3, 2, {})],
+    "decode": [(T, 16, 64, 128, 4, 4, 2, {}), (T, 16, 128, 256, 8, 3, 2, {}), (T, 16, 128, 128, 4, 4, 2, {}),
+               (T, 16, 64, 256, 4, 4, 4, {}), (T, 16, 64, 512, 8, 3, 2, {})],
+    "mid": [(T, 64, 128, 256, 8, 3, 1, {}), (T, 64, 128, 128, 4, 4, 1, {}), (T, 32, 128, 256, 8, 3, 2, {})],
+    "large": [(T, 128, 256, 128, 8, 3, 0, {}), (T, 64, 128, 128, 4, 4, 0, {}), (T, 64, 256, 128, 8, 4, 0, {}),
+              (T, 128, 128, 128, 8, 4, 0, {}), (T, 64, 128, 256, 4, 3, 0, {})],
+    "prefill": [(T, 256, 128, 128, 8, 4, 0, {}), (T, 128, 256, 128, 8, 4, 0, {}), (T, 128, 128, 128, 8, 3, 0, {}),
+                (T, 256, 128, 64, 8, 6, 0, {}), (T, 128, 256, 64, 8, 6, 0, {}),
+                (T, 256, 128, 128, 8, 4, 0, {"group_m": 4}),
+                (T, 256, 128, 128, 8, 4, 0, {"group_m": 16}), (T, 128, 128, 128, 8, 4, 0, {}),
+                (T, 256, 128, 64, 8, 5, 0, {"group_m": 16})],
 }
-DEQUANT_TILES = [(64, 128, 4), (128, 128, 4)]  # (BLOCK_N, BLOCK_K, warps)
-SMOKE_TILES = {"decode": [(None, 32, 32, 4, 2, 2, "gemv", 0), (16, 32, 32, 4, 2, 2, "triton", 1)],
-               "mid": [(None, 32, 32, 4, 2, 1, "triton", 1)], "large": [(32, 32, 32, 4, 2, 1, "triton", 1)]}
+DEQUANT_TILES = [(64, 128, 4), (32, 256, 4)]  # (BLOCK_N, BLOCK_K, warps)
+SMOKE_TILES = {
+    "one": [(G, 1, 32, 64, 4, 1, 2, {}), (MMA, 16, 32, 64, 4, 2, 2, {})],
+    "decode": [(MMA, 16, 32, 64, 4, 2, 2, {}), (MMA, 16, 32, 64, 4, 2, 2, {"planes": 1})],
+    "mid": [(MMA, 32, 32, 32, 4, 2, 1, {})], "large": [(MMA, 32, 32, 32, 4, 2, 0, {})],
+    "prefill": [(MMA, 32, 32, 32, 4, 2, 0, {})],
+}
 
 
 def regime(m: int) -> str:
-    return "decode" if m <= 16 else "mid" if m <= 64 else "large"
+    return "one" if m == 1 else "decode" if m <= 16 else "mid" if m <= 64 else "large" if m <= 256 else "prefill"
 
 
 def candidates(tiles: dict, m: int, n: int, k: int, sms: int, group: int | None) -> list[BlockConfig]:
-    """The sweep's configs for M tokens: BLOCK_K halved until it divides the group (as the launcher
-    does) for the tensor-core kernel, split-K for about ``programs per SM`` × SMs programs."""
+    """The sweep's configs for M tokens, split-K for about ``programs per SM`` × SMs programs, BLOCK_K
+    halved until it divides the group (a K block never spans two groups)."""
     out = []
-    for bm, bn, bk, warps, stages, per_sm, backend, unpack in tiles[regime(m)]:
-        if backend == "gemv":
-            if m > 4:
-                continue
-            bm = 1 << (m - 1).bit_length()
-            tiles_mn = -(-n // bn)
-            split = max(1, min(-(-per_sm * sms // tiles_mn), (k // bk) // 4))
-        else:
-            bm = bm or (32 if m <= 32 else 64)
-            while group is not None and bk > 32 and group % bk:
-                bk //= 2
-            split = _split_k(m, n, k, bm, bn, bk, per_sm * sms)
-        cfg = BlockConfig(bm, bn, bk, split, warps, stages, backend=backend, unpack=unpack)
+    for backend, bm, bn, bk, warps, stages, per_sm, extra in tiles[regime(m)]:
+        while group is not None and backend != "gemv" and bk > 32 and group % bk:
+            bk //= 2
+        tiles_mn = -(-n // bn) * (1 if backend == "gemv" else -(-m // bm))
+        split = max(1, min(-(-per_sm * sms // tiles_mn), (k // bk) // 4)) if per_sm else 1
+        cfg = BlockConfig(bm, bn, bk, split, warps, stages, backend=backend, **extra)
         if cfg not in out:
             out.append(cfg)
     return out
@@ -246,8 +261,6 @@ class Shape:
         self.w_bf16 = W.to(torch.bfloat16)
         del W
         self.p4, self.pn, self.p8 = prepare_w4a16(self.w4), prepare_nf4(self.wn), prepare_w8a8(self.w8)
-        # the same words and scales read in place from the stored (N-major) bytes, through their strides
-        self.p4_stored = {"qweight": self.w4.qdata.view(torch.int32).T, "scales": self.w4.scale.T}
         self.sms = _sm_count(device)
         fp8_reason = fp8_unsupported(self.wf, ACTF8, device) if self.wf is not None else "CUDA only"
         self.pf = prepare_fp8(self.wf) if fp8_reason is None else fp8_reason
@@ -286,7 +299,7 @@ class Shape:
                 result["default_us"] = us
             if us is not None and (result.get("best_us") is None or us < result["best_us"]):
                 result["best_us"], result["best_config"] = us, dataclasses.asdict(cfg)
-            if ARGS.no_sweep:
+            if ARGS.no_sweep or (ARGS.deadline and time.perf_counter() - START > ARGS.deadline):
                 break
         return result
 
@@ -312,21 +325,12 @@ class Shape:
         for name, launch, weight, ref, table in (("w4a16", int4(self.p4, self.w4), self.w4, ref4, INT4_TILES),
                                                  ("nf4", int4(self.pn, self.wn), self.wn, refn, NF4_TILES)):
             groups = weight.scale_shape[1]
-            default = int4_config(m, n, k, weight.group_size, groups, self.sms)
+            default = int4_config(m, n, k, weight.group_size, groups, self.sms, lut=name == "nf4")
             configs = candidates(tiles or table, m, n, k, self.sms, weight.group_size)
             sweep = self._sweep(name, m, x, ref, launch, default, configs)
             row["sweeps"][name] = sweep
             row["us"][name] = sweep["default_us"]
             row["us"][name + " tuned"] = sweep.get("best_us")
-            if name == "w4a16" and regime(m) == "decode":  # the sweep again on the stored layout
-                stored = self._sweep("w4a16 stored layout", m, x, ref4, int4(self.p4_stored, self.w4), default,
-                                     configs)
-                row["sweeps"]["w4a16 stored layout"] = stored
-                row["us"]["w4a16 stored layout"] = stored.get("best_us")
-            elif name == "w4a16" and sweep.get("best_config"):  # the best config on the stored layout
-                best = BlockConfig(**sweep["best_config"])
-                row["us"]["w4a16 stored layout"] = self._run("w4a16 stored layout", m, lambda x, out: int4(
-                    self.p4_stored, self.w4)(x, out, best), x, ref4, best)
             if m >= 64:  # dequantise + cuBLAS
                 best_us = None
                 for bn, bk, warps in DEQUANT_TILES[:1] if self.smoke else DEQUANT_TILES:
@@ -340,7 +344,7 @@ class Shape:
         def w8a8(x, out, cfg):
             launch_w8a8(out_of(out), x, self.p8["weight"], self.p8["scale"], None, cfg)
 
-        sweep = self._sweep("w8a8", m, x, ref8, w8a8, w8a8_config(m, n, k, self.sms),
+        sweep = self._sweep("w8a8", m, x, ref8, w8a8, w8a8_config(m, n, k, self.sms, x.element_size()),
                             candidates(tiles or W8A8_TILES, m, n, k, self.sms, None))
         row["sweeps"]["w8a8"] = sweep
         row["us"]["w8a8"] = sweep["default_us"]
@@ -422,8 +426,8 @@ def markdown(env: dict, checks: list[dict], timings: list[dict], memory: dict | 
         "Weights: int4 g128 symmetric (w4a16, tinygemm), NF4 g64, int8 per-channel with per-token dynamic int8 "
         "activations (w8a8, quantisation included), FP8 e4m3 per-channel with per-token e4m3 activations. "
         "`w4a16`/`nf4`/`w8a8`: the launcher's own block config; `tuned`: the fastest config of the sweep "
-        "(configs in the JSON); `dequant+cublas`: dequantise kernel + bf16 GEMM; `stored layout`: the tuned "
-        "config reading the stored N-major bytes in place instead of the prepared K-major copy.",
+        "(configs in the JSON; with --no-sweep the launcher's again); `dequant+cublas`: dequantise kernel + bf16 "
+        "GEMM. The 4-bit kernels read the stored (N-major) nibbles in place.",
         "",
         "| K × N | M | bf16 µs | " + " | ".join(kernels) + " |",
         "|---|---:|---:|" + "---:|" * len(kernels),

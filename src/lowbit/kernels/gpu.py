@@ -3,10 +3,10 @@ through ``torch._scaled_mm``.
 
 They run only on CUDA devices (the Triton ones only when Triton imports); everything else
 falls back to the reference. Block configs and the M at which 4-bit weights switch from
-the fused kernel to dequantise + cuBLAS come from ``bench/gpu_kernels.py`` on an H100
+the fused kernels to dequantise + cuBLAS come from ``bench/gpu_kernels.py`` on an H100
 (see `lowbit.kernels.triton.ops` and bench/results/gpu_kernels_notes.md). Measured there
-(2026-11-27), the int4 kernel is 1.3–1.4× bf16 for 1–16 tokens on the 70B shapes and
-0.83–0.86× at 2048; W8A8 1.23–1.37× at 2048 — short of this project's goals.
+(2026-11-27) on the 70B shapes, int4 g128 is 1.8–1.9× bf16 at one token, 1.2–1.7× at 16,
+0.82–0.88× at 2048; W8A8 1.3–1.6× at 2048 — short of this project's goals.
 """
 
 from __future__ import annotations

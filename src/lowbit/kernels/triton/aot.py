@@ -19,7 +19,7 @@ from lowbit.kernels.triton.ops import BlockConfig, int4_config, w8a8_config
 
 _TYPES = {"float16": "fp16", "bfloat16": "bf16"}
 SHAPES = ((4096, 11008), (11008, 4096))  # (K, N): the kernels see shapes only through their configs
-TOKENS = (1, 16, 64, 2048)
+TOKENS = (1, 16, 64, 256, 2048)
 
 
 def _constexpr(signature: dict[str, str], constants: dict[str, object], **pointers: str | None) -> None:
@@ -60,39 +60,47 @@ def _w8a8_source(jit, dtype: str, fused: bool, bias: bool, cfg: BlockConfig):
     return ASTSource(jit.w8a8_matmul_kernel, sig, const)
 
 
-def _dequant_source(jit, dtype: str, decode: int, group: int, cfg: BlockConfig):
-    from triton.compiler import ASTSource
-
-    sig = {"N": "i32", "K": "i32", **{f"stride_{a}": "i32" for a in ("wk", "wn", "sg", "sn", "zg", "zn")}}
-    const = {"GROUP": group, "DECODE": decode, "HAS_GIDX": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
-    _constexpr(sig, const, w_ptr="*i32", s_ptr="*fp16" if decode != 2 else "*fp32",
-               z_ptr="*u8" if decode == 1 else None, g_ptr=None, lut_ptr="*fp32" if decode == 2 else None,
-               out_ptr=f"*{_TYPES[dtype]}")
-    sig.update({k: "constexpr" for k in const if k not in sig})
-    return ASTSource(jit.dequant4_kernel, sig, const)
-
-
-def _gemv_source(jit, dtype: str, decode: int, bias: bool, cfg: BlockConfig, group: int):
+def _new4_source(jit, dtype: str, decode: int, bias: bool, cfg: BlockConfig, group: int, k: int):
+    """The N-major 4-bit kernels: `w4_gemv_kernel`, `w4_mma_kernel`, `dequant_nk_kernel`."""
     from triton.compiler import ASTSource
 
     t = _TYPES[dtype]
-    sig = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
-           **{f"stride_{a}": "i32" for a in ("wk", "wn", "sg", "sn", "zg", "zn")}, "SPLIT_K": "i32"}
-    const = {"GROUP": group, "DECODE": decode, "HAS_BIAS": bias, "ATOMIC": cfg.split_k > 1, "BLOCK_M": cfg.block_m,
-             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
-    _constexpr(sig, const, x_ptr=f"*{t}", w_ptr="*i32", s_ptr="*fp16" if decode != 2 else "*fp32",
-               z_ptr="*u8" if decode == 1 else None, lut_ptr="*fp32" if decode == 2 else None,
-               b_ptr=f"*{t}" if bias else None, out_ptr="*fp32" if cfg.split_k > 1 else f"*{t}")
-    sig.update({k: "constexpr" for k in const if k not in sig})
-    return ASTSource(jit.int4_gemv_kernel, sig, const)
-
-
-def _4bit_source(jit, dtype: str, decode: int, gidx: bool, bias: bool, cfg: BlockConfig, group: int):
-    """The kernel the 4-bit launcher runs for this config (fused, GEMV, or the dequantise step)."""
-    if cfg.backend == "gemv":
-        return _gemv_source(jit, dtype, decode, bias, cfg, group)
+    words = cfg.block_k // 8
+    ints = ["N", "K", "stride_wn", "stride_sg", "stride_sn", "stride_zg", "stride_zn"]
+    const = {"GROUP": group, "DECODE": decode, "EVEN_K": (k // 8) % words == 0}
+    ptrs = dict(w_ptr="*i32", s_ptr="*fp16" if decode != 2 else "*fp32", z_ptr="*u8" if decode == 1 else None)
     if cfg.backend == "dequant":
-        return _dequant_source(jit, dtype, decode, group, cfg)
+        fn = jit.dequant_nk_kernel
+        const.update(HAS_GIDX=False, BLOCK_N=cfg.block_n, WORDS=words)
+        ptrs.update(g_ptr=None, lut_ptr="*fp32" if decode == 2 else None, out_ptr=f"*{t}")
+    else:
+        out_t = "*fp32" if cfg.split_k > 1 else f"*{t}"
+        const.update(HAS_BIAS=bias, ATOMIC=cfg.split_k > 1, BLOCK_N=cfg.block_n, WORDS=words)
+        ptrs.update(x_ptr=f"*{t}", b_ptr=f"*{t}" if bias else None, out_ptr=out_t)
+        ints += ["stride_xm", "stride_om", "SPLIT_K"]
+        if cfg.backend == "gemv":
+            fn = jit.w4_gemv_kernel
+            const.update(PER_BLOCK=group % cfg.block_k == 0, PREFETCH=cfg.prefetch, XPLANES=cfg.xplanes)
+            ptrs.update(lut_ptr="*fp32" if decode == 2 else None)
+        else:
+            fn = jit.w4_mma_kernel
+            ints.append("M")
+            const.update(PLANES=cfg.planes, MAGIC=cfg.magic, UPCAST=False, BLOCK_T=cfg.block_m, GROUP_N=cfg.group_m)
+    sig = {name: "i32" for name in ints}
+    _constexpr(sig, const, **ptrs)
+    sig.update({name: "constexpr" for name in const if name not in sig})
+    # what the JIT assumes of these arguments on the bench shapes (multiples of 16): 16-byte vector loads
+    names = list(fn.arg_names)
+    aligned = [a for a in ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "N", "K", "stride_xm", "stride_om", "stride_wn",
+                           "stride_sg") if sig.get(a) not in (None, "constexpr")]
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    return ASTSource(fn, sig, const, attrs=attrs)
+
+
+def _4bit_source(jit, dtype: str, decode: int, gidx: bool, bias: bool, cfg: BlockConfig, group: int, k: int):
+    """The kernel the 4-bit launcher runs for this config (GEMV, tensor-core, general fused, or the dequantise step)."""
+    if cfg.backend in ("gemv", "mma", "dequant"):
+        return _new4_source(jit, dtype, decode, bias, cfg, group, k)
     return _int4_source(jit, dtype, decode, not gidx, gidx, bias, cfg, group)
 
 
@@ -116,12 +124,14 @@ def variants(sms: int, dtypes: tuple[str, ...], tokens: tuple[int, ...] = TOKENS
             for m in tokens:
                 c4 = int4_config(m, n, k, 128, k // 128, sms)
                 cn = int4_config(m, n, k, 64, k // 64, sms, lut=True)
+                cg = int4_config(m, n, k, 128, k // 128, sms, gidx=True)
                 c8 = w8a8_config(m, n, k, sms)
                 cases = [
-                    (f"w4a16 sym {dtype} {c4}", _4bit_source(jit, dtype, 0, False, False, c4, 128), c4),
-                    (f"w4a16 asym+bias {dtype} {c4}", _4bit_source(jit, dtype, 1, False, True, c4, 128), c4),
-                    (f"nf4 {dtype} {cn}", _4bit_source(jit, dtype, 2, False, False, cn, 64), cn),
-                    (f"w4a16 act-order uneven {dtype} {c4}", _4bit_source(jit, dtype, 0, True, False, c4, 128), c4),
+                    (f"w4a16 sym {dtype} {c4}", _4bit_source(jit, dtype, 0, False, False, c4, 128, k), c4),
+                    (f"w4a16 asym+bias {dtype} {c4}", _4bit_source(jit, dtype, 1, False, True, c4, 128, k), c4),
+                    (f"nf4 {dtype} {cn}", _4bit_source(jit, dtype, 2, False, False, cn, 64, k), cn),
+                    (f"w4a16 act-order uneven {dtype} {cg}", _4bit_source(jit, dtype, 0, True, False, cg, 128, k),
+                     cg),
                     (f"w8a8 fused={m <= 64} {dtype} {c8}", _w8a8_source(jit, dtype, m <= 64, True, c8), c8),
                 ]
                 for name, src, cfg in cases:

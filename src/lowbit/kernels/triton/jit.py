@@ -1,25 +1,23 @@
 """The Triton kernels themselves. Imported at the first launch (see `ops._kernels`), never with the package.
 
-Two GEMMs, both ``out[m, n] = Σ_k x[m, k] · W[n, k]`` over (BLOCK_M, BLOCK_N) output tiles
-in the grouped order of the Triton matmul tutorial (GROUP_M row tiles reuse one column
-tile from L2), with optional split-K: the K blocks are cut into SPLIT_K ranges, one per
-program along grid axis 1, whose float32 partials are added atomically (SplitK work
-decomposition for skinny decode GEMMs: Hoque et al., "Accelerating a Triton Fused Kernel
-for W4A16 Quantized Inference with SplitK Work Decomposition", arXiv 2402.00025).
+Every GEMM computes ``out[m, n] = Σ_k x[m, k] · W[n, k]`` over output tiles, with optional
+split-K: the K blocks are cut into SPLIT_K ranges, one per program along grid axis 1, whose
+float32 partials are added atomically (SplitK work decomposition for skinny decode GEMMs:
+Hoque et al., "Accelerating a Triton Fused Kernel for W4A16 Quantized Inference with SplitK
+Work Decomposition", arXiv 2402.00025). 4-bit weights (weight-only W4A16 as GPTQ serves it,
+Frantar et al., arXiv 2210.17323; NF4 by a 16-entry table, Dettmers et al., arXiv
+2305.14314) are read as the stored nibbles viewed as N-major int32 words (see `layout`).
 
-- `int4_matmul_kernel`: 4-bit weights decoded in registers right before ``tl.dot``
-  (weight-only W4A16 as GPTQ serves it, Frantar et al., arXiv 2210.17323, from the
-  K-packed int32 words GPTQ checkpoints use; NF4 by a 16-entry table lookup, Dettmers
-  et al., arXiv 2305.14314). Each word is loaded once and its 8 codes unpacked. When
-  every K block lies inside one group (BLOCK_K divides the group size, or one group per
-  row) the block's codes go through ``tl.dot`` as small exact integers (or table values)
-  and the group scale multiplies the (BLOCK_M, BLOCK_N) partial product afterwards;
-  otherwise (act-order with uneven groups, or a group size no block fits) each code is
-  scaled by the scale of its own column's group before the dot.
-- `int4_gemv_kernel`: the same weights for 1–4 tokens on the CUDA cores (no ``tl.dot``): a
-  bandwidth-bound stream of the packed words with float32 FMAs.
-- `dequant4_kernel`: the same decoding, written out as a float (N, K) weight, for
-  dequantise + GEMM at large M, where a vendor GEMM beats decoding inside the tiles.
+- `w4_gemv_kernel`: one token, CUDA cores. Streams (BLOCK_N, WORDS) words per K block and
+  decodes each code with one logic op and one add (`_nibble_magic`); zero point and scale
+  are applied once per word. The launchers' choice for one token.
+- `w4_mma_kernel`: tensor cores with the weight as the left operand (outᵀ = W · xᵀ), so a few
+  tokens still fill the MMA's large dimension; codes enter ``tl.dot`` as exact small
+  integers and each K block's product (one group) is scaled once. Up to ~128 tokens.
+- `int4_matmul_kernel`: the general fused kernel — any group layout (act-order groups in any
+  order via g_idx, K blocks spanning groups) and NF4 — reading the words through strides.
+- `dequant_nk_kernel`: the weight written out as floats (N, K) for dequantise + one cuBLAS
+  GEMM at large M, where the vendor GEMM beats decoding inside the tiles.
 - `w8a8_matmul_kernel`: int8 × int8 → int32 ``tl.dot``, rescaled by token scale ×
   channel scale (LLM.int8() without outliers / SmoothQuant's W8A8 GEMM, arXiv
   2208.07339, 2211.10438). With FUSED_QUANT the per-token quantisation happens inside:
@@ -171,72 +169,305 @@ def int4_matmul_kernel(
     _epilogue(acc, out_ptr, b_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS, ATOMIC)
 
 
+# -- 4-bit kernels on the stored, N-major words ---------------------------------------------------
+#
+# Words (N, ceil(K/8)) int32: row n holds its K codes in order, code k in bits 4·(k % 8) of word
+# k // 8 — the stored nibbles viewed as int32, no copy. Every row's K block is one contiguous
+# run of bytes, so each program streams whole 16-byte vectors along K.
+
+
 @triton.jit
-def int4_gemv_kernel(
+def _nibble_magic(words, high, i: tl.constexpr):
+    """Nibble i of every word as the exact float32 q·16^e (e = i for i < 5, i − 5 above; ``high`` is
+    words >> 20): the nibble is masked in place and or-ed into the mantissa of 2²³ (0x4B000000),
+    and 2²³ subtracted — one logic op and one add per code, no shift and no int→float
+    conversion (a quarter of an FMA's throughput); the caller scales x by 16^−e instead."""
+    if i < 5:
+        bits = (words & (0xF << (4 * i))) | 0x4B000000
+    else:
+        bits = (high & (0xF << (4 * (i - 5)))) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _load_words(w_ptr, offs_n, n_mask, kb, KW, stride_wn, EVEN_K: tl.constexpr, WORDS: tl.constexpr):
+    """(BLOCK_N, WORDS) int32 words of K block ``kb``; masked by row alone when EVEN_K."""
+    offs_w = kb * WORDS + tl.arange(0, WORDS)
+    ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :]
+    if EVEN_K:
+        return tl.load(ptrs, mask=n_mask[:, None], other=0)
+    else:
+        return tl.load(ptrs, mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0)
+
+
+@triton.jit
+def w4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn, SPLIT_K,
-    GROUP: tl.constexpr, DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    N, K, stride_xm, stride_om, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn, SPLIT_K,
+    GROUP: tl.constexpr, DECODE: tl.constexpr, PER_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr, XPLANES: tl.constexpr,
+    BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
 ):
-    """out (M, N) for a few tokens (M ≤ BLOCK_M ≤ 4) without tensor cores: decoding is memory-bound, so
-    each program streams (BLOCK_K/8, BLOCK_N) words, and for each of the 8 nibble positions multiplies
-    the decoded values by the matching x columns in float32, accumulating (BLOCK_M, BLOCK_K/8, BLOCK_N)
-    partial sums that are reduced once at the end. Scales (and zero points) are gathered per word, so
-    any group size that is a multiple of 8 (or one group per row) works."""
-    WORDS: tl.constexpr = BLOCK_K // 8
+    """out[m, n] for one token per program (grid axis 2), on the CUDA cores: a stream of
+    (BLOCK_N, WORDS) N-major words per K block, every word's 8 codes decoded in registers
+    (`_nibble_magic`) and multiplied by the matching x values in float32. The zero point
+    (8 for symmetric codes) and the scale are applied once per word, after its 8 products:
+    Σ x·(q − z)·s = (Σ x·q − z·Σ x)·s. No layout conversion, no reshape: every tensor keeps the
+    layout of the loaded words until the single reduction over the block's words at the end.
+    PREFETCH loads the next block's words before decoding this one's (two blocks in flight).
+    EVEN_K (WORDS divides the words per row): the word loads are masked by row only, which
+    lets them be 16-byte vectors. XPLANES: x comes as `x_planes_kernel` laid it out (float32,
+    plane i holding x[8w + i]·16^−e for every word w, plane 8 the words' x sums), so each
+    plane is one contiguous vector load with no conversion or scaling here."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
-    m_mask = offs_m < M
-    first, last = _k_range(K, BLOCK_K, SPLIT_K)
-    acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+    x_row = x_ptr + tl.program_id(2) * stride_xm
+    KW = tl.cdiv(K, 8)
+    blocks = tl.cdiv(KW, WORDS)
+    per_split = tl.cdiv(blocks, SPLIT_K)
+    first = tl.program_id(1) * per_split
+    last = tl.minimum(first + per_split, blocks)
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    words = _load_words(w_ptr, offs_n, n_mask, first, KW, stride_wn, EVEN_K, WORDS)
     for kb in range(first, last):
         offs_w = kb * WORDS + tl.arange(0, WORDS)
-        w_mask = (offs_w < tl.cdiv(K, 8))[:, None] & n_mask[None, :]
-        words = tl.load(w_ptr + offs_w[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=w_mask, other=0)
-        g = (offs_w * 8) // GROUP
-        s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=w_mask, other=0.0)
-        s = s.to(tl.float32)
-        z = 0.0
-        if DECODE == 1:
-            z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=w_mask, other=0)
-            z = z.to(tl.float32)
+        w_mask = offs_w < KW
+        nxt_b = tl.minimum(kb + 1, last - 1)  # the last iteration reloads its own block: never out of bounds
+        if PREFETCH:
+            nxt = _load_words(w_ptr, offs_n, n_mask, nxt_b, KW, stride_wn, EVEN_K, WORDS)
+        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        xsum = tl.zeros((WORDS,), dtype=tl.float32)
+        high = words >> 20
         for i in tl.static_range(8):
-            v = _values((words >> (4 * i)) & 0xF, z, lut_ptr, DECODE) * s  # (WORDS, BN)
-            offs_k = offs_w * 8 + i
-            xi = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)  # (BM, WORDS)
-            acc += xi[:, :, None] * v[None, :, :]
-    _epilogue(tl.sum(acc, axis=1), out_ptr, b_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS, ATOMIC)
+            if XPLANES:  # (WORDS,) float32, already scaled by 16^−e (LUT codes: unscaled)
+                xi = tl.load(x_row + i * KW + offs_w, mask=w_mask, other=0.0)
+            else:
+                offs_k = offs_w * 8 + i
+                xi = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # (WORDS,)
+            if DECODE == 2:
+                part += xi[None, :] * tl.load(lut_ptr + ((words >> (4 * i)) & 0xF))
+            elif XPLANES:
+                part += xi[None, :] * _nibble_magic(words, high, i)
+            else:
+                part += (xi * (1.0 / (1 << (4 * (i % 5)))))[None, :] * _nibble_magic(words, high, i)
+            if not XPLANES:
+                xsum += xi
+        if XPLANES:
+            xsum = tl.load(x_row + 8 * KW + offs_w, mask=w_mask, other=0.0)
+        if PER_BLOCK:  # the whole block in one group: (BLOCK_N, 1) parameters
+            g = (kb * WORDS * 8) // GROUP
+            s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            if DECODE == 1:
+                z = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None]
+        else:  # (BLOCK_N, WORDS) parameters, gathered by each word's group
+            g = (offs_w * 8) // GROUP
+            pmask = n_mask[:, None] & w_mask[None, :]
+            s = tl.load(s_ptr + g[None, :] * stride_sg + offs_n[:, None] * stride_sn, mask=pmask,
+                        other=0.0).to(tl.float32)
+            if DECODE == 1:
+                z = tl.load(z_ptr + g[None, :] * stride_zg + offs_n[:, None] * stride_zn, mask=pmask,
+                            other=0).to(tl.float32)
+        if DECODE == 0:
+            part = part - 8.0 * xsum[None, :]
+        elif DECODE == 1:
+            part = part - z * xsum[None, :]
+        acc += part * s
+        if PREFETCH:
+            words = nxt
+        else:
+            words = _load_words(w_ptr, offs_n, n_mask, nxt_b, KW, stride_wn, EVEN_K, WORDS)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ATOMIC:
+            bias = bias * (tl.program_id(1) == 0).to(tl.float32)
+        y += bias
+    ptrs = out_ptr + tl.program_id(2) * stride_om + offs_n
+    if ATOMIC:
+        tl.atomic_add(ptrs, y, mask=n_mask)
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
-def dequant4_kernel(
-    w_ptr, s_ptr, z_ptr, g_ptr, lut_ptr, out_ptr,
-    N, K, stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn,
-    GROUP: tl.constexpr, DECODE: tl.constexpr, HAS_GIDX: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def x_planes_kernel(x_ptr, out_ptr, K, stride_xm, SCALED: tl.constexpr, BLOCK_W: tl.constexpr):
+    """x (M, K) → (M, 9, ceil(K/8)) float32 for `w4_gemv_kernel` with XPLANES: plane i < 8 holds
+    x[8w + i] (times 16^−e, e = i for i < 5 and i − 5 above, when SCALED: the weight of nibble
+    i as `_nibble_magic` decodes it), plane 8 the sum of the 8 x values of word w."""
+    KW = tl.cdiv(K, 8)
+    offs_w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    w_mask = offs_w < KW
+    x_row = x_ptr + tl.program_id(1) * stride_xm
+    out_row = out_ptr + tl.program_id(1) * 9 * KW
+    xsum = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    for i in tl.static_range(8):
+        offs_k = offs_w * 8 + i
+        xi = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        xsum += xi
+        if SCALED:
+            xi = xi * (1.0 / (1 << (4 * (i % 5))))
+        tl.store(out_row + i * KW + offs_w, xi, mask=w_mask)
+    tl.store(out_row + 8 * KW + offs_w, xsum, mask=w_mask)
+
+
+@triton.jit
+def _codes_nk(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """(BLOCK_N, WORDS) words → (BLOCK_N, 8·WORDS) codes in K order (k = 8·word + i), by interleaving
+    the nibble planes: each join keeps the new axis inside a thread, so the reshape moves no data."""
+    n0 = words & 0xF
+    n1 = (words >> 4) & 0xF
+    n2 = (words >> 8) & 0xF
+    n3 = (words >> 12) & 0xF
+    n4 = (words >> 16) & 0xF
+    n5 = (words >> 20) & 0xF
+    n6 = (words >> 24) & 0xF
+    n7 = (words >> 28) & 0xF
+    even = tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6))
+    odd = tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7))
+    return tl.interleave(even, odd)
+
+
+@triton.jit
+def _codes_as(q, dtype: tl.constexpr, MAGIC: tl.constexpr, UPCAST: tl.constexpr):
+    """int32 codes 0..15 → ``dtype`` values: q itself, or with MAGIC the float 2^e + q made by or-ing q
+    into the mantissa of a power of two (bfloat16 128 + q, float16 1024 + q; no int→float
+    conversion); the caller removes the offset with the block's x sums."""
+    if MAGIC:
+        if dtype == tl.bfloat16:
+            return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    elif UPCAST:  # the interpreter converts integers to bfloat16 wrongly; float32 holds them exactly
+        return q.to(tl.float32)
+    else:
+        return q.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b: in float32 with IEEE products when IEEE (float32 inputs, or the interpreter, see
+    UPCAST in the module docstring), else on the tensor cores in the operands' own dtype."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def w4_mma_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn, SPLIT_K,
+    GROUP: tl.constexpr, DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    PLANES: tl.constexpr, MAGIC: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, WORDS: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    """out (N, K) row-major, in out's dtype = decode(words) · scale: the 4-bit weight as floats, for
-    dequantise + GEMM at large M (one pass: reads the packed words once, writes each value once)."""
+    """out (M, N) on the tensor cores with the weight as the left operand: each program computes
+    outᵀ tile (BLOCK_N rows of W) × (BLOCK_T tokens) = W tile · x tileᵀ, so few tokens still fill
+    the MMA's large dimension with weight rows, and the decoded weight feeds ``tl.dot`` straight
+    from registers. Codes enter the dot unscaled, as exact small integers q − z (z = 8 for
+    symmetric codes), and each K block's partial product (the block lies in one group: 8·WORDS
+    divides GROUP) is scaled once. With MAGIC the codes enter as 2^e + q instead, made by or-ing
+    q into the mantissa of a power of two (no int→float conversion), and the block's partial
+    product loses (2^e + z) times the block's x sums: Σ x·(q − z)·s = (Σ x·(2^e + q) − (2^e + z)·Σ x)·s.
+    PLANES: 0 decodes the (BLOCK_N, 8·WORDS) tile in K order (`_codes_nk`) for one dot against
+    a contiguous x tile; 1 runs 8 dots per block, one per nibble plane i (codes k = 8·w + i)
+    against the x columns of stride 8 that match it, with no interleave."""
+    pid_n, pid_t = _tile(tl.program_id(0), N, M, BLOCK_N, BLOCK_T, GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    n_mask = offs_n < N
+    t_mask = offs_t < M
+    KW = tl.cdiv(K, 8)
+    BLOCK_K: tl.constexpr = 8 * WORDS
+    blocks = tl.cdiv(KW, WORDS)
+    per_split = tl.cdiv(blocks, SPLIT_K)
+    first = tl.program_id(1) * per_split
+    last = tl.minimum(first + per_split, blocks)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for kb in range(first, last):
+        offs_w = kb * WORDS + tl.arange(0, WORDS)
+        words = _load_words(w_ptr, offs_n, n_mask, kb, KW, stride_wn, EVEN_K, WORDS)  # (BN, WORDS)
+        g = (kb * BLOCK_K) // GROUP
+        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        if DECODE == 1:
+            z = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0).to(tl.int32)[:, None]
+        else:
+            z = tl.full((BLOCK_N, 1), 8, tl.int32)
+        if MAGIC:  # codes as they are; the zero point (and 2^e) leave through the x sums below
+            z = 0
+        xsum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        if PLANES:
+            part = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+            for i in tl.static_range(8):
+                offs_k = offs_w * 8 + i
+                xt = tl.load(x_ptr + offs_t[None, :] * stride_xm + offs_k[:, None],
+                             mask=(offs_k < K)[:, None] & t_mask[None, :], other=0.0)  # (WORDS, BT)
+                v = _codes_as(((words >> (4 * i)) & 0xF) - z, dtype, MAGIC, UPCAST)
+                part = _dot(v, xt, part, UPCAST or dtype == tl.float32)
+                if MAGIC:
+                    xsum += tl.sum(xt.to(tl.float32), axis=0)
+        else:
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + offs_t[None, :] * stride_xm + offs_k[:, None],
+                         mask=(offs_k < K)[:, None] & t_mask[None, :], other=0.0)  # (BK, BT)
+            v = _codes_as(_codes_nk(words, BLOCK_N, WORDS) - z, dtype, MAGIC, UPCAST)
+            part = _dot(v, xt, tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32), UPCAST or dtype == tl.float32)
+            if MAGIC:
+                xsum = tl.sum(xt.to(tl.float32), axis=0)
+        if MAGIC:
+            if DECODE == 1:
+                zf = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)
+            else:
+                zf = tl.full((BLOCK_N,), 8.0, tl.float32)
+            if dtype == tl.bfloat16:
+                zf = zf + 128.0
+            else:
+                zf = zf + 1024.0
+            part = part - zf[:, None] * xsum[None, :]
+        acc += part * s[:, None]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ATOMIC:
+            bias = bias * (tl.program_id(1) == 0).to(tl.float32)
+        acc = acc + bias[:, None]
+    ptrs = out_ptr + offs_t[None, :] * stride_om + offs_n[:, None]
+    mask = n_mask[:, None] & t_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dequant_nk_kernel(
+    w_ptr, s_ptr, z_ptr, g_ptr, lut_ptr, out_ptr,
+    N, K, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn,
+    GROUP: tl.constexpr, DECODE: tl.constexpr, HAS_GIDX: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+):
+    """out (N, K) row-major = decode(N-major words) · scale, in out's dtype: reads each row's words
+    and writes its values as contiguous runs (dequantise + GEMM at large M)."""
+    BLOCK_K: tl.constexpr = 8 * WORDS
     kb = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     k_mask = offs_k < K
-    kn_mask = k_mask[:, None] & n_mask[None, :]
-    q = _codes(w_ptr, kb, offs_n, n_mask, K, stride_wk, stride_wn, BLOCK_K, BLOCK_N)
+    nk_mask = n_mask[:, None] & k_mask[None, :]
+    words = _load_words(w_ptr, offs_n, n_mask, kb, tl.cdiv(K, 8), stride_wn, EVEN_K, WORDS)
+    q = _codes_nk(words, BLOCK_N, WORDS)  # (BN, BK)
     if HAS_GIDX:
         g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
     else:
         g = offs_k // GROUP
-    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=kn_mask, other=0.0)
+    s = tl.load(s_ptr + g[None, :] * stride_sg + offs_n[:, None] * stride_sn, mask=nk_mask, other=0.0)
     z = 0.0
     if DECODE == 1:
-        z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=kn_mask, other=0)
+        z = tl.load(z_ptr + g[None, :] * stride_zg + offs_n[:, None] * stride_zn, mask=nk_mask, other=0)
         z = z.to(tl.float32)
-    v = _values(q, z, lut_ptr, DECODE) * s.to(tl.float32)  # (BK, BN)
-    tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], v.to(out_ptr.dtype.element_ty), mask=kn_mask)
+    v = _values(q, z, lut_ptr, DECODE) * s.to(tl.float32)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], v.to(out_ptr.dtype.element_ty), mask=nk_mask)
 
 
 @triton.jit

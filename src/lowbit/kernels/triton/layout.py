@@ -1,15 +1,18 @@
 """Stored `QuantizedWeight` → the layouts the Triton kernels read; pure torch, run once per device.
 
 Every ``prepare_*`` returns a ``dict[str, Tensor]`` (the dispatcher's ``Prepared``) that
-holds about as many bytes as the stored weight: codes are re-laid (K-major, the
-layout the Triton kernels ran fastest on), never expanded to floats. The kernels read
-every operand through its strides, so other layouts run too, only slower. Shapes below use N = out features (rows of the stored weight), K = in
+holds about as many bytes as the stored weight, and for 4-bit weights usually none: the
+kernels read the stored nibbles in place, never expanded to floats. The kernels read
+every operand through its strides (4-bit words need unit stride along K), so other
+layouts run too. Shapes below use N = out features (rows of the stored weight), K = in
 features, G = groups per row.
 
-4-bit weights (int4 and NF4), K-major words as in GPTQ's ``qweight``::
+4-bit weights (int4 and NF4), the stored nibbles as N-major int32 words::
 
-    qweight  (ceil(K/8), N) int32   word [k // 8, n] holds code (n, k) in bits 4·(k % 8)..+4,
-                                    the stored (unsigned) code: symmetric int4 is offset by 8
+    qweight  (N, ceil(K/8)) int32   word [n, k // 8] holds code (n, k) in bits 4·(k % 8)..+4,
+                                    the stored (unsigned) code: symmetric int4 is offset by 8.
+                                    A view of the stored bytes, no copy, when K is a multiple
+                                    of 8 and there is no act-order permutation
     scales   (G, N)                 the stored scale dtype; float32 for NF4 with
                                     double-quantised scales (decoded here, once)
     zeros    (G, N) uint8           asymmetric int4 only (one byte per zero point: the
@@ -96,22 +99,24 @@ def _check(reason: str | None, kernel: str) -> None:
         raise LowbitError(f"the Triton {kernel} kernel cannot run this weight: {reason}.")
 
 
-def _k_major_words(weight: QuantizedWeight, perm: Tensor | None) -> Tensor:
-    """(N, ceil(K/2)) uint8 nibbles → (ceil(K/8), N) int32 words, K-major, columns in ``perm`` order.
+def _words(weight: QuantizedWeight, perm: Tensor | None) -> Tensor:
+    """(N, ceil(K/2)) uint8 nibbles → (N, ceil(K/8)) int32 words, columns in ``perm`` order.
 
-    A copy: the kernels can read the stored (N-major) bytes through strides, but on an H100
-    the K-major copy ran the fused kernel 1.4–1.7× faster (8192 × 28672, M = 1: 131 µs
-    against 187 µs for the best config on the stored layout; M = 2048: 3.4 ms against 5.6)."""
+    Without a permutation the stored bytes themselves, viewed as little-endian words (nibble i
+    of word w is code 8w + i, as `pack` lays them), when each row is a whole number of words;
+    otherwise a copy (rows padded to whole words, or columns permuted)."""
     rows, cols = weight.shape
-    if perm is None:  # bytes → little-endian words: nibble i of word w is code 8w + i, as `pack` lays it
-        pad = (-weight.qdata.shape[1]) % 4
-        words = torch.nn.functional.pad(weight.qdata, (0, pad)).contiguous().view(torch.int32)  # (N, ceil(K/8))
-        return words.T.contiguous()
+    qdata = weight.qdata
+    if perm is None:
+        pad = (-qdata.shape[1]) % 4
+        if pad == 0 and qdata.is_contiguous():
+            return qdata.view(torch.int32)
+        return torch.nn.functional.pad(qdata, (0, pad)).contiguous().view(torch.int32)
     chunks = []
     for start in range(0, rows, _ROW_CHUNK):
-        codes = unpack(weight.qdata[start:start + _ROW_CHUNK], 4, cols)  # (n, K) int32
+        codes = unpack(qdata[start:start + _ROW_CHUNK], 4, cols)  # (n, K) int32
         chunks.append(pack(codes[:, perm.long()], 4, torch.int32))  # (n, ceil(K/8))
-    return torch.cat(chunks).T.contiguous()
+    return torch.cat(chunks)
 
 
 def _act_order(weight: QuantizedWeight) -> tuple[Tensor | None, Tensor | None]:
@@ -128,7 +133,7 @@ def _act_order(weight: QuantizedWeight) -> tuple[Tensor | None, Tensor | None]:
 
 def _prepare_4bit(weight: QuantizedWeight, scales: Tensor) -> Prepared:
     perm, g_idx = _act_order(weight)
-    out = {"qweight": _k_major_words(weight, perm), "scales": scales.T.contiguous()}  # (ceil(K/8), N), (G, N)
+    out = {"qweight": _words(weight, perm), "scales": scales.T.contiguous()}  # (N, ceil(K/8)), (G, N)
     if perm is not None:
         out["perm"] = perm
     if g_idx is not None:

@@ -34,6 +34,21 @@ _DECODE = {"int_sym": 0, "int_asym": 1, "lut": 2}
 
 @dataclass(frozen=True)
 class BlockConfig:
+    """One launch's tiling. 4-bit weights, by ``backend``:
+
+    - "gemv": `w4_gemv_kernel`, CUDA cores, one token per program: block_n rows × block_k
+      columns per step (block_m unused); ``prefetch`` keeps two K blocks of words in flight;
+      ``xplanes`` lays x out per nibble plane first (`x_planes_kernel`, one more launch).
+    - "mma": `w4_mma_kernel`, tensor cores, the weight as the left operand: block_n weight rows ×
+      block_m tokens per tile; ``planes`` picks its decoding (see the kernel), ``magic`` the
+      or-into-the-mantissa conversion of codes (16-bit inputs only).
+    - "triton": `int4_matmul_kernel`, the general fused kernel (act-order groups in any order,
+      NF4 beyond one token); ``unpack`` picks how its words are unpacked.
+    - "dequant": `dequant_nk_kernel` writes the float weight, then one cuBLAS GEMM.
+
+    W8A8: "triton" is `w8a8_matmul_kernel`; "int_mm" quantises x, then ``torch._int_mm``.
+    """
+
     block_m: int
     block_n: int
     block_k: int
@@ -41,10 +56,12 @@ class BlockConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
-    # "triton": the fused kernel. 4-bit: "gemv" is the tensor-core-free kernel for M ≤ 4; "dequant" writes the float weight with `dequant4_kernel`,
-    # then F.linear (cuBLAS). W8A8: "int_mm" quantises x, then torch._int_mm and a rescale.
     backend: str = "triton"
-    unpack: int = 0  # 4-bit "triton": 0 reshapes each loaded word into 8 rows; 1 loads a word per row and shifts
+    unpack: int = 0
+    planes: int = 0
+    magic: bool = True
+    prefetch: bool = True
+    xplanes: bool = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,52 +102,73 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _split_k(m: int, n: int, k: int, bm: int, bn: int, bk: int, programs: int) -> int:
-    """Splits of K that bring the grid to about ``programs``, each keeping ≥ 4 K blocks."""
-    tiles = _cdiv(m, bm) * _cdiv(n, bn)
-    return max(1, min(_cdiv(programs, tiles), _cdiv(k, bk) // 4))
+def _splits(tiles: int, k_blocks: int, programs: int) -> int:
+    """Splits of K that bring ``tiles`` output tiles to about ``programs`` programs, each split
+    keeping ≥ 4 K blocks."""
+    return max(1, min(_cdiv(programs, tiles), k_blocks // 4))
 
 
-def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int, lut: bool = False) -> BlockConfig:
-    """Block config for the 4-bit kernels on a device with ``sms`` SMs (``lut``: NF4).
+def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int, lut: bool = False,
+                gidx: bool = False) -> BlockConfig:
+    """Block config for the 4-bit kernels on a device with ``sms`` SMs (``lut``: NF4; ``gidx``:
+    act-order groups that are not runs of ``group_size`` columns after the permutation).
 
-    From ``bench/gpu_kernels.py`` on an H100 (2026-11-27, K-major words; bench/results/
-    gpu_kernels_NVIDIA-H100-80GB-HBM3.md): up to 16 tokens the tensor-core kernel with
-    16 × 128 tiles (16 × 64 when N ≥ 16384) and K split for about two programs per SM was
-    the fastest config of the sweep on every LLaMA shape — NF4 from 1 to 4 tokens takes the
-    CUDA-core GEMV kernel instead, whose table lookups cost less there; up to 64 tokens
-    64 × 128 × 128 tiles; above, dequantise + cuBLAS beat every fused config (e.g. 8192 ×
-    28672 at M = 256: 461 µs against 505 µs; NF4 from 17 tokens on). BLOCK_K is halved
-    until it divides the group size (so a K block never spans two groups), not below 32;
-    one group per row fits any."""
-    if lut and m <= 4 and (n_groups == 1 or group_size % 8 == 0):
-        bm, bn, bk = 1 << (m - 1).bit_length(), 128, 128
-        split = max(1, min(_cdiv(2 * sms, _cdiv(n, bn)), _cdiv(k, bk) // 4))
-        return BlockConfig(bm, bn, bk, split, 4, 3, backend="gemv")
-    if m > (16 if lut else 64):
-        return BlockConfig(16, 64, 128, 1, 4, 1, backend="dequant")
-    if m <= 16:
-        bm, bn, bk, warps, stages = 16, (64 if n >= 16384 else 128), 128, 4, 4
-    else:
-        bm, bn, bk, warps, stages = (32 if m <= 32 else 64), 128, 128, 4, 3
-    if n_groups > 1:
-        while bk > 32 and group_size % bk:
+    The fastest configs of ``bench/gpu_kernels.py``'s sweep on an H100 (2026-11-27, bench/results/
+    gpu_kernels_notes.md): one token takes the CUDA-core GEMV kernel (128 rows × 128 columns per
+    step, K split for about four programs per SM); int4 weights whose groups a 128-column block
+    fits in take the tensor-core kernel with plain codes (no MAGIC: the x sums it needs cost
+    more than the conversions it saves) up to `MMA_MAX_TOKENS` tokens — 16 × 64 tiles, 3 stages,
+    K split for about four programs per SM to 16 tokens; 64 × 64 tiles, 4 stages, about one
+    program per SM to 128 — and dequantise + cuBLAS above (as fast as the best fused tile at 256
+    tokens on the 70B shapes, faster at 2048). NF4 and uneven act-order groups take the general fused
+    kernel up to 16 tokens and dequantise + cuBLAS above."""
+    group = group_size if n_groups > 1 else k
+    if m == 1 and not gidx and group % 8 == 0:
+        words = 16
+        while group % (8 * words) and (8 * words) % group:
+            words //= 2
+        split = _splits(_cdiv(n, 128), _cdiv(_cdiv(k, 8), words), 4 * sms)
+        return BlockConfig(1, 128, 8 * words, split, 4, 1, backend="gemv")
+    if lut or gidx:
+        if m > 16:
+            return BlockConfig(16, 64, 128, 1, 4, 1, backend="dequant")
+        bk = 128
+        while n_groups > 1 and bk > 32 and group_size % bk:
             bk //= 2
-    split = _split_k(m, n, k, bm, bn, bk, 2 * sms if m <= 16 else sms)
-    return BlockConfig(bm, bn, bk, split, warps, stages)
-
-
-def w8a8_config(m: int, n: int, k: int, sms: int) -> BlockConfig:
-    """Block config for the W8A8 kernel on a device with ``sms`` SMs: the fastest of the sweep on
-    the LLaMA shapes (H100, 2026-11-27) — BLOCK_K 256 with 8 warps up to 64 tokens, 128 × 128 × 128
-    tiles with 8 warps above."""
+        split = _splits(_cdiv(n, 64), _cdiv(k, bk), 2 * sms)
+        return BlockConfig(16, 64, bk, split, 4, 4)
+    if m > MMA_MAX_TOKENS:
+        return BlockConfig(16, 64, 128, 1, 4, 1, backend="dequant")
+    bk = 128
+    while bk > 16 and group % bk:
+        bk //= 2
     if m <= 16:
-        bm, bn, bk, warps, stages = 16, 128, 256, 8, 3
-    elif m <= 64:
-        bm, bn, bk, warps, stages = (32 if m <= 32 else 64), 128, 256, 8, 3
+        bt, stages, programs = 16, 3, 4 * sms
+    else:
+        bt, stages, programs = (32 if m <= 32 else 64), 4, sms  # two 64-token tiles to 128 tokens
+    split = _splits(_cdiv(n, 64) * _cdiv(m, bt), _cdiv(k, bk), programs)
+    return BlockConfig(bt, 64, bk, split, 4, stages, backend="mma", magic=False)
+
+
+MMA_MAX_TOKENS = 128  # above this, 4-bit int weights are dequantised for one cuBLAS GEMM
+
+
+def w8a8_config(m: int, n: int, k: int, sms: int, itemsize: int = 2) -> BlockConfig:
+    """Block config for the W8A8 kernel on a device with ``sms`` SMs, for x of ``itemsize`` bytes:
+    the fastest of the sweep on the LLaMA shapes (H100, 2026-11-27) — BLOCK_K 256 with 8 warps
+    up to 64 tokens (128 for float32 x, whose quantised-in-place tiles would not fit in shared
+    memory), 64 × 128 × 128 tiles with 4 warps to 512, and above 256 × 128 × 128 tiles with
+    8 warps and 4 stages where they make at least four waves, else 128 × 128 × 128 with 3."""
+    if m <= 64:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        bn, bk, warps, stages = 128, (256 if itemsize <= 2 else 128), 8, 3
+    elif m <= 512:
+        bm, bn, bk, warps, stages = 64, 128, 128, 4, 4
+    elif _cdiv(m, 256) * _cdiv(n, 128) >= 4 * sms:
+        bm, bn, bk, warps, stages = 256, 128, 128, 8, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 128, 8, 3
-    split = _split_k(m, n, k, bm, bn, bk, 2 * sms if m <= 16 else sms)
+    split = _splits(_cdiv(m, bm) * _cdiv(n, bn), _cdiv(k, bk), 2 * sms if m <= 16 else sms)
     return BlockConfig(bm, bn, bk, split, warps, stages)
 
 
@@ -164,14 +202,30 @@ def _strides(t: Tensor | None) -> tuple[int, int]:
     return (0, 0) if t is None else (t.stride(0), t.stride(1))
 
 
+def _int4_backend(cfg: BlockConfig, group: int, lut: bool, gidx: bool) -> str:
+    """The backend that runs: ``cfg.backend`` where it can take this call, else the general kernel."""
+    if cfg.backend == "gemv" and not gidx and group % 8 == 0:
+        return "gemv"
+    if cfg.backend == "mma" and not (lut or gidx) and group % cfg.block_k == 0 and cfg.block_k % 8 == 0:
+        return "mma"
+    if cfg.backend == "dequant":
+        return "dequant"
+    return "triton"
+
+
 def launch_int4(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
                 levels: Tensor | None, perm: Tensor | None, g_idx: Tensor | None, bias: Tensor | None,
                 group_size: int, config: BlockConfig | None = None) -> None:
-    """out (..., N) ← x (..., K) @ decode(qweight)ᵀ (+ bias); see `prepare_w4a16` / `prepare_nf4`."""
+    """out (..., N) ← x (..., K) @ decode(qweight)ᵀ (+ bias); see `prepare_w4a16` / `prepare_nf4`.
+
+    ``qweight`` is (N, ceil(K/8)) int32 with unit stride along its words."""
     jit = _kernels(x)
     _check_operands(x, out, ("levels", "perm", "g_idx", "bias"), qweight=qweight, scales=scales, zeros=zeros,
                     levels=levels, perm=perm, g_idx=g_idx, bias=bias)
-    K, N = x.shape[-1], qweight.shape[1]
+    if qweight.stride(1) != 1:
+        raise LowbitError("qweight must have unit stride along its words (N-major, as prepare_* leaves it).")
+    K, N = x.shape[-1], qweight.shape[0]
+    KW = qweight.shape[1]
     n_groups = scales.shape[0]
     x2 = _as_rows(x)
     if perm is not None:
@@ -180,48 +234,57 @@ def launch_int4(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: 
     out2 = out.view(M, N)
     if M == 0:
         return
-    cfg = config or int4_config(M, N, K, group_size, n_groups, _sm_count(x.device), lut=levels is not None)
-    decode = _DECODE["lut" if levels is not None else "int_asym" if zeros is not None else "int_sym"]
+    lut = levels is not None
     group = group_size if n_groups > 1 else K
-    strides = (*_strides(qweight), *_strides(scales), *_strides(zeros))
-    if cfg.backend == "dequant":
+    cfg = config or int4_config(M, N, K, group_size, n_groups, _sm_count(x.device), lut=lut, gidx=g_idx is not None)
+    backend = _int4_backend(cfg, group, lut, g_idx is not None)
+    decode = _DECODE["lut" if lut else "int_asym" if zeros is not None else "int_sym"]
+    params = (*_strides(scales), *_strides(zeros))
+    words = cfg.block_k // 8
+    even_k = KW % words == 0
+    if backend == "dequant":
         w = torch.empty((N, K), dtype=x.dtype, device=x.device)
         grid = (_cdiv(N, cfg.block_n), _cdiv(K, cfg.block_k))
-        jit.dequant4_kernel[grid](qweight, scales, zeros, g_idx, levels, w, N, K, *strides, GROUP=group,
-                                  DECODE=decode, HAS_GIDX=g_idx is not None, BLOCK_N=cfg.block_n,
-                                  BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+        jit.dequant_nk_kernel[grid](qweight, scales, zeros, g_idx, levels, w, N, K, qweight.stride(0), *params,
+                                    GROUP=group, DECODE=decode, HAS_GIDX=g_idx is not None, EVEN_K=even_k,
+                                    BLOCK_N=cfg.block_n, WORDS=words, num_warps=cfg.num_warps)
         torch.mm(x2, w.T, out=out2)
         if bias is not None:
             out2.add_(bias)
         return
-    gemv_ok = g_idx is None and (n_groups == 1 or group_size % 8 == 0) and M <= cfg.block_m <= 4
-    if cfg.backend == "gemv" and not gemv_ok:  # a config pinned for the GEMV kernel, on a call it cannot take
-        cfg = int4_config(M, N, K, group_size, n_groups, _sm_count(x.device))  # the tensor-core kernel's
-    if cfg.backend == "gemv":
-        target = _launch_out(out2, cfg.split_k)
-        grid = (_cdiv(N, cfg.block_n), cfg.split_k, _cdiv(M, cfg.block_m))
-        jit.int4_gemv_kernel[grid](
-            x2, qweight, scales, zeros, levels, bias, target, M, N, K, x2.stride(0), target.stride(0), *strides,
-            cfg.split_k, GROUP=group, DECODE=decode, HAS_BIAS=bias is not None, ATOMIC=cfg.split_k > 1,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        if target is not out2:
-            out2.copy_(target)
-        return
-    per_block = g_idx is None and (n_groups == 1 or group_size % cfg.block_k == 0)
     target = _launch_out(out2, cfg.split_k)
-    upcast = jit.INTERPRETED and x.dtype == torch.bfloat16
-    grid = (_cdiv(M, cfg.block_m) * _cdiv(N, cfg.block_n), cfg.split_k)
-    jit.int4_matmul_kernel[grid](
-        x2, qweight, scales, zeros, g_idx, levels, bias, target,
-        M, N, K, x2.stride(0), target.stride(0), *strides,
-        GROUP=group, DECODE=decode, PER_BLOCK=per_block,
-        SPLIT_K=cfg.split_k, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None, ATOMIC=cfg.split_k > 1,
-        IEEE=upcast or x.dtype == torch.float32, UPCAST=upcast, UNPACK=cfg.unpack,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    common = dict(HAS_BIAS=bias is not None, ATOMIC=cfg.split_k > 1, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if backend == "gemv":
+        xs, x_stride = x2, x2.stride(0)
+        if cfg.xplanes:
+            xs = torch.empty((M, 9, KW), dtype=torch.float32, device=x.device)
+            jit.x_planes_kernel[(_cdiv(KW, 256), M)](x2, xs, K, x2.stride(0), SCALED=not lut, BLOCK_W=256)
+            x_stride = 9 * KW
+        grid = (_cdiv(N, cfg.block_n), cfg.split_k, M)
+        jit.w4_gemv_kernel[grid](
+            xs, qweight, scales, zeros, levels, bias, target, N, K, x_stride, target.stride(0), qweight.stride(0),
+            *params, cfg.split_k, GROUP=group, DECODE=decode, PER_BLOCK=group % cfg.block_k == 0,
+            PREFETCH=cfg.prefetch, EVEN_K=even_k, XPLANES=cfg.xplanes, BLOCK_N=cfg.block_n, WORDS=words, **common)
+    elif backend == "mma":
+        upcast = jit.INTERPRETED and x.dtype == torch.bfloat16
+        grid = (_cdiv(M, cfg.block_m) * _cdiv(N, cfg.block_n), cfg.split_k)
+        jit.w4_mma_kernel[grid](
+            x2, qweight, scales, zeros, bias, target, M, N, K, x2.stride(0), target.stride(0), qweight.stride(0),
+            *params, cfg.split_k, GROUP=group, DECODE=decode, PLANES=cfg.planes,
+            MAGIC=cfg.magic and x.dtype != torch.float32, UPCAST=upcast, EVEN_K=even_k, BLOCK_N=cfg.block_n,
+            BLOCK_T=cfg.block_m, WORDS=words, GROUP_N=cfg.group_m, **common)
+    else:
+        per_block = g_idx is None and (n_groups == 1 or group_size % cfg.block_k == 0)
+        upcast = jit.INTERPRETED and x.dtype == torch.bfloat16
+        grid = (_cdiv(M, cfg.block_m) * _cdiv(N, cfg.block_n), cfg.split_k)
+        jit.int4_matmul_kernel[grid](
+            x2, qweight, scales, zeros, g_idx, levels, bias, target,
+            M, N, K, x2.stride(0), target.stride(0), 1, qweight.stride(0), *params,
+            GROUP=group, DECODE=decode, PER_BLOCK=per_block,
+            SPLIT_K=cfg.split_k, HAS_GIDX=g_idx is not None, IEEE=upcast or x.dtype == torch.float32, UPCAST=upcast,
+            UNPACK=cfg.unpack, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            **common)
     if target is not out2:
         out2.copy_(target)
 
@@ -251,7 +314,7 @@ def launch_w8a8(out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, bias: Ten
     out2 = out.view(M, N)
     if M == 0:
         return
-    cfg = config or w8a8_config(M, N, K, _sm_count(x.device))
+    cfg = config or w8a8_config(M, N, K, _sm_count(x.device), x.element_size())
     fused = M <= 64 if fused_quant is None else fused_quant
     xs = None
     if cfg.backend == "int_mm":  # cuBLASLt int8 GEMM (M > 16, K and N multiples of 8), then the rescale
@@ -277,9 +340,9 @@ def launch_w8a8(out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, bias: Ten
 
 def _check_4bit(x: Tensor, qweight: Tensor, scales: Tensor, group_size: int) -> None:
     K = x.shape[-1]
-    torch._check(qweight.dim() == 2 and qweight.shape[0] == (K + 7) // 8,
+    torch._check(qweight.dim() == 2 and qweight.shape[1] == (K + 7) // 8,
                  lambda: f"qweight {tuple(qweight.shape)} does not hold {K} input features")
-    torch._check(scales.dim() == 2 and scales.shape[1] == qweight.shape[1],
+    torch._check(scales.dim() == 2 and scales.shape[1] == qweight.shape[0],
                  lambda: f"scales {tuple(scales.shape)} do not match qweight {tuple(qweight.shape)}")
     torch._check(scales.shape[0] == 1 or scales.shape[0] == (K + group_size - 1) // group_size,
                  lambda: f"{scales.shape[0]} groups of {group_size} do not cover {K} input features")
@@ -290,7 +353,7 @@ def w4a16_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
                  g_idx: Tensor | None, bias: Tensor | None, group_size: int) -> Tensor:
     """x (..., K) @ int4 weight (N, K)ᵀ (+ bias), dequantisation fused into the matmul."""
     _check_4bit(x, qweight, scales, group_size)
-    out = x.new_empty((*x.shape[:-1], qweight.shape[1]))
+    out = x.new_empty((*x.shape[:-1], qweight.shape[0]))
     launch_int4(out, x, qweight, scales, zeros, None, perm, g_idx, bias, group_size)
     return out
 
@@ -298,7 +361,7 @@ def w4a16_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
 @w4a16_triton.register_fake
 def _(x, qweight, scales, zeros, perm, g_idx, bias, group_size):
     _check_4bit(x, qweight, scales, group_size)
-    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 @torch.library.custom_op("lowbit::nf4_triton", mutates_args=())
@@ -306,7 +369,7 @@ def nf4_triton(x: Tensor, qweight: Tensor, scales: Tensor, levels: Tensor, perm:
                g_idx: Tensor | None, bias: Tensor | None, group_size: int) -> Tensor:
     """x (..., K) @ NF4 weight (N, K)ᵀ (+ bias), table lookup fused into the matmul."""
     _check_4bit(x, qweight, scales, group_size)
-    out = x.new_empty((*x.shape[:-1], qweight.shape[1]))
+    out = x.new_empty((*x.shape[:-1], qweight.shape[0]))
     launch_int4(out, x, qweight, scales, None, levels, perm, g_idx, bias, group_size)
     return out
 
@@ -314,7 +377,7 @@ def nf4_triton(x: Tensor, qweight: Tensor, scales: Tensor, levels: Tensor, perm:
 @nf4_triton.register_fake
 def _(x, qweight, scales, levels, perm, g_idx, bias, group_size):
     _check_4bit(x, qweight, scales, group_size)
-    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 @torch.library.custom_op("lowbit::w8a8_triton", mutates_args=())
