@@ -47,6 +47,7 @@ from lowbit.io import (
 from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE
 from lowbit.models import load_pretrained, load_pretrained_tokenizer, select_linears, set_submodule
 from lowbit.nn import QuantLinear
+from lowbit.planner import BitPlan
 from lowbit.scheme import Scheme, get_scheme
 from lowbit.sequential import quantize_layerwise
 
@@ -113,14 +114,17 @@ def load_tokenizer(path: PathLike | None = None):  # -> PreTrainedTokenizerBase
     return load_pretrained_tokenizer(path)
 
 
-def quantize(model: nn.Module, scheme: Scheme | str, method: Any = None, calib: torch.Tensor | None = None,
-             inplace: bool = False, progress: bool = True) -> nn.Module:
+def quantize(model: nn.Module, scheme: Scheme | BitPlan | str, method: Any = None,
+             calib: torch.Tensor | None = None, inplace: bool = False, progress: bool = True) -> nn.Module:
     """Quantise the linear layers the scheme selects; returns the quantised model.
 
     The input model is left untouched unless ``inplace``. ``method`` defaults to RTN.
     ``calib`` (a (n, seqlen) token tensor) is for methods that need calibration data.
+    ``scheme`` may be a `lowbit.planner.BitPlan` (mixed bits per module); the plan is then
+    kept in ``lowbit_info.details["bit_plan"]``, and so in a native checkpoint.
     """
-    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    plan = scheme if isinstance(scheme, BitPlan) else None
+    scheme = plan.scheme if plan is not None else get_scheme(scheme) if isinstance(scheme, str) else scheme
     method = RTN() if method is None else method
     check_method(scheme, method, calib is not None)
     target = model if inplace else copy.deepcopy(model)
@@ -135,9 +139,11 @@ def quantize(model: nn.Module, scheme: Scheme | str, method: Any = None, calib: 
     else:
         for name, linear in tqdm(linears.items(), desc=f"{method.name} {scheme.name}", unit="layer",
                                  disable=None if progress else True, leave=False):
-            qweight = rtn_quantize(linear.weight.detach(), scheme.weights, name=f"{name}.weight")
+            qweight = rtn_quantize(linear.weight.detach(), scheme.spec_for(name), name=f"{name}.weight")
             set_submodule(target, name, QuantLinear(qweight, linear.bias, scheme.activations))
     seconds = time.perf_counter() - start
+    if plan is not None:
+        details["bit_plan"] = plan.to_dict()
     target.lowbit_info = QuantInfo(scheme, method.to_dict(), seconds, getattr(model, "lowbit_source", "unknown"),
                                    details)
     return target
@@ -151,6 +157,9 @@ def check_method(scheme: Scheme, method: Any, has_calibration: bool) -> None:
     label = "+".join({"awq": "AWQ", "gptq": "GPTQ", "smoothquant": "SmoothQuant", "rtn": "RTN"}[part]
                      for part in method.to_dict()["name"].split("+"))
     uses_gptq = isinstance(method, GPTQ) or getattr(method, "gptq", None) is not None
+    if scheme.per_module and not isinstance(method, (RTN, GPTQ)):
+        raise LowbitError(f"a mixed scheme (bits per module, {scheme.name}) is quantised with RTN or GPTQ, "
+                          f"not {label}.")
     if (uses_gptq or isinstance(method, AWQ)) and scheme.weights.format != "int":
         raise LowbitError(f"{label} quantises integer weights; scheme {scheme.name} uses {scheme.weights.format}.")
     if isinstance(method, AWQ) and scheme.activations is not None:

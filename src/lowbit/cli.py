@@ -272,6 +272,79 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
                            "peak_rss_bytes": peak_rss_bytes(), "versions": versions()})
 
 
+def plan_options(func):  # the bit planner's, on quantize
+    func = click.option("--plan-samples", type=int, default=32, show_default=True,
+                        help="Planner: calibration sequences (of --calib, --calib-seqlen tokens) on which each "
+                             "module's sensitivity is measured.")(func)
+    func = click.option("--bits", default="2,3,4,8", show_default=True,
+                        help="Planner: candidate bit widths, with the scheme's group size and symmetry.")(func)
+    func = click.option("--budget", default=None,
+                        help="Plan bits per module so that all weights fit in this many bytes (e.g. 35GB, "
+                             "counted as 'lowbit size' counts them).")(func)
+    func = click.option("--target-bpw", type=float, default=None,
+                        help="Plan bits per module for this average bits per quantised weight (scales and zero "
+                             "points included), e.g. 3.5.")(func)
+    return func
+
+
+def _check_plan_options(target_bpw: float | None, budget: str | None, bits: str, plan_samples: int, method: str,
+                        fmt: str):  # -> (SizeTarget, bit widths) | None
+    """The planner's options checked before any work: None when no plan was asked for."""
+    from lowbit.planner import SizeTarget, parse_budget
+
+    if target_bpw is None and budget is None:
+        return None
+    if target_bpw is not None and budget is not None:
+        raise LowbitError("--target-bpw and --budget are two targets for one plan; pass one.")
+    if method not in ("rtn", "gptq"):
+        raise LowbitError(f"--target-bpw / --budget plan bits for --method rtn or gptq, not {method}.")
+    if fmt in ("gptq", "gguf"):
+        raise LowbitError(f"--format {fmt} holds one scheme for every layer; a bit plan needs --format native or "
+                          "compressed-tensors.")
+    if plan_samples <= 0:
+        raise LowbitError(f"--plan-samples must be positive, got {plan_samples}.")
+    try:
+        widths = tuple(int(b) for b in bits.split(","))
+    except ValueError:
+        raise LowbitError(f"--bits must be comma-separated integers such as 2,3,4,8, got {bits!r}.") from None
+    if any(not 2 <= b <= 8 for b in widths):
+        raise LowbitError(f"--bits must lie between 2 and 8, got {bits!r}.")
+    return SizeTarget(target_bpw, None if budget is None else parse_budget(budget)), widths
+
+
+def _check_plan_reachable(model: str, scheme: Scheme, method_config: Any, planning: Any) -> None:
+    """Refuse a target no allocation reaches, from the model's config alone (before loading anything)."""
+    from lowbit.footprint import config_footprint, config_tensors, read_config
+    from lowbit.models.layers import name_filter
+    from lowbit.planner import candidate_specs, check_reachable
+
+    target, widths = planning
+    config = read_config(model)
+    chosen = name_filter(scheme.targets, scheme.ignore)
+    shapes = {name: (shape[0], shape[1]) for name, shape in config_tensors(config)
+              if len(shape) == 2 and not name.endswith(".weight") and chosen(name)}
+    g_idx = bool(getattr(method_config, "act_order", False) and not getattr(method_config, "static_groups", True)
+                 and scheme.weights.granularity == "group")
+    floats = config_footprint(config, scheme).float_bytes
+    check_reachable(target, shapes, candidate_specs(scheme.weights, widths), floats, g_idx)
+
+
+def _plan(model: Any, scheme: Scheme, method_config: Any, planning: Any, sources: tuple[str, ...], samples: int,
+          seqlen: int, tokenizer: Any):  # -> BitPlan
+    """Measure sensitivities on ``samples`` calibration sequences and choose the bits; prints the table."""
+    from lowbit.calibration import calibration_set
+    from lowbit.planner import plan_bits
+    from lowbit.report import print_plan_table
+
+    target, widths = planning
+    click.echo(f"bit planner: sensitivities on {samples} × {seqlen} tokens of {' + '.join(sources)}", err=True)
+    plan_calib = calibration_set(list(sources), n=samples, seqlen=seqlen, tokenizer=tokenizer)
+    plan = plan_bits(model, scheme, plan_calib, target_bpw=target.bits_per_weight, budget=target.total_bytes,
+                     bits=widths, method=method_config)
+    print_plan_table(plan)
+    return plan
+
+
 @cli.command("quantize")
 @click.argument("model", required=False, default="default")
 @scheme_options
@@ -288,14 +361,17 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation after quantising.")
 @eval_options
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
+@plan_options
 def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool,
                  symmetric: bool | None, observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
                  method: str, act_order: bool | None, static_groups: bool | None, damp: float | None,
                  block_size: int | None, true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...],
                  calib_samples: int, alpha: float | None, search_alpha: bool | None, clip: bool | None,
                  calib_seqlen: int, out: str | None, fmt: str, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
-                 kl_windows: int, json_path: str | None, max_shard_size: int) -> None:
-    """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it."""
+                 kl_windows: int, json_path: str | None, max_shard_size: int, target_bpw: float | None,
+                 budget: str | None, bits: str, plan_samples: int) -> None:
+    """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it; with --target-bpw or --budget,
+    with bits per module chosen by the bit planner (see lowbit.planner)."""
     from lowbit.api import check_method, evaluate, load_model, load_tokenizer, quantize, save
     from lowbit.nn import quantized_modules
 
@@ -308,10 +384,16 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     if out is None and json_path is None:
         raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
     _check_out(out, fmt, overwrite)
+    planning = _check_plan_options(target_bpw, budget, bits, plan_samples, method, fmt)
+    if planning is not None:
+        _check_plan_reachable(model, scheme, method_config, planning)
     tokenizer = load_tokenizer(model)
     calibration = _calibration(method_config, calib, calib_samples, calib_seqlen, tokenizer)
     # In place: one model in memory while quantising; the float reference is loaded again to evaluate.
-    quantized = quantize(load_model(model), scheme, method_config, calib=calibration, inplace=True)
+    float_model = load_model(model)
+    chosen = scheme if planning is None else _plan(float_model, scheme, method_config, planning, calib,
+                                                   plan_samples, calib_seqlen, tokenizer)
+    quantized = quantize(float_model, chosen, method_config, calib=calibration, inplace=True)
     info = quantized.lowbit_info
     peak_quantize = peak_rss_bytes()
     click.echo(f"quantised {len(quantized_modules(quantized))} linear layers in {info.seconds:.1f} s", err=True)
@@ -320,7 +402,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
         save(quantized, out, format=fmt, tokenizer=tokenizer, overwrite=overwrite,
              max_shard_size=max_shard_size)
         click.echo(f"saved to {out} ({fmt})", err=True)
-    report: dict[str, Any] = {"model": model, "scheme": scheme.to_dict(), "method": method_config.to_dict(),
+    report: dict[str, Any] = {"model": model, "scheme": info.scheme.to_dict(), "method": method_config.to_dict(),
                               "format": fmt if out else None}
     if not no_eval:
         result = evaluate(quantized, reference=load_model(model), text=list(eval_texts), tokenizer=tokenizer,
@@ -416,14 +498,22 @@ def export(checkpoint: str, fmt: str, out: str, gguf_type: str | None, overwrite
 @cli.command()
 @click.argument("model")
 @scheme_options
+@click.option("--plan", "plan_path", default=None,
+              help="Use the mixed scheme (bits per module) of a bit plan: a native checkpoint directory or its "
+                   "lowbit.json, or a 'lowbit quantize --json' report of a planned run (--scheme is then ignored).")
 @click.option("--json", "json_path", default=None, help="Write the figures to this JSON file.")
 def size(model: str, scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
-         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], json_path: str | None) -> None:
+         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], plan_path: str | None,
+         json_path: str | None) -> None:
     """Weight memory of MODEL (config.json, model directory, GGUF file or 'default') under a scheme."""
     from lowbit.footprint import config_footprint, read_config
+    from lowbit.planner import read_plan
     from lowbit.report import print_size_table
 
-    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
+    if plan_path is not None:
+        scheme = read_plan(plan_path).scheme
+    else:
+        scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     config = read_config(model)
     full = config_footprint(config, None)
     quant = config_footprint(config, scheme)

@@ -143,7 +143,7 @@ def config_footprint(config: dict[str, Any], scheme: Scheme | None, float_bytes:
     for name, shape in config_tensors(config):
         linear = len(shape) == 2 and not name.endswith(".weight")
         if scheme is not None and chosen is not None and linear and chosen(name):
-            q_bytes += storage_bytes(scheme.weights, (shape[0], shape[1]))  # type: ignore[union-attr]
+            q_bytes += storage_bytes(scheme.spec_for(name), (shape[0], shape[1]))  # per module in a mixed scheme
             q_params += math.prod(shape)
         else:
             f_params += math.prod(shape)

@@ -58,3 +58,22 @@ def print_size_table(model: str, scheme: Scheme, full: Footprint, quant: Footpri
     for (name, _, n_full), (_, _, n_quant) in zip(gpus_that_fit(full.total_bytes), gpus_that_fit(quant.total_bytes)):
         gpus.add_row(name, "1 (fits)" if n_full == 1 else str(n_full), "1 (fits)" if n_quant == 1 else str(n_quant))
     console.print(gpus)
+
+
+def print_plan_table(plan, console: Console | None = None) -> None:
+    """The bit planner's choice (a `lowbit.planner.BitPlan`): one row per module, then the totals."""
+    console = console or _console()
+    target = (f"target {plan.target.bits_per_weight:g} bits/weight" if plan.target.bits_per_weight is not None
+              else f"budget {_gb(plan.target.total_bytes)}")
+    table = Table(title=f"bit plan ({target}; errors measured with {plan.measured_with} on "
+                        f"{plan.calibration_tokens:,} tokens)")
+    for column in ("module", "bits", "spec", "output error", "relative", "bytes"):
+        table.add_column(column, justify="left" if column in ("module", "spec") else "right")
+    for row in plan.rows:
+        table.add_row(row.module, str(row.spec.bits), row.spec.describe(), f"{row.error:.4g}",
+                      f"{row.relative_error:.2e}", f"{row.nbytes:,}")
+    console.print(table)
+    counts = ", ".join(f"{n} at {bits} bits" for bits, n in plan.bits_histogram().items())
+    console.print(f"{counts}; linears {plan.quantized_bytes:,} bytes of {plan.linear_budget:,} allowed, "
+                  f"{plan.bits_per_weight:.4f} bits per weight; weights {_gb(plan.total_bytes)} in all; "
+                  f"summed output error {plan.total_error:.4g}.")

@@ -147,10 +147,14 @@ class Scheme:
     targets: tuple[str, ...] = (r".*",)
     ignore: tuple[str, ...] = (r"(.*\.)?lm_head",)
     name: str = "custom"
+    # A mixed scheme (`lowbit.planner`): (module name, weight spec) pairs that replace ``weights``
+    # for those exact modules; every other selected module keeps ``weights``.
+    per_module: tuple[tuple[str, QuantSpec], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "per_module", tuple((str(n), s) for n, s in dict(self.per_module).items()))
         if self.activations is not None and self.activations.format in ("nf4", "fp4"):
             raise LowbitError("activations can be quantised to int or fp8 formats only.")
         if self.activations is not None and not self.activations.symmetric:
@@ -159,28 +163,45 @@ class Scheme:
     def replace(self, **changes: Any) -> Scheme:
         return dataclasses.replace(self, **changes)
 
+    def spec_for(self, module: str) -> QuantSpec:
+        """The weight spec of the module named ``module`` (its own in a mixed scheme, else ``weights``)."""
+        for name, spec in self.per_module:
+            if name == module:
+                return spec
+        return self.weights
+
     def describe(self) -> str:
         act = f", activations {self.activations.describe()}" if self.activations else ""
+        if self.per_module:
+            kinds = sorted({s.describe() for _, s in self.per_module})
+            return f"{self.name}: mixed weights ({', '.join(kinds)}; {len(self.per_module)} modules set){act}"
         return f"{self.name}: weights {self.weights.describe()}{act}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "weights": self.weights.to_dict(),
             "activations": self.activations.to_dict() if self.activations else None,
             "targets": list(self.targets),
             "ignore": list(self.ignore),
         }
+        if self.per_module:  # only mixed schemes carry it: uniform schemes' dicts stay as they were
+            out["per_module"] = {name: spec.to_dict() for name, spec in self.per_module}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Scheme:
         act = data.get("activations")
+        per_module = data.get("per_module") or {}
+        if not isinstance(per_module, dict):
+            raise LowbitError("a scheme's per_module must map module names to weight specs.")
         return cls(
             weights=QuantSpec.from_dict(data["weights"]),
             activations=QuantSpec.from_dict(act) if act else None,
             targets=tuple(data.get("targets", (r".*",))),
             ignore=tuple(data.get("ignore", ())),
             name=data.get("name", "custom"),
+            per_module=tuple((name, QuantSpec.from_dict(spec)) for name, spec in per_module.items()),
         )
 
 

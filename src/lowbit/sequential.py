@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from lowbit.memory import drop_file_pages, release_pages, trim_heap
 from lowbit.models import select_linears, set_submodule
 from lowbit.models.layers import name_filter
 from lowbit.nn import QuantLinear
-from lowbit.scheme import Scheme
+from lowbit.scheme import QuantSpec, Scheme
 from lowbit.smoothing import Smoothed, activation_level_max, make_stats, smooth_layer
 from lowbit.tensor import QuantizedWeight
 
@@ -146,15 +146,23 @@ def shared_input_groups(layer: nn.Module, probe: LayerInputs, linears: dict[str,
 
 
 def _solve(group: list[str], linears: dict[str, nn.Linear], float_weights: dict[str, Tensor], acc: HessianAccumulator,
-           spec, method: GPTQ, prefix: str, report: LayerwiseReport) -> dict[str, QuantizedWeight]:
+           spec_of: Callable[[str], QuantSpec], method: GPTQ, prefix: str, report: LayerwiseReport
+           ) -> dict[str, QuantizedWeight]:
     """GPTQ on the group's weights (as loaded, whatever the pass computes in) with their shared Hessian.
 
     Each linear's weight is then set to its dequantised value, in the dtype the pass uses,
     and the loaded weight is let go.
     """
-    results = gptq_quantize_group([float_weights[n] for n in group], acc.hessian(), spec, method.block_size,
-                                  method.damp, method.act_order, method.static_groups,
-                                  [f"{prefix}{n}.weight" for n in group])
+    H = acc.hessian()
+    by_spec: dict[QuantSpec, list[str]] = {}  # a mixed scheme (lowbit.planner) may give q, k and v different bits
+    for local in group:
+        by_spec.setdefault(spec_of(prefix + local), []).append(local)
+    solved = {}
+    for spec, part in by_spec.items():  # rows are independent given H: a part's solve is its own solve
+        solved.update(zip(part, gptq_quantize_group([float_weights[n] for n in part], H, spec, method.block_size,
+                                                    method.damp, method.act_order, method.static_groups,
+                                                    [f"{prefix}{n}.weight" for n in part])))
+    results = [solved[local] for local in group]
     weights = {}
     for local, result in zip(group, results):
         full = prefix + local
@@ -170,8 +178,9 @@ def _solve(group: list[str], linears: dict[str, nn.Linear], float_weights: dict[
 
 
 def _quantize_in_one_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear],
-                          float_weights: dict[str, Tensor], groups: list[list[str]], prefix: str, spec,
-                          method: GPTQ, report: LayerwiseReport) -> tuple[dict[str, QuantizedWeight], list[Tensor]]:
+                          float_weights: dict[str, Tensor], groups: list[list[str]], prefix: str,
+                          spec_of: Callable[[str], QuantSpec], method: GPTQ, report: LayerwiseReport
+                          ) -> tuple[dict[str, QuantizedWeight], list[Tensor]]:
     """True-sequential GPTQ in a single forward pass over the calibration chunks.
 
     The chunks pause before each group of linears (`run_layer_staged`); their inputs —
@@ -196,7 +205,7 @@ def _quantize_in_one_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[s
     def finish(key: str) -> None:
         group = group_of.get(key, [key])
         with torch.autocast(linears[key].weight.device.type, enabled=False):  # float32 solve
-            weights.update(_solve(group, linears, float_weights, accs.pop(key), spec, method, prefix, report))
+            weights.update(_solve(group, linears, float_weights, accs.pop(key), spec_of, method, prefix, report))
         trim_heap()  # the solve's temporaries, before the chunks go on
 
     outputs = run_layer_staged(layer, inputs, linears, stage=lambda local: group_of.get(local, [local])[0],
@@ -205,7 +214,8 @@ def _quantize_in_one_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[s
 
 
 def _quantize_after_float_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear],
-                               float_weights: dict[str, Tensor], groups: list[list[str]], prefix: str, spec,
+                               float_weights: dict[str, Tensor], groups: list[list[str]], prefix: str,
+                               spec_of: Callable[[str], QuantSpec],
                                method: GPTQ, report: LayerwiseReport
                                ) -> tuple[dict[str, QuantizedWeight], list[Tensor]]:
     """All Hessians from the float layer (chunk by chunk), then GPTQ, then a quantised pass."""
@@ -218,7 +228,7 @@ def _quantize_after_float_pass(layer: nn.Module, inputs: LayerInputs, linears: d
         acc = stats[group[0]]
         assert isinstance(acc, HessianAccumulator)
         if acc.count:
-            weights.update(_solve(group, linears, float_weights, acc, spec, method, prefix, report))
+            weights.update(_solve(group, linears, float_weights, acc, spec_of, method, prefix, report))
     return weights, run_layer(layer, inputs)
 
 
@@ -312,7 +322,8 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | Sm
         with _precision(layer, dtype):
             if gptq is not None:
                 step = _quantize_in_one_pass if gptq.true_sequential else _quantize_after_float_pass
-                weights, outputs = step(layer, inputs, linears, float_weights, groups, prefix, spec, gptq, report)
+                weights, outputs = step(layer, inputs, linears, float_weights, groups, prefix, scheme.spec_for, gptq,
+                                        report)
             else:
                 outputs = run_layer(layer, inputs)
             probe = LayerInputs(run_layer(layer, probe), probe.kwargs)
@@ -331,7 +342,7 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | Sm
     for full, linear in unreached:  # selected but never reached by calibration data
         log.warning("%s never saw calibration data; quantised with round-to-nearest", full)
         report.fallbacks.append(full)
-        weight = rtn_quantize(linear.weight, spec, name=f"{full}.weight")
+        weight = rtn_quantize(linear.weight, scheme.spec_for(full), name=f"{full}.weight")
         set_submodule(model, full, QuantLinear(weight, linear.bias, scheme.activations,
                                                input_scale=_input_scale(scheme, None, full)))
     return report
