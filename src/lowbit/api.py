@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit import distributed
 from lowbit.algorithms import AWQ, GPTQ, RTN, SmoothQuant, rtn_quantize
 from lowbit.calibration import load_text, tokenize
 from lowbit.errors import LowbitError
@@ -134,6 +135,7 @@ def quantize(model: nn.Module, scheme: Scheme | BitPlan | str, method: Any = Non
     start = time.perf_counter()
     details: dict[str, Any] = {}
     if not isinstance(method, RTN):
+        distributed.init_from_environment()  # under torchrun: calibration split across the ranks
         del linears  # each float linear goes once its layer is done: hold none of them here
         details = quantize_layerwise(target, scheme, method, calib, progress=progress).to_dict()  # type: ignore[arg-type]
     else:
@@ -243,7 +245,10 @@ def save(model: nn.Module, out: PathLike, format: str = "native", tokenizer: Any
     layout, any scheme), 'compressed-tensors' (vLLM, transformers), 'gptq' (GPTQ v1) or 'gguf' (llama.cpp:
     one file, ``out`` itself when it ends in .gguf, else ``out/model.gguf``; float linears as ``gguf_type``,
     see `lowbit.io.gguf`). The safetensors formats write one file, or above ``max_shard_size`` (bytes, or
-    e.g. "2GB"; 5 GB by default) shards with an index."""
+    e.g. "2GB"; 5 GB by default) shards with an index. Under torchrun only rank 0 writes (the others hold
+    the same model, see `lowbit.distributed`)."""
+    if distributed.rank() != 0:
+        return Path(out)
     if format == "gguf":
         return save_gguf(model, out, tokenizer=tokenizer, gguf_type=gguf_type, overwrite=overwrite)
     if gguf_type is not None:

@@ -276,7 +276,7 @@ def plan_options(func):  # the bit planner's, on quantize
     func = click.option("--plan-samples", type=int, default=32, show_default=True,
                         help="Planner: calibration sequences (of --calib, --calib-seqlen tokens) on which each "
                              "module's sensitivity is measured.")(func)
-    func = click.option("--bits", default="2,3,4,8", show_default=True,
+    func = click.option("--bits", default="3,4,8", show_default=True,
                         help="Planner: candidate bit widths, with the scheme's group size and symmetry.")(func)
     func = click.option("--budget", default=None,
                         help="Plan bits per module so that all weights fit in this many bytes (e.g. 35GB, "
@@ -362,6 +362,9 @@ def _plan(model: Any, scheme: Scheme, method_config: Any, planning: Any, sources
 @eval_options
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
 @plan_options
+@click.option("--stream", is_flag=True, help="Quantise straight from the checkpoint's safetensors, one decoder "
+              "layer in memory at a time (native --out only; resumes an interrupted run of the same command; no "
+              "evaluation: run lowbit eval on the result).")
 def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool,
                  symmetric: bool | None, observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
                  method: str, act_order: bool | None, static_groups: bool | None, damp: float | None,
@@ -369,7 +372,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                  calib_samples: int, alpha: float | None, search_alpha: bool | None, clip: bool | None,
                  calib_seqlen: int, out: str | None, fmt: str, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
                  kl_windows: int, json_path: str | None, max_shard_size: int, target_bpw: float | None,
-                 budget: str | None, bits: str, plan_samples: int) -> None:
+                 budget: str | None, bits: str, plan_samples: int, stream: bool) -> None:
     """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it; with --target-bpw or --budget,
     with bits per module chosen by the bit planner (see lowbit.planner)."""
     from lowbit.api import check_method, evaluate, load_model, load_tokenizer, quantize, save
@@ -384,6 +387,10 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     if out is None and json_path is None:
         raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
     _check_out(out, fmt, overwrite)
+    if stream:
+        _quantize_streamed(model, scheme, method_config, calib, calib_samples, calib_seqlen, out, fmt, overwrite,
+                           max_shard_size, json_path, bool(target_bpw or budget))
+        return
     planning = _check_plan_options(target_bpw, budget, bits, plan_samples, method, fmt)
     if planning is not None:
         _check_plan_reachable(model, scheme, method_config, planning)
@@ -418,6 +425,32 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                   calibration={"source": list(calib), "samples": calib_samples, "seqlen": calib_seqlen}
                   if calibration is not None else None, details=info.details)
     write_json(json_path, report)
+
+
+def _quantize_streamed(model: str, scheme: Scheme, method_config: Any, calib: tuple[str, ...], samples: int,
+                       seqlen: int, out: str | None, fmt: str, overwrite: bool, max_shard_size: int,
+                       json_path: str | None, planned: bool) -> None:
+    """``lowbit quantize --stream``: `lowbit.streaming.quantize_streaming` into a native checkpoint."""
+    from lowbit.api import load_tokenizer
+    from lowbit.streaming import quantize_streaming
+
+    if out is None or fmt != "native":
+        raise LowbitError("--stream writes a native checkpoint: pass --out DIR (and no --format, or --format "
+                          "native).")
+    if planned:
+        raise LowbitError("--stream does not take --target-bpw or --budget yet; quantise with one scheme.")
+    calibration = None
+    if getattr(method_config, "needs_calibration", False):
+        calibration = _calibration(method_config, calib, samples, seqlen, load_tokenizer(model))
+    start = time.perf_counter()
+    path = quantize_streaming(None if model == "default" else model, out, scheme, method_config, calibration,
+                              overwrite=overwrite, max_shard_size=max_shard_size)
+    seconds = time.perf_counter() - start
+    click.echo(f"streamed to {path} in {seconds:.1f} s (peak RSS {peak_rss_bytes() / 1e9:.2f} GB); evaluate with "
+               f"lowbit eval {path} --reference {model}", err=True)
+    write_json(json_path, {"model": model, "scheme": scheme.to_dict(), "method": method_config.to_dict(),
+                           "format": "native", "out": out, "streamed": True, "quantize_seconds": seconds,
+                           "peak_rss_bytes": peak_rss_bytes(), "versions": versions()})
 
 
 @cli.command("eval")

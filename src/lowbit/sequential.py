@@ -19,14 +19,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lowbit import distributed
 from lowbit.algorithms.awq import AWQ, awq_clip_ranges, output_error, quantize_in_range
 from lowbit.algorithms.gptq import GPTQ, gptq_quantize_group
 from lowbit.algorithms.hessian import HessianAccumulator
@@ -61,13 +63,15 @@ class LayerwiseReport:
     dead_columns: dict[str, int] = field(default_factory=dict)
     calibration_tokens: int = 0
     calibration_dtype: str = "float32"
+    solve_seconds: float = 0.0  # in GPTQ's solves (and their all-reduces); the rest is the calibration passes
 
     def to_dict(self) -> dict[str, Any]:
         relative = {k: v / self.module_signal[k] if self.module_signal.get(k) else 0.0
                     for k, v in self.module_errors.items()}
         return {"layer_errors": self.layer_errors, "module_relative_errors": relative,
                 "fallbacks": self.fallbacks, "scales": self.scales, "skipped_scales": self.skipped_scales, "dead_columns": self.dead_columns,
-                "calibration_tokens": self.calibration_tokens, "calibration_dtype": self.calibration_dtype}
+                "calibration_tokens": self.calibration_tokens, "calibration_dtype": self.calibration_dtype,
+                "solve_seconds": self.solve_seconds}
 
 
 def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -205,7 +209,10 @@ def _quantize_in_one_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[s
     def finish(key: str) -> None:
         group = group_of.get(key, [key])
         with torch.autocast(linears[key].weight.device.type, enabled=False):  # float32 solve
-            weights.update(_solve(group, linears, float_weights, accs.pop(key), spec_of, method, prefix, report))
+            start = time.perf_counter()
+            weights.update(_solve(group, linears, float_weights, distributed.all_reduce(accs.pop(key)), spec_of,
+                                  method, prefix, report))
+            report.solve_seconds += time.perf_counter() - start
         trim_heap()  # the solve's temporaries, before the chunks go on
 
     outputs = run_layer_staged(layer, inputs, linears, stage=lambda local: group_of.get(local, [local])[0],
@@ -225,10 +232,12 @@ def _quantize_after_float_pass(layer: nn.Module, inputs: LayerInputs, linears: d
     stats, _ = collect(layer, inputs, firsts, lambda m: HessianAccumulator.zeros(m.in_features, device=m.weight.device))
     weights: dict[str, QuantizedWeight] = {}
     for group in groups:
-        acc = stats[group[0]]
+        start = time.perf_counter()
+        acc = distributed.all_reduce(stats[group[0]])  # type: ignore[arg-type]
         assert isinstance(acc, HessianAccumulator)
         if acc.count:
             weights.update(_solve(group, linears, float_weights, acc, spec_of, method, prefix, report))
+        report.solve_seconds += time.perf_counter() - start
     return weights, run_layer(layer, inputs)
 
 
@@ -278,8 +287,25 @@ def _input_scale(scheme: Scheme, smoothed: Smoothed | None, local: str) -> Tenso
     return torch.tensor([max(smoothed.input_max[local], 1e-12) / activation_level_max(act)], dtype=torch.float32)
 
 
+class LayerStream(Protocol):
+    """Where `quantize_layerwise` gets its decoder layers from and puts them when done, for a model whose
+    layers are not all in memory (`lowbit.streaming`): the model's layers start on the meta device."""
+
+    start: int  # the first layer to quantise: earlier ones are done (a resumed run)
+
+    def resume(self, inputs: LayerInputs, probe: LayerInputs) -> tuple[LayerInputs, LayerInputs]:
+        """The inputs of layer ``start`` (hidden states saved by the run that did the earlier layers)."""
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        """Give layer ``index`` its float weights."""
+
+    def done(self, index: int, layer: nn.Module, outputs: LayerInputs, probe: LayerInputs) -> None:
+        """Layer ``index`` is quantised and ``outputs`` are the next layer's inputs: keep them, free the layer."""
+
+
 def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | SmoothQuant, calib: Tensor,
-                       batch_size: int | None = None, progress: bool = True) -> LayerwiseReport:
+                       batch_size: int | None = None, progress: bool = True,
+                       stream: LayerStream | None = None) -> LayerwiseReport:
     """Quantise ``model`` in place, one decoder layer at a time, with ``method`` on ``calib`` (N, T).
 
     The calibration set runs in chunks of ``batch_size`` sequences (default: about
@@ -288,7 +314,8 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | Sm
     rounded by GPTQ (``method`` itself, or the ``gptq`` of AWQ / SmoothQuant) or to nearest.
     With ``GPTQ.true_sequential`` (the default) GPTQ costs one forward pass over all chunks,
     paused before each group of linears while it quantises it; otherwise the Hessians come
-    from the float layer and a second pass makes the outputs.
+    from the float layer and a second pass makes the outputs. With a ``stream`` the layers are
+    loaded, handed back and freed one at a time (see `LayerStream`), from its ``start``.
     """
     spec = scheme.weights
     gptq = method if isinstance(method, GPTQ) else method.gptq
@@ -297,17 +324,29 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | Sm
     names = set(selected)
     if batch_size is None:  # chunks of about CHUNK_TOKENS tokens
         batch_size = max(1, CHUNK_TOKENS // max(1, calib.shape[1]))
-    dtype = calibration_dtype(method.calib_dtype, next(model.parameters()).device)
-    name, layers, inputs = capture_first_layer_inputs(model, calib, batch_size, _stream_dtype(dtype))
+    device = torch.device("cpu") if stream is not None else next(model.parameters()).device
+    dtype = calibration_dtype(method.calib_dtype, device)
+    if distributed.active() and smoother is not None:
+        raise LowbitError(f"{method.to_dict()['name']} does not run distributed yet (its activation statistics are not "
+                          "all-reduced); run it in one process.")
+    # under torchrun each rank calibrates on its share; the probe (which linears share an input) is everyone's
+    name, layers, inputs = capture_first_layer_inputs(model, distributed.shard(calib), batch_size, _stream_dtype(dtype))
     _, _, probe = capture_first_layer_inputs(model, calib[:1, :16], 1, _stream_dtype(dtype))
+    start = 0
+    if stream is not None:
+        start = stream.start
+        inputs, probe = stream.resume(inputs, probe)
     for param in model.parameters():  # not read again until each layer's turn (or at all: embeddings, head)
         drop_file_pages(param)
-    report = LayerwiseReport(calibration_tokens=inputs.tokens, calibration_dtype=str(dtype).removeprefix("torch."))
-    bar = tqdm(range(len(layers)), desc=f"{method.to_dict()['name']} {scheme.name}", unit="layer",
+    report = LayerwiseReport(calibration_tokens=distributed.total(inputs.tokens),
+                             calibration_dtype=str(dtype).removeprefix("torch."))
+    bar = tqdm(range(start, len(layers)), desc=f"{method.to_dict()['name']} {scheme.name}", unit="layer",
                disable=None if progress else True)
     for i in bar:
         layer = layers[i]
         prefix = f"{name}.{i}."
+        if stream is not None:
+            stream.load(i, layer)
         # popped: the float modules (and the float weights they hold) go as soon as the layer is done
         linears = {n[len(prefix):]: selected.pop(n) for n in list(selected) if n.startswith(prefix)}
         with _precision(layer, dtype):
@@ -336,13 +375,26 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | Sm
         bar.set_postfix(layer=i, rel_err=f"{error:.2e}")
         log.info("layer %d: relative output error of its linears %.3e", i, error)
         inputs = LayerInputs(outputs, inputs.kwargs)
+        _round_unreached(model, names, spec, scheme, report, under=layer, prefix=prefix)
+        if stream is not None:
+            stream.done(i, layer, inputs, probe)
         trim_heap()
     selected.clear()
-    unreached = [(n, m) for n, m in model.named_modules() if n in names and isinstance(m, nn.Linear)]
-    for full, linear in unreached:  # selected but never reached by calibration data
+    done_before = tuple(f"{name}.{i}." for i in range(start))  # a resumed stream's earlier layers are not here
+    names = {n for n in names if not n.startswith(done_before)}
+    _round_unreached(model, names, spec, scheme, report)
+    return report
+
+
+def _round_unreached(model: nn.Module, names: set[str], spec, scheme: Scheme, report: LayerwiseReport,
+                     under: nn.Module | None = None, prefix: str = "") -> None:
+    """Round to nearest the selected linears (of the layer ``under``, named from ``prefix``, or of the whole
+    model) that calibration data never reached."""
+    root = model if under is None else under
+    unreached = [(prefix + n, m) for n, m in root.named_modules() if prefix + n in names and isinstance(m, nn.Linear)]
+    for full, linear in unreached:
         log.warning("%s never saw calibration data; quantised with round-to-nearest", full)
         report.fallbacks.append(full)
         weight = rtn_quantize(linear.weight, scheme.spec_for(full), name=f"{full}.weight")
         set_submodule(model, full, QuantLinear(weight, linear.bias, scheme.activations,
                                                input_scale=_input_scale(scheme, None, full)))
-    return report
