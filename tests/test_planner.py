@@ -127,7 +127,7 @@ def calib(default_tokenizer):
 
 @pytest.fixture(scope="module")
 def sensitivities(two_layers, calib):
-    return planner.measure_sensitivities(two_layers, W3A16, calib, planner.candidate_specs(W3A16.weights),
+    return planner.measure_sensitivities(two_layers, W3A16, calib, planner.candidate_specs(W3A16.weights, (2, 3, 4, 8)),
                                          progress=False)
 
 
@@ -206,7 +206,7 @@ def test_mixed_schemes_refuse_smoothing_methods(two_layers, sensitivities, calib
 
 def test_cli_refuses_bad_plans_before_loading():
     runner = CliRunner()
-    for args, message in ((["--target-bpw", "1.5"], "below"), (["--target-bpw", "3.5", "--budget", "1GB"], "pass one"),
+    for args, message in ((["--target-bpw", "2.5"], "below"), (["--target-bpw", "3.5", "--budget", "1GB"], "pass one"),
                           (["--target-bpw", "3.5", "--method", "awq"], "rtn or gptq"),
                           (["--target-bpw", "3.5", "--format", "gptq"], "one scheme"),
                           (["--target-bpw", "3.5", "--bits", "2,x"], "--bits")):

@@ -1,0 +1,93 @@
+"""The bit-budget planner against uniform bit widths: bench/results/planner.json and planner.md.
+
+All settings use int asym g128 codes (W3A16's) and the same method: uniform 3-bit; the
+planner with candidates 2, 3, 4, 8 bits at exactly uniform 3-bit's total weight bytes; the
+planner with its default candidates (3, 4, 8 bits) at 3.25 and at 3.5 bits per weight; and
+uniform 4-bit for reference. The planner measures
+each module's output error on 32 × 512 tokens of pydoc-calib; GPTQ calibrates on
+PROTOCOL.md's 128 × 512. Evaluation: pydoc-eval, PROTOCOL.md's windows (ppl; KL and top-1
+against the float model over the first 4 windows, as PROTOCOL.md says; perplexity over those
+same 4 windows, not 16, to keep a run short on a shared 2-core machine). Each setting is the
+command a user would type, run as its own process.
+
+    python bench/planner.py [--methods rtn,gptq] [--note "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from _runner import RESULTS, markdown, run_setting
+
+from lowbit.footprint import config_footprint, read_config
+from lowbit.scheme import W3A16
+
+
+def settings(method: str) -> list[tuple[str, list[str]]]:
+    uniform3_bytes = config_footprint(read_config("default"), W3A16).total_bytes
+    common = ["--method", method, "--max-windows", "4"]  # KL / top-1 over PROTOCOL.md's 4 windows; ppl over the same 4
+    return [
+        (f"{method} uniform int3 g128", ["--scheme", "W3A16", *common]),
+        (f"{method} plan at uniform int3's bytes, 2 bits allowed",
+         ["--scheme", "W3A16", "--budget", str(uniform3_bytes), "--bits", "2,3,4,8", *common]),
+        (f"{method} plan 3.25 bpw", ["--scheme", "W3A16", "--target-bpw", "3.25", *common]),
+        (f"{method} plan 3.5 bpw", ["--scheme", "W3A16", "--target-bpw", "3.5", *common]),
+        (f"{method} uniform int4 g128", ["--scheme", "W4A16_ASYM", *common]),
+    ]
+
+
+def plan_column(rows: list[dict]) -> str:
+    lines = ["| setting | modules at 2 / 3 / 4 / 8 bits | planned linears bytes | budget met |", "|---|---|---:|---|"]
+    for r in rows:
+        plan = r.get("details", {}).get("bit_plan")
+        if plan is None:
+            continue
+        hist = plan["bits_histogram"]
+        counts = " / ".join(str(hist.get(str(b), 0)) for b in (2, 3, 4, 8))
+        if plan["target_bpw"] is not None:
+            bpw, target = r["bits_per_weight"], plan["target_bpw"]
+            met = f"{bpw:.4f} ≤ {target} bpw: {8 * r['quantized_bytes'] <= target * r['quantized_params']}"
+        else:
+            total, budget = r["weight_bytes"], plan["budget_bytes"]
+            met = f"{total:,} ≤ {budget:,} bytes: {total <= budget}"
+        lines.append(f"| {r['label']} | {counts} | {plan['quantized_bytes']:,} | {met} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="rtn,gptq")
+    parser.add_argument("--note", default="")
+    parser.add_argument("--only", default="", help="comma-separated parts of labels to run (default: all)")
+    parser.add_argument("--tabulate", action="store_true", help="only rewrite planner.md from planner.json")
+    args = parser.parse_args()
+    out = RESULTS / "planner.json"
+    if args.tabulate:
+        rows = json.loads(out.read_text())
+    else:
+        rows = []
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for method in args.methods.split(","):
+                for label, a in settings(method):
+                    if args.only and not any(part in label for part in args.only.split(",")):
+                        continue
+                    before = os.getloadavg()
+                    rows.append(run_setting(label, a, Path(tmp)))
+                    rows[-1]["load_average"] = {"start": before, "end": os.getloadavg()}
+                    out.write_text(json.dumps(rows, indent=2) + "\n")  # after each setting: a long run keeps its part
+    load_start, load_end = rows[0]["load_average"]["start"], rows[-1]["load_average"]["end"]
+    note = (f"Load average (1/5/15 min) {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} at the start, "
+            f"{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at the end (a shared machine)."
+            + (f" {args.note}" if args.note else "") + "\n\n" + plan_column(rows))
+    table = markdown("Bit-budget planner vs uniform bits", rows, note)
+    (RESULTS / "planner.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
