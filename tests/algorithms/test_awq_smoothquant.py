@@ -37,8 +37,10 @@ def layer2_inputs(default_model, calib):
         inputs = type(inputs)(run_layer(layer, inputs), inputs.kwargs)
     mlp = layers[2].mlp
     seen = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, k=k: seen.setdefault(k, []).append(a[0].reshape(-1, a[0].shape[-1])))
-             for k, m in (("up", mlp.up_proj), ("down", mlp.down_proj))]
+    def keep(key):
+        return lambda _m, args: seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+    hooks = [m.register_forward_pre_hook(keep(k)) for k, m in (("up", mlp.up_proj), ("down", mlp.down_proj))]
     run_layer(layers[2], inputs)
     for h in hooks:
         h.remove()

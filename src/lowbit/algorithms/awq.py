@@ -26,7 +26,7 @@ one with the least output error is kept; GPTQ then rounds (no clipping).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -186,4 +186,5 @@ def quantize_in_range(W: Tensor, spec: QuantSpec, lo: Tensor, hi: Tensor, name: 
     return from_int_codes(codes, scale, zero, spec)
 
 
-__all__ = ["AWQ", "awq_clip_ranges", "awq_gptq_search", "awq_scale", "awq_search", "fake_quantize_weight", "quantize_in_range"]
+__all__ = ["AWQ", "awq_clip_ranges", "awq_gptq_search", "awq_scale", "awq_search", "fake_quantize_weight",
+           "quantize_in_range"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 # (producer, consumers): the consumers' names must all match the second pattern, and exactly

@@ -29,16 +29,15 @@ class QuantLinear(nn.Module):
         self.activations = activations
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
-        static = activations is not None and not activations.dynamic
-        if static and activations.granularity != "tensor":  # type: ignore[union-attr]
-            raise LowbitError(f"static activation scales are per tensor, not per {activations.granularity}.")  # type: ignore[union-attr]
-        if static and (input_scale is None or input_scale.numel() != 1 or not bool(input_scale.float().gt(0).all())):
-            raise LowbitError("static activations need one positive calibrated input_scale "
-                              "(quantise with --method smoothquant).")
-        if not static and input_scale is not None:
+        if activations is not None and not activations.dynamic:
+            if activations.granularity != "tensor":
+                raise LowbitError(f"static activation scales are per tensor, not per {activations.granularity}.")
+            if input_scale is None or input_scale.numel() != 1 or not bool(input_scale.float().gt(0).all()):
+                raise LowbitError("static activations need one positive calibrated input_scale "
+                                  "(quantise with --method smoothquant).")
+            self.register_buffer("input_scale", input_scale.detach().reshape(1).float().clone())
+        elif input_scale is not None:
             raise LowbitError("input_scale applies to static activations only.")
-        if static:
-            self.register_buffer("input_scale", input_scale.detach().reshape(1).float().clone())  # type: ignore[union-attr]
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._memo: _Memo | None = None
 
