@@ -69,7 +69,8 @@ class LayerwiseReport:
         relative = {k: v / self.module_signal[k] if self.module_signal.get(k) else 0.0
                     for k, v in self.module_errors.items()}
         return {"layer_errors": self.layer_errors, "module_relative_errors": relative,
-                "fallbacks": self.fallbacks, "scales": self.scales, "skipped_scales": self.skipped_scales, "dead_columns": self.dead_columns,
+                "fallbacks": self.fallbacks, "scales": self.scales, "skipped_scales": self.skipped_scales,
+                "dead_columns": self.dead_columns,
                 "calibration_tokens": self.calibration_tokens, "calibration_dtype": self.calibration_dtype,
                 "solve_seconds": self.solve_seconds}
 
