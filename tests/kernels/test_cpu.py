@@ -174,7 +174,7 @@ def test_portable_build_without_avx512_matches_the_reference():
 
 def test_w8a8_runs_on_the_gemv_with_the_references_activation_quantisation():
     layer = QuantLinear(quantize_weight(torch.randn(72, 576), QuantSpec("int", 8, "channel")), torch.randn(72),
-                        activations=QuantSpec("int", 8, "token", scale_dtype="float32"))
+                        activations=QuantSpec("int", 8, "token", scale_dtype="float32", dynamic=True))
     cpu = torch.device("cpu")
     assert dispatch.choose(layer.weight, layer.activations, cpu, 1) is INT_GEMV
     assert dispatch.choose(layer.weight, layer.activations, cpu, 64) is DEQUANT_GEMM

@@ -31,7 +31,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, tensor)
         if activations is not None and not activations.dynamic:
             if activations.granularity != "tensor":
-                raise LowbitError(f"static activation scales are per tensor, not per {activations.granularity}.")
+                raise LowbitError(f"per-{activations.granularity} activation scales are computed on each forward: "
+                                  "give the activation spec dynamic=True (static scales are per tensor).")
             if input_scale is None or input_scale.numel() != 1 or not bool(input_scale.float().gt(0).all()):
                 raise LowbitError("static activations need one positive calibrated input_scale "
                                   "(quantise with --method smoothquant).")
