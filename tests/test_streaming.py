@@ -18,14 +18,14 @@ from lowbit.io.shards import load_tensors
 from lowbit.streaming import quantize_streaming, work_directory
 
 
-def _tiny_llama(directory: Path, seed: int = 0) -> Path:
+def _tiny_llama(directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(directory, max_shard_size="60KB")  # several shards, with an index
     return directory
 
@@ -44,11 +44,16 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return dict(load_tensors(path).tensors)
 
 
-def _same_checkpoint(a: Path, b: Path) -> None:
+def _same_checkpoint(a: Path, b: Path, outside_in_source_dtype: bool = False) -> None:
+    """Equal tensors and layer records; with ``outside_in_source_dtype``, the tensors outside the decoder layers
+    (which a streamed checkpoint keeps in the source's dtype, the in-memory one in float32) equal in value."""
     ta, tb = _tensors(a), _tensors(b)
     assert set(ta) == set(tb)
     for key in ta:
-        assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), key
+        x, y = ta[key], tb[key]
+        if outside_in_source_dtype and not key.startswith("model.layers."):
+            x, y = x.float(), y.float()
+        assert x.dtype == y.dtype and torch.equal(x, y), key
     ma, mb = (json.loads((p / "lowbit.json").read_text()) for p in (a, b))
     assert ma["layers"] == mb["layers"] and ma["aliases"] == mb["aliases"]
 
@@ -163,3 +168,11 @@ def test_the_cli_streams_resumes_and_names_what_it_cannot_do(tiny, tmp_path):
     _same_checkpoint(out, quantize_streaming(tiny, tmp_path / "api", "W4A16", progress=False))
     refused = runner.invoke(cli, ["quantize", str(tiny), "--stream", "--format", "gptq", "--out", str(tmp_path / "g")])
     assert refused.exit_code != 0 and "native checkpoint" in refused.output
+
+
+def test_a_bfloat16_checkpoint_streams_gptq_on_its_mapped_weights_to_the_in_memory_result(calib, tmp_path):
+    """GPTQ calibrating in bfloat16 runs a bfloat16 checkpoint's layers on the mapped tensors (no float32 copy);
+    the in-memory path loads float32 copies of the same values: the checkpoints are equal."""
+    source = _tiny_llama(tmp_path / "bf16", seed=3, dtype=torch.bfloat16)
+    streamed = quantize_streaming(source, tmp_path / "streamed", "W4A16", GPTQ(), calib, progress=False)
+    _same_checkpoint(streamed, _in_memory(source, tmp_path / "memory", GPTQ(), calib), outside_in_source_dtype=True)

@@ -183,8 +183,11 @@ def finish_layer(run: _Run, index: int, layer: nn.Module, prefix: str, stored: d
                  hidden: dict[str, Tensor] | None) -> None:
     """Write layer ``index`` (and the next layer's calibration inputs) to the work directory, record the
     progress, return the layer to the meta device and the pages of its float tensors to their files."""
-    tensors = {f"{prefix}{index}.{k}": v for k, v in layer.state_dict().items()}
     quantized = {f"{prefix}{index}.{n}": m for n, m in quantized_modules(layer).items()}
+    codes = {f"{n}.{k}" for n, m in quantized_modules(layer).items() for k in m.weight.tensors()}
+    # float tensors other than the packed weights in float32, as the in-memory path (which loads float32) writes them
+    tensors = {f"{prefix}{index}.{k}": v.float() if v.is_floating_point() and k not in codes else v
+               for k, v in layer.state_dict().items()}
     records = {name: _layer_record(m) for name, m in quantized.items()}
     _save_safetensors(run.layer_file(index), tensors, {"lowbit.layers": json.dumps(records)})
     if hidden is not None:
@@ -279,8 +282,9 @@ def quantize_streaming(model: str | os.PathLike[str] | None, out: str | os.PathL
     if run.next_layer < len(layers):
         if getattr(method, "needs_calibration", False):
             _materialise_outside_layers(skeleton, stored.tensors, prefix, torch.float32)
+            dtype = _layer_dtype(method, stored.tensors, prefix)
             quantize_layerwise(skeleton, scheme, method, calib, batch_size, progress,
-                               stream=_Stream(run, stored.tensors, prefix, torch.float32, skeleton))
+                               stream=_Stream(run, stored.tensors, prefix, dtype, skeleton))
         else:
             bar = tqdm(range(run.next_layer, len(layers)), desc=f"{method.name} {scheme.name}", unit="layer",
                        disable=None if progress else True)
@@ -294,6 +298,20 @@ def quantize_streaming(model: str | os.PathLike[str] | None, out: str | os.PathL
     _assemble(source, out, run, stored.tensors, prefix, config, info, overwrite, max_shard_size)
     shutil.rmtree(run.work, ignore_errors=True)
     return out
+
+
+def _layer_dtype(method: Any, stored: dict[str, Tensor], prefix: str) -> torch.dtype:
+    """bfloat16 when the checkpoint's layers are bfloat16 and plain GPTQ calibrates in bfloat16 anyway: the layers
+    then run on the mapped tensors themselves (no float32 copy: 0.8 GB less for a 7B layer) and GPTQ widens
+    each weight to float32 for its solve, exactly as from a float32 copy. Otherwise float32, as in memory."""
+    from lowbit.algorithms.gptq import GPTQ
+    from lowbit.sequential import calibration_dtype
+
+    layer_dtypes = {t.dtype for k, t in stored.items() if k.startswith(prefix) and t.is_floating_point()}
+    if (isinstance(method, GPTQ) and layer_dtypes == {torch.bfloat16}
+            and calibration_dtype(method.calib_dtype, torch.device("cpu")) == torch.bfloat16):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _materialise_outside_layers(model: nn.Module, stored: dict[str, Tensor], prefix: str, dtype: torch.dtype) -> None:
