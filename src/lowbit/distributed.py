@@ -4,7 +4,9 @@ Each rank runs its share of the calibration sequences (every ``world``-th one, f
 rank) through the layer; the statistics GPTQ needs — XᵀX and the row count, see
 `lowbit.algorithms.hessian` — are sums, so one all-reduce makes every rank's accumulator
 the whole calibration set's (up to the order of the float32 additions: the ranks' partial
-sums are added last). Every rank then solves the same Hessian and gets the same weights,
+sums are added last — enough to reorder GPTQ's act-order columns where the Hessian's diagonal
+nearly ties, so the codes can differ widely from a one-process run's for an equally good model;
+see bench/results/distributed.md). Every rank then solves the same Hessian and gets the same weights,
 so nothing needs broadcasting; the forward passes, which are most of the statistics
 phase, are what is divided. gloo on CPU, NCCL on GPU; no networking of our own.
 
