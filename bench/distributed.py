@@ -1,6 +1,6 @@
 """GPTQ's calibration statistics phase in one process and split across two (torchrun, gloo), on this machine.
 
-The default model, GPTQ W4A16 g64 (static act-order) on ``--samples`` × 512 tokens of pydoc-calib,
+The default model, GPTQ W4A16 g128 (static act-order) on ``--samples`` × 512 tokens of pydoc-calib,
 three ways: one process with 2 threads, one process with 1 thread, and ``torchrun
 --nproc-per-node 2`` with 1 thread per process. Each run reports its wall time of `lowbit.quantize`
 and the part spent in GPTQ's solves (``solve_seconds``, the same work in every rank); the rest
@@ -88,7 +88,7 @@ def main() -> None:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     lines = ["# GPTQ calibration across processes (bench/distributed.py)", "",
-             f"Measured {env['date']} on {env['machine']}: default model, GPTQ W4A16 g64 (static act-order), "
+             f"Measured {env['date']} on {env['machine']}: default model, GPTQ W4A16 g128 (static act-order), "
              f"{samples} × 512 tokens of pydoc-calib. Statistics phase = quantise time − GPTQ solve time.", "",
              "| run | quantise s | of which solves s | statistics phase s | load average before |",
              "|---|---:|---:|---:|---:|"]
