@@ -30,3 +30,18 @@ def eval_tokens(default_tokenizer):
     from lowbit.calibration import load_text, tokenize
 
     return tokenize(default_tokenizer, load_text("pydoc-eval"))
+
+
+@pytest.fixture(scope="session")
+def first_layers(default_model):
+    """``first_layers(n)``: a copy of the default model cut to its first ``n`` decoder layers (for fast
+    end-to-end tests)."""
+    import copy
+
+    def cut(n: int):
+        model = copy.deepcopy(default_model)
+        model.model.layers = model.model.layers[:n]
+        model.config.num_hidden_layers = n
+        return model
+
+    return cut

@@ -26,11 +26,8 @@ def calib(default_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def small_model(default_model):
-    model = copy.deepcopy(default_model)
-    model.model.layers = model.model.layers[:6]
-    model.config.num_hidden_layers = 6
-    return model
+def small_model(first_layers):
+    return first_layers(6)
 
 
 @pytest.fixture(scope="module")

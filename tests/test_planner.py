@@ -4,7 +4,6 @@ Allocation is checked on synthetic instances; the pipeline on the default model'
 decoder layers with a tiny calibration set. bench/planner.py measures the whole model.
 """
 
-import copy
 import itertools
 import json
 import random
@@ -113,11 +112,8 @@ def test_targets_are_checked():
 # -- on the default model's first two layers -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def two_layers(default_model):
-    model = copy.deepcopy(default_model)
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    return model
+def two_layers(first_layers):
+    return first_layers(2)
 
 
 @pytest.fixture(scope="module")

@@ -376,18 +376,18 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | Sm
         bar.set_postfix(layer=i, rel_err=f"{error:.2e}")
         log.info("layer %d: relative output error of its linears %.3e", i, error)
         inputs = LayerInputs(outputs, inputs.kwargs)
-        _round_unreached(model, names, spec, scheme, report, under=layer, prefix=prefix)
+        _round_unreached(model, names, scheme, report, under=layer, prefix=prefix)
         if stream is not None:
             stream.done(i, layer, inputs, probe)
         trim_heap()
     selected.clear()
     done_before = tuple(f"{name}.{i}." for i in range(start))  # a resumed stream's earlier layers are not here
     names = {n for n in names if not n.startswith(done_before)}
-    _round_unreached(model, names, spec, scheme, report)
+    _round_unreached(model, names, scheme, report)
     return report
 
 
-def _round_unreached(model: nn.Module, names: set[str], spec, scheme: Scheme, report: LayerwiseReport,
+def _round_unreached(model: nn.Module, names: set[str], scheme: Scheme, report: LayerwiseReport,
                      under: nn.Module | None = None, prefix: str = "") -> None:
     """Round to nearest the selected linears (of the layer ``under``, named from ``prefix``, or of the whole
     model) that calibration data never reached."""

@@ -41,7 +41,7 @@ from lowbit.algorithms.rtn import RTN, rtn_quantize
 from lowbit.calibration.pipeline import LayerInputs
 from lowbit.errors import LowbitError
 from lowbit.io.native import FORMAT_NAME, FORMAT_VERSION, MANIFEST, atomic_directory, check_directory_target
-from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS, layer_units, load_tensors, parse_size, save_tensors
+from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE, layer_units, load_tensors, parse_size, save_tensors
 from lowbit.io.skeleton import build_model, read_config, tied_output_key
 from lowbit.memory import drop_file_pages, trim_heap
 from lowbit.models import decoder_layers, select_linears, set_submodule
@@ -210,22 +210,15 @@ def _layer_record(m: QuantLinear) -> dict[str, Any]:
 def _round_layer(layer: nn.Module, stored: dict[str, Tensor], selected: set[str], prefix: str, scheme: Scheme) -> None:
     """Round to nearest the selected linears of a layer, one weight in float32 at a time (the rest of the layer,
     norms and unselected linears, gets its tensors as they are)."""
-    for local, linear in list(layer.named_modules()):
-        full = prefix + local
-        if full in selected and isinstance(linear, nn.Linear):
-            state = {}
-            for key in linear.state_dict():
-                if f"{full}.{key}" not in stored:
-                    raise LowbitError(f"tensor {full}.{key} is missing from the checkpoint.")
-                state[key] = stored[f"{full}.{key}"].to(torch.float32)
-            if tuple(state["weight"].shape) != (linear.out_features, linear.in_features):
-                raise LowbitError(f"tensor {full}.weight has shape {tuple(state['weight'].shape)}, expected "
-                                  f"{(linear.out_features, linear.in_features)}.")
-            weight = rtn_quantize(state["weight"], scheme.spec_for(full), name=f"{full}.weight")
-            set_submodule(layer, local, QuantLinear(weight, state.get("bias"), scheme.activations))
-            del state
-            drop_file_pages(stored[f"{full}.weight"])
-            trim_heap()
+    names = [local for local, m in layer.named_modules() if prefix + local in selected and isinstance(m, nn.Linear)]
+    for local in names:  # by name: no list holds a float32 linear once it is replaced
+        full, linear = prefix + local, layer.get_submodule(local)
+        load_layer(linear, stored, f"{full}.", torch.float32)  # this linear's weight (and bias) alone
+        weight = rtn_quantize(linear.weight, scheme.spec_for(full), name=f"{full}.weight")
+        set_submodule(layer, local, QuantLinear(weight, linear.bias, scheme.activations))
+        del linear
+        drop_file_pages(stored[f"{full}.weight"])
+        trim_heap()
     rest = {k for k, t in layer.state_dict().items() if t.is_meta}
     if rest:
         load_layer(layer, stored, prefix, torch.float32, only=rest)
@@ -374,4 +367,4 @@ def _assemble(source: Path, out: Path, run: _Run, stored: dict[str, Tensor], pre
 STREAM_SHARD_SIZE = "1GB"  # the largest shard a streamed checkpoint gets: the writer holds one shard
 
 
-__all__ = ["quantize_streaming", "streaming_source", "work_directory", "WEIGHTS"]
+__all__ = ["quantize_streaming", "streaming_source", "work_directory"]

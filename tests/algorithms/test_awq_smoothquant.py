@@ -7,7 +7,6 @@ and lower the W8A8 output error. End to end, on the model's first four layers (w
 own embeddings, norm and head), AWQ beats RTN and SmoothQuant beats naive W8A8 in KL.
 """
 
-import copy
 
 import pytest
 import torch
@@ -114,11 +113,8 @@ def test_smoothquant_scale_guards_zero_channels():
 
 
 @pytest.fixture(scope="module")
-def four_layers(default_model):
-    model = copy.deepcopy(default_model)
-    model.model.layers = model.model.layers[:4]
-    model.config.num_hidden_layers = 4
-    return model
+def four_layers(first_layers):
+    return first_layers(4)
 
 
 @pytest.fixture(scope="module")
