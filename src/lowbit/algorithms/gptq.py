@@ -22,8 +22,9 @@ serving kernels prefer. Dead inputs (diag(H) = 0) are zeroed as in the paper's c
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -83,10 +84,31 @@ class GPTQResult:
     signal: float = 0.0  # ‖WXᵀ‖² / n: what the error is relative to
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread while the context lasts.
+
+    GPTQ's column loop is thousands of operations on one row each (a few thousand floats):
+    split across threads, each pays a fork and join, and when the cores are shared with
+    other work the join waits for a descheduled thread. A 3072 × 576 solve took 0.24 s on
+    one thread and 2.6-6.5 s on two (this 2-core machine, load 4.5); the block updates
+    between the loops are large matmuls and keep every thread.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def output_error(W: Tensor, Q: Tensor, H: Tensor) -> float:
     """tr((W − Q) H (W − Q)ᵀ) / 2, i.e. ‖(W − Q)Xᵀ‖² / n when H = 2XᵀX / n."""
-    delta = (W - Q).double()
-    return float(((delta @ H.double()) * delta).sum() / 2)
+    delta = (W - Q).float()
+    return float(((delta @ H.float()) * delta).sum(dtype=torch.float64) / 2)  # float32 products, a float64 sum
 
 
 def _inverse_cholesky(H: Tensor, damp: float, name: str) -> Tensor:
@@ -203,22 +225,23 @@ def _solve(W_in: Tensor, H_in: Tensor, spec: QuantSpec, block_size: int, damp: f
         W1 = Wt[i1:i2].clone()  # (b, R)
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            p = i1 + i
-            if dynamic and p % g == 0:
-                groups.append(int_qparams(W1[i : i + g].T, spec, min(g, cols - p)))
-                group_of[p : p + g] = [len(groups) - 1] * len(group_of[p : p + g])
-            if group_of[p] != current:
-                current = group_of[p]
-                scale, zero = groups[current]
-                s = scale[:, 0].float()
-                z = torch.zeros_like(s) if zero is None else zero[:, 0].float()
-            w = W1[i]
-            c = codes_t[p]
-            torch.div(w, s, out=c).round_().add_(z).clamp_(qmin, qmax)
-            q = torch.mul(c - z, s, out=Qt[p])
-            err = torch.sub(w, q, out=Err1[i]).div_(diag[p])
-            W1[i:].addr_(U1[i, i:], err, alpha=-1)
+        with one_thread():
+            for i in range(i2 - i1):  # tiny ops, one after another: see one_thread
+                p = i1 + i
+                if dynamic and p % g == 0:
+                    groups.append(int_qparams(W1[i : i + g].T, spec, min(g, cols - p)))
+                    group_of[p : p + g] = [len(groups) - 1] * len(group_of[p : p + g])
+                if group_of[p] != current:
+                    current = group_of[p]
+                    scale, zero = groups[current]
+                    s = scale[:, 0].float()
+                    z = torch.zeros_like(s) if zero is None else zero[:, 0].float()
+                w = W1[i]
+                c = codes_t[p]
+                torch.div(w, s, out=c).round_().add_(z).clamp_(qmin, qmax)
+                q = torch.mul(c - z, s, out=Qt[p])
+                err = torch.sub(w, q, out=Err1[i]).div_(diag[p])
+                W1[i:].addmm_(U1[i, i:, None], err[None], alpha=-1)
         loss += float(Err1.pow(2).sum()) / 2
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
     codes, Q = codes_t.T.to(torch.int32), Qt.T
