@@ -9,6 +9,8 @@ from lowbit.eval import EvalConfig, reference_stats
 from lowbit.scheme import (FP8, NF4, PRESETS, W2A16, W3A16, W4A16, W4A16_ASYM, W8A8, W8A8_STATIC, W8A16,
                            QuantSpec, Scheme)
 from lowbit.tensor import QuantizedWeight
+from lowbit.algorithms.qat import QAT
+from lowbit.training import TrainReport, convert, prepare_qat, prepare_qlora, save_adapters, train_qat
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,5 @@ __all__ = [
     "EvalConfig", "EvalReport", "LowbitError", "QuantInfo", "QuantSpec", "QuantizedWeight", "Scheme",
     "calibration_set", "evaluate", "load", "load_model", "load_text", "load_tokenizer", "quantize",
     "reference_stats", "save",
+    "QAT", "TrainReport", "convert", "prepare_qat", "prepare_qlora", "save_adapters", "train_qat",
 ]

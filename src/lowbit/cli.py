@@ -453,30 +453,60 @@ def _quantize_streamed(model: str, scheme: Scheme, method_config: Any, calib: tu
                            "peak_rss_bytes": peak_rss_bytes(), "versions": versions()})
 
 
+def task_options(func):  # downstream tasks, on eval
+    func = click.option("--include-path", multiple=True, metavar="DIR",
+                        help="lm-eval: also read task YAML files from DIR (with --harness).")(func)
+    func = click.option("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (with "
+                        "--harness).")(func)
+    func = click.option("--limit", type=int, default=None, help="lm-eval: at most this many items per task "
+                        "(with --harness).")(func)
+    func = click.option("--harness", is_flag=True,
+                        help="Run --tasks through lm-eval (pip install 'lowbit[eval]'): lowbit's tasks as local "
+                             "JSONL + YAML, and lm-eval's own (hellaswag, arc_easy, piqa, ...; they download "
+                             "their data).")(func)
+    func = click.option("--task-items", type=int, default=None,
+                        help="Items per built-in task (default: all the text gives).")(func)
+    func = click.option("--task-text", default="pydoc-eval", show_default=True,
+                        help="Text the built-in tasks are generated from (a --text source).")(func)
+    func = click.option("--tasks", default=None, metavar="T1,T2",
+                        help="Downstream tasks, comma-separated: lastword, nextsent, a JSONL task file; with "
+                             "--harness also lm-eval task names or YAML files ('lowbit tasks' lists them).")(func)
+    return func
+
+
 @cli.command("eval")
 @click.argument("model")
 @click.option("--reference", default=None, help="Float model to compare with (KL, top-1), e.g. 'default'.")
-@click.option("--text", "texts", multiple=True, default=("pydoc-eval",), show_default=True,
-              help="pydoc-eval, pydoc-calib, python-license, stdlib-code, a text file or a JSONL file; repeatable.")
+@click.option("--text", "texts", multiple=True, default=None,
+              help="pydoc-eval, pydoc-calib, python-license, stdlib-code, a text file or a JSONL file; repeatable "
+                   "(default: pydoc-eval, none when --tasks is given).")
 @eval_options
+@task_options
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
 def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: int, max_windows: int,
-             kl_windows: int, json_path: str | None) -> None:
+             kl_windows: int, tasks: str | None, task_text: str, task_items: int | None, harness: bool,
+             limit: int | None, num_fewshot: int | None, include_path: tuple[str, ...],
+             json_path: str | None) -> None:
     """Perplexity of MODEL (a quantised checkpoint — native, compressed-tensors or GPTQ —, a HF directory, a GGUF
-    file or 'default') on each text."""
+    file or 'default') on each text, and its accuracy on downstream --tasks."""
     from lowbit.api import checkpoint_format, evaluate, load_model, load_tokenizer
+    from lowbit.calibration import load_text
+    from lowbit.eval.downstream import evaluate_tasks
+    from lowbit.eval.tasks import resolve_task
     from lowbit.io import is_native_checkpoint, read_manifest
 
-    from lowbit.calibration import load_text
-
     config = _eval_config(window, max_windows, kl_windows)
-    for text in texts:  # fail on a bad text before spending time on loading
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if tasks is not None and not task_list:
+        raise LowbitError("--tasks names no task; pass e.g. --tasks lastword,nextsent.")
+    texts = tuple(texts or ()) or (() if task_list else ("pydoc-eval",))
+    for text in texts:  # fail on a bad text or task before spending time on loading
         load_text(text)
+    for spec in task_list:
+        if not harness or spec.endswith(".jsonl"):
+            resolve_task(spec, task_text, task_items)
     evaluated = load_model(model)
     tokenizer = load_tokenizer(model)
-    ref = load_model(reference) if reference else None
-    result = evaluate(evaluated, reference=ref, text=list(texts), tokenizer=tokenizer, config=config)
-    click.echo(str(result))
     report: dict[str, Any] = {"model": model, "reference": reference, "format": checkpoint_format(model)}
     if model != "default" and is_native_checkpoint(model):
         manifest = read_manifest(model)

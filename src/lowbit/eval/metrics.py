@@ -9,12 +9,15 @@
 
 The reference model (or its cached statistics, `ReferenceStats`) and the evaluated model
 see the same windows in one pass, so a comparison costs one forward of each per window.
+
+Each figure is also kept as sums per block of ``BLOCK_TOKENS`` consecutive positions of a
+window (`BlockSums`), the units `lowbit.eval.bootstrap` resamples for confidence intervals.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 
 CHUNK = 512  # positions per log-softmax chunk: bounds memory at chunk × vocab floats
+BLOCK_TOKENS = 256  # positions per bootstrap unit (a block of consecutive positions of one window)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,30 @@ class EvalConfig:
 
 
 @dataclass
+class BlockSums:
+    """Sums per block of ``BLOCK_TOKENS`` positions, window after window: the bootstrap's units."""
+
+    nll: list[float] = field(default_factory=list)  # summed next-token NLL
+    count: list[int] = field(default_factory=list)  # predicted positions
+    kl: list[float] = field(default_factory=list)  # summed KL(P_ref || P) over the KL windows' blocks
+    agree: list[int] = field(default_factory=list)  # top-1 agreements there
+    kl_count: list[int] = field(default_factory=list)  # positions there
+
+    def add_nll(self, nll: Tensor) -> None:
+        """Per-position NLL of one window, (T,)."""
+        for block in nll.split(BLOCK_TOKENS):
+            self.nll.append(float(block.sum()))
+            self.count.append(block.numel())
+
+    def add_kl(self, kl: Tensor, agree: Tensor) -> None:
+        """Per-position KL and top-1 agreement of one window, (T,) each."""
+        for k, a in zip(kl.split(BLOCK_TOKENS), agree.split(BLOCK_TOKENS)):
+            self.kl.append(float(k.sum()))
+            self.agree.append(int(a.sum()))
+            self.kl_count.append(k.numel())
+
+
+@dataclass
 class TextResult:
     """Evaluation of one model on one token stream."""
 
@@ -51,9 +79,11 @@ class TextResult:
     reference_ppl: float | None = None
     kl: float | None = None
     top1: float | None = None
+    blocks: BlockSums = field(default_factory=BlockSums, repr=False)
+    reference_blocks: BlockSums | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in ("blocks", "reference_blocks")}
 
 
 @dataclass
@@ -68,6 +98,7 @@ class ReferenceStats:
     count: int
     logprobs: list[Tensor]
     windows: Tensor  # (W, window) the token windows these statistics belong to
+    blocks: BlockSums = field(default_factory=BlockSums)
 
     @property
     def ppl(self) -> float:
@@ -96,41 +127,37 @@ def _log_softmax_chunks(logits: Tensor) -> list[Tensor]:
     return [torch.log_softmax(chunk, dim=-1) for chunk in logits.split(CHUNK)]
 
 
-def _nll(logprobs: list[Tensor], ids: Tensor) -> tuple[float, int]:
-    """Summed NLL of ids[1:] under logprobs[:-1] (the last position predicts nothing here)."""
-    total, start = 0.0, 0
+def _nll(logprobs: list[Tensor], ids: Tensor) -> Tensor:
+    """NLL of each of ids[1:] under logprobs[:-1] (the last position predicts nothing here), (T-1,) float64."""
+    parts, start = [], 0
     targets = ids[1:]
     for chunk in logprobs:
         end = min(start + chunk.shape[0], targets.numel())
         if end > start:
-            total -= chunk[: end - start].gather(-1, targets[start:end, None]).sum().item()
+            parts.append(-chunk[: end - start].gather(-1, targets[start:end, None])[:, 0].double())
         start += chunk.shape[0]
-    return total, targets.numel()
+    return torch.cat(parts)
 
 
-def _kl_top1(ref: list[Tensor], test: list[Tensor]) -> tuple[float, int, int]:
-    """Summed KL(P_ref || P_test), top-1 agreements and positions over a window."""
-    kl, agree, count = 0.0, 0, 0
-    for lp_ref, lp_test in zip(ref, test):
-        kl += (lp_ref.exp() * (lp_ref - lp_test)).sum().item()
-        agree += (lp_ref.argmax(-1) == lp_test.argmax(-1)).sum().item()
-        count += lp_ref.shape[0]
-    return kl, agree, count
+def _kl_top1(ref: list[Tensor], test: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """KL(P_ref || P_test) and top-1 agreement at each position of a window, (T,) each."""
+    kl = torch.cat([(lp_ref.exp() * (lp_ref - lp_test)).sum(-1).double() for lp_ref, lp_test in zip(ref, test)])
+    agree = torch.cat([lp_ref.argmax(-1) == lp_test.argmax(-1) for lp_ref, lp_test in zip(ref, test)])
+    return kl, agree
 
 
 def reference_stats(model: nn.Module, tokens: Tensor, config: EvalConfig = EvalConfig(),
                     desc: str = "reference", progress: bool = True) -> ReferenceStats:
     """Run the reference once over the windows and keep what comparisons need."""
-    nll_sum, count, kept = 0.0, 0, []
+    kept, blocks = [], BlockSums()
     windows = windows_of(tokens, config)
     for i, ids in enumerate(tqdm(windows, desc=desc, unit="window", leave=False,
                                          disable=None if progress else True)):
         logprobs = _log_softmax_chunks(_logits(model, ids))
-        nll, n = _nll(logprobs, ids)
-        nll_sum, count = nll_sum + nll, count + n
+        blocks.add_nll(_nll(logprobs, ids))
         if i < config.kl_windows:
             kept.append(torch.cat(logprobs))
-    return ReferenceStats(nll_sum, count, kept, windows)
+    return ReferenceStats(sum(blocks.nll), sum(blocks.count), kept, windows, blocks)
 
 
 def evaluate_tokens(model: nn.Module, tokens: Tensor, reference: nn.Module | ReferenceStats | None = None,
@@ -139,31 +166,31 @@ def evaluate_tokens(model: nn.Module, tokens: Tensor, reference: nn.Module | Ref
     windows = windows_of(tokens, config)
     if isinstance(reference, ReferenceStats) and not torch.equal(reference.windows, windows):
         raise LowbitError("the cached reference statistics were computed on other text or windows.")
-    nll_sum = ref_nll_sum = kl_sum = 0.0
-    count = agree = kl_count = 0
+    blocks, ref_blocks = BlockSums(), BlockSums()
     for i, ids in enumerate(tqdm(windows, desc=desc, unit="window", leave=False,
                                          disable=None if progress else True)):
         logprobs = _log_softmax_chunks(_logits(model, ids))
-        nll, n = _nll(logprobs, ids)
-        nll_sum, count = nll_sum + nll, count + n
+        blocks.add_nll(_nll(logprobs, ids))
         if isinstance(reference, nn.Module):
             ref_logprobs = _log_softmax_chunks(_logits(reference, ids))
-            ref_nll_sum += _nll(ref_logprobs, ids)[0]
+            ref_blocks.add_nll(_nll(ref_logprobs, ids))
         elif isinstance(reference, ReferenceStats) and i < len(reference.logprobs):
             ref_logprobs = list(reference.logprobs[i].split(CHUNK))
         else:
             ref_logprobs = None
         if ref_logprobs is not None and i < config.kl_windows:
-            k, a, c = _kl_top1(ref_logprobs, logprobs)
-            kl_sum, agree, kl_count = kl_sum + k, agree + a, kl_count + c
+            blocks.add_kl(*_kl_top1(ref_logprobs, logprobs))
+    nll_sum, count = sum(blocks.nll), sum(blocks.count)
     if not math.isfinite(nll_sum):
         raise LowbitError("the model produced non-finite log-probabilities; its weights are broken.")
-    result = TextResult(ppl=math.exp(nll_sum / count), tokens=count, windows=int(windows.shape[0]))
+    result = TextResult(ppl=math.exp(nll_sum / count), tokens=count, windows=int(windows.shape[0]), blocks=blocks)
     if isinstance(reference, nn.Module):
-        result.reference_ppl = math.exp(ref_nll_sum / count)
+        result.reference_ppl = math.exp(sum(ref_blocks.nll) / count)
+        result.reference_blocks = ref_blocks
     elif isinstance(reference, ReferenceStats):
         result.reference_ppl = reference.ppl
-    if reference is not None and kl_count:
-        result.kl = kl_sum / kl_count
-        result.top1 = 100.0 * agree / kl_count
+        result.reference_blocks = reference.blocks
+    if reference is not None and blocks.kl_count:
+        result.kl = sum(blocks.kl) / sum(blocks.kl_count)
+        result.top1 = 100.0 * sum(blocks.agree) / sum(blocks.kl_count)
     return result

@@ -1,0 +1,98 @@
+"""The lm-eval bridge: the same numbers as lowbit's native scoring and as lm-eval's own HF model."""
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from lowbit.cli import cli  # noqa: E402
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.eval.harness import LowbitLM, run_tasks  # noqa: E402
+from lowbit.eval.scoring import evaluate_task  # noqa: E402
+from lowbit.eval.tasks import builtin_task  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small(first_layers):
+    return first_layers(2)
+
+
+def test_bridge_equals_native_on_the_same_items(small, default_tokenizer, tmp_path):
+    for name, n in (("lastword", 16), ("nextsent", 12)):
+        task = builtin_task(name, n=n)
+        native = evaluate_task(small, default_tokenizer, task, progress=False)
+        bridged = run_tasks(small, default_tokenizer, [name], items=n, progress=False, workdir=tmp_path / name)
+        assert bridged.metrics[name]["acc"] == native.metrics()["acc"]
+        assert bridged.per_item[name]["acc"] == [float(c) for c in native.correct]
+        if name == "nextsent":
+            assert bridged.metrics[name]["acc_norm"] == native.metrics()["acc_norm"]
+            assert bridged.per_item[name]["acc_norm"] == [float(c) for c in native.correct_norm]
+            samples = sorted(bridged.raw["samples"]["lowbit_nextsent"], key=lambda s: s["doc_id"])
+            lls = [s["resps"][item.label][0][0] for s, item in zip(samples, task.items)]
+        else:
+            assert bridged.metrics[name]["perplexity"] == native.metrics()["perplexity"]
+            lls = bridged.per_item[name]["perplexity"]  # lm-eval keeps each item's log-likelihood there
+        assert lls == native.loglikelihood  # the same floats: one scoring core, the same batches
+        written = [json.loads(line) for line in (tmp_path / name / f"lowbit_{name}.jsonl").read_text().splitlines()]
+        assert len(written) == n and written[0]["context"] == task.items[0].context
+
+
+def test_bridge_agrees_with_lm_evals_own_hf_model(small, default_tokenizer):
+    task = builtin_task("nextsent", n=3)
+    requests = [(item.context, c) for item in task.items for c in item.continuations()]
+    ours, theirs = LowbitLM(small, default_tokenizer, progress=False), HFLM(pretrained=small, tokenizer=default_tokenizer,
+                                                                          batch_size=1, device="cpu")
+
+    def instances(kind, args):
+        return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+    for (a, greedy_a), (b, greedy_b) in zip(ours.loglikelihood(instances("loglikelihood", requests)),
+                                            theirs.loglikelihood(instances("loglikelihood", requests))):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and greedy_a == greedy_b
+    text = [(task.items[0].context,), ("Short.",)]
+    assert ours.loglikelihood_rolling(instances("loglikelihood_rolling", text)) == pytest.approx(
+        theirs.loglikelihood_rolling(instances("loglikelihood_rolling", text)), rel=1e-5)
+
+
+def test_generate_until_stops_at_the_stop_string(default_model, default_tokenizer):
+    lm = LowbitLM(default_model, default_tokenizer, progress=False)
+    requests = [Instance(request_type="generate_until", doc={}, idx=0,
+                         arguments=("Monday, Tuesday, Wednesday,", {"until": [")"], "max_gen_toks": 8}))]
+    hf = HFLM(pretrained=default_model, tokenizer=default_tokenizer, batch_size=1, device="cpu")
+    ours = lm.generate_until(requests)
+    assert ours == hf.generate_until(requests) and ours[0].strip() and ")" not in ours[0]
+
+
+def test_unknown_harness_task_lists_what_there_is(small, default_tokenizer):
+    with pytest.raises(LowbitError, match=r"unknown task 'hellaswagg'; available: lastword, nextsent, .*closest: "
+                                          r"hellaswag"):
+        run_tasks(small, default_tokenizer, ["hellaswagg"], progress=False)
+
+
+def test_malformed_yaml_task_names_the_line(tmp_path):
+    bad = tmp_path / "mytask.yaml"
+    bad.write_text("task: mytask\ndataset_path: json\n  output_type: [1,\n")
+    result = CliRunner().invoke(cli, ["eval", "default", "--harness", "--tasks", str(bad)])
+    assert result.exit_code == 1 and re.search(r"line 3 of task file .*mytask.yaml' is not valid YAML", result.output)
+
+
+def test_cli_eval_tasks_native_and_harness(tmp_path):
+    reports = {}
+    for extra in ([], ["--harness"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        result = CliRunner().invoke(cli, ["eval", "default", "--tasks", "lastword,nextsent", "--task-items", "2",
+                                          *extra, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        reports[bool(extra)] = report = json.loads(out.read_text())
+        assert set(report["tasks"]) == {"lastword", "nextsent"} and "ppl" not in report
+        assert report["tasks"]["nextsent"]["via"] == ("lm-eval" if extra else "native")
+        interval = report["tasks"]["nextsent"]["intervals"]["acc"]
+        assert interval["low"] <= report["tasks"]["nextsent"]["acc"] <= interval["high"]
+    for task in ("lastword", "nextsent"):
+        assert reports[False]["tasks"][task]["acc"] == reports[True]["tasks"][task]["acc"]
