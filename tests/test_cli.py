@@ -46,6 +46,10 @@ def _one_error_line(output: str) -> str:
         (["quantize", "default", "--scheme", "FP8", "--method", "smoothquant+gptq", "--json", "x.json"],
          "SmoothQuant+GPTQ quantises integer weights"),
         (["quantize", "default", "--scheme", "W8A8_STATIC", "--json", "x.json"], "calibrated by SmoothQuant"),
+        (["quantize", "default", "--method", "awq+gptq", "--propagate", "float", "--json", "x.json"],
+         "--propagate does not apply to --method awq+gptq"),
+        (["quantize", "default", "--method", "gptq", "--propagate", "quantized", "--json", "x.json"],
+         "--propagate does not apply to --method gptq"),
     ],
 )
 def test_bad_input_is_one_sentence_and_nonzero(args, message, tmp_path, monkeypatch):

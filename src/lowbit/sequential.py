@@ -264,17 +264,23 @@ def _round_to_nearest(linears: dict[str, nn.Linear], smoothed: Smoothed, prefix:
 
 def _smooth(model: nn.Module, layer: nn.Module, inputs: LayerInputs, probe: LayerInputs,
             linears: dict[str, nn.Linear], groups: list[list[str]], prefix: str, scheme: Scheme,
-            method: AWQ | SmoothQuant, dtype: torch.dtype, report: LayerwiseReport) -> Smoothed:
-    """One pass of the float layer for its input statistics, then AWQ's or SmoothQuant's scales folded in."""
+            method: AWQ | SmoothQuant, dtype: torch.dtype, report: LayerwiseReport
+            ) -> tuple[Smoothed, list[Tensor] | None]:
+    """One pass of the float layer for its input statistics, then AWQ's or SmoothQuant's scales folded in.
+
+    Also returns that pass's outputs (the float layer's: folding does not change them) when
+    they are what the next layer calibrates on (``propagate="float"`` and no GPTQ), else None.
+    """
     grouped = {local for group in groups for local in group}
     groups = groups + [[local] for local in linears if local not in grouped]
     with _precision(layer, dtype):
-        stats, _ = collect(layer, inputs, {g[0]: linears[g[0]] for g in groups}, lambda m: make_stats(method, m))
+        stats, outputs = collect(layer, inputs, {g[0]: linears[g[0]] for g in groups},
+                                 lambda m: make_stats(method, m))
     smoothed = smooth_layer(model, layer, stats, probe, linears, groups, prefix, method,  # type: ignore[arg-type]
                             scheme.weights, scheme.activations)
     report.scales.update(smoothed.records)
     report.skipped_scales.update(smoothed.skipped)
-    return smoothed
+    return smoothed, (outputs if method.gptq is None and method.propagate == "float" else None)
 
 
 def _input_scale(scheme: Scheme, smoothed: Smoothed | None, local: str) -> Tensor | None:
@@ -312,7 +318,9 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | Sm
     The calibration set runs in chunks of ``batch_size`` sequences (default: about
     CHUNK_TOKENS tokens each). AWQ and SmoothQuant first run the float layer once for its
     input statistics and fold their scales into it (`lowbit.smoothing`); the layer is then
-    rounded by GPTQ (``method`` itself, or the ``gptq`` of AWQ / SmoothQuant) or to nearest.
+    rounded by GPTQ (``method`` itself, or the ``gptq`` of AWQ / SmoothQuant) or to nearest;
+    rounded to nearest, the next layer calibrates on that float pass's outputs (``propagate``
+    "float", one pass per layer as in both papers' code) or on a second, quantised pass's.
     With ``GPTQ.true_sequential`` (the default) GPTQ costs one forward pass over all chunks,
     paused before each group of linears while it quantises it; otherwise the Hessians come
     from the float layer and a second pass makes the outputs. With a ``stream`` the layers are
@@ -352,9 +360,10 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | Sm
         linears = {n[len(prefix):]: selected.pop(n) for n in list(selected) if n.startswith(prefix)}
         with _precision(layer, dtype):
             groups = shared_input_groups(layer, probe, linears)
-        smoothed = None
+        smoothed, float_outputs = None, None
         if smoother is not None:
-            smoothed = _smooth(model, layer, inputs, probe, linears, groups, prefix, scheme, smoother, dtype, report)
+            smoothed, float_outputs = _smooth(model, layer, inputs, probe, linears, groups, prefix, scheme, smoother,
+                                              dtype, report)
         if gptq is None:  # from the float32 weights, before the pass swaps them for bfloat16 copies
             assert smoothed is not None and smoother is not None
             weights = _round_to_nearest(linears, smoothed, prefix, spec, smoother, report)
@@ -365,7 +374,7 @@ def quantize_layerwise(model: nn.Module, scheme: Scheme, method: GPTQ | AWQ | Sm
                 weights, outputs = step(layer, inputs, linears, float_weights, groups, prefix, scheme.spec_for, gptq,
                                         report)
             else:
-                outputs = run_layer(layer, inputs)
+                outputs = float_outputs if float_outputs is not None else run_layer(layer, inputs)
             probe = LayerInputs(run_layer(layer, probe), probe.kwargs)
         for local, weight in weights.items():
             set_submodule(layer, local, QuantLinear(weight, linears[local].bias, scheme.activations,

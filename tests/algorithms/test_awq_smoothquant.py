@@ -173,3 +173,27 @@ def test_mismatched_method_and_scheme_are_refused(four_layers, calib, scheme, me
 def test_awq_needs_calibration(four_layers):
     with pytest.raises(LowbitError, match="AWQ needs calibration data"):
         lowbit.quantize(four_layers, lowbit.W4A16, method=lowbit.AWQ())
+
+
+@pytest.mark.parametrize("propagate", ["float", "quantized"])
+def test_propagate_chooses_what_later_layers_calibrate_on(four_layers, calib, propagate):
+    """With propagate="float" the last layer's SmoothQuant scale comes from the float model's own activations
+    (one pass per layer); with "quantized" from the activations behind the quantised earlier layers."""
+    mlp = four_layers.model.layers[3].mlp
+    seen = []
+    hook = mlp.gate_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].abs().amax(dim=(0, 1))))
+    with torch.inference_mode():
+        four_layers(calib)
+    hook.remove()
+    s = smoothquant_scale(seen[0], weight_column_max([mlp.gate_proj.weight, mlp.up_proj.weight]), 0.5)
+    method = lowbit.SmoothQuant(propagate=propagate, calib_dtype="float32")
+    record = lowbit.quantize(four_layers, lowbit.W8A8, method=method, calib=calib).lowbit_info.details["scales"]
+    got = record["model.layers.3.mlp.gate_proj+mlp.up_proj"]
+    same = all(abs(got[k] - float(v)) <= 1e-4 * abs(float(v)) for k, v in (("scale_max", s.max()),
+                                                                          ("scale_min", s.min())))
+    assert same == (propagate == "float"), (got, float(s.min()), float(s.max()))
+
+
+def test_propagate_is_checked():
+    with pytest.raises(LowbitError, match="propagate must be one of float, quantized"):
+        lowbit.AWQ(propagate="fp32")

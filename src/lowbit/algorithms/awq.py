@@ -47,7 +47,10 @@ class AWQ:
     ``clip_grid`` ratios down to ``1 - clip_max_shrink`` (with round-to-nearest only; GPTQ chooses
     its own rounding); linears whose name matches a ``no_clip`` pattern are not clipped (q/k, whose
     errors the attention softmax amplifies, as in the paper's code). With ``gptq`` set, the scaled
-    weights are rounded by GPTQ instead of round-to-nearest ("awq+gptq")."""
+    weights are rounded by GPTQ instead of round-to-nearest ("awq+gptq"). ``propagate``: what the next
+    decoder layer calibrates on — the float layer's outputs ("float": one calibration pass per layer, as
+    the authors' code does) or the quantised layer's ("quantized": a second pass, so later layers' searches
+    see earlier layers' rounding). With GPTQ the outputs are always the quantised layer's."""
 
     grid: int = 20
     clip: bool = True
@@ -55,6 +58,7 @@ class AWQ:
     clip_max_shrink: float = 0.5
     no_clip: tuple[str, ...] = (r"(.*\.)?(q_proj|k_proj|wq|wk)",)
     gptq: GPTQ | None = None
+    propagate: str = "float"
     calib_dtype: str = "auto"
     name: str = "awq"
     needs_calibration: ClassVar[bool] = True
@@ -69,6 +73,7 @@ class AWQ:
             raise LowbitError(f"AWQ clip_max_shrink must lie in [0, 1), got {self.clip_max_shrink!r}.")
         if self.calib_dtype not in CALIB_DTYPES:
             raise LowbitError(f"calibration dtype must be one of {', '.join(CALIB_DTYPES)}, got {self.calib_dtype!r}.")
+        check_propagate(self.propagate)
 
     @property
     def label(self) -> str:
@@ -78,6 +83,14 @@ class AWQ:
         out = asdict(self)
         out["name"] = self.label
         return out
+
+
+PROPAGATE = ("float", "quantized")
+
+
+def check_propagate(value: str) -> None:
+    if value not in PROPAGATE:
+        raise LowbitError(f"propagate must be one of {', '.join(PROPAGATE)}, got {value!r}.")
 
 
 def output_error(delta: Tensor, H: Tensor) -> float:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lowbit.algorithms.awq import check_propagate
 from lowbit.algorithms.gptq import CALIB_DTYPES, GPTQ
 from lowbit.errors import LowbitError
 from lowbit.scheme import QuantSpec
@@ -39,13 +40,16 @@ from lowbit.tensor import fake_quantize, quantize_weight
 class SmoothQuant:
     """SmoothQuant settings: migration strength ``alpha`` in [0, 1]; with ``search``, α per group of
     linears from ``grid`` (the default 0.5 is always among the candidates). With ``gptq`` set, the
-    smoothed weights are rounded by GPTQ instead of round-to-nearest ("smoothquant+gptq")."""
+    smoothed weights are rounded by GPTQ instead of round-to-nearest ("smoothquant+gptq"). ``propagate``:
+    the next layer calibrates on the float layer's outputs ("float", one pass per layer, as the paper's
+    code) or on the quantised layer's ("quantized", a second pass); see `lowbit.algorithms.awq.AWQ`."""
 
     alpha: float = 0.5
     search: bool = False
     grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     sample_tokens: int = 512
     gptq: GPTQ | None = None
+    propagate: str = "float"
     calib_dtype: str = "auto"
     name: str = "smoothquant"
     needs_calibration: ClassVar[bool] = True
@@ -59,6 +63,7 @@ class SmoothQuant:
             raise LowbitError("SmoothQuant's alpha search needs a non-empty grid.")
         if self.calib_dtype not in CALIB_DTYPES:
             raise LowbitError(f"calibration dtype must be one of {', '.join(CALIB_DTYPES)}, got {self.calib_dtype!r}.")
+        check_propagate(self.propagate)
 
     @property
     def label(self) -> str:
