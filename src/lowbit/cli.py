@@ -618,6 +618,226 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
     click.echo(f"{new.numel()} tokens in {seconds:.2f} s ({new.numel() / seconds:.1f} tokens/s)", err=True)
 
 
+@cli.command("train-qat")
+@click.argument("model", default="default")
+@scheme_options
+@click.option("--calib-seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration sequences (--init).")
+@click.option("--calib", multiple=True, default=("pydoc-calib",), show_default=True,
+              help="Calibration text of the --init method (gptq, awq); repeatable.")
+@click.option("--init", "init", default="rtn", show_default=True,
+              help="Where training starts: rtn, or a method of lowbit quantize (gptq, awq, awq+gptq; uses --calib).")
+@click.option("--text", "text", default="pydoc-calib", show_default=True,
+              help="Training text: pydoc-calib, stdlib-calib, a text file, a JSONL file or a saved dataset.")
+@click.option("--loss", type=click.Choice(["distill", "next-token"]), default="distill", show_default=True,
+              help="distill: KL(float model ‖ student) of the next-token distributions; next-token: cross-entropy.")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (default 100, or from --tokens).")
+@click.option("--tokens", type=int, default=None, help="Training budget in tokens (rounded up to whole steps).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per forward pass.")
+@click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Forward passes per optimiser step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate of weights / adapters.")
+@click.option("--scale-lr", type=float, default=1e-3, show_default=True,
+              help="Peak learning rate of the learned step sizes and zero points.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup", type=int, default=0, show_default=True, help="Warm-up steps.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature.")
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training windows.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Autocast dtype of the matmuls (auto: bfloat16 where the hardware has it).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when there is one).")
+@click.option("--learn-scales/--no-learn-scales", default=True, show_default=True, help="LSQ step sizes.")
+@click.option("--learn-zero-points/--no-learn-zero-points", default=True, show_default=True)
+@click.option("--qlora", is_flag=True, help="Train low-rank adapters on a frozen quantised base (--scheme NF4 or an "
+              "int4 scheme) instead of fake-quantised weights.")
+@click.option("--rank", type=int, default=16, show_default=True, help="QLoRA adapter rank.")
+@click.option("--lora-alpha", type=float, default=None, help="QLoRA scaling α (default 2 × rank).")
+@click.option("--keep-adapters", is_flag=True, help="QLoRA: save the base and the adapters separately instead of "
+              "merging them into a re-quantised model.")
+@click.option("--checkpoint-dir", default=None, help="Directory for training checkpoints.")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True,
+              help="Write a checkpoint every N steps (and at the end).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+@click.option("--out", default=None, help="Directory to write the converted quantised model to.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--eval-text", "eval_texts", multiple=True, default=("pydoc-eval",), show_default=True)
+@click.option("--no-eval", is_flag=True, help="Skip the evaluations before and after training.")
+@eval_options
+@click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
+def train_qat_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
+                  observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], calib_seqlen: int,
+                  calib_samples: int, calib: tuple[str, ...], init: str,
+                  text: str, loss: str, steps: int | None, tokens: int | None, batch_size: int, seqlen: int,
+                  grad_accum: int, lr: float, scale_lr: float, weight_decay: float, schedule: str, warmup: int,
+                  temperature: float, max_grad_norm: float, seed: int, dtype: str, device: str | None,
+                  learn_scales: bool, learn_zero_points: bool, qlora: bool, rank: int, lora_alpha: float | None,
+                  keep_adapters: bool, checkpoint_dir: str | None, checkpoint_every: int, resume: bool,
+                  out: str | None, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int,
+                  max_windows: int, kl_windows: int, json_path: str | None) -> None:
+    """Quantisation-aware training of MODEL: fake-quantised weights (LSQ scales) trained by distillation from the
+    float model or on next-token loss, then converted to packed QuantLinear layers; or QLoRA with --qlora."""
+    from lowbit.algorithms.qat import QAT
+    from lowbit.api import evaluate, load_model, load_tokenizer, save
+    from lowbit.calibration import load_text, tokenize
+    from lowbit.training import convert, prepare_qat, prepare_qlora, save_adapters, train_qat
+
+    if steps is not None and tokens is not None:
+        raise LowbitError("--steps and --tokens both set the budget; pass one.")
+    if tokens is not None and tokens <= 0:
+        raise LowbitError(f"--tokens must be positive, got {tokens}.")
+    per_step = batch_size * seqlen * grad_accum
+    steps = -(-tokens // per_step) if tokens is not None and per_step > 0 else (steps if steps is not None else 100)
+    config = QAT(loss=loss, steps=steps, batch_size=batch_size, seqlen=seqlen, grad_accum=grad_accum, lr=lr,  # type: ignore[arg-type]
+                 scale_lr=scale_lr, weight_decay=weight_decay, schedule=schedule, warmup=warmup,  # type: ignore[arg-type]
+                 temperature=temperature, max_grad_norm=max_grad_norm, checkpoint_every=checkpoint_every, seed=seed,
+                 dtype=dtype)  # type: ignore[arg-type]
+    if resume and checkpoint_dir is None:
+        raise LowbitError("--resume needs --checkpoint-dir.")
+    if out is None and json_path is None:
+        raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
+    _check_out(out, "native", overwrite)
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
+    init_method = None
+    if not qlora:
+        from lowbit.api import check_method
+
+        init_method = _method(init)
+
+        check_method(scheme, init_method, has_calibration=True)
+    training_text = load_text(text)  # an empty or missing text is refused here, before any model is loaded
+    tokenizer = load_tokenizer(model)
+    stream = tokenize(tokenizer, training_text)
+    if stream.numel() < seqlen:
+        raise LowbitError(f"training text '{text}' has {stream.numel()} tokens, fewer than one {seqlen}-token sequence.")
+    float_model = load_model(model)
+    calibration = None if qlora else _calibration(init_method, calib, calib_samples, calib_seqlen, tokenizer)
+    if qlora:
+        student = prepare_qlora(float_model, scheme, rank=rank, alpha=lora_alpha)
+    else:
+        student = prepare_qat(float_model, scheme, init=init_method, calib=calibration,
+                              learn_scales=learn_scales, learn_zero_points=learn_zero_points)
+    eval_config = _eval_config(window, max_windows, kl_windows)
+    report: dict[str, Any] = {"model": model, "scheme": scheme.to_dict(), "init": student.lowbit_qat["init"],
+                              "text": text}
+    if not no_eval:
+        before = evaluate(convert(student, merge=False), reference=float_model, text=list(eval_texts),
+                          tokenizer=tokenizer, config=eval_config)
+        click.echo(f"before training: {before}")
+        report["before"] = before.to_dict()
+    result = train_qat(student, stream, config, teacher=float_model if loss == "distill" else None,
+                       checkpoint_dir=checkpoint_dir, resume=resume, device=device)
+    click.echo(f"trained {result.steps - result.resumed_from} steps ({result.tokens:,} tokens in all) in "
+               f"{result.seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s; loss {result.losses[0]:.4f} → "
+               f"{result.losses[-1]:.4f}", err=True)
+    if qlora:
+        memory = result.memory
+        click.echo(f"memory: frozen base {memory['frozen_base_bytes'] / 1e6:.1f} MB, adapters "
+                   f"{memory['trainable_bytes'] / 1e6:.1f} MB, optimiser state {memory['optimizer_bytes'] / 1e6:.1f} MB, "
+                   f"peak RSS {memory['peak_rss_bytes'] / 1e9:.2f} GB", err=True)
+    quantized = convert(student.to("cpu"), merge=not keep_adapters)
+    report["training"] = result.to_dict()
+    if not no_eval:
+        after = evaluate(quantized, reference=float_model.to("cpu"), text=list(eval_texts), tokenizer=tokenizer,
+                         config=eval_config)
+        click.echo(f"after training: {after}")
+        report.update(after.to_dict())
+    if out:
+        if keep_adapters:
+            base = convert(student, merge=False)
+            from lowbit.nn import lora_modules
+            from lowbit.models import set_submodule
+
+            for name, module in lora_modules(base).items():
+                set_submodule(base, name, module.base)
+            save(base, out, tokenizer=tokenizer, overwrite=overwrite)
+            save_adapters(student, Path(out) / "adapters")
+            click.echo(f"saved the quantised base to {out} and the adapters to {Path(out) / 'adapters'}", err=True)
+        else:
+            save(quantized, out, tokenizer=tokenizer, overwrite=overwrite)
+            click.echo(f"saved to {out} (native)", err=True)
+    report.update(out=out, peak_rss_bytes=peak_rss_bytes(), versions=versions())
+    write_json(json_path, report)
+
+
+def _names(value: str, option: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        raise LowbitError(f"{option} names nothing; pass a comma-separated list.")
+    return names
+
+
+@cli.command("compare")
+@click.argument("model", required=False, default="default")
+@click.option("--schemes", default="W4A16,W3A16", show_default=True, help=f"Comma-separated presets: {', '.join(PRESETS)}.")
+@click.option("--methods", default="rtn,gptq", show_default=True,
+              help=f"Comma-separated methods ({', '.join(METHOD_NAMES)}); a method that cannot quantise a scheme is "
+                   "listed as skipped.")
+@click.option("--out", required=True, help="Report directory (compare.json, report.md, report.html, PNG plots).")
+@click.option("--text", "texts", multiple=True, default=("pydoc-eval",), show_default=True,
+              help="Texts for perplexity (the first also for KL and top-1); repeatable.")
+@click.option("--tasks", default="lastword,nextsent", show_default=True, help="Downstream tasks (native scoring).")
+@click.option("--task-items", type=int, default=100, show_default=True, help="Items per built-in task.")
+@click.option("--task-text", default="pydoc-eval", show_default=True, help="Text the built-in tasks are built from.")
+@click.option("--calib", default="pydoc-calib", show_default=True, help="Calibration text.")
+@click.option("--calib-samples", type=int, default=32, show_default=True, help="Calibration sequences.")
+@click.option("--calib-seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--error-samples", type=int, default=8, show_default=True,
+              help="Calibration sequences for the per-layer error.")
+@click.option("--decode-tokens", type=int, default=128, show_default=True, help="New tokens for the decode speed.")
+@eval_options
+@click.option("--resume", is_flag=True, help="Keep the finished rows of an earlier run of the same settings in --out.")
+def compare_cmd(model: str, schemes: str, methods: str, out: str, texts: tuple[str, ...], tasks: str,
+                task_items: int, task_text: str, calib: str, calib_samples: int, calib_seqlen: int,
+                error_samples: int, decode_tokens: int, window: int, max_windows: int, kl_windows: int,
+                resume: bool) -> None:
+    """Quantise MODEL with each scheme × method and write a report with intervals and plots."""
+    from lowbit.api import load_model, load_tokenizer
+    from lowbit.compare import CompareConfig, compare
+    from lowbit.compare_report import write_report
+    from lowbit.eval.tasks import resolve_task
+
+    config = CompareConfig(_names(schemes, "--schemes"), _names(methods, "--methods"), tuple(texts),
+                           _names(tasks, "--tasks"), task_items, task_text, calib, calib_samples, calib_seqlen,
+                           error_samples, window, max_windows, kl_windows, decode_new=decode_tokens)
+    for name in config.schemes:  # refuse bad names before loading anything
+        get_scheme(name)
+    for name in config.methods:
+        _method(name)
+    for spec in config.tasks:
+        resolve_task(spec, task_text, task_items)
+    data = compare(load_model(model), load_tokenizer(model), config, out, model_name=model, resume=resume)
+    paths = write_report(data, out)
+    click.echo(f"report written to {paths['html']} and {paths['md']}", err=True)
+
+
+@cli.command("tasks")
+@click.option("--harness", is_flag=True, help="Also list lm-eval's own tasks (needs lm-eval).")
+@click.option("--export", "export_dir", default=None, metavar="DIR",
+              help="Write the built-in tasks as JSONL + lm-eval YAML into DIR (lm_eval --include_path DIR).")
+@click.option("--task-text", default="pydoc-eval", show_default=True, help="Text the built-in tasks are built from.")
+@click.option("--task-items", type=int, default=None, help="Items per built-in task (default: all).")
+def tasks_cmd(harness: bool, export_dir: str | None, task_text: str, task_items: int | None) -> None:
+    """List the downstream tasks lowbit can run, or export its own for lm-eval."""
+    from lowbit.eval.tasks import BUILTIN_TASKS, builtin_task
+
+    built = [builtin_task(name, task_text, task_items) for name in BUILTIN_TASKS]
+    for task in built:
+        click.echo(f"{task.name}: {len(task.items)} {task.kind} items from {task_text}")
+    if export_dir:
+        from lowbit.eval.harness import write_task_dir
+
+        names = write_task_dir(built, export_dir)
+        click.echo(f"wrote {', '.join(names.values())} (JSONL + YAML) to {export_dir}; run them with lm_eval "
+                   f"--include_path {export_dir} --tasks {','.join(names.values())}", err=True)
+    if harness:
+        from lm_eval.tasks import TaskManager
+
+        for name in TaskManager().all_tasks:
+            click.echo(name)
+
+
 def main() -> None:
     cli.main(prog_name="lowbit")
 

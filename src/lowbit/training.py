@@ -355,8 +355,15 @@ def train_qat(model: nn.Module, text: str | Tensor, config: QAT = QAT(), teacher
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm else math.inf)
             if not torch.isfinite(norm):
                 _diverged(step, "a gradient became non-finite", config, directory, last_good)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as err:  # AdamW's step size itself overflowed float32 (an absurd learning rate)
+                if "overflow" not in str(err):
+                    raise
+                _diverged(step, "the update overflowed float32", config, directory, last_good)
             optimizer.zero_grad(set_to_none=True)
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                _diverged(step, "a trained parameter became non-finite", config, directory, last_good)
             state["losses"].append(loss)
             state["step"] = step + 1
             trained_tokens += config.tokens_per_step
@@ -366,8 +373,6 @@ def train_qat(model: nn.Module, text: str | Tensor, config: QAT = QAT(), teacher
             at_end = step + 1 == end
             if directory is not None and ((config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
                                           or at_end):
-                if not all(bool(torch.isfinite(p).all()) for p in params):
-                    _diverged(step, "a trained parameter became non-finite", config, directory, last_good)
                 _write_checkpoint(directory, model, optimizer, state)
                 last_good = step + 1
     finally:
