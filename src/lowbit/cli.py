@@ -523,7 +523,18 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
                       quantize_seconds=manifest.get("quantize_seconds"))
     else:
         report.update(scheme=None, method=None, quantize_seconds=None)
-    report.update(result.to_dict(), peak_rss_bytes=peak_rss_bytes(), versions=versions())
+    if texts:
+        ref = load_model(reference) if reference else None
+        result = evaluate(evaluated, reference=ref, text=list(texts), tokenizer=tokenizer, config=config)
+        click.echo(str(result))
+        report.update(result.to_dict())
+    if task_list:
+        scores = evaluate_tasks(evaluated, task_list, tokenizer, harness=harness, text=task_text, items=task_items,
+                                limit=limit, num_fewshot=num_fewshot, include_path=list(include_path))
+        for score in scores.values():
+            click.echo(str(score))
+        report["tasks"] = {name: score.to_dict() for name, score in scores.items()}
+    report.update(peak_rss_bytes=peak_rss_bytes(), versions=versions())
     write_json(json_path, report)
 
 
