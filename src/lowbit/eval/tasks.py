@@ -9,13 +9,14 @@ Two kinds of item, both scored by log-likelihood (see `lowbit.eval.scoring`):
 - ``nextsent`` — four-way "which sentence comes next" (the format of SWAG / HellaSwag,
   Zellers et al. 2018, 2019): two or three consecutive sentences as context, the sentence
   that follows them in the text, and three distractor sentences of similar length taken
-  from other paragraphs. ``acc`` is the argmax of the summed log-likelihoods, ``acc_norm``
+  from other runs of the text. ``acc`` is the argmax of the summed log-likelihoods, ``acc_norm``
   the argmax of the log-likelihood per character of each choice (lm-eval's definition).
 
 Items are generated deterministically from a text (``pydoc-eval`` by default, or any
-`lowbit.calibration.load_text` source): prose paragraphs are the blank-line-separated
-blocks that read as sentences (no headings, code, grammar rules or tables), at most one
-item of each kind per paragraph, chosen and shuffled by ``random.Random(seed)``.
+`lowbit.calibration.load_text` source): the text is cut into runs of consecutive prose
+sentences (blank-line-separated blocks that read as sentences; a heading, code, a grammar
+rule or a table ends a run); every qualifying sentence gives an item, and ``n`` of them are
+drawn (and distractors chosen and placed) by ``random.Random(seed)``.
 
 JSONL, one item per line: ``{"context": ..., "target": ...}`` for a lastword item,
 ``{"context": ..., "choices": [...], "label": i}`` for a multiple-choice one (any number
