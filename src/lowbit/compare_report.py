@@ -134,7 +134,13 @@ def notes(data: dict[str, Any]) -> list[str]:
     rows = [r for r in data["rows"] if not r.get("skipped")]
     loads = [r["load_average"] for r in rows if r.get("load_average") is not None]
     task_counts = {name: t["items"] for r in rows for name, t in r["tasks"].items()}
+    command = (f"lowbit compare {data['model']} --schemes {','.join(c['schemes'])} --methods {','.join(c['methods'])} "
+               + "".join(f"--text {t} " for t in c["texts"])
+               + f"--tasks {','.join(c['tasks'])} --task-items {c['task_items']} --calib-samples {c['calib_samples']} "
+               f"--calib-seqlen {c['calib_seqlen']} --error-samples {c['error_samples']} --window {c['window']} "
+               f"--max-windows {c['max_windows']} --kl-windows {c['kl_windows']} --decode-tokens {c['decode_new']}")
     return [
+        f"Command: `{command} --out DIR`.",
         f"Model: {data['model']}. Measured {data['started']} – {data.get('finished', '?')} on {v['machine']}, "
         f"torch {v['torch']} ({v['torch_threads']} threads), transformers {v['transformers']}, lowbit {v['lowbit']}, "
         f"Python {v['python']}.",
