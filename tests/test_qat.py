@@ -42,14 +42,17 @@ def test_rtn_start_is_the_rtn_model(first_layers, ids):
     torch.testing.assert_close(_logits(student, ids), _logits(rtn, ids), rtol=1e-4, atol=1e-4)
 
 
-def test_gptq_start_reproduces_gptq_codes(first_layers, default_tokenizer):
+@pytest.mark.parametrize("method", [lowbit.GPTQ(), lowbit.AWQ()], ids=["gptq", "awq"])
+def test_calibrated_start_reproduces_the_methods_codes(first_layers, default_tokenizer, ids, method):
     model = first_layers(1)
     calib = lowbit.calibration_set(n=4, seqlen=64, tokenizer=default_tokenizer)
-    student = lowbit.prepare_qat(model, lowbit.W2A16, init=lowbit.GPTQ(), calib=calib, progress=False)
-    gptq = lowbit.quantize(model, lowbit.W2A16, method=lowbit.GPTQ(), calib=calib, progress=False)
+    student = lowbit.prepare_qat(model, lowbit.W2A16, init=method, calib=calib, progress=False)
+    quantized = lowbit.quantize(model, lowbit.W2A16, method=method, calib=calib, progress=False)
     for name, module in fake_quant_modules(student).items():
-        assert torch.equal(module.fake_weight(), quantized_modules(gptq)[name].weight.dequantize()), name
-    assert student.lowbit_qat["init"]["name"] == "gptq"
+        assert torch.equal(module.fake_weight(), quantized_modules(quantized)[name].weight.dequantize()), name
+    assert student.lowbit_qat["init"]["name"] == method.to_dict()["name"]
+    # AWQ's scales folded into the norms come along: the whole model starts where the method left it
+    torch.testing.assert_close(_logits(student, ids), _logits(quantized, ids), rtol=1e-4, atol=1e-4)
 
 
 def test_train_then_convert_equals_fake_quant(first_layers, train_tokens, ids):

@@ -188,6 +188,8 @@ class TrainReport:
     steps: int
     tokens: int
     seconds: float
+    cpu_seconds: float = 0.0  # CPU time of this process while training, threads summed: on an idle machine
+    # with T threads the wall time is about cpu_seconds / T, whatever else ran beside it
     resumed_from: int = 0
     trainable_params: int = 0
     peak_rss_bytes: int = 0
@@ -339,7 +341,7 @@ def train_qat(model: nn.Module, text: str | Tensor, config: QAT = QAT(), teacher
     start_step = state["step"]
     last_good = start_step if directory is not None and start_step else None
     end = config.steps if stop_after is None else min(config.steps, stop_after)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trained_tokens = 0
     bar = tqdm(total=config.steps, initial=start_step, desc="QAT" if fake_quant_modules(model) else "QLoRA",
                unit="step", disable=None if progress else True)
@@ -370,6 +372,7 @@ def train_qat(model: nn.Module, text: str | Tensor, config: QAT = QAT(), teacher
             elapsed = time.perf_counter() - start
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{trained_tokens / elapsed:.0f}" if elapsed else "-")
+            log.info("step %d/%d: loss %.5f, %.1f tokens/s", step + 1, config.steps, loss, trained_tokens / elapsed)
             at_end = step + 1 == end
             if directory is not None and ((config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
                                           or at_end):
@@ -377,10 +380,10 @@ def train_qat(model: nn.Module, text: str | Tensor, config: QAT = QAT(), teacher
                 last_good = step + 1
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     model.eval()
     report = TrainReport(config.to_dict(), list(state["losses"]), state["step"], state["step"] * config.tokens_per_step,
-                         seconds, start_step, sum(p.numel() for p in params), _peak_rss(),
+                         seconds, cpu_seconds, start_step, sum(p.numel() for p in params), _peak_rss(),
                          _memory(model, optimizer, device), str(device), str(dtype).replace("torch.", ""))
     model.lowbit_training = {k: v for k, v in report.to_dict().items() if k != "losses"}
     return report
