@@ -799,15 +799,34 @@ def _names(value: str, option: str) -> tuple[str, ...]:
 @click.option("--decode-tokens", type=int, default=128, show_default=True, help="New tokens for the decode speed.")
 @eval_options
 @click.option("--resume", is_flag=True, help="Keep the finished rows of an earlier run of the same settings in --out.")
+@click.option("--no-float-row", is_flag=True, help="Leave out the float model's row (for a run split across "
+              "processes; its statistics are still computed for KL).")
+@click.option("--merge", "merge_dirs", multiple=True, metavar="DIR",
+              help="Measure nothing: join the compare.json of runs split across processes (repeatable) into --out "
+                   "and write its report.")
 def compare_cmd(model: str, schemes: str, methods: str, out: str, texts: tuple[str, ...], tasks: str,
                 task_items: int, task_text: str, calib: str, calib_samples: int, calib_seqlen: int,
                 error_samples: int, decode_tokens: int, window: int, max_windows: int, kl_windows: int,
-                resume: bool) -> None:
+                resume: bool, no_float_row: bool, merge_dirs: tuple[str, ...]) -> None:
     """Quantise MODEL with each scheme × method and write a report with intervals and plots."""
     from lowbit.api import load_model, load_tokenizer
-    from lowbit.compare import CompareConfig, compare
+    from lowbit.compare import CompareConfig, compare, merge
     from lowbit.compare_report import write_report
     from lowbit.eval.tasks import resolve_task
+
+    if merge_dirs:
+        parts = []
+        for directory in merge_dirs:
+            source = Path(directory) / "compare.json"
+            if not source.is_file():
+                raise LowbitError(f"'{directory}' holds no compare.json to merge.")
+            parts.append(json.loads(source.read_text(encoding="utf-8")))
+        data = merge(parts)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "compare.json").write_text(json.dumps(data) + "\n", encoding="utf-8")
+        paths = write_report(data, out)
+        click.echo(f"merged {len(parts)} runs; report written to {paths['html']} and {paths['md']}", err=True)
+        return
 
     config = CompareConfig(_names(schemes, "--schemes"), _names(methods, "--methods"), tuple(texts),
                            _names(tasks, "--tasks"), task_items, task_text, calib, calib_samples, calib_seqlen,
@@ -818,7 +837,8 @@ def compare_cmd(model: str, schemes: str, methods: str, out: str, texts: tuple[s
         _method(name)
     for spec in config.tasks:
         resolve_task(spec, task_text, task_items)
-    data = compare(load_model(model), load_tokenizer(model), config, out, model_name=model, resume=resume)
+    data = compare(load_model(model), load_tokenizer(model), config, out, model_name=model, resume=resume,
+                   float_row=not no_float_row)
     paths = write_report(data, out)
     click.echo(f"report written to {paths['html']} and {paths['md']}", err=True)
 

@@ -46,6 +46,9 @@ from lowbit.nn import quantized_modules
 log = logging.getLogger(__name__)
 
 
+FLOAT_LABEL = "FP (float32 compute, bf16 storage)"
+
+
 @dataclass(frozen=True)
 class CompareConfig:
     """What `compare` runs and how it measures; written into compare.json."""
@@ -178,8 +181,12 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | Path, model_name: str = "default",
-            resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the comparison into directory ``out`` (compare.json, then the report); returns the data."""
+            resume: bool = False, progress: bool = True, float_row: bool = True) -> dict[str, Any]:
+    """Run the comparison into directory ``out`` (compare.json, then the report); returns the data.
+
+    ``float_row=False`` leaves out the float model's own row (its statistics are still computed, for KL):
+    for a comparison split across processes and joined with `merge`.
+    """
     from lowbit.api import check_method, quantize
     from lowbit.calibration import calibration_set, load_text, tokenize
     from lowbit.cli import _method, versions
@@ -235,7 +242,7 @@ def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | 
         row.decode_tokens_per_s = decode_speed(target, prompt, config.decode_new)
         return row
 
-    rows_to_run = [("FP (float32 compute, bf16 storage)", "float", "float")]
+    rows_to_run = [(FLOAT_LABEL, "float", "float")] if float_row else []
     rows_to_run += [(f"{s} {m.upper()}", s, m) for s in config.schemes for m in config.methods]
     for label, scheme_name, method_name in rows_to_run:
         if label in previous:
@@ -273,3 +280,26 @@ def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | 
         _write(path, data)
         log.info("%s done in %.0f s", label, row.seconds)
     return data
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One comparison from runs split across processes (each a compare.json's data): the same model and
+    settings but for their schemes and methods; rows in schemes × methods order, the float row first."""
+    if not parts:
+        raise LowbitError("nothing to merge: no compare.json given.")
+    first = parts[0]
+    settings = {k: v for k, v in first["config"].items() if k not in ("schemes", "methods")}
+    for part in parts[1:]:
+        other = {k: v for k, v in part["config"].items() if k not in ("schemes", "methods")}
+        if part["model"] != first["model"] or other != settings:
+            raise LowbitError("the runs to merge differ in model or settings (other than --schemes / --methods).")
+    schemes = list(dict.fromkeys(s for p in parts for s in p["config"]["schemes"]))
+    methods = list(dict.fromkeys(m for p in parts for m in p["config"]["methods"]))
+    rows = {row["label"]: row for part in parts for row in part["rows"]}
+    order = [FLOAT_LABEL] + [f"{s} {m.upper()}" for s in schemes for m in methods]
+    missing = [label for label in order if label not in rows]
+    if missing:
+        raise LowbitError(f"the runs to merge have no row {missing[0]!r}.")
+    return {**first, "config": {**first["config"], "schemes": schemes, "methods": methods},
+            "started": min(p["started"] for p in parts), "finished": max(p.get("finished", "") for p in parts),
+            "rows": [rows[label] for label in order], "merged_from": len(parts)}

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from lowbit.cli import cli
-from lowbit.compare import CompareConfig, compare
+from lowbit.compare import CompareConfig, compare, merge
+from lowbit.errors import LowbitError
 from lowbit.compare_plots import pareto_front
 from lowbit.compare_report import write_report
 
@@ -85,6 +86,14 @@ def test_compare_report_on_a_cut_model(first_layers, default_tokenizer, tmp_path
         assert embedded == (tmp_path / name).read_bytes()  # and the file beside it is the same picture
         _nontrivial_png(embedded)
     assert "(pareto.png)" in paths["md"].read_text()
+    # a run split across processes joins back into the same rows, in the same order
+    first = {**data, "config": {**data["config"], "schemes": ["W4A16"]}, "rows": data["rows"][:3]}
+    second = {**data, "config": {**data["config"], "schemes": ["NF4"]}, "rows": data["rows"][3:]}
+    assert merge([first, second])["rows"] == data["rows"]
+    with pytest.raises(LowbitError, match="differ in model or settings"):
+        merge([first, {**second, "config": {**second["config"], "window": 32}}])
+    with pytest.raises(LowbitError, match="no row 'FP"):
+        merge([second])
     gptq = next(r for r in data["rows"] if r["label"] == "W4A16 GPTQ")
     rtn = next(r for r in data["rows"] if r["label"] == "W4A16 RTN")
     assert len(gptq["layer_errors"]) == 2 and sum(gptq["layer_errors"]) < sum(rtn["layer_errors"])
