@@ -146,6 +146,9 @@ def notes(data: dict[str, Any]) -> list[str]:
         f"Python {v['python']}.",
         (f"1-minute load average when each row started: {min(loads):.1f}–{max(loads):.1f} (the machine is shared "
          "with other jobs: times and tokens/s are inflated accordingly)." if loads else ""),
+        (f"The rows were measured by {data['merged_from']} processes running at the same time (lowbit compare "
+         "--no-float-row, joined with --merge), each with its own copy of the float statistics: they slowed each "
+         "other down too, and each peak RSS is its own process's." if data.get("merged_from", 1) > 1 else ""),
         f"Calibration (methods that use it): {c['calib_samples']} × {c['calib_seqlen']} tokens of {c['calib']} "
         "(random.Random(0) offsets) — fewer than PROTOCOL.md's 128 × 512, to keep the run short.",
         f"Perplexity: non-overlapping {c['window']}-token windows of each text (at most {c['max_windows']}); KL("
