@@ -199,3 +199,16 @@ def test_cli_refuses_bad_input_in_one_sentence(tiny_dir, tmp_path):
     assert read_checkpoint_state(tmp_path / "ck")["step"] >= 1
     code, output = _run("train-qat", tiny_dir, "--steps", "2", "--tokens", "100", "--json", tmp_path / "r.json")
     assert code == 1 and "pass one" in output
+
+
+def test_gradient_accumulation_equals_one_bigger_batch(first_layers, train_tokens):
+    model = first_layers(1)
+    config = TINY.replace(steps=2, seqlen=16)
+    one = lowbit.prepare_qat(model, lowbit.W4A16)
+    two = lowbit.prepare_qat(model, lowbit.W4A16)
+    a = lowbit.train_qat(one, train_tokens, config, teacher=model, progress=False)
+    b = lowbit.train_qat(two, train_tokens, config.replace(batch_size=1, grad_accum=2), teacher=model, progress=False)
+    assert a.tokens == b.tokens
+    torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=1e-6)
+    for (name, p), (_, q) in zip(one.named_parameters(), two.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
