@@ -282,9 +282,10 @@ def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | 
     return data
 
 
-def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+def merge(parts: list[dict[str, Any]], allow_missing: bool = False) -> dict[str, Any]:
     """One comparison from runs split across processes (each a compare.json's data): the same model and
-    settings but for their schemes and methods; rows in schemes × methods order, the float row first."""
+    settings but for their schemes and methods; rows in schemes × methods order, the float row first.
+    A row no run finished is refused, or with ``allow_missing`` listed as not measured."""
     if not parts:
         raise LowbitError("nothing to merge: no compare.json given.")
     first = parts[0]
@@ -298,8 +299,12 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     rows = {row["label"]: row for part in parts for row in part["rows"]}
     order = [FLOAT_LABEL] + [f"{s} {m.upper()}" for s in schemes for m in methods]
     missing = [label for label in order if label not in rows]
-    if missing:
+    if missing and not allow_missing:
         raise LowbitError(f"the runs to merge have no row {missing[0]!r}.")
+    for label in missing:
+        scheme, _, method = ("float", "", "float") if label == FLOAT_LABEL else label.partition(" ")
+        rows[label] = Row(label, scheme, method.lower(), skipped="not measured: its run was stopped before this "
+                          "row finished").to_dict()
     return {**first, "config": {**first["config"], "schemes": schemes, "methods": methods},
             "started": min(p["started"] for p in parts), "finished": max(p.get("finished", "") for p in parts),
             "rows": [rows[label] for label in order], "merged_from": len(parts)}

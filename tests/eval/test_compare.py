@@ -94,6 +94,8 @@ def test_compare_report_on_a_cut_model(first_layers, default_tokenizer, tmp_path
         merge([first, {**second, "config": {**second["config"], "window": 32}}])
     with pytest.raises(LowbitError, match="no row 'FP"):
         merge([second])
+    unfinished = merge([second], allow_missing=True)["rows"]
+    assert unfinished[0]["skipped"].startswith("not measured") and unfinished[1:] == data["rows"][3:]
     gptq = next(r for r in data["rows"] if r["label"] == "W4A16 GPTQ")
     rtn = next(r for r in data["rows"] if r["label"] == "W4A16 RTN")
     assert len(gptq["layer_errors"]) == 2 and sum(gptq["layer_errors"]) < sum(rtn["layer_errors"])
