@@ -76,7 +76,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"lr {cfg['lr']:g} for latent weights and {cfg['scale_lr']:g} for LSQ scales and zero points, {cfg['schedule']} "
         f"schedule, warm-up {cfg['warmup']}, gradient clip {cfg['max_grad_norm']}, {meta['dtype']} autocast; only "
         "the quantised linears' weights, scales and zero points train. GPTQ: act-order, static groups "
-        "(lowbit's default), 128 × 512 calibration tokens.",
+        f"(lowbit's default), {meta.get('calib_samples', 128)} × 512 calibration tokens"
+        + ("" if meta.get("calib_samples", 128) == 128 else " (PROTOCOL.md: 128)") + ". Evaluation: perplexity over "
+        f"the first {meta.get('eval', {}).get('max_windows', 16)} windows of 2048 tokens, KL and top-1 over the first "
+        f"{meta.get('eval', {}).get('kl_windows', 4)}"
+        + ("" if meta.get("eval", {}).get("max_windows", 16) == 16 and meta.get("eval", {}).get("kl_windows", 4) == 4
+           else " — a REDUCED protocol (PROTOCOL.md: all windows up to 16, KL over 4), chosen to finish on a machine "
+                "shared at load 20-30") + ".",
         "",
         "Wall times are inflated by the other jobs on this machine; the CPU time of the training process divided by "
         "its threads is what the run would take alone.",
@@ -123,6 +129,10 @@ def main() -> None:
     parser.add_argument("--name", default="qat")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the qat.json files of runs made separately (e.g. one scheme each) into --out")
+    parser.add_argument("--windows", type=int, default=None,
+                        help="evaluate on only the first N windows (ppl and KL) instead of PROTOCOL.md's 16 / 4: a "
+                             "reduced protocol, said so in the results")
+    parser.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration sequences of 512 tokens")
     parser.add_argument("--smoke", action="store_true",
                         help="check the script end to end in minutes: 2 decoder layers, 1 eval window (not a result)")
     args = parser.parse_args()
@@ -145,6 +155,8 @@ def main() -> None:
         model.model.layers = model.model.layers[:2]
         model.config.num_hidden_layers = 2
         eval_config = EvalConfig(max_windows=1, kl_windows=1)
+    if args.windows:
+        eval_config = EvalConfig(max_windows=args.windows, kl_windows=args.windows)
     tokenizer = lowbit.load_tokenizer()
     eval_tokens = tokenize(tokenizer, lowbit.load_text("pydoc-eval"))
     train_tokens = tokenize(tokenizer, lowbit.load_text("pydoc-calib"))
@@ -152,7 +164,8 @@ def main() -> None:
     calib = None
     from lowbit.sequential import calibration_dtype
 
-    meta = {"versions": versions(), "config": config.to_dict(),
+    meta = {"versions": versions(), "config": config.to_dict(), "eval": vars(eval_config).copy(),
+            "calib_samples": args.calib_samples,
             "dtype": str(calibration_dtype(config.dtype, torch.device("cpu"))).replace("torch.", "")}
     rows: list[dict] = []
 
@@ -166,7 +179,8 @@ def main() -> None:
             scheme = lowbit.scheme.get_scheme(scheme_name)
             init = lowbit.GPTQ() if init_name == "gptq" else lowbit.RTN()
             if init_name == "gptq" and calib is None:
-                calib = lowbit.calibration_set("pydoc-calib", n=8 if args.smoke else 128, seqlen=512, tokenizer=tokenizer)
+                calib = lowbit.calibration_set("pydoc-calib", n=8 if args.smoke else args.calib_samples, seqlen=512,
+                                               tokenizer=tokenizer)
             label = init.to_dict()["name"].upper()
             start, cpu, load = time.perf_counter(), time.process_time(), load1()
             student = lowbit.prepare_qat(model, scheme, init=init, calib=calib)
