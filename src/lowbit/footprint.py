@@ -18,7 +18,10 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.layers import name_filter
+from lowbit.formats.e8p import DIM, SOURCE_SIZE
 from lowbit.nn import quantized_modules
+from lowbit.nn.e8p_linear import E8PLinear, e8p_modules
+from lowbit.nn.incoherent import incoherent_modules
 from lowbit.scheme import Scheme
 from lowbit.tensor import storage_bytes
 
@@ -72,9 +75,13 @@ class Footprint:
 
 def model_footprint(model: nn.Module, float_bytes: int = 2) -> Footprint:
     """Measure a (possibly quantised) model; tied tensors count once."""
-    quant = quantized_modules(model)
+    quant = {**quantized_modules(model), **e8p_modules(model)}
     q_bytes = sum(m.weight.nbytes for m in quant.values())
     q_params = sum(m.in_features * m.out_features for m in quant.values())
+    # incoherence processing stores one sign bit per input and output feature of each wrapped layer;
+    # E8P decodes from a 256 × 8 table of small integers, counted once (a byte each) when used
+    q_bytes += sum(m.signs_bytes for m in incoherent_modules(model).values())
+    q_bytes += SOURCE_SIZE * DIM if any(isinstance(m, E8PLinear) for m in quant.values()) else 0
     seen: set[int] = set()
     f_params = 0
     for param in model.parameters():

@@ -30,6 +30,8 @@ from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE, layer_units, load_tensors, 
 from lowbit.io.skeleton import build_model, read_config
 from lowbit.models import set_submodule
 from lowbit.nn import QuantLinear, quantized_modules
+from lowbit.nn.e8p_linear import E8PLinear, e8p_modules
+from lowbit.nn.incoherent import IncoherentLinear, incoherent_modules
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight
 
@@ -101,7 +103,7 @@ def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: 
     }
     tensors, aliases = _state_dict_without_aliases(model)
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": layers, "aliases": aliases,
-                **(info or {})}
+                **_transform_entries(model), **(info or {})}
     config = getattr(model, "config", None)
     if config is None:
         raise LowbitError("only Hugging Face models (with a .config) can be saved in the native format.")
@@ -134,6 +136,7 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     state = stored.tensors
 
     model = build_model(config, dtype, path)
+    _rebuild_transforms(model, manifest)
     for name, layer in manifest["layers"].items():
         shape = (int(layer["shape"][0]), int(layer["shape"][1]))
         spec = QuantSpec.from_dict(layer["weights"])
@@ -174,6 +177,38 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
 
 def _quantized_keys(model: nn.Module) -> set[str]:
     keys = set()
-    for name, module in quantized_modules(model).items():
+    for name, module in {**quantized_modules(model), **e8p_modules(model)}.items():
         keys.update(f"{name}.{buf}" for buf, _ in module.named_buffers(recurse=False))
     return keys
+
+
+def _transform_entries(model: nn.Module) -> dict[str, Any]:
+    """Manifest entries for incoherence wrappers (`lowbit.nn.incoherent`) and E8P layers, when there are any:
+    what `_rebuild_transforms` needs to make their modules before the state dict is loaded."""
+    out: dict[str, Any] = {}
+    wrappers = incoherent_modules(model)
+    if wrappers:
+        out["incoherent"] = {name: {"shape": [m.out_features, m.in_features], "bias": m.bias is not None,
+                                    "seed": m.seed} for name, m in wrappers.items()}
+    codebooks = e8p_modules(model)
+    if codebooks:
+        out["e8p_layers"] = {name: {"shape": [m.out_features, m.in_features], "bias": m.bias is not None,
+                                    "bits_per_weight": 8.0 * m.weight.nbytes / (m.out_features * m.in_features)}
+                             for name, m in codebooks.items()}
+    return out
+
+
+def _rebuild_transforms(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Replace the float linears that were saved wrapped (incoherence) or as E8P codes by empty modules of
+    those kinds; loading the state dict then fills their buffers (and checks their shapes)."""
+    try:
+        for name, entry in manifest.get("incoherent", {}).items():
+            rows, cols = int(entry["shape"][0]), int(entry["shape"][1])
+            inner = nn.Linear(cols, rows, bias=False, device="meta")  # replaced by its quantised form below
+            set_submodule(model, name, IncoherentLinear.empty(inner, cols, rows, bool(entry["bias"]),
+                                                                entry.get("seed")))
+        for name, entry in manifest.get("e8p_layers", {}).items():
+            shape = (int(entry["shape"][0]), int(entry["shape"][1]))
+            set_submodule(model, name, E8PLinear.empty(shape, bool(entry["bias"])))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise LowbitError(f"the manifest's incoherence or E8P entries are malformed ({err}).") from err

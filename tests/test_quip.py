@@ -1,0 +1,156 @@
+"""Incoherence processing, E8P layers and their kernels, end to end on the default model's first layers."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit.algorithms.gptq import output_error  # noqa: E402
+from lowbit.algorithms.hessian import HessianAccumulator  # noqa: E402
+from lowbit.algorithms.ldlq import E8P, E8PWeight, ldlq_e8p  # noqa: E402
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.footprint import model_footprint  # noqa: E402
+from lowbit.formats import e8p  # noqa: E402
+from lowbit.formats.hadamard import randomized_hadamard  # noqa: E402
+from lowbit.nn.e8p_linear import E8PLinear  # noqa: E402
+from lowbit.nn.incoherent import IncoherentLinear, make_incoherent  # noqa: E402
+from lowbit.quip import quantize_e8p, quantize_incoherent  # noqa: E402
+from lowbit.scheme import QuantSpec, Scheme  # noqa: E402
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def correlated_inputs(n, cols, seed=0, outliers=True):
+    g = _gen(seed)
+    x = torch.randn(n, cols, generator=g) @ (torch.randn(cols, cols, generator=g) / cols**0.5)
+    if outliers:
+        x[:, :: max(1, cols // 9)] *= 8  # outlier channels
+    return x
+
+
+def test_wrapping_a_linear_keeps_its_function_and_the_inner_hessian_is_the_transformed_one():
+    lin = nn.Linear(576, 192, bias=True, dtype=torch.float64)
+    wrapped = IncoherentLinear.from_linear(lin, seed=3)
+    x = correlated_inputs(300, 576).double()
+    with torch.no_grad():
+        ref, out = lin(x), wrapped(x)
+    assert torch.allclose(out, ref, atol=1e-10)
+    # what the inner linear reads is V x, so its Hessian is V H Vᵀ
+    seen = wrapped.input_transform(x)
+    s_in, _ = wrapped.signs()
+    H = 2 * x.T @ x / x.shape[0]
+    V = randomized_hadamard(torch.eye(576, dtype=torch.float64), s_in.double()).T  # V e_j as columns
+    assert torch.allclose(2 * seen.T @ seen / x.shape[0], V @ H @ V.T, atol=1e-8)
+
+
+def test_float_model_is_unchanged_by_incoherence(first_layers):
+    model = first_layers(2)
+    ids = torch.randint(0, 1000, (2, 40), generator=_gen(0))
+    wrapped = copy.deepcopy(model)
+    make_incoherent(wrapped, seed=7)
+    with torch.no_grad():
+        ref, out = model(ids).logits, wrapped(ids).logits
+    assert float((out - ref).abs().max()) < 1e-3 * float(ref.abs().max())
+
+
+def test_refuses_a_size_without_a_hadamard_transform():
+    model = nn.Sequential(nn.Linear(100, 64))
+    with pytest.raises(LowbitError, match="0 .*size 100"):
+        make_incoherent(model, targets=(r"0",), ignore=())
+
+
+def test_ldlq_e8p_beats_nearest_rounding_in_output_error():
+    x = correlated_inputs(2048, 128, outliers=False)
+    H = HessianAccumulator.zeros(128)
+    H.add(x)
+    H = H.hessian()
+    W = torch.randn(48, 128, generator=_gen(1))
+    result = ldlq_e8p(W, H)
+    scale = result.weight.scale.float()
+    _, q = e8p.nearest((W / scale[:, None]).reshape(-1, 8))
+    nearest_error = output_error(W, q.reshape(W.shape) * scale[:, None], H)
+    assert result.error == pytest.approx(output_error(W, result.weight.dequantize(), H), rel=1e-4)
+    assert result.error < 0.8 * nearest_error
+    assert result.weight.codes.dtype == torch.int16 and result.weight.codes.shape == (48, 16)
+
+
+def test_ldlq_refuses_widths_that_are_not_multiples_of_8():
+    with pytest.raises(LowbitError, match="multiple of 8"):
+        ldlq_e8p(torch.randn(4, 12), torch.eye(12))
+
+
+@pytest.mark.parametrize("shape,tokens", [((70, 24), 5), ((33, 200), 1), ((128, 64), 17)])
+def test_triton_e8p_kernels_match_the_reference_decoder(shape, tokens):
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton.e8p import e8p_decode, e8p_linear
+
+    R, C = shape
+    g = _gen(R + C)
+    codes = torch.randint(-32768, 32768, (R, C // 8), generator=g).to(torch.int16)
+    scale = (torch.rand(R, generator=g) + 0.5).half()
+    weight = E8PWeight(codes, scale)
+    assert torch.equal(e8p_decode(codes, scale), weight.dequantize())  # decoder: exactly the reference
+    x, bias = torch.randn(tokens, C, generator=g), torch.randn(R, generator=g)
+    ref = torch.nn.functional.linear(x, weight.dequantize(), bias)
+    out = e8p_linear(x, codes, scale, bias)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    layer = E8PLinear(weight, bias, use_kernel=True)
+    assert torch.allclose(layer(x[None]), ref[None], rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def _kl(reference, model, ids):
+    with torch.no_grad():
+        p = torch.log_softmax(reference(ids).logits.float(), -1)
+        q = torch.log_softmax(model(ids).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def two_layers(first_layers):
+    return first_layers(2)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return lowbit.calibration_set("pydoc-calib", n=4, seqlen=64)
+
+
+def test_gptq_with_incoherence_beats_plain_gptq_at_2_bits_and_saves(two_layers, calib, tmp_path):
+    scheme = Scheme(QuantSpec("int", 2, "channel", symmetric=False), name="W2 per-channel")
+    ids = lowbit.calibration_set("pydoc-eval", n=2, seqlen=128, seed=1)
+    plain = lowbit.quantize(two_layers, scheme, lowbit.GPTQ(), calib, progress=False)
+    inc = quantize_incoherent(two_layers, scheme, lowbit.GPTQ(), calib, seed=0, progress=False)
+    assert isinstance(inc.model.layers[0].mlp.down_proj, IncoherentLinear)
+    assert _kl(two_layers, inc, ids) < 0.8 * _kl(two_layers, plain, ids)
+    # sign bits are counted: (R + C) / 8 bytes per wrapped linear
+    assert model_footprint(inc).quantized_bytes > model_footprint(plain).quantized_bytes
+    lowbit.save(inc, tmp_path / "inc")
+    back = lowbit.load(tmp_path / "inc")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, inc(ids).logits)
+    assert back.model.layers[1].self_attn.k_proj.seed == inc.model.layers[1].self_attn.k_proj.seed
+
+
+def test_e8p_end_to_end_two_bits_beats_incoherent_gptq_and_round_trips(two_layers, calib, tmp_path):
+    ids = lowbit.calibration_set("pydoc-eval", n=2, seqlen=128, seed=1)
+    q = quantize_e8p(two_layers, calib, E8P(), progress=False)
+    assert isinstance(q.model.layers[0].self_attn.q_proj.inner, E8PLinear)
+    bpw = model_footprint(q).bits_per_weight
+    assert 2.0 < bpw < 2.05
+    scheme = Scheme(QuantSpec("int", 2, "channel", symmetric=False), name="W2 per-channel")
+    inc = quantize_incoherent(two_layers, scheme, lowbit.GPTQ(), calib, seed=0, progress=False)
+    assert model_footprint(inc).bits_per_weight > bpw  # int2 per-channel + zero points costs more
+    assert _kl(two_layers, q, ids) < _kl(two_layers, inc, ids)
+    lowbit.save(q, tmp_path / "e8p")
+    back = lowbit.load(tmp_path / "e8p")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, q(ids).logits)
+    assert model_footprint(back).bits_per_weight == pytest.approx(bpw)
