@@ -13,15 +13,17 @@ at once, so rows can run in several processes side by side and a killed run keep
 Bits per weight count everything stored for the quantised linears: codes, scales, zero
 points, the incoherence transforms' sign bits, and E8P's 256 × 8 source table.
 
-"Rotation" rows for activations wrap each linear in the randomised Hadamard transforms of
+"+ rotations" rows for activations wrap each linear in the randomised Hadamard transforms of
 `lowbit.nn.incoherent` (y = Uᵀ Q(U W Vᵀ) Q_act(V x)): the per-token activation quantiser
-sees the rotated input V x. This is the online-rotation form — one transform per linear at
-run time — not QuaRot's residual-stream rotation folded into the weights (not built).
+sees the rotated input V x (one online transform per linear). "+ QuaRot" rows fold a
+randomised Hadamard rotation of the residual stream into the weights (`lowbit.rotation`,
+RMSNorm weights folded first) and add an online Hadamard before each down projection.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -49,7 +51,7 @@ def _act(bits: int):
 
 
 # row name → (label, weight spec args, activation bits or None, method, incoherence)
-ROWS: dict[str, tuple[str, tuple, int | None, str, bool]] = {
+ROWS: dict[str, tuple[str, tuple, int | None, str, bool | str]] = {
     "rtn-w2pc": ("int2 asym per-channel, RTN", (2, None), None, "rtn", False),
     "rtn-w2pc-inc": ("int2 asym per-channel, RTN + incoherence", (2, None), None, "rtn", True),
     "gptq-w2pc": ("int2 asym per-channel, GPTQ", (2, None), None, "gptq", False),
@@ -69,6 +71,8 @@ ROWS: dict[str, tuple[str, tuple, int | None, str, bool]] = {
     "rtn-w4a8-rot": ("W4A8 (int8 per-token), RTN + rotations", (4, 128, True), 8, "rtn", True),
     "rtn-w4a4": ("W4A4 (int4 per-token), RTN", (4, 128, True), 4, "rtn", False),
     "rtn-w4a4-rot": ("W4A4 (int4 per-token), RTN + rotations", (4, 128, True), 4, "rtn", True),
+    "rtn-w4a8-quarot": ("W4A8 (int8 per-token), RTN + QuaRot residual rotation", (4, 128, True), 8, "rtn", "quarot"),
+    "rtn-w4a4-quarot": ("W4A4 (int4 per-token), RTN + QuaRot residual rotation", (4, 128, True), 4, "rtn", "quarot"),
     "gptq-w4a16": ("W4A16 int4 sym g128, GPTQ", (4, 128, True), None, "gptq", False),
     "gptq-w4a8-rot": ("W4A8 (int8 per-token), GPTQ + rotations", (4, 128, True), 8, "gptq", True),
     "gptq-w4a4-rot": ("W4A4 (int4 per-token), GPTQ + rotations", (4, 128, True), 4, "gptq", True),
@@ -81,6 +85,7 @@ def run_rows(names: list[str], calib_samples: int, smoke: bool, windows: int) ->
     from lowbit.cli import versions
     from lowbit.eval import EvalConfig, reference_stats
     from lowbit.quip import E8P, quantize_e8p, quantize_incoherent
+    from lowbit.rotation import rotate_model
     from lowbit.scheme import Scheme
 
     model, tokenizer = lowbit.load_model(), lowbit.load_tokenizer()
@@ -105,7 +110,10 @@ def run_rows(names: list[str], calib_samples: int, smoke: bool, windows: int) ->
             scheme = Scheme(_spec(*wargs), activations=_act(abits) if abits else None, name=name)
             method = lowbit.GPTQ() if method_name == "gptq" else lowbit.RTN()
             use = calib if method_name == "gptq" else None
-            if incoherent:
+            if incoherent == "quarot":
+                rotated = rotate_model(copy.deepcopy(model), seed=0)
+                q = lowbit.quantize(rotated, scheme, method, use, inplace=True, progress=True)
+            elif incoherent:
                 q = quantize_incoherent(model, scheme, method, use, seed=0, progress=True)
             else:
                 q = lowbit.quantize(model, scheme, method, use, progress=True)

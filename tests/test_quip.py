@@ -154,3 +154,27 @@ def test_e8p_end_to_end_two_bits_beats_incoherent_gptq_and_round_trips(two_layer
     with torch.no_grad():
         assert torch.equal(back(ids).logits, q(ids).logits)
     assert model_footprint(back).bits_per_weight == pytest.approx(bpw)
+
+
+def test_rotated_float_model_computes_the_same_logits(first_layers):
+    from lowbit.rotation import OnlineHadamard, rotate_model
+
+    model = first_layers(2)
+    ids = torch.randint(0, 1000, (2, 40), generator=_gen(1))
+    rotated = rotate_model(copy.deepcopy(model), seed=3)
+    assert isinstance(rotated.model.layers[1].mlp.down_proj, OnlineHadamard)
+    assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight
+    with torch.no_grad():
+        ref, out = model(ids).logits, rotated(ids).logits
+    assert float((out - ref).abs().max()) < 1e-3 * float(ref.abs().max())
+    # the point of it: what q_proj reads loses its outlier channels (max / median of per-channel max |x|)
+    ratios = []
+    for m in (model, rotated):
+        seen = []
+        handle = m.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        with torch.no_grad():
+            m(ids)
+        handle.remove()
+        peak = seen[0].abs().amax(dim=(0, 1))
+        ratios.append(float(peak.max() / peak.median()))
+    assert ratios[1] < 0.5 * ratios[0]
