@@ -94,6 +94,21 @@ def release_pages(tensor: Tensor) -> bool:
     return _libc().madvise(pages[0], pages[1] - pages[0], _MADV_PAGEOUT) == 0  # type: ignore[union-attr]
 
 
+def discard_pages(tensor: Tensor) -> bool:
+    """Hand back the whole pages under ``tensor``, a contiguous part of a larger storage whose contents there
+    are not wanted any more (``MADV_DONTNEED``: private pages read back as zeros if touched again); True if done.
+    """
+    if _libc() is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return False
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    first = -(-start // page) * page
+    last = (start + tensor.numel() * tensor.element_size()) // page * page
+    if last <= first:
+        return False
+    return _libc().madvise(first, last - first, _MADV_DONTNEED) == 0  # type: ignore[union-attr]
+
+
 def trim_heap() -> bool:
     """Return the malloc heap's free pages to the system (glibc ``malloc_trim``); True if any were."""
     libc = _libc()

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.gptq import GPTQ, gptq_quantize_group, output_error
+from lowbit.algorithms.gptq import GPTQ, gptq_factor, gptq_solve_group, output_error
 from lowbit.algorithms.hessian import HessianAccumulator
 from lowbit.calibration.pipeline import LayerInputs, capture_first_layer_inputs, collect, run_layer
 from lowbit.errors import LowbitError
@@ -168,10 +168,11 @@ def _errors_of(group: list[str], weights: dict[str, Tensor], H: Tensor, specs: S
                measure: Measure, gptq: GPTQ) -> dict[str, list[float]]:
     """Each weight's output error at each candidate spec, given the group's shared Hessian H (C, C)."""
     out: dict[str, list[float]] = {name: [] for name in group}
+    factor = gptq_factor(H, gptq.damp, gptq.act_order, f"{group[0]}.weight") if measure == "gptq" else None
     for spec in specs:
-        if measure == "gptq":
-            results = gptq_quantize_group([weights[n] for n in group], H, spec, gptq.block_size, gptq.damp,
-                                          gptq.act_order, gptq.static_groups, [f"{n}.weight" for n in group])
+        if factor is not None:  # one factorisation of H for every candidate spec
+            results = gptq_solve_group(factor, [weights[n] for n in group], spec, gptq.block_size, gptq.static_groups,
+                                       [f"{n}.weight" for n in group])
             for name, result in zip(group, results):
                 out[name].append(result.error)
         else:

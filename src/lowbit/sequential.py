@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from lowbit import distributed
 from lowbit.algorithms.awq import AWQ, awq_clip_ranges, output_error, quantize_in_range
-from lowbit.algorithms.gptq import GPTQ, gptq_quantize_group
+from lowbit.algorithms.gptq import GPTQ, GPTQResult, gptq_factor, gptq_solve_group
 from lowbit.algorithms.hessian import HessianAccumulator
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.algorithms.smoothquant import SmoothQuant
@@ -158,28 +158,33 @@ def _solve(group: list[str], linears: dict[str, nn.Linear], float_weights: dict[
     Each linear's weight is then set to its dequantised value, in the dtype the pass uses,
     and the loaded weight is let go.
     """
-    H = acc.hessian()
+    # the Hessian in the accumulator's memory, factorised once for the group (q/k/v, gate/up)
+    factor = gptq_factor(acc.take_hessian(), method.damp, method.act_order, f"{prefix}{group[0]}.weight")
     by_spec: dict[QuantSpec, list[str]] = {}  # a mixed scheme (lowbit.planner) may give q, k and v different bits
     for local in group:
         by_spec.setdefault(spec_of(prefix + local), []).append(local)
-    solved = {}
+    solved: dict[str, GPTQResult] = {}
     for spec, part in by_spec.items():  # rows are independent given H: a part's solve is its own solve
-        solved.update(zip(part, gptq_quantize_group([float_weights[n] for n in part], H, spec, method.block_size,
-                                                    method.damp, method.act_order, method.static_groups,
-                                                    [f"{prefix}{n}.weight" for n in part])))
-    results = [solved[local] for local in group]
-    weights = {}
-    for local, result in zip(group, results):
-        full = prefix + local
-        report.module_errors[full] = result.error
-        report.module_signal[full] = result.signal
-        if result.dead_columns:
-            report.dead_columns[full] = result.dead_columns
-        linear = linears[local]
-        linear.weight.data = result.weight.dequantize(linear.weight.dtype)
-        release_pages(float_weights.pop(local))  # a memory-mapped float weight would otherwise stay resident
-        weights[local] = result.weight
-    return weights
+        solved.update(zip(part, gptq_solve_group(factor, [float_weights[n] for n in part], spec, method.block_size,
+                                                 method.static_groups, [f"{prefix}{n}.weight" for n in part])))
+    del factor  # H and its inverse factor (1 GB at 11008 inputs) go before the dequantised weights are made
+    for local in group:
+        _install(prefix, local, solved[local], linears, float_weights, report)
+    return {local: solved[local].weight for local in group}
+
+
+def _install(prefix: str, local: str, result: GPTQResult, linears: dict[str, nn.Linear],
+             float_weights: dict[str, Tensor], report: LayerwiseReport) -> None:
+    """A solved linear: its errors reported, its weight set to the dequantised value in the dtype the pass
+    uses, and the loaded weight let go."""
+    full = prefix + local
+    report.module_errors[full] = result.error
+    report.module_signal[full] = result.signal
+    if result.dead_columns:
+        report.dead_columns[full] = result.dead_columns
+    linear = linears[local]
+    linear.weight.data = result.weight.dequantize(linear.weight.dtype)
+    release_pages(float_weights.pop(local))  # a memory-mapped float weight would otherwise stay resident
 
 
 def _quantize_in_one_pass(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear],

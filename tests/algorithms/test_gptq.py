@@ -164,3 +164,53 @@ def test_one_solve_for_weights_sharing_an_input_equals_separate_solves(act_order
         assert torch.allclose(joint.weight.dequantize(), alone.weight.dequantize(), atol=1e-6)
         assert joint.error == pytest.approx(alone.error, rel=1e-4)
         assert (joint.weight.g_idx is None) == (alone.weight.g_idx is None)
+
+
+def test_factor_in_blocks_matches_the_inverse_cholesky_in_one_piece(monkeypatch):
+    """The in-place blocked Cholesky, triangular inverse and float32 narrowing (blocks of 32 over 150
+    columns: a ragged last block) give U with (P·H·Pᵀ + λI)⁻¹ = UᵀU, as the one-piece float64 route does."""
+    import lowbit.algorithms.gptq as gptq
+
+    monkeypatch.setattr(gptq, "FACTOR_BLOCK", 32)
+    x = correlated_inputs(400, 150, seed=4)
+    x[:, 7] = 0.0  # a dead input
+    H = hessian_of(x)
+    factor = gptq.gptq_factor(H, damp=0.01, act_order=True)
+    U = torch.cat([factor.rows(i, min(i + 40, 150)) for i in range(0, 150, 40)]).double()
+    P = factor.perm
+    Hd = H.double().clone()
+    Hd[7, 7] = 1.0
+    Hd = Hd[P][:, P] + factor.damping * torch.eye(150, dtype=torch.float64)
+    R = torch.linalg.cholesky(Hd.flip(0, 1)).flip(0, 1)  # H = R·Rᵀ, R upper
+    expected = torch.linalg.solve_triangular(R, torch.eye(150, dtype=torch.float64), upper=True).float()
+    assert torch.allclose(U.float(), expected, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(U.T @ U @ Hd, torch.eye(150, dtype=torch.float64), atol=1e-4)
+    assert factor.dead.tolist() == [i == 7 for i in range(150)]
+
+
+def test_weights_solved_one_at_a_time_get_the_stacked_solve_codes(monkeypatch):
+    """Above STACK_BYTES the weights sharing a Hessian are solved one by one: same codes and errors."""
+    import lowbit.algorithms.gptq as gptq
+
+    x = correlated_inputs(1500, 192, seed=6)
+    H = hessian_of(x)
+    gen = torch.Generator().manual_seed(8)
+    weights = [torch.randn(rows, 192, generator=gen) * 0.02 for rows in (64, 24, 40)]
+    spec = QuantSpec("int", 4, "group", 64, symmetric=False)
+    stacked = gptq.gptq_quantize_group(weights, H, spec, block_size=32, act_order=True, static_groups=True)
+    monkeypatch.setattr(gptq, "STACK_BYTES", 0)
+    alone = gptq.gptq_quantize_group(weights, H, spec, block_size=32, act_order=True, static_groups=True)
+    for a, b, W in zip(stacked, alone, weights):
+        assert torch.equal(a.weight.codes(), b.weight.codes())
+        assert a.error == pytest.approx(b.error, rel=1e-9)
+        assert b.error == pytest.approx(output_error(W, b.weight.dequantize(), H), rel=1e-5)
+        assert b.signal == pytest.approx(output_error(W, torch.zeros_like(W), H), rel=1e-5)
+
+
+def test_hessian_taken_in_place_equals_the_copy():
+    x = correlated_inputs(700, 600, seed=9)  # 600 columns: blocks of 256 and a ragged one
+    a, b = HessianAccumulator.zeros(600), HessianAccumulator.zeros(600)
+    a.add(x)
+    b.add(x)
+    assert torch.equal(b.take_hessian(), a.hessian())
+    assert b.count == 0 and b.xtx.numel() == 0  # the accumulator gave its memory up

@@ -18,6 +18,15 @@ scales are then either computed as the groups are reached in that order, which n
 per-column group index ``g_idx`` at inference, or fixed beforehand from the original
 weights in natural column order (``static_groups``), which keeps groups contiguous as
 serving kernels prefer. Dead inputs (diag(H) = 0) are zeroed as in the paper's code.
+
+What depends on H alone — the column order and the inverse-Hessian factor — is computed once
+for all the weights that read the same input (`gptq_factor`), in float64 like the reference
+results it replaced, in place (one (C, C) float64 matrix besides H, rounded to float32 in its
+own memory when done). Each weight then runs its own column loop (`gptq_solve`): rows are
+independent given H, so it gets the codes a stacked solve would give it while only its own
+copies are in memory (small weights are still stacked: `gptq_solve_group`). On a 7B-shaped
+layer (4096 / 11008) this keeps a solve under 1.5 GB, where stacking gate and up (22016 × 4096)
+with a float64 inverse of the 11008² Hessian and its copies took several GB.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats import int_range
+from lowbit.memory import discard_pages
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight, check_finite, from_int_codes, int_qparams
 
@@ -111,29 +121,126 @@ def output_error(W: Tensor, Q: Tensor, H: Tensor) -> float:
     return float(((delta @ H.float()) * delta).sum(dtype=torch.float64) / 2)  # float32 products, a float64 sum
 
 
-def _inverse_cholesky(H: Tensor, damp: float, name: str) -> Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU in float64, raising λ until H is positive definite.
+FACTOR_BLOCK = 512  # rows per block of the factorisation and the triangular inverse
+ERROR_ROWS, ERROR_BLOCK = 1024, 1024  # rows and columns per block of the reported errors' products
 
-    With J the reversal permutation and J·H·J = L·Lᵀ, H = R·Rᵀ for the upper triangular
-    R = J·L·J, so H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹: one factorisation and one triangular inverse,
-    without forming H⁻¹. λ goes onto J·H·J's diagonal in place (J·I·J = I), so no more
-    than three (C, C) float64 matrices are alive at once: 57 MB at C = 1536.
+
+@dataclass
+class GPTQFactor:
+    """What GPTQ derives from a Hessian alone, shared by every weight that reads the same input (q/k/v, gate/up).
+
+    With P the column order, J the reversal and λ the damping, J·(P·H·Pᵀ + λI)·J = L·Lᵀ, and
+    ``inverse`` holds L⁻¹ (lower triangular; computed in float64, kept in float32). The upper
+    Cholesky factor of the damped inverse Hessian that Algorithm 1 reads is then U = J·L⁻¹·J:
+    (P·H·Pᵀ + λI)⁻¹ = UᵀU — one factorisation and one triangular inverse, without forming H⁻¹.
+    Its rows come out block by block (`rows`) as the column loop uses them. ``H`` is the
+    undamped Hessian in natural order, kept for the reported output errors.
     """
-    A = H.flip(0, 1).double()  # J·H·J
-    diag = A.diagonal()
-    mean_diag = diag.mean().item()
-    added = 0.0
+
+    H: Tensor
+    perm: Tensor
+    dead: Tensor
+    inverse: Tensor
+    damping: float
+    act_order: bool = False
+
+    @property
+    def columns(self) -> int:
+        return self.H.shape[0]
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of U (permuted order), float32."""
+        C = self.columns
+        return self.inverse[C - stop : C - start].flip(0, 1).float()
+
+
+def _permuted_flipped(H: Tensor, order: Tensor, dead: Tensor) -> Tensor:
+    """H[order][:, order] in float64 with 1 on the diagonal of the dead inputs, a block of rows at a time."""
+    C = H.shape[0]
+    A = torch.empty(C, C, dtype=torch.float64, device=H.device)
+    for s in range(0, C, FACTOR_BLOCK):
+        A[s : s + FACTOR_BLOCK] = H.index_select(0, order[s : s + FACTOR_BLOCK]).index_select(1, order)
+    A.diagonal()[dead[order]] = 1.0
+    return A
+
+
+def _cholesky_(A: Tensor) -> bool:
+    """A = L·Lᵀ in place (L in the lower triangle, zeros above), a block column at a time: right-looking,
+    with only the lower triangle updated; False if A is not positive definite (A is then spoilt).
+
+    ``torch.linalg.cholesky`` would allocate a second (C, C) float64 matrix: 0.97 GB at C = 11008.
+    """
+    C = A.shape[0]
+    for s in range(0, C, FACTOR_BLOCK):
+        e = min(s + FACTOR_BLOCK, C)
+        Lkk, info = torch.linalg.cholesky_ex(A[s:e, s:e])
+        if info.item() != 0:
+            return False
+        A[s:e, s:e] = Lkk
+        if e == C:
+            break
+        A[s:e, e:] = 0.0
+        panel = torch.linalg.solve_triangular(Lkk.T, A[e:, s:e], upper=True, left=False)  # A_ik·L_kk⁻ᵀ
+        A[e:, s:e] = panel
+        for j in range(e, C, FACTOR_BLOCK):  # the trailing lower triangle, a block column at a time
+            j2 = min(j + FACTOR_BLOCK, C)
+            A[j:, j:j2].addmm_(panel[j - e :], panel[j - e : j2 - e].T, alpha=-1)
+    return True
+
+
+def _invert_lower_(L: Tensor) -> None:
+    """L⁻¹ of a lower triangular L, in place, a block of rows at a time: row block i of L⁻¹ is
+    −L_ii⁻¹·L[i, :s]·L⁻¹[:s, :s], and the rows above it already hold L⁻¹'s. About C³/3 flops, in matrix
+    products that skip L⁻¹'s zero upper triangle (a solve against the identity would take C³)."""
+    C = L.shape[0]
+    for s in range(0, C, FACTOR_BLOCK):
+        e = min(s + FACTOR_BLOCK, C)
+        eye = torch.eye(e - s, dtype=L.dtype, device=L.device)
+        Lii_inv = torch.linalg.solve_triangular(L[s:e, s:e], eye, upper=False)
+        if s:
+            T = torch.empty(e - s, s, dtype=L.dtype, device=L.device)
+            for k in range(0, s, FACTOR_BLOCK):  # L⁻¹'s block column k is zero above row k
+                k2 = min(k + FACTOR_BLOCK, s)
+                torch.mm(L[s:e, k:s], L[k:s, k:k2], out=T[:, k:k2])
+            L[s:e, :s] = Lii_inv @ T.neg_()
+        L[s:e, s:e] = Lii_inv
+
+
+def _narrow_(A: Tensor) -> Tensor:
+    """A float64 (C, C) matrix rounded to float32 in the first half of its own storage, whose second half is
+    handed back: no second matrix. Rows go in ascending blocks, each read whole before it is written, and
+    float32 row r lands on float64 rows r/2 to (r+1)/2, which are read by then."""
+    C = A.shape[0]
+    out = A.view(-1).view(torch.float32)[: C * C].view(C, C)
+    for s in range(0, C, FACTOR_BLOCK):
+        out[s : s + FACTOR_BLOCK] = A[s : s + FACTOR_BLOCK].float()
+    discard_pages(A.view(-1).view(torch.float32)[C * C :])
+    return out
+
+
+def gptq_factor(H: Tensor, damp: float = 0.01, act_order: bool = False, name: str = "weight") -> GPTQFactor:
+    """Column order and inverse-Hessian factor of H (C, C) for `gptq_solve`, in float64, raising λ until
+    H + λI is positive definite. Memory: H and one (C, C) float64 matrix, half of which is handed back at the end."""
+    if not torch.isfinite(H).all():
+        raise LowbitError(f"the Hessian of {name} contains NaN or Inf; the calibration activations overflowed.")
+    H = H.detach().float()
+    C = H.shape[0]
+    dead = H.diagonal() == 0
+    diag = H.diagonal().clone()
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(C, device=H.device)
+    order = perm.flip(0)
+    mean_diag = None
     for extra in (1.0, 10.0, 100.0, 1000.0):
+        A = _permuted_flipped(H, order, dead)
+        if mean_diag is None:
+            mean_diag = A.diagonal().mean().item()
         lam = max(damp * extra, 1e-8) * mean_diag if damp > 0 or extra > 1 else 0.0
-        diag += lam - added
-        added = lam
-        L, info = torch.linalg.cholesky_ex(A)
-        if info.item() == 0:
-            del A
-            R = L.flip(0, 1)
-            del L
-            eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-            return torch.linalg.solve_triangular(R, eye, upper=True)
+        A.diagonal().add_(lam)
+        if _cholesky_(A):
+            _invert_lower_(A)
+            return GPTQFactor(H, perm, dead, _narrow_(A), lam, act_order)
+        del A
     raise LowbitError(f"the Hessian of {name} is not positive definite even with strong damping.")
 
 
@@ -146,73 +253,110 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, 
 def gptq_quantize_group(weights: Sequence[Tensor], H: Tensor, spec: QuantSpec, block_size: int = 128,
                         damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
                         names: Sequence[str] | None = None) -> list[GPTQResult]:
-    """Quantise several weights that read the same input (q/k/v, gate/up) in one solve.
+    """Quantise several weights that read the same input (q/k/v, gate/up): one factorisation of H, then
+    each weight's column loop in turn.
 
-    GPTQ treats the rows of W independently given H, so stacking the weights' rows and
-    solving once gives each weight exactly what its own solve would, with one pass over
-    the columns instead of one per weight.
+    GPTQ treats the rows of W independently given H, so each weight gets exactly what a solve of
+    its rows stacked with the others' would give it; one at a time, the solve holds one weight's
+    copies (a 7B model's gate and up stacked: 22016 × 4096, four float32 copies of 0.36 GB).
     """
     names = list(names) if names is not None else [f"weight{i}" for i in range(len(weights))]
-    if len(weights) > 1 and spec.granularity == "tensor":  # one scale per tensor: no shared solve
-        return [gptq_quantize(W, H, spec, block_size, damp, act_order, static_groups, name)
-                for W, name in zip(weights, names)]
-    if spec.format != "int":
-        raise LowbitError(f"GPTQ quantises integer formats; {names[0]} asks for {spec.format}.")
+    factor = gptq_factor(H, damp, act_order, names[0])
+    return gptq_solve_group(factor, weights, spec, block_size, static_groups, names)
+
+
+STACK_BYTES = 64 << 20  # weights sharing a factor are solved stacked up to this size (float32), one by one above
+
+
+def gptq_solve_group(factor: GPTQFactor, weights: Sequence[Tensor], spec: QuantSpec, block_size: int = 128,
+                     static_groups: bool = False, names: Sequence[str] | None = None) -> list[GPTQResult]:
+    """`gptq_solve` for weights that share ``factor``: small ones stacked into one column loop (its per-column
+    steps are the cost when rows are few), large ones one at a time (memory). Rows are independent given
+    H, so either way each weight gets the codes its own solve gives it."""
+    names = list(names) if names is not None else [f"weight{i}" for i in range(len(weights))]
+    rows = sum(W.shape[0] for W in weights)
+    if (len(weights) == 1 or spec.granularity == "tensor"  # one scale per tensor: no shared solve
+            or rows * factor.columns * 4 > STACK_BYTES
+            or any(W.dim() != 2 or W.shape[1] != factor.columns for W in weights)):
+        return [gptq_solve(factor, W, spec, block_size, static_groups, name) for W, name in zip(weights, names)]
     for W, name in zip(weights, names):
         check_finite(W, name)
-        if W.dim() != 2 or W.shape[1] != H.shape[0]:
-            raise LowbitError(f"{name} has shape {tuple(W.shape)}; its Hessian is {tuple(H.shape)}.")
-    if not torch.isfinite(H).all():
-        raise LowbitError(f"the Hessian of {names[0]} contains NaN or Inf; the calibration activations overflowed.")
-    W_in = torch.cat([W.detach().float() for W in weights]) if len(weights) > 1 else weights[0].detach().float()
-    H_in = H.detach().float()
-    codes, Q, scale, zero, col_group, loss, dead = _solve(W_in, H_in, spec, block_size, damp, act_order,
-                                                          static_groups, names[0])
-    g_idx = col_group if (act_order and spec.granularity == "group" and not static_groups) else None
+    if spec.format != "int":
+        raise LowbitError(f"GPTQ quantises integer formats; {names[0]} asks for {spec.format}.")
+    stacked = torch.cat([W.detach().float() for W in weights])
+    codes, scale, zero, col_group, _ = _column_loop(stacked, factor, spec, block_size, static_groups)
+    del stacked
+    g_idx = col_group if (factor.act_order and spec.granularity == "group" and not static_groups) else None
     results, start = [], 0
     for W in weights:
-        rows = slice(start, start + W.shape[0])
+        part = slice(start, start + W.shape[0])
         start += W.shape[0]
-        weight = from_int_codes(codes[rows], scale[rows], None if zero is None else zero[rows], spec, g_idx=g_idx)
-        w = W.detach().float()
-        results.append(GPTQResult(weight, loss if len(weights) == 1 else float("nan"),
-                                  output_error(w, Q[rows], H_in), dead,
-                                  output_error(w, torch.zeros_like(w), H_in)))
+        weight = from_int_codes(codes[part], scale[part], None if zero is None else zero[part], spec, g_idx=g_idx)
+        error, signal = _output_errors(W.detach(), weight, factor.H)
+        results.append(GPTQResult(weight, float("nan"), error, int(factor.dead.sum()), signal))
     return results
 
 
-def _solve(W_in: Tensor, H_in: Tensor, spec: QuantSpec, block_size: int, damp: float, act_order: bool,
-           static_groups: bool, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, float, int]:
-    """The column loop: codes (R, C) int32, Q (R, C), scale and zero (R, G), group of each column, loss, dead."""
+def gptq_solve(factor: GPTQFactor, W: Tensor, spec: QuantSpec, block_size: int = 128, static_groups: bool = False,
+               name: str = "weight") -> GPTQResult:
+    """GPTQ's column loop for one weight W (R, C) (any float dtype; solved in float32) with a factor of its
+    input Hessian (`gptq_factor`); integer formats only."""
+    if spec.format != "int":
+        raise LowbitError(f"GPTQ quantises integer formats; {name} asks for {spec.format}.")
+    check_finite(W, name)
+    if W.dim() != 2 or W.shape[1] != factor.columns:
+        raise LowbitError(f"{name} has shape {tuple(W.shape)}; its Hessian is {tuple(factor.H.shape)}.")
+    codes, scale, zero, col_group, loss = _column_loop(W.detach(), factor, spec, block_size, static_groups)
+    g_idx = col_group if (factor.act_order and spec.granularity == "group" and not static_groups) else None
+    weight = from_int_codes(codes, scale, zero, spec, g_idx=g_idx)
+    del codes
+    error, signal = _output_errors(W.detach(), weight, factor.H)
+    return GPTQResult(weight, loss, error, int(factor.dead.sum()), signal)
+
+
+def _output_errors(W: Tensor, weight: QuantizedWeight, H: Tensor) -> tuple[float, float]:
+    """tr((W − Q) H (W − Q)ᵀ) / 2 and tr(W H Wᵀ) / 2, from H's block upper triangle (half the products of
+    `output_error`) and a block of rows at a time: float32 products, float64 sums."""
+    Q = weight.dequantize(torch.float32)
+    C = H.shape[0]
+    totals = [0.0, 0.0]
+    for r in range(0, W.shape[0], ERROR_ROWS):
+        w = W[r : r + ERROR_ROWS].float()
+        for k, M in enumerate((w - Q[r : r + ERROR_ROWS], w)):
+            for s in range(0, C, ERROR_BLOCK):
+                e = min(s + ERROR_BLOCK, C)
+                P = M[:, s:e] @ H[s:e, s:]  # (rows, C − s): the diagonal block and those right of it
+                totals[k] += float((P[:, : e - s] * M[:, s:e]).sum(dtype=torch.float64))
+                totals[k] += 2 * float((P[:, e - s :] * M[:, e:]).sum(dtype=torch.float64))
+    return totals[0] / 2, totals[1] / 2
+
+
+def _column_loop(W_in: Tensor, factor: GPTQFactor, spec: QuantSpec, block_size: int, static_groups: bool
+                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, float]:
+    """The column loop: codes (R, C) int32, scale and zero (R, G), group of each column, loss."""
     rows, cols = W_in.shape
-    W, H = W_in.clone(), H_in.clone()
-
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
+    perm, dead = factor.perm, factor.dead
     grouped = spec.granularity == "group"
     g = int(spec.group_size) if grouped else cols
     dynamic = grouped and not static_groups
     # Fixed parameters: per channel / tensor, or static groups from the weights in natural order.
     fixed: list[tuple[Tensor, Tensor | None]] = []
+    W = W_in.float()
+    if dead.any():
+        W = W.clone() if W is W_in else W
+        W[:, dead] = 0.0
     if spec.granularity == "tensor":
         s, z = int_qparams(W.reshape(1, -1), spec, rows * cols)
         fixed = [(s.expand(rows, 1), None if z is None else z.expand(rows, 1))]
     elif not dynamic:
         fixed = [int_qparams(W[:, k : k + g], spec, min(g, cols - k)) for k in range(0, cols, g)]
-
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    U = _inverse_cholesky(H, damp, name).float()  # (C, C) upper
-    diag = U.diagonal().tolist()
+    # Work on Wᵀ (C, R) in the visiting order: a column of W is a contiguous row here, which the loop needs.
+    Wt = W.T.index_select(0, perm)
+    del W
 
     # Keep every dynamic group inside one lazy block, so its range is read from current weights.
     B = max(g, block_size // g * g) if dynamic and g <= block_size else block_size
     qmin, qmax = int_range(spec.bits, spec.symmetric)
-    # Work on Wᵀ (C, R): a column of W is a contiguous row here, which the per-column loop needs.
-    Wt = W.T.contiguous()
-    Qt = torch.empty_like(Wt)
     codes_t = torch.empty(cols, rows, dtype=torch.float32)
     groups: list[tuple[Tensor, Tensor | None]] = list(fixed)
     # group id of each permuted column: fixed up front, or assigned as dynamic groups are reached
@@ -222,9 +366,11 @@ def _solve(W_in: Tensor, H_in: Tensor, spec: QuantSpec, block_size: int, damp: f
     current = -1
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
+        U = factor.rows(i1, i2)  # (b, C): U[i1:i2, :]
+        U1 = U[:, i1:i2]
+        diag = U1.diagonal().tolist()
         W1 = Wt[i1:i2].clone()  # (b, R)
         Err1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
         with one_thread():
             for i in range(i2 - i1):  # tiny ops, one after another: see one_thread
                 p = i1 + i
@@ -239,18 +385,20 @@ def _solve(W_in: Tensor, H_in: Tensor, spec: QuantSpec, block_size: int, damp: f
                 w = W1[i]
                 c = codes_t[p]
                 torch.div(w, s, out=c).round_().add_(z).clamp_(qmin, qmax)
-                q = torch.mul(c - z, s, out=Qt[p])
-                err = torch.sub(w, q, out=Err1[i]).div_(diag[p])
+                q = (c - z).mul_(s)
+                err = torch.sub(w, q, out=Err1[i]).div_(diag[i])
                 W1[i:].addmm_(U1[i, i:, None], err[None], alpha=-1)
         loss += float(Err1.pow(2).sum()) / 2
-        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
-    codes, Q = codes_t.T.to(torch.int32), Qt.T
+        Wt[i2:].addmm_(U[:, i2:].T, Err1, alpha=-1)
+    del Wt
     col_group = torch.tensor(group_of, dtype=torch.long)
-
     invperm = torch.argsort(perm)
-    codes, Q, col_group = codes[:, invperm], Q[:, invperm], col_group[invperm]
+    codes = codes_t.index_select(0, invperm)
+    del codes_t
+    codes = codes.T.to(torch.int32, memory_format=torch.contiguous_format)
+    col_group = col_group[invperm]
     scale = torch.cat([s for s, _ in groups], dim=1)  # (R, G)
     zero = None if spec.symmetric else torch.cat([z for _, z in groups], dim=1)  # type: ignore[misc]
     if spec.granularity == "tensor":
         scale, zero = scale[:1], None if zero is None else zero[:1]
-    return codes, Q, scale, zero, col_group, loss, int(dead.sum())
+    return codes, scale, zero, col_group, loss

@@ -62,6 +62,20 @@ class HessianAccumulator:
         strict = block[:, None] < block[None, :]
         return torch.where(upper, self.xtx, 0) + torch.where(strict, self.xtx, 0).T
 
+    def take_hessian(self) -> Tensor:
+        """`hessian`, made in the accumulator's own memory, which it gives up (it is empty afterwards):
+        `hessian` holds a copy and temporaries of the sum's size, 0.48 GB each at C = 11008."""
+        x, count = self.xtx, self.count
+        self.xtx, self.count = x.new_zeros(0, 0), 0
+        if count == 0:
+            return torch.zeros_like(x, dtype=torch.float32)
+        C = x.shape[0]
+        if C > BLOCK:
+            for i in range(0, C - BLOCK, BLOCK):  # mirror the blocks right of the diagonal into the lower triangle
+                x[i + BLOCK :, i : i + BLOCK] = x[i : i + BLOCK, i + BLOCK :].T
+        x.mul_(2.0).div_(count)  # as `hessian` rounds: (2·XᵀX) / n
+        return x.float()
+
     def hessian(self) -> Tensor:
         """H = 2·XᵀX / n, float32 (C, C); zeros if nothing was seen."""
         if self.count == 0:
