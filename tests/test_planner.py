@@ -177,6 +177,9 @@ def test_planned_model_meets_the_target_exactly_and_reloads(two_layers, calib, m
         report = json.loads((tmp_path / "size.json").read_text())
         assert (report["quantized_bytes"], report["weight_bytes"]) == (measured.quantized_bytes, measured.total_bytes)
         assert report["scheme"]["per_module"] == {row.module: row.spec.to_dict() for row in plan.rows}
+        own = CliRunner().invoke(cli, ["size", str(tmp_path / "native"), "--json", str(tmp_path / "own.json")])
+        assert own.exit_code == 0, own.output  # a planned checkpoint alone: its own plan, not --scheme's default
+        assert json.loads((tmp_path / "own.json").read_text()) == report
         lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
         ct = lowbit.load(tmp_path / "ct")
         assert {n: m.spec for n, m in quantized_modules(ct).items()} == specs

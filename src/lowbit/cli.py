@@ -583,16 +583,28 @@ def export(checkpoint: str, fmt: str, out: str, gguf_type: str | None, overwrite
 @scheme_options
 @click.option("--plan", "plan_path", default=None,
               help="Use the mixed scheme (bits per module) of a bit plan: a native checkpoint directory or its "
-                   "lowbit.json, or a 'lowbit quantize --json' report of a planned run (--scheme is then ignored).")
+                   "lowbit.json, or a 'lowbit quantize --json' report of a planned run (--scheme is then ignored). "
+                   "A planned native checkpoint given as MODEL, with no scheme option, uses its own plan.")
 @click.option("--json", "json_path", default=None, help="Write the figures to this JSON file.")
 def size(model: str, scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
          observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], plan_path: str | None,
          json_path: str | None) -> None:
     """Weight memory of MODEL (config.json, model directory, GGUF file or 'default') under a scheme."""
+    from click.core import ParameterSource
+
     from lowbit.footprint import config_footprint, read_config
     from lowbit.planner import read_plan
     from lowbit.report import print_size_table
 
+    ctx = click.get_current_context()
+    scheme_given = any(ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE for name in (
+        "scheme_name", "group_size", "per_channel", "symmetric", "observer", "include", "exclude"))
+    if plan_path is None and not scheme_given and (Path(model) / "lowbit.json").is_file():
+        try:  # a checkpoint quantised with --target-bpw / --budget: its own allocation
+            read_plan(model)
+            plan_path = model
+        except LowbitError:
+            pass  # a native checkpoint of one scheme
     if plan_path is not None:
         scheme = read_plan(plan_path).scheme
     else:
