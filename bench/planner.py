@@ -5,12 +5,12 @@ planner with candidates 2, 3, 4, 8 bits at exactly uniform 3-bit's total weight 
 planner with its default candidates (3, 4, 8 bits) at 3.25 and at 3.5 bits per weight; and
 uniform 4-bit for reference. The planner measures
 each module's output error on 32 × 512 tokens of pydoc-calib; GPTQ calibrates on
-PROTOCOL.md's 128 × 512. Evaluation: pydoc-eval, PROTOCOL.md's windows (ppl; KL and top-1
-against the float model over the first 4 windows, as PROTOCOL.md says; perplexity over those
-same 4 windows, not 16, to keep a run short on a shared 2-core machine). Each setting is the
-command a user would type, run as its own process.
+PROTOCOL.md's 128 × 512 unless ``--calib-samples`` says otherwise (the table's rows name it).
+Evaluation as PROTOCOL.md says: pydoc-eval, perplexity over the first 16 windows of 2048
+tokens, KL and top-1 against the float model over the first 4. Each setting is the command a
+user would type, run as its own process.
 
-    python bench/planner.py [--methods rtn,gptq] [--note "..."]
+    python bench/planner.py [--methods rtn,gptq] [--calib-samples N] [--only ...] [--note "..."]
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from lowbit.footprint import config_footprint, read_config
 from lowbit.scheme import W3A16
 
 
-def settings(method: str) -> list[tuple[str, list[str]]]:
+def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, list[str]]]:
     uniform3_bytes = config_footprint(read_config("default"), W3A16).total_bytes
-    common = ["--method", method, "--max-windows", "4"]  # KL / top-1 over PROTOCOL.md's 4 windows; ppl over the same 4
+    common = ["--method", method]  # eval defaults: PROTOCOL.md's 16 windows for ppl, 4 for KL / top-1
+    if method != "rtn" and calib_samples is not None:
+        common += ["--calib-samples", str(calib_samples)]
+        method = f"{method} ({calib_samples} × 512 calib)"
     return [
         (f"{method} uniform int3 g128", ["--scheme", "W3A16", *common]),
         (f"{method} plan at uniform int3's bytes, 2 bits allowed",
@@ -62,6 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--note", default="")
+    parser.add_argument("--calib-samples", type=int, default=None,
+                        help="GPTQ calibration sequences (default: the CLI's, PROTOCOL.md's 128)")
+    parser.add_argument("--append", action="store_true", help="keep planner.json's rows of other settings")
     parser.add_argument("--only", default="", help="comma-separated parts of labels to run (default: all)")
     parser.add_argument("--tabulate", action="store_true", help="only rewrite planner.md from planner.json")
     args = parser.parse_args()
@@ -69,16 +75,19 @@ def main() -> None:
     if args.tabulate:
         rows = json.loads(out.read_text())
     else:
-        rows = []
+        rows = json.loads(out.read_text()) if args.append and out.is_file() else []
         RESULTS.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             for method in args.methods.split(","):
-                for label, a in settings(method):
+                for label, a in settings(method, args.calib_samples):
                     if args.only and not any(part in label for part in args.only.split(",")):
                         continue
                     before = os.getloadavg()
-                    rows.append(run_setting(label, a, Path(tmp)))
-                    rows[-1]["load_average"] = {"start": before, "end": os.getloadavg()}
+                    row = run_setting(label, a, Path(tmp))
+                    row["load_average"] = {"start": before, "end": os.getloadavg()}
+                    if args.append and out.is_file():  # another invocation may have added rows meanwhile
+                        rows = json.loads(out.read_text())
+                    rows = [r for r in rows if r["label"] != label] + [row]
                     out.write_text(json.dumps(rows, indent=2) + "\n")  # after each setting: a long run keeps its part
     load_start, load_end = rows[0]["load_average"]["start"], rows[-1]["load_average"]["end"]
     note = (f"Load average (1/5/15 min) {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} at the start, "
