@@ -63,8 +63,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     v = meta["versions"]
     cfg = meta["config"]
     lines = [
-        f"# QAT vs post-training quantisation (SmolLM2-135M-Instruct, pydoc-eval, {rows[0]['tokens']:,} predicted "
-        "tokens)",
+        f"# QAT vs post-training quantisation (SmolLM2-135M-Instruct"
+        + (f" CUT TO ITS FIRST {meta['first_layers']} DECODER LAYERS" if meta.get("first_layers") else "")
+        + f", pydoc-eval, {rows[0]['tokens']:,} predicted tokens)",
         "",
         f"Measured {v['date']} on {v['machine']} (shared with other jobs: load averages below), torch {v['torch']} "
         f"({v['torch_threads']} threads), transformers {v['transformers']}, lowbit {v['lowbit']}. "
@@ -133,6 +134,8 @@ def main() -> None:
                         help="evaluate on only the first N windows (ppl and KL) instead of PROTOCOL.md's 16 / 4: a "
                              "reduced protocol, said so in the results")
     parser.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration sequences of 512 tokens")
+    parser.add_argument("--first-layers", type=int, default=None,
+                        help="cut the model to its first N decoder layers (a cut-model check, said so in the results)")
     parser.add_argument("--smoke", action="store_true",
                         help="check the script end to end in minutes: 2 decoder layers, 1 eval window (not a result)")
     args = parser.parse_args()
@@ -151,9 +154,11 @@ def main() -> None:
                         scale_lr=args.scale_lr, warmup=args.warmup)
     model = lowbit.load_model()
     eval_config = EvalConfig()
+    layers = 2 if args.smoke else args.first_layers
+    if layers:
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
     if args.smoke:
-        model.model.layers = model.model.layers[:2]
-        model.config.num_hidden_layers = 2
         eval_config = EvalConfig(max_windows=1, kl_windows=1)
     if args.windows:
         eval_config = EvalConfig(max_windows=args.windows, kl_windows=args.windows)
@@ -165,7 +170,7 @@ def main() -> None:
     from lowbit.sequential import calibration_dtype
 
     meta = {"versions": versions(), "config": config.to_dict(), "eval": vars(eval_config).copy(),
-            "calib_samples": args.calib_samples,
+            "calib_samples": args.calib_samples, "first_layers": layers,
             "dtype": str(calibration_dtype(config.dtype, torch.device("cpu"))).replace("torch.", "")}
     rows: list[dict] = []
 
