@@ -123,11 +123,18 @@ def calib():
     return lowbit.calibration_set("pydoc-calib", n=4, seqlen=64)
 
 
-def test_gptq_with_incoherence_beats_plain_gptq_at_2_bits_and_saves(two_layers, calib, tmp_path):
-    scheme = Scheme(QuantSpec("int", 2, "channel", symmetric=False), name="W2 per-channel")
+W2_PER_CHANNEL = Scheme(QuantSpec("int", 2, "channel", symmetric=False), name="W2 per-channel")
+
+
+@pytest.fixture(scope="module")
+def incoherent_w2(two_layers, calib):
+    return quantize_incoherent(two_layers, W2_PER_CHANNEL, lowbit.GPTQ(), calib, seed=0, progress=False)
+
+
+def test_gptq_with_incoherence_beats_plain_gptq_at_2_bits_and_saves(two_layers, calib, incoherent_w2, tmp_path):
     ids = lowbit.calibration_set("pydoc-eval", n=2, seqlen=128, seed=1)
-    plain = lowbit.quantize(two_layers, scheme, lowbit.GPTQ(), calib, progress=False)
-    inc = quantize_incoherent(two_layers, scheme, lowbit.GPTQ(), calib, seed=0, progress=False)
+    plain = lowbit.quantize(two_layers, W2_PER_CHANNEL, lowbit.GPTQ(), calib, progress=False)
+    inc = incoherent_w2
     assert isinstance(inc.model.layers[0].mlp.down_proj, IncoherentLinear)
     assert _kl(two_layers, inc, ids) < 0.8 * _kl(two_layers, plain, ids)
     # sign bits are counted: (R + C) / 8 bytes per wrapped linear
@@ -139,14 +146,13 @@ def test_gptq_with_incoherence_beats_plain_gptq_at_2_bits_and_saves(two_layers, 
     assert back.model.layers[1].self_attn.k_proj.seed == inc.model.layers[1].self_attn.k_proj.seed
 
 
-def test_e8p_end_to_end_two_bits_beats_incoherent_gptq_and_round_trips(two_layers, calib, tmp_path):
+def test_e8p_end_to_end_two_bits_beats_incoherent_gptq_and_round_trips(two_layers, calib, incoherent_w2, tmp_path):
     ids = lowbit.calibration_set("pydoc-eval", n=2, seqlen=128, seed=1)
     q = quantize_e8p(two_layers, calib, E8P(), progress=False)
     assert isinstance(q.model.layers[0].self_attn.q_proj.inner, E8PLinear)
     bpw = model_footprint(q).bits_per_weight
     assert 2.0 < bpw < 2.05
-    scheme = Scheme(QuantSpec("int", 2, "channel", symmetric=False), name="W2 per-channel")
-    inc = quantize_incoherent(two_layers, scheme, lowbit.GPTQ(), calib, seed=0, progress=False)
+    inc = incoherent_w2
     assert model_footprint(inc).bits_per_weight > bpw  # int2 per-channel + zero points costs more
     assert _kl(two_layers, q, ids) < _kl(two_layers, inc, ids)
     lowbit.save(q, tmp_path / "e8p")
