@@ -80,10 +80,20 @@ oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=tokens
         max_seq_length=tokens.shape[1], shuffle_calibration_samples=False)
 seconds = time.perf_counter() - start
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+# After oneshot the modules still hold float weights beside weight_scale / weight_zero_point (the
+# quantisation is applied in their forward, or when saved compressed): take the on-grid weights.
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+for module in model.modules():
+    scheme = getattr(module, "quantization_scheme", None)
+    if scheme is not None and scheme.weights is not None and hasattr(module, "weight_scale"):
+        with torch.no_grad():
+            module.weight.data = fake_quantize(module.weight, module.weight_scale,
+                                               getattr(module, "weight_zero_point", None), scheme.weights)
 state = {k: v.detach().float().clone() for k, v in model.state_dict().items()
          if (k.endswith(".weight") or k.endswith(".bias")) and not k.startswith("lm_head")}  # lm_head: tied
-probe = state["model.layers.0.mlp.down_proj.weight"][:8, :64]
-assert all(row.unique().numel() <= 256 for row in probe), "llm-compressor left unquantised weights"
+row = state["model.layers.0.mlp.down_proj.weight"][0]  # 1536 inputs: a float row has ~1536 distinct values
+levels = 16 * (row.numel() // 64) if which == "awq" else 256  # 4-bit codes per group of 64; int8 per channel
+assert row.unique().numel() <= levels, "llm-compressor's weights are not on its quantisation grid"
 save_file(state, out_file)
 print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "version": llmcompressor.__version__}))
 '''
