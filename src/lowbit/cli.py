@@ -835,7 +835,7 @@ def compare_cmd(model: str, schemes: str, methods: str, out: str, texts: tuple[s
             parts.append(json.loads(source.read_text(encoding="utf-8")))
         data = merge(parts, allow_missing=True)
         for row in data["rows"]:
-            if row.get("skipped", "").startswith("not measured"):
+            if (row.get("skipped") or "").startswith("not measured"):
                 click.echo(f"warning: no run finished the row {row['label']!r}; the report lists it as not measured",
                            err=True)
         Path(out).mkdir(parents=True, exist_ok=True)
