@@ -49,14 +49,9 @@ def evaluate(model, tokens, ref, label: str, config: EvalConfig) -> dict:
             "eval_load_end": load1(), "bits_per_weight": model_footprint(model).bits_per_weight}
 
 
-def _cpu(train: dict, threads: int) -> str:
-    """Training CPU seconds per thread; '†' where they were sampled from /proc/PID/stat by an outside watcher
-    (a run made before the trainer recorded its own CPU time)."""
-    if "cpu_seconds" in train:
-        return f"{train['cpu_seconds'] / threads:.1f}"
-    if "cpu_seconds_sampled" in train:
-        return f"{train['cpu_seconds_sampled'] / threads:.0f}†"
-    return ""
+def _cell(value: float | None, fmt: str = ".1f") -> str:
+    """A measured figure, or an empty cell where the row has none (never a 0 that was not measured)."""
+    return "" if value is None else format(value, fmt)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -100,9 +95,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['scheme']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['ppl']:.4f} | "
             f"{100 * (r['ppl'] / r['reference_ppl'] - 1):+.2f}% | {r['kl']:.5f} | {r['top1']:.2f} | {share} | "
-            f"{r.get('init_seconds', 0):.1f} | {train.get('seconds', 0):.1f} | "
-            f"{_cpu(train, v['torch_threads'])} | "
-            f"{train.get('tokens_per_second', 0):.1f} | "
+            f"{_cell(r.get('init_seconds'))} | {_cell(train.get('seconds'))} | "
+            f"{_cell(train['cpu_seconds'] / v['torch_threads'] if 'cpu_seconds' in train else None)} | "
+            f"{_cell(train.get('tokens_per_second'))} | "
             + (f"{train['load_start']} → {train['load_end']}" if train else "") + " | "
             f"{r['eval_seconds']:.0f} ({r['eval_load_start']}) |"
         )

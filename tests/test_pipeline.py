@@ -66,10 +66,8 @@ def test_gptq_beats_rtn_on_the_default_model(small_model, eval_tokens, fp_stats,
     assert has_g_idx == (method.act_order and not method.static_groups)
 
 
-def test_unreached_linear_falls_back_to_rtn(small_model, calib):
-    model = copy.deepcopy(small_model)
-    model.model.layers = model.model.layers[:5]
-    model.config.num_hidden_layers = 5
+def test_unreached_linear_falls_back_to_rtn(first_layers, calib):
+    model = first_layers(5)
     model.model.layers[4].mlp.unused = nn.Linear(576, 64, bias=False)  # like an expert no token picks
     q = lowbit.quantize(model, lowbit.W4A16, method=lowbit.GPTQ(), calib=calib[:2])
     assert q.lowbit_info.details["fallbacks"] == ["model.layers.4.mlp.unused"]

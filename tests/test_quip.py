@@ -82,6 +82,14 @@ def test_ldlq_e8p_beats_nearest_rounding_in_output_error():
     assert result.weight.codes.dtype == torch.int16 and result.weight.codes.shape == (48, 16)
 
 
+def test_ldlq_e8p_without_feedback_is_nearest_rounding():
+    """H = I, no damping: U = I, so no column's error reaches another and the codes are the nearest ones."""
+    W = torch.randn(16, 64, generator=_gen(2))
+    result = ldlq_e8p(W, torch.eye(64), damp=0.0)
+    codes, _ = e8p.nearest((W / result.weight.scale.float()[:, None]).reshape(-1, 8), candidates=8)
+    assert torch.equal(result.weight.codes.reshape(-1), codes.reshape(-1))
+
+
 def test_ldlq_refuses_widths_that_are_not_multiples_of_8():
     with pytest.raises(LowbitError, match="multiple of 8"):
         ldlq_e8p(torch.randn(4, 12), torch.eye(12))
@@ -140,6 +148,9 @@ def test_gptq_with_incoherence_beats_plain_gptq_at_2_bits_and_saves(two_layers, 
     # sign bits are counted: (R + C) / 8 bytes per wrapped linear
     assert model_footprint(inc).quantized_bytes > model_footprint(plain).quantized_bytes
     lowbit.save(inc, tmp_path / "inc")
+    for fmt in ("gptq", "compressed-tensors"):  # the transforms would be lost: refused, not written wrong
+        with pytest.raises(LowbitError, match="save this model in the native format"):
+            lowbit.save(inc, tmp_path / fmt, format=fmt)
     back = lowbit.load(tmp_path / "inc")
     with torch.no_grad():
         assert torch.equal(back(ids).logits, inc(ids).logits)

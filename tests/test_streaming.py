@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit import api
+from lowbit import api, streaming
 from lowbit.algorithms.gptq import GPTQ
 from lowbit.errors import LowbitError
 from lowbit.io.shards import load_tensors
@@ -174,5 +174,7 @@ def test_a_bfloat16_checkpoint_streams_gptq_on_its_mapped_weights_to_the_in_memo
     """GPTQ calibrating in bfloat16 runs a bfloat16 checkpoint's layers on the mapped tensors (no float32 copy);
     the in-memory path loads float32 copies of the same values: the checkpoints are equal."""
     source = _tiny_llama(tmp_path / "bf16", seed=3, dtype=torch.bfloat16)
-    streamed = quantize_streaming(source, tmp_path / "streamed", "W4A16", GPTQ(), calib, progress=False)
-    _same_checkpoint(streamed, _in_memory(source, tmp_path / "memory", GPTQ(), calib), outside_in_source_dtype=True)
+    method = GPTQ(calib_dtype="bfloat16")  # not "auto": the path under test on any CPU, with or without bf16
+    assert streaming._layer_dtype(method, load_tensors(source).tensors, "model.layers.") == torch.bfloat16
+    streamed = quantize_streaming(source, tmp_path / "streamed", "W4A16", method, calib, progress=False)
+    _same_checkpoint(streamed, _in_memory(source, tmp_path / "memory", method, calib), outside_in_source_dtype=True)

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
-import resource
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
 
+from lowbit.algorithms import METHOD_NAMES
+from lowbit.algorithms import method_from_name as _method
 from lowbit.errors import LowbitError
+from lowbit.memory import peak_rss_bytes
+from lowbit.report import versions
 from lowbit.scheme import PRESETS, Scheme, get_scheme, scheme_with
 
-METHOD_NAMES = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq")
 
 
 class _Group(click.Group):
@@ -42,42 +41,14 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process's memory (VmHWM on Linux).
-
-    Not ``getrusage``'s ``ru_maxrss`` on Linux: that survives ``exec``, so a process started
-    by a large parent would report the parent's peak.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
-
-
-def versions() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    from lowbit import __version__
-
-    return {"lowbit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "torch_threads": torch.get_num_threads(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
 def write_json(path: str | None, report: dict[str, Any]) -> None:
     if not path:
         return
+    from lowbit.io import atomic_file
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(target)
+    with atomic_file(target, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     click.echo(f"report written to {target}", err=True)
 
 
@@ -94,35 +65,6 @@ def build_scheme(name: str, group_size: int | None, per_channel: bool, symmetric
         raise LowbitError(f"group size must be a positive integer, got {group_size}.")
     size: int | None | str = group_size if group_size is not None else (None if per_channel else "keep")
     return scheme_with(scheme, group_size=size, symmetric=symmetric, observer=observer)  # type: ignore[arg-type]
-
-
-def _method(name: str, **options: Any):  # -> method config
-    """The method config for --method NAME: rtn, gptq, awq, smoothquant, or awq+gptq / smoothquant+gptq
-    (the first's scales, GPTQ's rounding). Options a method does not have are refused when given."""
-    from lowbit.algorithms import AWQ, COMPOSITIONS, GPTQ, METHODS, SmoothQuant
-
-    if name not in METHODS and name not in COMPOSITIONS:
-        raise LowbitError(f"unknown method {name!r}; this version has {', '.join(METHOD_NAMES)}.")
-    given = {k: v for k, v in options.items() if v is not None}
-    gptq_keys = ("act_order", "static_groups", "damp", "block_size", "true_sequential")
-    own = {"smoothquant": ("alpha", "search_alpha", "propagate"), "awq": ("clip", "propagate"), "gptq": gptq_keys,
-           "rtn": ()}
-    first, _, second = name.partition("+")
-    allowed = {*own[first], *(gptq_keys if second else ()), *(("calib_dtype",) if name != "rtn" else ())}
-    if second:  # GPTQ's pass makes the next layer's inputs
-        allowed.discard("propagate")
-    stray = sorted(k for k in given if k not in allowed)
-    if stray:
-        flag = "--" + stray[0].replace("_", "-")
-        raise LowbitError(f"{flag} does not apply to --method {name}.")
-    gptq = GPTQ(**{k: v for k, v in given.items() if k in (*gptq_keys, "calib_dtype")}) if "gptq" in name else None
-    dtype = {"calib_dtype": given["calib_dtype"]} if "calib_dtype" in given else {}
-    extra = {k: given[k] for k in ("clip", "alpha", "propagate") if k in given}
-    if first == "awq":
-        return AWQ(gptq=gptq, **dtype, **extra)
-    if first == "smoothquant":
-        return SmoothQuant(gptq=gptq, search=bool(given.get("search_alpha")), **dtype, **extra)
-    return gptq if gptq is not None else METHODS[name]()
 
 
 def method_options(func):  # GPTQ's knobs, shared by quantize and demo
@@ -509,6 +451,8 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
     if tasks is not None and not task_list:
         raise LowbitError("--tasks names no task; pass e.g. --tasks lastword,nextsent.")
     texts = tuple(texts or ()) or (() if task_list else ("pydoc-eval",))
+    if reference and not texts:
+        raise LowbitError("--reference is used for KL on a --text; with --tasks alone there is none: add --text.")
     for text in texts:  # fail on a bad text or task before spending time on loading
         load_text(text)
     for spec in task_list:
@@ -528,6 +472,10 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
         result = evaluate(evaluated, reference=ref, text=list(texts), tokenizer=tokenizer, config=config)
         click.echo(str(result))
         report.update(result.to_dict())
+    else:  # tasks only: the report still says what was evaluated (bits per weight, bytes)
+        from lowbit.footprint import model_footprint
+
+        report.update(model_footprint(evaluated).to_dict())
     if task_list:
         scores = evaluate_tasks(evaluated, task_list, tokenizer, harness=harness, text=task_text, items=task_items,
                                 limit=limit, num_fewshot=num_fewshot, include_path=list(include_path))
@@ -768,7 +716,7 @@ def train_qat_cmd(model: str, scheme_name: str, group_size: int | None, per_chan
         report.update(after.to_dict())
     if out:
         if keep_adapters:
-            base = convert(student, merge=False)
+            base = quantized  # convert(student, merge=False): evaluated above, not needed as it is any more
             from lowbit.nn import lora_modules
             from lowbit.models import set_submodule
 
@@ -838,8 +786,10 @@ def compare_cmd(model: str, schemes: str, methods: str, out: str, texts: tuple[s
             if (row.get("skipped") or "").startswith("not measured"):
                 click.echo(f"warning: no run finished the row {row['label']!r}; the report lists it as not measured",
                            err=True)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "compare.json").write_text(json.dumps(data) + "\n", encoding="utf-8")
+        from lowbit.io import atomic_file
+
+        with atomic_file(Path(out) / "compare.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
         paths = write_report(data, out)
         click.echo(f"merged {len(parts)} runs; report written to {paths['html']} and {paths['md']}", err=True)
         return
@@ -867,20 +817,21 @@ def compare_cmd(model: str, schemes: str, methods: str, out: str, texts: tuple[s
 @click.option("--task-items", type=int, default=None, help="Items per built-in task (default: all).")
 def tasks_cmd(harness: bool, export_dir: str | None, task_text: str, task_items: int | None) -> None:
     """List the downstream tasks lowbit can run, or export its own for lm-eval."""
-    from lowbit.eval.tasks import BUILTIN_TASKS, builtin_task
+    from lowbit.eval.tasks import BUILTIN_TASKS, builtin_task, write_task_dir
 
     built = [builtin_task(name, task_text, task_items) for name in BUILTIN_TASKS]
     for task in built:
         click.echo(f"{task.name}: {len(task.items)} {task.kind} items from {task_text}")
     if export_dir:
-        from lowbit.eval.harness import write_task_dir
-
         names = write_task_dir(built, export_dir)
         click.echo(f"wrote {', '.join(names.values())} (JSONL + YAML) to {export_dir}; run them with lm_eval "
                    f"--include_path {export_dir} --tasks {','.join(names.values())}", err=True)
     if harness:
-        from lm_eval.tasks import TaskManager
-
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError as err:
+            raise LowbitError("listing lm-eval's tasks needs lm-eval 0.4: pip install 'lowbit[eval]' "
+                              f"(import failed: {err}).") from err
         for name in TaskManager().all_tasks:
             click.echo(name)
 

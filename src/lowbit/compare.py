@@ -34,14 +34,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lowbit.algorithms import method_from_name
+from lowbit.algorithms.gptq import output_error
 from lowbit.algorithms.hessian import HessianAccumulator
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import EvalConfig, ReferenceStats, evaluate_tokens, reference_stats
 from lowbit.eval.scoring import evaluate_task
-from lowbit.eval.tasks import Task, resolve_task
+from lowbit.eval.tasks import resolve_task
 from lowbit.footprint import model_footprint
+from lowbit.io import atomic_file
+from lowbit.memory import peak_rss_bytes, reset_peak_rss
 from lowbit.models import decoder_layers, select_linears
 from lowbit.nn import quantized_modules
+from lowbit.report import versions
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +106,6 @@ class Row:
         return asdict(self)
 
 
-def _peak_rss() -> int:
-    from lowbit.cli import peak_rss_bytes
-
-    return peak_rss_bytes()
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of this process (Linux >= 4.0); False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 @torch.inference_mode()
 def decode_speed(model: nn.Module, prompt: Tensor, new: int) -> float:
     """Greedy tokens/s of ``generate`` (prefill included) after a short warm-up, batch 1."""
@@ -146,38 +135,18 @@ def input_moments(model: nn.Module, names: list[str], calib: Tensor) -> dict[str
     return acc
 
 
-def layer_errors(quantized: nn.Module, float_weights: dict[str, Tensor],
-                 moments: dict[str, HessianAccumulator]) -> list[float]:
+def layer_errors(quantized: nn.Module, float_weights: dict[str, Tensor], xtx: dict[str, Tensor]) -> list[float]:
     """Relative output error per decoder layer: Σ tr(ΔW XᵀX ΔWᵀ) / Σ tr(W XᵀX Wᵀ) over its quantised linears."""
     prefix, layers = decoder_layers(quantized)
     errors, signals = [0.0] * len(layers), [0.0] * len(layers)
     for name, module in quantized_modules(quantized).items():
-        if name not in moments or not name.startswith(prefix + "."):
+        if name not in xtx or not name.startswith(prefix + "."):
             continue
         index = int(name[len(prefix) + 1:].split(".")[0])
-        xtx = moments[name].full()
         W = float_weights[name]
-        delta = module.weight.dequantize() - W  # (R, C)
-        errors[index] += float(((delta @ xtx) * delta).sum())
-        signals[index] += float(((W @ xtx) * W).sum())
+        errors[index] += output_error(W, module.weight.dequantize(), xtx[name])
+        signals[index] += output_error(W, None, xtx[name])
     return [e / s if s else 0.0 for e, s in zip(errors, signals)]
-
-
-def _text_entry(result, with_blocks: bool = True) -> dict[str, Any]:
-    entry = result.to_dict()
-    if with_blocks:
-        entry["blocks"] = asdict(result.blocks)
-    return entry
-
-
-def _task_entry(task: Task, scored) -> dict[str, Any]:
-    return {**scored.to_dict(), "correct": scored.correct, "correct_norm": scored.correct_norm}
-
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | Path, model_name: str = "default",
@@ -189,21 +158,20 @@ def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | 
     """
     from lowbit.api import check_method, quantize
     from lowbit.calibration import calibration_set, load_text, tokenize
-    from lowbit.cli import _method, versions
     from lowbit.scheme import get_scheme
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "compare.json"
     schemes = {name: get_scheme(name) for name in config.schemes}  # unknown names fail here, before any work
-    methods = {name: _method(name) for name in config.methods}
+    methods = {name: method_from_name(name) for name in config.methods}
     tasks = [resolve_task(spec, config.task_text, config.task_items) for spec in config.tasks]
     streams = {text: tokenize(tokenizer, load_text(text)) for text in config.texts}
     previous: dict[str, Any] = {}
     if resume and path.is_file():
         old = json.loads(path.read_text())
         if old.get("config") == json.loads(json.dumps(config.to_dict())) and old.get("model") == model_name:
-            previous = {row["label"]: row for row in old["rows"] if not row.get("failed")}
+            previous = {row["label"]: row for row in old["rows"]}
     data: dict[str, Any] = {"model": model_name, "config": config.to_dict(), "versions": versions(),
                             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
 
@@ -218,7 +186,7 @@ def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | 
     first_scheme = next(iter(schemes.values()))
     names = list(select_linears(model, first_scheme.targets, first_scheme.ignore))
     log.info("inputs of %d linears on %d calibration sequences (per-layer error)", len(names), config.error_samples)
-    moments = input_moments(model, names, calib[: config.error_samples])
+    xtx = {n: acc.full() for n, acc in input_moments(model, names, calib[: config.error_samples]).items()}
     float_weights = {name: model.get_submodule(name).weight.detach().float() for name in names}
     prompt = streams[config.texts[0]][: config.decode_prompt][None]
 
@@ -234,10 +202,11 @@ def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | 
             else:
                 result = evaluate_tokens(target, tokens, references[text], eval_config, desc=f"{label} {text}",
                                          progress=progress)
-                row.texts[text] = _text_entry(result)
+                row.texts[text] = {**result.to_dict(), "blocks": asdict(result.blocks)}
         for task in tasks:
             log.info("%s: task %s (%d items)", label, task.name, len(task.items))
-            row.tasks[task.name] = _task_entry(task, evaluate_task(target, tokenizer, task, progress=progress))
+            scored = evaluate_task(target, tokenizer, task, progress=progress)
+            row.tasks[task.name] = {**scored.to_dict(), "correct": scored.correct, "correct_norm": scored.correct_norm}
         log.info("%s: decode speed", label)
         row.decode_tokens_per_s = decode_speed(target, prompt, config.decode_new)
         return row
@@ -250,7 +219,7 @@ def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | 
             log.info("%s: kept from the previous run", label)
             continue
         start = time.perf_counter()
-        reset = _reset_peak_rss()
+        reset = reset_peak_rss()
         row = Row(label, scheme_name, method_name, load_average=os.getloadavg()[0])
         if method_name == "float":
             row = measure(label, scheme_name, method_name, model, row)
@@ -268,16 +237,17 @@ def compare(model: nn.Module, tokenizer: Any, config: CompareConfig, out: str | 
                 row.quantize_seconds = quantized.lowbit_info.seconds
                 row = measure(label, scheme_name, method_name, quantized, row)
                 if method_name in ("rtn", "gptq"):
-                    row.layer_errors = layer_errors(quantized, float_weights, moments)
+                    row.layer_errors = layer_errors(quantized, float_weights, xtx)
                 else:
                     row.layer_errors_note = "scales folded into the float weights: not comparable to the float W"
                 del quantized
                 gc.collect()
-        row.peak_rss_bytes = _peak_rss() if reset else None
+        row.peak_rss_bytes = peak_rss_bytes() if reset else None
         row.seconds = time.perf_counter() - start
         data["rows"].append(row.to_dict())
         data["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        _write(path, data)
+        with atomic_file(path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
         log.info("%s done in %.0f s", label, row.seconds)
     return data
 

@@ -150,7 +150,8 @@ def notes(data: dict[str, Any]) -> list[str]:
          "--no-float-row, joined with --merge), each with its own copy of the float statistics: they slowed each "
          "other down too, and each peak RSS is its own process's." if data.get("merged_from", 1) > 1 else ""),
         f"Calibration (methods that use it): {c['calib_samples']} × {c['calib_seqlen']} tokens of {c['calib']} "
-        "(random.Random(0) offsets) — fewer than PROTOCOL.md's 128 × 512, to keep the run short.",
+        "(random.Random(0) offsets)" + (" — fewer than PROTOCOL.md's 128 × 512, to keep the run short."
+                                        if c["calib_samples"] * c["calib_seqlen"] < 128 * 512 else "."),
         f"Perplexity: non-overlapping {c['window']}-token windows of each text (at most {c['max_windows']}); KL("
         f"P_fp ‖ P_q) and top-1 agreement over the first {c['kl_windows']} windows of the first text, against the "
         "float model's log-probabilities computed once and cached.",
@@ -185,7 +186,8 @@ def write_report(data: dict[str, Any], out: str | Path) -> dict[str, Path]:
     header, rows = table(data, est)
     pareto = plot_pareto(data, est, out / "pareto.png")
     layers = plot_layer_errors(data, out / "layer_errors.png")
-    same = indistinguishable(data, diffs)
+    same = indistinguishable(data, diffs) or [
+        "every pair of rows differs on every figure." if diffs else "fewer than two measured rows: nothing compared."]
     pairs = method_pairs(data, diffs)
     title = f"lowbit compare: {data['model']}"
     skipped = [r for r in data["rows"] if r.get("skipped")]
@@ -198,7 +200,7 @@ def write_report(data: dict[str, Any], out: str | Path) -> dict[str, Path]:
         md += ["## Methods within a scheme", "", "| scheme | difference | figure | Δ | 95 % interval | verdict |",
                "|---|---|---|---:|---|---|"] + ["| " + " | ".join(p) + " |" for p in pairs] + [""]
     md += ["## Not distinguishable", ""]
-    md += [f"- {line}" for line in same] or ["- every pair of rows differs on every figure."]
+    md += [f"- {line}" for line in same]
     md += ["", "## Plots", "", "![accuracy against size](pareto.png)", "",
            "![per-layer quantisation error](layer_errors.png)", ""]
     if skipped:
@@ -217,7 +219,7 @@ def write_report(data: dict[str, Any], out: str | Path) -> dict[str, Path]:
         body += ["<tr>" + "".join(f"<td>{esc(c.replace('**', ''))}</td>" for c in p) + "</tr>" for p in pairs]
         body += ["</tbody></table>"]
     body += ["<h2>Not distinguishable</h2><ul>"
-             + ("".join(f"<li>{esc(line)}</li>" for line in same) or "<li>every pair differs on every figure.</li>")
+             + "".join(f"<li>{esc(line)}</li>" for line in same)
              + "</ul>", "<h2>Plots</h2>",
              f'<figure><img src="{_png_uri(pareto)}" alt="accuracy against size" width="100%">'
              '<figcaption>pareto.png</figcaption></figure>',

@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import functools
 import mmap
+import resource
 import sys
 
 from torch import Tensor
@@ -62,9 +63,13 @@ def _whole_pages(tensor: Tensor) -> tuple[int, int] | None:
     if _libc() is None or tensor.device.type != "cpu":
         return None
     storage = tensor.untyped_storage()
-    start, size = storage.data_ptr(), storage.nbytes()
+    return _page_range(storage.data_ptr(), storage.nbytes())
+
+
+def _page_range(start: int, size: int) -> tuple[int, int] | None:
+    """The whole pages inside [start, start + size); None if there is none (a neighbour may share the partial ones)."""
     page = mmap.PAGESIZE
-    first = -(-start // page) * page  # whole pages only: a neighbour may share the partial ones
+    first = -(-start // page) * page
     last = (start + size) // page * page
     return (first, last) if last > first else None
 
@@ -100,13 +105,10 @@ def discard_pages(tensor: Tensor) -> bool:
     """
     if _libc() is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return False
-    page = mmap.PAGESIZE
-    start = tensor.data_ptr()
-    first = -(-start // page) * page
-    last = (start + tensor.numel() * tensor.element_size()) // page * page
-    if last <= first:
+    pages = _page_range(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+    if pages is None:
         return False
-    return _libc().madvise(first, last - first, _MADV_DONTNEED) == 0  # type: ignore[union-attr]
+    return _libc().madvise(pages[0], pages[1] - pages[0], _MADV_DONTNEED) == 0  # type: ignore[union-attr]
 
 
 def trim_heap() -> bool:
@@ -115,3 +117,30 @@ def trim_heap() -> bool:
     if libc is None or not hasattr(libc, "malloc_trim"):
         return False
     return bool(libc.malloc_trim(0))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process's memory (VmHWM on Linux).
+
+    Not ``getrusage``'s ``ru_maxrss`` on Linux: that survives ``exec``, so a process started
+    by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process (Linux >= 4.0), so `peak_rss_bytes` measures from
+    now; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False

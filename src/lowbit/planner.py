@@ -221,7 +221,7 @@ def measure_sensitivities(model: nn.Module, scheme: Scheme, calib: Tensor, specs
             weights = {prefix + n: linears[n].weight.detach().float() for n in group}
             result.errors.update(_errors_of(list(weights), weights, H, specs, measure, gptq))
             for full, W in weights.items():
-                result.signal[full] = output_error(W, torch.zeros_like(W), H)
+                result.signal[full] = output_error(W, None, H)
         inputs = LayerInputs(outputs, inputs.kwargs)
         probe = LayerInputs(run_layer(layers[i], probe), probe.kwargs)
     for full in selected:  # never reached by the calibration data: unweighted error

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
+from datetime import datetime, timezone
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -77,3 +81,16 @@ def print_plan_table(plan, console: Console | None = None) -> None:
     console.print(f"{counts}; linears {plan.quantized_bytes:,} bytes of {plan.linear_budget:,} allowed, "
                   f"{plan.bits_per_weight:.4f} bits per weight; weights {_gb(plan.total_bytes)} in all; "
                   f"summed output error {plan.total_error:.4g}.")
+
+
+def versions() -> dict[str, Any]:
+    """The versions, machine, thread count and UTC time that every report and bench result records."""
+    import torch
+    import transformers
+
+    from lowbit import __version__
+
+    return {"lowbit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "torch_threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

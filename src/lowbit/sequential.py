@@ -410,6 +410,6 @@ def _round_unreached(model: nn.Module, names: set[str], scheme: Scheme, report: 
     for full, linear in unreached:
         log.warning("%s never saw calibration data; quantised with round-to-nearest", full)
         report.fallbacks.append(full)
-        weight = rtn_quantize(linear.weight.float(), scheme.spec_for(full), name=f"{full}.weight")
+        weight = rtn_quantize(linear.weight, scheme.spec_for(full), name=f"{full}.weight")
         set_submodule(model, full, QuantLinear(weight, linear.bias, scheme.activations,
                                                input_scale=_input_scale(scheme, None, full)))

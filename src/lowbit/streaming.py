@@ -183,8 +183,9 @@ def finish_layer(run: _Run, index: int, layer: nn.Module, prefix: str, stored: d
                  hidden: dict[str, Tensor] | None) -> None:
     """Write layer ``index`` (and the next layer's calibration inputs) to the work directory, record the
     progress, return the layer to the meta device and the pages of its float tensors to their files."""
-    quantized = {f"{prefix}{index}.{n}": m for n, m in quantized_modules(layer).items()}
-    codes = {f"{n}.{k}" for n, m in quantized_modules(layer).items() for k in m.weight.tensors()}
+    local = quantized_modules(layer)
+    quantized = {f"{prefix}{index}.{n}": m for n, m in local.items()}
+    codes = {f"{n}.{k}" for n, m in local.items() for k in m.weight.tensors()}
     # float tensors other than the packed weights in float32, as the in-memory path (which loads float32) writes them
     tensors = {f"{prefix}{index}.{k}": v.float() if v.is_floating_point() and k not in codes else v
                for k, v in layer.state_dict().items()}

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from lowbit.algorithms import RTN
 from lowbit.algorithms.qat import QAT, distillation_loss, lr_factor, next_token_loss, window_starts
 from lowbit.errors import LowbitError
+from lowbit.memory import peak_rss_bytes
 from lowbit.models import select_linears, set_submodule
 from lowbit.nn import FakeQuantLinear, LoRALinear, QuantLinear, fake_quant_modules, lora_modules, quantized_modules
 from lowbit.scheme import NF4, Scheme, get_scheme
@@ -96,10 +97,10 @@ def prepare_qat(model: nn.Module, scheme: Scheme | str | None = None, init: Any 
     _freeze(target)
     for module in fake_quant_modules(target).values():
         module.weight.requires_grad_(True)
-        for param in (module.scale, module.zero_point):
+        for param in (module.scale, module.zero_point):  # parameters only where learned (the learn_* flags)
             if isinstance(param, nn.Parameter):
-                param.requires_grad_(learn_scales if param is module.scale else learn_zero_points)
-        if module.act_quant is not None and module.act_quant.scale is not None:
+                param.requires_grad_(True)
+        if module.act_quant is not None and module.act_quant.scale is not None:  # static: always a Parameter
             module.act_quant.scale.requires_grad_(learn_scales)
     target.lowbit_qat = {"scheme": scheme.to_dict() if scheme is not None else None, "init": method}
     return target
@@ -383,7 +384,7 @@ def train_qat(model: nn.Module, text: str | Tensor, config: QAT = QAT(), teacher
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     model.eval()
     report = TrainReport(config.to_dict(), list(state["losses"]), state["step"], state["step"] * config.tokens_per_step,
-                         seconds, cpu_seconds, start_step, sum(p.numel() for p in params), _peak_rss(),
+                         seconds, cpu_seconds, start_step, sum(p.numel() for p in params), peak_rss_bytes(),
                          _memory(model, optimizer, device), str(device), str(dtype).replace("torch.", ""))
     model.lowbit_training = {k: v for k, v in report.to_dict().items() if k != "losses"}
     return report
@@ -414,10 +415,10 @@ def _accumulate(model: nn.Module, teacher: nn.Module | None, tokens: Tensor, con
         ids = torch.stack([tokens[s:s + config.seqlen] for s in chosen]).to(device)  # (B, T)
         with _autocast(device, dtype):
             if config.loss == "distill":
-                with torch.inference_mode():
+                with torch.no_grad():  # not inference_mode: the loss's backward keeps the teacher's logits
                     target = teacher(input_ids=ids, use_cache=False).logits  # type: ignore[misc]
                 logits = model(input_ids=ids, use_cache=False).logits
-                loss = distillation_loss(logits, target.clone(), config.temperature)
+                loss = distillation_loss(logits, target, config.temperature)
             else:
                 logits = model(input_ids=ids, use_cache=False).logits
                 loss = next_token_loss(logits, ids)
@@ -433,12 +434,6 @@ def _diverged(step: int, what: str, config: QAT, directory: Path | None, last_go
                       f"{config.scale_lr:g}); {kept}; lower the learning rate.")
 
 
-def _peak_rss() -> int:
-    from lowbit.cli import peak_rss_bytes
-
-    return peak_rss_bytes()
-
-
 def _memory(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, int]:
     """Bytes held by the frozen quantised bases, the trained parameters, their optimiser state, and the peak."""
     frozen = 0
@@ -448,7 +443,7 @@ def _memory(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.de
     opt = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
               if isinstance(t, Tensor))
     out = {"frozen_base_bytes": frozen, "trainable_bytes": trained, "optimizer_bytes": opt,
-           "peak_rss_bytes": _peak_rss()}
+           "peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return out

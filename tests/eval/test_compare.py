@@ -76,7 +76,9 @@ def test_compare_report_on_a_cut_model(first_layers, default_tokenizer, tmp_path
             low, high = (float(x) for x in interval.rstrip("]").split(", "))
             assert low <= float(value) <= high  # every figure carries its interval
         assert float(row[header.index("bits/weight")]) > 4 and float(row[header.index("decode tok/s")]) > 0
-    assert any("not distinguishable" in " ".join(sum(t, [])) for t in page.tables[1:]) or page.items
+    pairs = page.tables[1]  # methods within a scheme: W4A16 RTN − GPTQ on every figure, each with its verdict
+    assert pairs[0][-1] == "verdict" and len(pairs) > 1
+    assert all(row[0] == "W4A16" and row[-1] in ("distinguishable", "not distinguishable") for row in pairs[1:])
     assert any("4 × 32 tokens of pydoc-calib" in item for item in page.items)
 
     assert len(page.images) == 2

@@ -24,9 +24,9 @@ for all the weights that read the same input (`gptq_factor`), in float64 like th
 results it replaced, in place (one (C, C) float64 matrix besides H, rounded to float32 in its
 own memory when done). Each weight then runs its own column loop (`gptq_solve`): rows are
 independent given H, so it gets the codes a stacked solve would give it while only its own
-copies are in memory (small weights are still stacked: `gptq_solve_group`). On a 7B-shaped
-layer (4096 / 11008) this keeps a solve under 1.5 GB, where stacking gate and up (22016 × 4096)
-with a float64 inverse of the 11008² Hessian and its copies took several GB.
+copies are in memory (small weights are still stacked: `gptq_solve_group`). Streaming GPTQ on
+a 7B-shaped checkpoint (bench/results/scale.md) peaked at 8.15 GB of process memory with the
+stacked solves and float64 inverse this replaced, 2.80 GB with these.
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ def one_thread() -> Iterator[None]:
 
     GPTQ's column loop is thousands of operations on one row each (a few thousand floats):
     split across threads, each pays a fork and join, and when the cores are shared with
-    other work the join waits for a descheduled thread. A 3072 × 576 solve took 0.24 s on
-    one thread and 2.6-6.5 s on two (this 2-core machine, load 4.5); the block updates
-    between the loops are large matmuls and keep every thread.
+    other work the join waits for a descheduled thread. A random 3072 × 576 solve took 0.24 s
+    on one thread and 2.6-6.5 s on two (2026-11-27, the 2-core development machine at load 4.5,
+    commit 5dccaec); the block updates between the loops are large matmuls and keep every thread.
     """
     threads = torch.get_num_threads()
     if threads == 1:
@@ -115,10 +115,23 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def output_error(W: Tensor, Q: Tensor, H: Tensor) -> float:
-    """tr((W − Q) H (W − Q)ᵀ) / 2, i.e. ‖(W − Q)Xᵀ‖² / n when H = 2XᵀX / n."""
-    delta = (W - Q).float()
-    return float(((delta @ H.float()) * delta).sum(dtype=torch.float64) / 2)  # float32 products, a float64 sum
+def output_error(W: Tensor, Q: Tensor | None, H: Tensor) -> float:
+    """tr((W − Q) H (W − Q)ᵀ) / 2, i.e. ‖(W − Q)Xᵀ‖² / n when H = 2XᵀX / n; with ``Q`` None, the signal
+    tr(W H Wᵀ) / 2. A block of rows at a time, from H's block upper triangle (half the products of the
+    whole form): float32 products, float64 sums."""
+    H = H.float()
+    C = H.shape[0]
+    total = 0.0
+    for r in range(0, W.shape[0], ERROR_ROWS):
+        M = W[r : r + ERROR_ROWS].float()
+        if Q is not None:
+            M = M - Q[r : r + ERROR_ROWS].float()
+        for s in range(0, C, ERROR_BLOCK):
+            e = min(s + ERROR_BLOCK, C)
+            P = M[:, s:e] @ H[s:e, s:]  # (rows, C − s): the diagonal block and those right of it
+            total += float((P[:, : e - s] * M[:, s:e]).sum(dtype=torch.float64))
+            total += 2 * float((P[:, e - s :] * M[:, e:]).sum(dtype=torch.float64))
+    return total / 2
 
 
 FACTOR_BLOCK = 512  # rows per block of the factorisation and the triangular inverse
@@ -230,11 +243,9 @@ def gptq_factor(H: Tensor, damp: float = 0.01, act_order: bool = False, name: st
     diag[dead] = 1.0
     perm = torch.argsort(diag, descending=True) if act_order else torch.arange(C, device=H.device)
     order = perm.flip(0)
-    mean_diag = None
+    mean_diag = diag.double().mean().item()  # of the diagonal the factorisation sees (dead inputs at 1)
     for extra in (1.0, 10.0, 100.0, 1000.0):
         A = _permuted_flipped(H, order, dead)
-        if mean_diag is None:
-            mean_diag = A.diagonal().mean().item()
         lam = max(damp * extra, 1e-8) * mean_diag if damp > 0 or extra > 1 else 0.0
         A.diagonal().add_(lam)
         if _cholesky_(A):
@@ -272,68 +283,49 @@ def gptq_solve_group(factor: GPTQFactor, weights: Sequence[Tensor], spec: QuantS
                      static_groups: bool = False, names: Sequence[str] | None = None) -> list[GPTQResult]:
     """`gptq_solve` for weights that share ``factor``: small ones stacked into one column loop (its per-column
     steps are the cost when rows are few), large ones one at a time (memory). Rows are independent given
-    H, so either way each weight gets the codes its own solve gives it."""
+    H, so either way each weight gets the codes and the loss its own solve gives it."""
     names = list(names) if names is not None else [f"weight{i}" for i in range(len(weights))]
-    rows = sum(W.shape[0] for W in weights)
-    if (len(weights) == 1 or spec.granularity == "tensor"  # one scale per tensor: no shared solve
-            or rows * factor.columns * 4 > STACK_BYTES
-            or any(W.dim() != 2 or W.shape[1] != factor.columns for W in weights)):
-        return [gptq_solve(factor, W, spec, block_size, static_groups, name) for W, name in zip(weights, names)]
-    for W, name in zip(weights, names):
-        check_finite(W, name)
     if spec.format != "int":
         raise LowbitError(f"GPTQ quantises integer formats; {names[0]} asks for {spec.format}.")
-    stacked = torch.cat([W.detach().float() for W in weights])
-    codes, scale, zero, col_group, _ = _column_loop(stacked, factor, spec, block_size, static_groups)
-    del stacked
-    g_idx = col_group if (factor.act_order and spec.granularity == "group" and not static_groups) else None
-    results, start = [], 0
-    for W in weights:
-        part = slice(start, start + W.shape[0])
-        start += W.shape[0]
-        weight = from_int_codes(codes[part], scale[part], None if zero is None else zero[part], spec, g_idx=g_idx)
-        error, signal = _output_errors(W.detach(), weight, factor.H)
-        results.append(GPTQResult(weight, float("nan"), error, int(factor.dead.sum()), signal))
-    return results
+    for W, name in zip(weights, names):
+        check_finite(W, name)
+        if W.dim() != 2 or W.shape[1] != factor.columns:
+            raise LowbitError(f"{name} has shape {tuple(W.shape)}; its Hessian is {tuple(factor.H.shape)}.")
+    stack = (spec.granularity != "tensor"  # one scale per tensor: no shared solve
+             and sum(W.shape[0] for W in weights) * factor.columns * 4 <= STACK_BYTES)
+    batches = [list(range(len(weights)))] if stack else [[i] for i in range(len(weights))]
+    with_g_idx = factor.act_order and spec.granularity == "group" and not static_groups
+    results: list[GPTQResult | None] = [None] * len(weights)
+    for batch in batches:
+        W_in = torch.cat([weights[i].detach().float() for i in batch]) if len(batch) > 1 else weights[batch[0]].detach()
+        codes, scale, zero, col_group, loss_rows = _column_loop(W_in, factor, spec, block_size, static_groups)
+        del W_in
+        parts, start = [], 0
+        for i in batch:
+            part = slice(start, start + weights[i].shape[0])
+            start = part.stop
+            parts.append((i, part, from_int_codes(codes[part], scale[part], None if zero is None else zero[part],
+                                                  spec, g_idx=col_group if with_g_idx else None)))
+        del codes
+        for i, part, weight in parts:
+            W = weights[i].detach()
+            results[i] = GPTQResult(weight, float(loss_rows[part].sum()) / 2,
+                                    output_error(W, weight.dequantize(torch.float32), factor.H),
+                                    int(factor.dead.sum()), output_error(W, None, factor.H))
+    return results  # type: ignore[return-value]
 
 
 def gptq_solve(factor: GPTQFactor, W: Tensor, spec: QuantSpec, block_size: int = 128, static_groups: bool = False,
                name: str = "weight") -> GPTQResult:
     """GPTQ's column loop for one weight W (R, C) (any float dtype; solved in float32) with a factor of its
     input Hessian (`gptq_factor`); integer formats only."""
-    if spec.format != "int":
-        raise LowbitError(f"GPTQ quantises integer formats; {name} asks for {spec.format}.")
-    check_finite(W, name)
-    if W.dim() != 2 or W.shape[1] != factor.columns:
-        raise LowbitError(f"{name} has shape {tuple(W.shape)}; its Hessian is {tuple(factor.H.shape)}.")
-    codes, scale, zero, col_group, loss = _column_loop(W.detach(), factor, spec, block_size, static_groups)
-    g_idx = col_group if (factor.act_order and spec.granularity == "group" and not static_groups) else None
-    weight = from_int_codes(codes, scale, zero, spec, g_idx=g_idx)
-    del codes
-    error, signal = _output_errors(W.detach(), weight, factor.H)
-    return GPTQResult(weight, loss, error, int(factor.dead.sum()), signal)
-
-
-def _output_errors(W: Tensor, weight: QuantizedWeight, H: Tensor) -> tuple[float, float]:
-    """tr((W − Q) H (W − Q)ᵀ) / 2 and tr(W H Wᵀ) / 2, from H's block upper triangle (half the products of
-    `output_error`) and a block of rows at a time: float32 products, float64 sums."""
-    Q = weight.dequantize(torch.float32)
-    C = H.shape[0]
-    totals = [0.0, 0.0]
-    for r in range(0, W.shape[0], ERROR_ROWS):
-        w = W[r : r + ERROR_ROWS].float()
-        for k, M in enumerate((w - Q[r : r + ERROR_ROWS], w)):
-            for s in range(0, C, ERROR_BLOCK):
-                e = min(s + ERROR_BLOCK, C)
-                P = M[:, s:e] @ H[s:e, s:]  # (rows, C − s): the diagonal block and those right of it
-                totals[k] += float((P[:, : e - s] * M[:, s:e]).sum(dtype=torch.float64))
-                totals[k] += 2 * float((P[:, e - s :] * M[:, e:]).sum(dtype=torch.float64))
-    return totals[0] / 2, totals[1] / 2
+    return gptq_solve_group(factor, [W], spec, block_size, static_groups, [name])[0]
 
 
 def _column_loop(W_in: Tensor, factor: GPTQFactor, spec: QuantSpec, block_size: int, static_groups: bool
-                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, float]:
-    """The column loop: codes (R, C) int32, scale and zero (R, G), group of each column, loss."""
+                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """The column loop: codes (R, C) int32, scale and zero (R, G), group of each column, and each row's
+    Σ (w − q)² / U_ii² (float64; the loss is half its sum)."""
     rows, cols = W_in.shape
     perm, dead = factor.perm, factor.dead
     grouped = spec.granularity == "group"
@@ -361,7 +353,7 @@ def _column_loop(W_in: Tensor, factor: GPTQFactor, spec: QuantSpec, block_size: 
     groups: list[tuple[Tensor, Tensor | None]] = list(fixed)
     # group id of each permuted column: fixed up front, or assigned as dynamic groups are reached
     group_of = (perm // g).tolist() if grouped and not dynamic else [0] * cols
-    loss = 0.0
+    loss_rows = torch.zeros(rows, dtype=torch.float64)
     s = z = None
     current = -1
     for i1 in range(0, cols, B):
@@ -388,7 +380,7 @@ def _column_loop(W_in: Tensor, factor: GPTQFactor, spec: QuantSpec, block_size: 
                 q = (c - z).mul_(s)
                 err = torch.sub(w, q, out=Err1[i]).div_(diag[i])
                 W1[i:].addmm_(U1[i, i:, None], err[None], alpha=-1)
-        loss += float(Err1.pow(2).sum()) / 2
+        loss_rows += Err1.pow(2).sum(0, dtype=torch.float64)
         Wt[i2:].addmm_(U[:, i2:].T, Err1, alpha=-1)
     del Wt
     col_group = torch.tensor(group_of, dtype=torch.long)
@@ -401,4 +393,4 @@ def _column_loop(W_in: Tensor, factor: GPTQFactor, spec: QuantSpec, block_size: 
     zero = None if spec.symmetric else torch.cat([z for _, z in groups], dim=1)  # type: ignore[misc]
     if spec.granularity == "tensor":
         scale, zero = scale[:1], None if zero is None else zero[:1]
-    return codes, scale, zero, col_group, loss
+    return codes, scale, zero, col_group, loss_rows

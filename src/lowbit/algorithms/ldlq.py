@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lowbit.algorithms.gptq import gptq_factor, output_error
 from lowbit.errors import LowbitError
 from lowbit.formats import e8p
 from lowbit.tensor import check_finite
@@ -114,20 +115,13 @@ def ldlq_e8p(W_in: Tensor, H: Tensor, damp: float = 0.01, block_size: int = 128,
     if H.shape != (W_in.shape[1], W_in.shape[1]) or not torch.isfinite(H).all():
         raise LowbitError(f"the Hessian of {name} has shape {tuple(H.shape)} or non-finite entries.")
     R, C = W_in.shape
-    W = W_in.detach().double().clone()
-    Hd = H.detach().double().clone()
-    dead = Hd.diagonal() == 0
-    Hd[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    Hd.diagonal().add_(max(damp, 1e-8) * Hd.diagonal().mean())
-    L = torch.linalg.cholesky(Hd)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # H⁻¹ = UᵀU
-    del L
-    scale, target = _row_scales(W.float(), candidates)
-    W /= scale.double()[:, None]
-    W, U = W.float(), U.float()
+    factor = gptq_factor(H, damp, name=name)  # natural column order: U = factor.rows(0, C), H⁻¹ = UᵀU
+    U = factor.rows(0, C)
+    W = W_in.detach().float().clone()
+    W[:, factor.dead] = 0.0
+    scale, target = _row_scales(W, candidates)
+    W /= scale.float()[:, None]
     codes = torch.empty(R, C // e8p.DIM, dtype=torch.int16)
-    Q = torch.empty(R, C, dtype=torch.float32)
     B = block_size
     for i1 in range(0, C, B):
         i2 = min(i1 + B, C)
@@ -138,16 +132,11 @@ def ldlq_e8p(W_in: Tensor, H: Tensor, damp: float = 0.01, block_size: int = 128,
             k = j + e8p.DIM
             c, q = e8p.nearest(W1[:, j:k], candidates=candidates)
             codes[:, (i1 + j) // e8p.DIM] = c
-            Q[:, i1 + j : i1 + k] = q
             E = torch.linalg.solve_triangular(U1[j:k, j:k], W1[:, j:k] - q, upper=True, left=False)
             Err1[:, j:k] = E
             W1[:, k:] -= E @ U1[j:k, k:]
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     weight = E8PWeight(codes, scale)
-    Qf = weight.dequantize()
-    delta = W_in.detach().float() - Qf
-    Hf = H.detach().float()
-    error = float(((delta @ Hf) * delta).sum(dtype=torch.float64) / 2)
-    Wf = W_in.detach().float()
-    signal = float(((Wf @ Hf) * Wf).sum(dtype=torch.float64) / 2)
+    error = output_error(W_in.detach(), weight.dequantize(), H)
+    signal = output_error(W_in.detach(), None, H)
     return LDLQResult(weight, error, signal, target)

@@ -73,9 +73,6 @@ class Estimate:
     def to_dict(self) -> dict[str, float | int]:
         return {"value": self.value, "low": self.low, "high": self.high, "units": self.units}
 
-    def overlaps(self, other: Estimate) -> bool:
-        return self.low <= other.high and other.low <= self.high
-
 
 def _draws(units: int, draws: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, units, size=(draws, units))  # (D, U)

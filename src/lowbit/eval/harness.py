@@ -19,15 +19,12 @@ imports this module only when a harness run is asked for.
 from __future__ import annotations
 
 import difflib
-import re
 import tempfile
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -37,10 +34,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.eval.scoring import (DEFAULT_BATCH_TOKENS, encode_pair, loglikelihoods, max_length, model_device,
                                  prefix_token, score_token_pairs)
-from lowbit.eval.tasks import BUILTIN_TASKS, Task, resolve_task, write_jsonl
-
-TEMPLATES = {"lastword": "lowbit_lastword.yaml", "choice": "lowbit_choice.yaml"}
-
+from lowbit.eval.tasks import BUILTIN_TASKS, Task, check_yaml, resolve_task, write_task_dir
 
 @register_model("lowbit")
 class LowbitLM(LM):
@@ -109,47 +103,6 @@ class LowbitLM(LM):
                 text = text.split(stop)[0] if stop else text
             out.append(text)
         return out
-
-
-def lm_eval_name(task: Task) -> str:
-    """The lm-eval task name of a lowbit task: ``lowbit_`` + its name, non-word characters as ``_``."""
-    return "lowbit_" + re.sub(r"\W", "_", task.name)
-
-
-def write_task_dir(tasks: list[Task], directory: str | Path) -> dict[str, str]:
-    """Each task as ``NAME.jsonl`` plus an lm-eval YAML reading it (absolute path); {task name: lm-eval name}."""
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    names = {}
-    for task in tasks:
-        name = lm_eval_name(task)
-        data = write_jsonl(task, root / f"{name}.jsonl").resolve()
-        template = resources.files("lowbit.eval").joinpath("lm_eval_tasks", TEMPLATES[task.kind]).read_text()
-        config = yaml.safe_load(template)
-        config["task"] = name
-        config["dataset_kwargs"] = {"data_files": {"test": str(data)}}
-        (root / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        names[task.name] = name
-    return names
-
-
-class _AnyTagLoader(yaml.SafeLoader):
-    """Reads lm-eval YAML (``!function`` tags and all) just to check that it parses."""
-
-
-_AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
-
-
-def check_yaml(path: Path) -> None:
-    """Refuse a YAML task file that does not parse, naming the line at fault."""
-    try:
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_AnyTagLoader)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = f"line {mark.line + 1} of " if mark is not None else ""
-        raise LowbitError(f"{line}task file '{path}' is not valid YAML ({err.problem or err.context}).") from err
-    if not isinstance(config, dict) or not (config.get("task") or config.get("group")):
-        raise LowbitError(f"task file '{path}' is not an lm-eval task definition (no 'task' or 'group' key).")
 
 
 @dataclass

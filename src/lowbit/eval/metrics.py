@@ -80,10 +80,9 @@ class TextResult:
     kl: float | None = None
     top1: float | None = None
     blocks: BlockSums = field(default_factory=BlockSums, repr=False)
-    reference_blocks: BlockSums | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, float | int | None]:
-        return {k: v for k, v in asdict(self).items() if k not in ("blocks", "reference_blocks")}
+        return {k: v for k, v in asdict(self).items() if k != "blocks"}
 
 
 @dataclass
@@ -186,10 +185,8 @@ def evaluate_tokens(model: nn.Module, tokens: Tensor, reference: nn.Module | Ref
     result = TextResult(ppl=math.exp(nll_sum / count), tokens=count, windows=int(windows.shape[0]), blocks=blocks)
     if isinstance(reference, nn.Module):
         result.reference_ppl = math.exp(sum(ref_blocks.nll) / count)
-        result.reference_blocks = ref_blocks
     elif isinstance(reference, ReferenceStats):
         result.reference_ppl = reference.ppl
-        result.reference_blocks = reference.blocks
     if reference is not None and blocks.kl_count:
         result.kl = sum(blocks.kl) / sum(blocks.kl_count)
         result.top1 = 100.0 * sum(blocks.agree) / sum(blocks.kl_count)

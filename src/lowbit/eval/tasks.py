@@ -29,7 +29,10 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+
+import yaml
 
 from lowbit.errors import LowbitError
 
@@ -191,16 +194,16 @@ def builtin_task(name: str, text_source: str = "pydoc-eval", n: int | None = Non
 
 def write_jsonl(task: Task, path: str | Path) -> Path:
     """Write the task's items as JSONL (atomically); returns the path."""
+    from lowbit.io import atomic_file
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for item in task.items:
         record = ({"context": item.context, "target": item.choices[0]} if task.kind == "lastword"
                   else {"context": item.context, "choices": list(item.choices), "label": item.label})
         lines.append(json.dumps(record, ensure_ascii=False))
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(target)
+    with atomic_file(target, overwrite=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
 
 
@@ -259,3 +262,48 @@ def resolve_task(spec: str, text_source: str = "pydoc-eval", n: int | None = Non
         return task if n is None or n >= len(task.items) else Task(task.name, task.kind, task.items[:n], task.source)
     raise LowbitError(f"unknown task {spec!r}; available: {', '.join(BUILTIN_TASKS)}, or a JSONL task file "
                       "(lm-eval's tasks, e.g. hellaswag, run with --harness).")
+
+# -- for lm-eval: task files it reads (lm-eval itself is not needed to write or check them) --------------
+
+TEMPLATES = {"lastword": "lowbit_lastword.yaml", "choice": "lowbit_choice.yaml"}
+
+
+def lm_eval_name(task: Task) -> str:
+    """The lm-eval task name of a lowbit task: ``lowbit_`` + its name, non-word characters as ``_``."""
+    return "lowbit_" + re.sub(r"\W", "_", task.name)
+
+
+def write_task_dir(tasks: list[Task], directory: str | Path) -> dict[str, str]:
+    """Each task as ``NAME.jsonl`` plus an lm-eval YAML reading it (absolute path); {task name: lm-eval name}."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for task in tasks:
+        name = lm_eval_name(task)
+        data = write_jsonl(task, root / f"{name}.jsonl").resolve()
+        template = resources.files("lowbit.eval").joinpath("lm_eval_tasks", TEMPLATES[task.kind]).read_text()
+        config = yaml.safe_load(template)
+        config["task"] = name
+        config["dataset_kwargs"] = {"data_files": {"test": str(data)}}
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        names[task.name] = name
+    return names
+
+
+class _AnyTagLoader(yaml.SafeLoader):
+    """Reads lm-eval YAML (``!function`` tags and all) just to check that it parses."""
+
+
+_AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def check_yaml(path: Path) -> None:
+    """Refuse a YAML task file that does not parse, naming the line at fault."""
+    try:
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_AnyTagLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f"line {mark.line + 1} of " if mark is not None else ""
+        raise LowbitError(f"{line}task file '{path}' is not valid YAML ({err.problem or err.context}).") from err
+    if not isinstance(config, dict) or not (config.get("task") or config.get("group")):
+        raise LowbitError(f"task file '{path}' is not an lm-eval task definition (no 'task' or 'group' key).")

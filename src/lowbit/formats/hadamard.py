@@ -111,6 +111,14 @@ def fwht(x: Tensor) -> Tensor:
     return x.reshape(*lead, n)
 
 
+@functools.cache
+def _paley_block(m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`paley_hadamard` on a device and in a dtype, converted once (each forward of a wrapped linear uses it);
+    a normal tensor even when first asked for under inference mode, so autograd may use it later."""
+    with torch.inference_mode(False):
+        return paley_hadamard(m).to(device=device, dtype=dtype)
+
+
 def hadamard_transform(x: Tensor, transpose: bool = False) -> Tensor:
     """x·H_nᵀ/√n over the last axis (each row vector v ↦ H_n v/√n), or x·H_n/√n with ``transpose``;
     H_n = H_m ⊗ H_p as `hadamard_size` factors n. The two are each other's inverse."""
@@ -119,7 +127,7 @@ def hadamard_transform(x: Tensor, transpose: bool = False) -> Tensor:
     lead = x.shape[:-1]
     y = x.reshape(*lead, m, p)
     if m > 1:
-        Hm = paley_hadamard(m).to(device=x.device, dtype=x.dtype)
+        Hm = _paley_block(m, x.device, x.dtype)
         y = torch.matmul(Hm.T if transpose else Hm, y)  # (m, m) @ (…, m, p)
     if p > 1:
         y = fwht(y)

@@ -61,7 +61,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.ggml import GGML_BLOCKS, ggml_encode, q4_0_from_codes, q4_1_from_codes, q8_0_from_codes
-from lowbit.io.skeleton import tied_output_key
+from lowbit.io.skeleton import check_exportable, tied_output_key
 from lowbit.nn import QuantLinear, quantized_modules
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ def gguf_tensors(model: nn.Module, gguf_type: str | None = None, embedding_type:
     import gguf
 
     config = _check_llama(model)
+    check_exportable(model, "GGUF")
     linear_type = _check_type(gguf_type or "F16", "gguf_type")
     _check_type(embedding_type, "embedding_type")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)

@@ -13,10 +13,26 @@ from lowbit.errors import LowbitError
 from lowbit.nn import QuantLinear, quantized_modules
 
 
+def check_exportable(model: nn.Module, fmt: str) -> None:
+    """A LowbitError if ``model`` holds modules that compute more than a linear on stored weights (Hadamard
+    transforms, E8P codes): ``fmt`` would keep their inner layers and lose the rest, a checkpoint that loads
+    and computes something else."""
+    from lowbit.nn.e8p_linear import E8PLinear
+    from lowbit.nn.incoherent import IncoherentLinear
+    from lowbit.rotation import OnlineHadamard
+
+    kinds = (IncoherentLinear, E8PLinear, OnlineHadamard)
+    beyond = next((n for n, m in model.named_modules() if isinstance(m, kinds)), None)
+    if beyond is not None:
+        raise LowbitError(f"{beyond} is an incoherence-processed, E8P or rotation module, which {fmt} cannot "
+                          "express; save this model in the native format.")
+
+
 def layers_to_export(model: nn.Module, fmt: str) -> dict[str, QuantLinear]:
     """The quantised layers of an HF model, or a LowbitError saying why it cannot be written as ``fmt``."""
     if getattr(model, "config", None) is None:
         raise LowbitError(f"only Hugging Face models (with a .config) can be exported to {fmt}.")
+    check_exportable(model, fmt)
     layers = quantized_modules(model)
     if not layers:
         raise LowbitError("the model has no quantised layers to export.")

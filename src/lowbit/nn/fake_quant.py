@@ -28,12 +28,15 @@ from lowbit.errors import LowbitError
 from lowbit.formats import (
     FP8_BITS,
     FP8_MAX,
+    dequantize_fp8,
+    dequantize_lut,
     double_quantize,
     expand_groups,
     fp4_e2m1_levels,
     int_range,
     nf4_levels,
     pack,
+    pad_to_groups,
     quantize_fp8,
     quantize_lut,
     round_to_minifloat,
@@ -189,15 +192,6 @@ class _AffineFakeQuant(torch.autograd.Function):
         return grad_x, grad_s, grad_z, None, None
 
 
-def _grouped(x: Tensor, group: int) -> tuple[Tensor, int]:
-    """(R, C) → (R, G, group), the ragged last group padded with zeros; and the padding."""
-    rows, cols = x.shape
-    pad = -cols % group
-    if pad:
-        x = F.pad(x, (0, pad))
-    return x.reshape(rows, -1, group), pad
-
-
 def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec,
                     g_idx: Tensor | None) -> tuple[Tensor, Tensor]:
     """(fake-quantised weight (R, C) float32, codes (R, C)) of w (R, C) with these (R, G) parameters.
@@ -215,7 +209,7 @@ def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSp
     lo, hi = grid_limits(spec)
     z_groups = None if zero is None else round_ste(zero.float()).clamp(lo, hi)
     if spec.format == "int" and g_idx is None:
-        x3, pad = _grouped(x, group)
+        x3 = pad_to_groups(x, group)  # the padded copies of the last column are sliced off below
         out, codes = _AffineFakeQuant.apply(x3, s_groups[..., None], None if z_groups is None else z_groups[..., None],
                                             lo, hi)
         width = x.shape[1]
@@ -230,12 +224,15 @@ def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSp
                                                                                       g_idx)[..., None], lo, hi)
         return out.reshape(rows, cols), codes.reshape(rows, cols)
     y = (x / s).clamp(lo, hi)
-    value = snap_ste(y, _snap_float(spec))
-    with torch.no_grad():
+    with torch.no_grad():  # encoded once: the codes, and the values they decode to (y / 1 is exact)
+        ones = torch.ones(y.shape[0], 1, device=y.device)
         if spec.format.startswith("fp8_"):
-            codes = quantize_fp8(y.detach(), torch.ones(y.shape[0], 1, device=y.device), spec.format[4:], y.shape[1])
+            codes = quantize_fp8(y, ones, spec.format[4:], y.shape[1])
+            decoded = dequantize_fp8(codes, ones, spec.format[4:], y.shape[1])
         else:
-            codes = quantize_lut(y.detach(), torch.ones(y.shape[0], 1, device=y.device), _lut(spec.format), y.shape[1])
+            codes = quantize_lut(y, ones, _lut(spec.format), y.shape[1])
+            decoded = dequantize_lut(codes, ones, _lut(spec.format), y.shape[1])
+    value = snap_ste(y, lambda _: decoded)
     return (value * s).reshape(rows, cols), codes.reshape(rows, cols)
 
 

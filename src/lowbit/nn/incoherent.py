@@ -35,7 +35,7 @@ from lowbit.formats.hadamard import (
     randomized_hadamard_inverse,
     unpack_signs,
 )
-from lowbit.models.layers import name_filter, set_submodule
+from lowbit.models.layers import select_linears, set_submodule
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -123,8 +123,7 @@ def make_incoherent(model: nn.Module, targets: Iterable[str] = (r".*",), ignore:
     the same function; quantising it afterwards (any method: the linears it selects are the wrappers'
     ``inner`` ones, named ``<module>.inner``) quantises W̃ against H̃. Returns the wrappers by name.
     Layers whose sizes have no Hadamard transform here are refused before anything is changed."""
-    chosen = name_filter(targets, ignore)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and chosen(n)}
+    linears = select_linears(model, targets, ignore)
     for name, linear in linears.items():
         for size in (linear.in_features, linear.out_features):
             try:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.reference import quantized_linear
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.tensor import quantize_weight
 
@@ -27,6 +28,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
             raise LowbitError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        if base.activations is not None:  # the training forward below decodes the weight only
+            raise LowbitError("QLoRA trains adapters on weight-only bases (NF4, int4, ...); this base also "
+                              "quantises its activations.")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank = rank
@@ -44,9 +48,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled():  # the kernels have no backward: decode the frozen base for this matmul
-            bias = self.base.bias
-            y = F.linear(x, self.base.weight.dequantize(torch.float32).to(x.dtype),
-                         None if bias is None else bias.to(x.dtype))
+            y = quantized_linear(x, self.base.weight, self.base.bias)
         else:
             y = self.base(x)
         update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
