@@ -257,6 +257,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated labels' first words (W4A16, W3A16, W8A8, FP8, "
                                                    "W4A16_ASYM, llmc, plot); default all")
+    parser.add_argument("--labels", default="", help="semicolon-separated exact row labels to run, e.g. "
+                                                     "'W3A16 g128, AWQ;FP8, naive (RTN)' (with --only, either matches)")
     parser.add_argument("--llmc-python", default="/work/llmc-venv/bin/python")
     parser.add_argument("--awq-samples", type=int, default=128,
                         help="calibration sequences for the AWQ comparison with llm-compressor, whose AWQ runs its "
@@ -265,7 +267,11 @@ def main() -> None:
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
-    pick = lambda label: not wanted or label.split()[0].rstrip(",") in wanted  # noqa: E731
+    exact = {w.strip() for w in args.labels.split(";") if w.strip()}
+    unknown = exact - {label for label, _ in SETTINGS}
+    if unknown:
+        parser.error(f"--labels: no row is called {sorted(unknown)}; rows: {[label for label, _ in SETTINGS]}")
+    pick = lambda label: (not wanted and not exact) or label in exact or label.split()[0].rstrip(",") in wanted  # noqa: E731
     RESULTS.mkdir(exist_ok=True)
     rows: list[dict] = []
     plot = activation_plot(RESULTS / "outliers_activations.png") if pick("plot") else None
@@ -277,7 +283,7 @@ def main() -> None:
                 load = os.getloadavg()[0]
                 row = runner.row(label, a) if runner else run_setting(label, [*a, *CALIB], work)
                 rows.append({**row, "load_before": load})
-                save(rows, plot, bool(wanted), args.note)  # after every row: a long run interrupted keeps what it did
+                save(rows, plot, bool(wanted or exact), args.note)  # after every row: a long run interrupted keeps what it did
         if pick("llmc"):  # llm-compressor, and lowbit at the same setting and calibration size, one after the other
             for which, samples, label, scheme in (
                     ("awq", args.awq_samples, "AWQ, W4A16_ASYM g64", ["--scheme", "W4A16_ASYM", "--group-size", "64",
@@ -288,14 +294,14 @@ def main() -> None:
                 rows.append({**llmc_row(args.llmc_python, which, work, samples), "load_before": load,
                              "label": f"llm-compressor {label}, {samples}×512 calib",
                              "wall_seconds": time.perf_counter() - start})
-                save(rows, plot, bool(wanted), args.note)
+                save(rows, plot, bool(wanted or exact), args.note)
                 if samples != 128:
                     load = os.getloadavg()[0]
                     rows.append({**run_setting(f"lowbit {label}, {samples}×512 calib",
                                                [*scheme, "--calib-samples", str(samples), "--calib-seqlen", "512"],
                                                work), "load_before": load})
-                    save(rows, plot, bool(wanted), args.note)
-    print(save(rows, plot, bool(wanted), args.note))
+                    save(rows, plot, bool(wanted or exact), args.note)
+    print(save(rows, plot, bool(wanted or exact), args.note))
 
 
 if __name__ == "__main__":
