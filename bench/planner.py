@@ -1,6 +1,7 @@
 """The bit-budget planner against uniform bit widths: bench/results/planner.json and planner.md.
 
-All settings use int asym g128 codes (W3A16's) and the same method: uniform 3-bit; the
+All settings use int asym g128 codes (W3A16's) and the same method: uniform 3-bit (and, at
+about the planner's 3.25 bits per weight, uniform 3-bit in groups of 64); the
 planner with candidates 2, 3, 4, 8 bits at exactly uniform 3-bit's total weight bytes; the
 planner with its default candidates (3, 4, 8 bits) at 3.25 and at 3.5 bits per weight; and
 uniform 4-bit for reference. The planner measures
@@ -35,6 +36,8 @@ def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, l
         method = f"{method} ({calib_samples} × 512 calib)"
     return [
         (f"{method} uniform int3 g128", ["--scheme", "W3A16", *common]),
+        # uniform 3-bit spending about a plan's extra bytes on smaller groups instead: the equal-bits comparison
+        (f"{method} uniform int3 g64", ["--scheme", "W3A16", "--group-size", "64", *common]),
         (f"{method} plan at uniform int3's bytes, 2 bits allowed",
          ["--scheme", "W3A16", "--budget", str(uniform3_bytes), "--bits", "2,3,4,8", *common]),
         (f"{method} plan 3.25 bpw", ["--scheme", "W3A16", "--target-bpw", "3.25", *common]),
