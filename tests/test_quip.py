@@ -112,6 +112,11 @@ def test_triton_e8p_kernels_match_the_reference_decoder(shape, tokens):
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     layer = E8PLinear(weight, bias, use_kernel=True)
     assert torch.allclose(layer(x[None]), ref[None], rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    xb = x.bfloat16()  # bfloat16 inputs: the tensor-core path on a GPU, output rounded to bfloat16
+    out_b = e8p_linear(xb, codes, scale, bias)
+    ref_b = torch.nn.functional.linear(xb.float(), weight.dequantize(), bias)
+    assert out_b.dtype == torch.bfloat16
+    assert float((out_b.float() - ref_b).norm() / ref_b.norm()) < 8e-3
 
 
 def _kl(reference, model, ids):

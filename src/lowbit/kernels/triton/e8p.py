@@ -55,9 +55,11 @@ def e8p_decode(codes: Tensor, scale: Tensor) -> Tensor:
     return out
 
 
-def e8p_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def e8p_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None,
+               config: tuple[int, int, int, int] | None = None) -> Tensor:
     """x (..., C) · Wᵀ (+ bias) with W decoded from E8P codes inside the matmul tiles; float32 accumulation,
-    output in x's dtype."""
+    output in x's dtype. ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides the default tiles
+    (the GPU bench sweeps it)."""
     N, K = _check(codes, scale)
     if x.shape[-1] != K:
         raise LowbitError(f"the E8P layer expects inputs (..., {K}), got {tuple(x.shape)}.")
@@ -66,10 +68,15 @@ def e8p_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = No
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton_cdiv(M, BLOCK_M), triton_cdiv(N, BLOCK_N))
+    bm, bn, bk, warps = config or (BLOCK_M, BLOCK_N, BLOCK_K, 4)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    ieee = x.dtype == torch.float32 or isinstance(jit.e8p_matmul_kernel, InterpretedFunction)
+    grid = (triton_cdiv(M, bm), triton_cdiv(N, bn))
     jit.e8p_matmul_kernel[grid](x2, codes.contiguous(), scale.contiguous(), source, parity,
                                 bias if bias is not None else out, out, M, N, K, x2.stride(0), out.stride(0),
-                                HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                                HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                num_warps=warps)
     return out.reshape(*x.shape[:-1], N)
 
 

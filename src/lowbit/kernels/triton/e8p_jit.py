@@ -49,19 +49,25 @@ def e8p_decode_kernel(codes_ptr, scale_ptr, source_ptr, parity_ptr, out_ptr, N, 
 
 @triton.jit
 def e8p_matmul_kernel(x_ptr, codes_ptr, scale_ptr, source_ptr, parity_ptr, bias_ptr, out_ptr, M, N, K,
-                      stride_xm, stride_om, HAS_BIAS: tl.constexpr,
+                      stride_xm, stride_om, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, n] = scale[n] · Σ_k x[m, k] · codeword[n, k] (+ bias[n]), float32 accumulation, the codes
-    decoded inside each tile (the weight is never written out)."""
+    decoded inside each tile (the weight is never written out). Codewords are multiples of ¼ below 4
+    in magnitude, exact in bfloat16 and float16: without IEEE the tile's product runs on the tensor
+    cores in x's own dtype; with IEEE (float32 x, or the interpreter, which multiplies bfloat16
+    tiles wrongly) both tiles are float32 with IEEE products."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _decode_tile(codes_ptr, source_ptr, parity_ptr, offs_n, offs_k, N, K)
-        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        if IEEE:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)
     acc = acc * scale[None, :]
     if HAS_BIAS:

@@ -1,0 +1,178 @@
+"""The E8P (QuIP#) decode and decode-matmul Triton kernels on one GPU: checked, then timed beside bf16.
+
+1. Checks on awkward shapes (rows and columns not powers of two, M = 1, 7, 33): the decode
+   kernel must equal the reference decoder (`E8PWeight.dequantize`, rows of the full
+   65536-entry codebook) exactly; `e8p_linear` on float32 and bfloat16 inputs is compared
+   with float64 ``x · Wᵀ + b`` by ‖out − ref‖ / ‖ref‖ (float32: ≤ 1e-5, the IEEE path;
+   bfloat16: ≤ 8e-3, tensor cores with the output rounded to bfloat16). Each output's memory is
+   poisoned first: a NaN-filled block of the same size is freed just before the call, which
+   the caching allocator hands to the kernel's output, so an unwritten element shows as NaN.
+2. Timings (median of ``triton.testing.do_bench``, L2 flushed before each repetition) on the
+   LLaMA-7B/70B shapes at M = 1, 16, 2048: bf16 ``F.linear``, `e8p_linear` with the
+   launcher's tiles and with each candidate of a small sweep (each one checked too), and
+   decode + cuBLAS (the E8P decode kernel to bf16-exact float32, then ``F.linear``) for M ≥ 256.
+
+Writes gpu_e8p_<card>.json and .md to ``--out`` (default bench/results). ``--smoke``: CPU under
+TRITON_INTERPRET=1, tiny shapes, wall-clock timing, nothing written unless ``--out`` is given.
+
+    python bench/gpu_e8p.py [--out DIR] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096)]  # (K, N)
+TOKENS = [1, 16, 2048]
+CHECKS = [((70, 24), 5), ((33, 200), 1), ((257, 1032), 7), ((1000, 4104), 33)]  # ((N, K), M)
+SWEEP = [(16, 64, 64, 4), (16, 128, 64, 4), (16, 64, 128, 4), (64, 128, 64, 4), (128, 128, 64, 8)]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--smoke", action="store_true")
+parser.add_argument("--out", default=None)
+parser.add_argument("--warmup", type=int, default=10)
+parser.add_argument("--rep", type=int, default=40)
+ARGS = parser.parse_args()
+if ARGS.smoke:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lowbit.algorithms.ldlq import E8PWeight  # noqa: E402
+from lowbit.kernels.triton.e8p import BLOCK_K, BLOCK_M, BLOCK_N, e8p_decode, e8p_linear  # noqa: E402
+
+
+def timer(fn) -> float:
+    """Median microseconds of one call."""
+    if ARGS.smoke:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e6 * statistics.median(times)
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=ARGS.warmup, rep=ARGS.rep, return_mode="median")
+
+
+def random_weight(n: int, k: int, device, gen) -> E8PWeight:
+    codes = torch.randint(-32768, 32768, (n, k // 8), generator=gen).to(torch.int16).to(device)
+    scale = (torch.rand(n, generator=gen) * 0.02 + 0.01).half().to(device)
+    return E8PWeight(codes, scale)
+
+
+def poisoned_call(fn, shape, dtype, device):
+    """Run fn() right after freeing a NaN-filled block of the output's size (see the module docstring)."""
+    block = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    del block
+    return fn()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm()) if torch.isfinite(out).all() else float("inf")
+
+
+def check(weight: E8PWeight, m: int, device, gen, config=None) -> dict:
+    n, k = weight.shape
+    ref_w = weight.dequantize().to(device)
+    dec = poisoned_call(lambda: e8p_decode(weight.codes, weight.scale), (n, k), torch.float32, device)
+    row = {"N": n, "K": k, "M": m, "config": config, "decode_exact": bool(torch.equal(dec, ref_w))}
+    bias = torch.randn(n, generator=gen).to(device)
+    x = torch.randn(m, k, generator=gen).to(device)
+    ref = F.linear(x.double(), ref_w.double(), bias.double())
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 8e-3)):
+        xd = x.to(dtype)
+        ref_d = F.linear(xd.double(), ref_w.double(), bias.double()) if dtype != torch.float32 else ref
+        out = poisoned_call(lambda: e8p_linear(xd, weight.codes, weight.scale, bias, config), (m, n), dtype, device)
+        name = str(dtype).removeprefix("torch.")
+        row[f"rel_err_{name}"] = rel_err(out, ref_d)
+        row[f"ok_{name}"] = row[f"rel_err_{name}"] <= tol
+    row["ok"] = row["decode_exact"] and row["ok_float32"] and row["ok_bfloat16"]
+    return row
+
+
+def main() -> None:
+    device = torch.device("cpu" if ARGS.smoke else "cuda")
+    gen = torch.Generator().manual_seed(0)
+    checks, timings = [], []
+    for (n, k), m in (CHECKS[:2] if ARGS.smoke else CHECKS):
+        checks.append(check(random_weight(n, k, device, gen), m, device, gen))
+        print(json.dumps(checks[-1]), flush=True)
+    shapes = [(256, 96)] if ARGS.smoke else SHAPES
+    tokens = [1, 16] if ARGS.smoke else TOKENS
+    sweep = SWEEP[:2] if ARGS.smoke else SWEEP
+    for k, n in shapes:
+        weight = random_weight(n, k, device, gen)
+        w_bf16 = weight.dequantize(torch.bfloat16).to(device)
+        for m in tokens:
+            x = torch.randn(m, k, generator=gen).to(device).bfloat16()
+            row = {"K": k, "N": n, "M": m, "bf16_us": timer(lambda: F.linear(x, w_bf16))}
+            row["e8p_us"] = timer(lambda: e8p_linear(x, weight.codes, weight.scale))
+            best = None
+            for config in sweep:
+                if config[0] > max(16, 4 * m) and config[0] != 16:  # tall tiles only where there are tokens
+                    continue
+                ok = check(weight, min(m, 33), device, gen, config)["ok"]
+                t = timer(lambda: e8p_linear(x, weight.codes, weight.scale, None, config))
+                row.setdefault("sweep", []).append({"config": config, "us": t, "ok": ok})
+                if ok and (best is None or t < best[1]):
+                    best = (config, t)
+            row["tuned_config"], row["tuned_us"] = best if best else (None, float("nan"))
+            if m >= 256:
+                row["decode_cublas_us"] = timer(lambda: F.linear(x, e8p_decode(weight.codes, weight.scale).bfloat16()))
+            timings.append(row)
+            print(json.dumps({key: v for key, v in row.items() if key != "sweep"}), flush=True)
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine() + " CPU",
+           "torch": torch.__version__, "launcher_tiles": [BLOCK_M, BLOCK_N, BLOCK_K, 4],
+           "timer": "wall-clock median of 3 (smoke)" if ARGS.smoke else
+           f"median of triton.testing.do_bench ({ARGS.warmup} ms warm-up, {ARGS.rep} ms, L2 flushed)"}
+    import triton
+
+    env["triton"] = triton.__version__
+    text = markdown(env, checks, timings)
+    print(text)
+    out = Path(ARGS.out) if ARGS.out else (None if ARGS.smoke else RESULTS)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        card = env["device"].replace(" ", "-")
+        (out / f"gpu_e8p_{card}.json").write_text(json.dumps({"env": env, "checks": checks, "timings": timings},
+                                                             indent=2) + "\n")
+        (out / f"gpu_e8p_{card}.md").write_text(text)
+
+
+def markdown(env: dict, checks: list[dict], timings: list[dict]) -> str:
+    lines = [f"# E8P kernels vs bf16 F.linear on {env['device']}", "",
+             f"Measured {env['date']}: torch {env['torch']}, triton {env['triton']}; {env['timer']}. "
+             "Each figure is t(bf16 F.linear) / t(kernel) (> 1: faster). The E8P weight is random codes with "
+             "float16 row scales (2 bits per weight + 16 bits per row).", "",
+             "| K × N | M | bf16 µs | e8p (launcher tiles) | e8p tuned | tuned tiles (BM, BN, BK, warps) | "
+             "decode + cuBLAS |", "|---|---:|---:|---:|---:|---|---:|"]
+    for r in timings:
+        dc = f"{r['bf16_us'] / r['decode_cublas_us']:.2f}" if "decode_cublas_us" in r else "–"
+        lines.append(f"| {r['K']} × {r['N']} | {r['M']} | {r['bf16_us']:.1f} | {r['bf16_us'] / r['e8p_us']:.2f} | "
+                     f"{r['bf16_us'] / r['tuned_us']:.2f} | {r['tuned_config']} | {dc} |")
+    swept = [s for r in timings for s in r.get("sweep", [])]
+    passed = sum(c["ok"] for c in checks) + sum(s["ok"] for s in swept)
+    lines += ["", f"Checks: {passed} of {len(checks) + len(swept)} passed (decode bit-exact; float32 "
+                  "relative error ≤ 1e-5, bfloat16 ≤ 8e-3, outputs poisoned)."]
+    for c in checks:
+        lines.append(f"- N {c['N']}, K {c['K']}, M {c['M']}: decode exact {c['decode_exact']}, rel. error float32 "
+                     f"{c['rel_err_float32']:.2e}, bfloat16 {c['rel_err_bfloat16']:.2e}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
