@@ -215,19 +215,20 @@ def markdown(rows: list[dict], plot: dict | None, note: str) -> str:
     fp = rows[0]["reference_ppl"]["pydoc-eval"]
     llmc = next((r["version"] for r in rows if "version" in r), None)
     lines = [f"# Outliers: AWQ and SmoothQuant (SmolLM2-135M-Instruct, pydoc-eval)", "",
-             f"Measured {v['date']} on {v['machine']}, torch {v['torch']} ({v['torch_threads']} threads), lowbit "
+             f"Measured on {v['machine']} (each row's date in its last column), torch {v['torch']} ({v['torch_threads']} threads), lowbit "
              f"{v['lowbit']}; calibration 128 × 512 tokens of pydoc-calib (random.Random(0) offsets) for every "
              f"calibrated row unless its label says fewer, llm-compressor's included. FP perplexity {fp:.4f}. "
-             "Runs one after the other; the 1-minute load average before each is in the last column (the machine is shared)."
+             "Runs one after the other; the 1-minute load average before each is in the load column (the machine is shared)."
              + (f" llm-compressor {llmc}, in its own virtual environment." if llmc else ""), "",
-             "| setting | bits/weight | ppl | Δppl | KL | top-1 % | quantise s | load |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| setting | bits/weight | ppl | Δppl | KL | top-1 % | quantise s | load | measured (UTC) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ppl = r["ppl"]["pydoc-eval"]
         bpw = r.get("bits_per_weight") or float("nan")
         seconds = r.get("quantize_seconds", r.get("seconds", float("nan")))
         lines.append(f"| {r['label']} | {bpw:.3f} | {ppl:.4f} | {100 * (ppl / fp - 1):+.2f}% | {r['kl']:.5f} | "
-                     f"{r['top1']:.2f} | {seconds:.1f} | {_load(r.get('load_before'))} |")
+                     f"{r['top1']:.2f} | {seconds:.1f} | {_load(r.get('load_before'))} | "
+                     f"{r.get('versions', {}).get('date', 'n/a')} |")
     if plot:
         lines += ["", f"outliers_activations.png: layer {plot['layer']}'s down_proj input; the largest channel's max "
                       f"|x| is {plot['activation_max_over_median']:.0f}× the median channel's before smoothing, "
@@ -265,7 +266,12 @@ def main() -> None:
                              "grid search over every cached token and takes hours on 2 cores at 128")
     parser.add_argument("--in-process", action="store_true", help="run lowbit's rows in this process (see InProcess)")
     parser.add_argument("--note", default="")
+    parser.add_argument("--tabulate", action="store_true", help="only rewrite outliers.md from outliers.json (with --note)")
     args = parser.parse_args()
+    if args.tabulate:
+        stamp = json.loads((RESULTS / "outliers.json").read_text())
+        print(save(stamp["rows"], stamp.get("plot"), True, args.note))
+        return
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
     exact = {w.strip() for w in args.labels.split(";") if w.strip()}
     unknown = exact - {label for label, _ in SETTINGS}
