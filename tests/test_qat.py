@@ -76,9 +76,10 @@ def test_train_then_convert_equals_fake_quant(first_layers, train_tokens, ids):
     assert quantized.lowbit_info.method["training"]["steps"] == 4
 
 
-def test_resumed_run_repeats_the_uninterrupted_one(first_layers, train_tokens, tmp_path):
+@pytest.mark.parametrize("train", ["all", "quant-params"])
+def test_resumed_run_repeats_the_uninterrupted_one(first_layers, train_tokens, tmp_path, train):
     model = first_layers(1)
-    config = TINY.replace(checkpoint_every=2)
+    config = TINY.replace(checkpoint_every=2, train=train)
     whole = lowbit.prepare_qat(model, lowbit.W3A16)
     full = lowbit.train_qat(whole, train_tokens, config, teacher=model, checkpoint_dir=tmp_path / "a", progress=False)
     first = lowbit.prepare_qat(model, lowbit.W3A16)
@@ -98,16 +99,32 @@ def test_resumed_run_repeats_the_uninterrupted_one(first_layers, train_tokens, t
     with pytest.raises(lowbit.LowbitError, match="another training config"):
         lowbit.train_qat(again, train_tokens, config.replace(lr=3e-4), teacher=model, checkpoint_dir=tmp_path / "b",
                          resume=True, progress=False)
+    # a checkpoint from before scale_grad / train existed was trained with LSQ gradients, all parameters
+    trainer = tmp_path / "b" / "checkpoint" / "trainer.json"
+    state = json.loads(trainer.read_text())
+    del state["config"]["scale_grad"], state["config"]["train"]
+    trainer.write_text(json.dumps(state))
+    with pytest.raises(lowbit.LowbitError, match="another training config"):
+        lowbit.train_qat(again, train_tokens, config, teacher=model, checkpoint_dir=tmp_path / "b", resume=True,
+                         progress=False)
+    if train == "all":
+        legacy = config.replace(scale_grad="lsq")
+        done = lowbit.train_qat(again, train_tokens, legacy, teacher=model, checkpoint_dir=tmp_path / "b", resume=True,
+                                progress=False)
+        assert done.resumed_from == config.steps
 
 
 @pytest.mark.parametrize("qlora", [True, False])
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(first_layers, train_tokens, tmp_path, qlora):
     """Adapters have no clipping: a huge learning rate makes the loss NaN. Fake-quantised weights clip, so there it
-    is the trained parameters (or AdamW's step) that overflow; either way training stops in one sentence."""
+    is the trained parameters (or AdamW's step) that overflow; either way training stops in one sentence. (LSQ
+    gradients: with exact ones the wrecked parameters, their signs alternating, stay just below float32's maximum
+    for these 12 steps — the loss is large but finite, and nothing diverges to report.)"""
     model = first_layers(1)
     student = lowbit.prepare_qlora(model, rank=2) if qlora else lowbit.prepare_qat(model, lowbit.W3A16)
     lr = 1e30 if qlora else 1e38
-    config = TINY.replace(lr=lr, scale_lr=lr, checkpoint_every=1, steps=12, warmup=0 if qlora else 9)
+    config = TINY.replace(lr=lr, scale_lr=lr, checkpoint_every=1, steps=12, warmup=0 if qlora else 9,
+                          scale_grad="lsq")
     with pytest.raises(lowbit.LowbitError, match=rf"training diverged at step \d+: .* learning rate {re.escape(f'{lr:g}')}.*"
                                                  r"last good checkpoint \(step \d+\) is kept"):
         lowbit.train_qat(student, train_tokens, config, teacher=model, checkpoint_dir=tmp_path, progress=False)
@@ -176,9 +193,11 @@ def test_cli_train_qat_end_to_end(tiny_dir, tmp_path):
     code, output = _run("train-qat", tiny_dir, "--scheme", "W4A16", "--steps", "2", "--batch-size", "1",
                         "--seqlen", "32", "--dtype", "float32", "--max-windows", "1", "--kl-windows", "1",
                         "--window", "256", "--checkpoint-dir", tmp_path / "ck", "--out", tmp_path / "q",
-                        "--json", tmp_path / "r.json")
+                        "--json", tmp_path / "r.json", "--scale-grad", "exact", "--train", "quant-params")
     assert code == 0, output
     report = json.loads((tmp_path / "r.json").read_text())
+    assert report["training"]["config"]["scale_grad"] == "exact"
+    assert report["training"]["config"]["train"] == "quant-params"
     assert len(report["training"]["losses"]) == 2 and report["training"]["tokens_per_second"] > 0
     assert report["before"]["kl"] is not None and report["kl"] is not None
     assert read_checkpoint_state(tmp_path / "ck")["step"] == 2
@@ -212,3 +231,128 @@ def test_gradient_accumulation_equals_one_bigger_batch(first_layers, train_token
     torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=1e-6)
     for (name, p), (_, q) in zip(one.named_parameters(), two.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -- exact gradients of the quantisation parameters (EfficientQAT's E2E-QP) ---------------------------
+
+@pytest.mark.parametrize("scheme", ["W2A16", "W3A16", "W4A16", "NF4"])
+@pytest.mark.parametrize("shape", [(5, 70), (16, 128), (3, 200)])
+def test_exact_scale_gradient_is_that_of_fixed_codes(scheme, shape):
+    """Exact mode: the gradients of scale and zero point are autograd's of (q − z) · s with q detached, clipped
+    elements included; the latent weight's gradient stays the straight-through one of LSQ mode."""
+    from lowbit.nn.fake_quant import _fake_and_codes, _per_column, decode_codes, stored_scale
+
+    generator = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    spec = lowbit.scheme.get_scheme(scheme).spec_for("x")
+    linear = torch.nn.Linear(shape[1], shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(shape, generator=generator))
+    module = FakeQuantLinear.from_linear(linear, spec)
+    with torch.no_grad():  # move the scales off RTN's, so that some elements clip and some codes are off-centre
+        module.scale.mul_(torch.empty_like(module.scale).uniform_(0.6, 1.4, generator=generator))
+        if module.zero_point is not None:
+            module.zero_point.add_(torch.empty_like(module.zero_point).uniform_(-0.4, 0.4, generator=generator))
+    grad_out = torch.randn(shape, generator=generator)
+
+    def grads(scale_grad: str):
+        module.zero_grad(set_to_none=True)
+        out, codes = _fake_and_codes(module.weight, module.scale, module.zero_point, spec, None, scale_grad)
+        (out * grad_out).sum().backward()
+        zero = None if module.zero_point is None else module.zero_point.grad.clone()
+        return out.detach(), codes, module.weight.grad.clone(), module.scale.grad.clone(), zero
+
+    out, codes, grad_w, grad_s, grad_z = grads("exact")
+    _, _, lsq_w, lsq_s, _ = grads("lsq")
+    torch.testing.assert_close(grad_w, lsq_w, rtol=0, atol=0)
+    # the reference: plain autograd of the decode with the codes as constants
+    scale = module.scale.detach().clone().requires_grad_(True)
+    zero = None if module.zero_point is None else module.zero_point.detach().clone().requires_grad_(True)
+    ref = decode_codes(codes.detach(), scale, zero, spec)
+    assert torch.equal(ref.detach(), out)
+    (ref * grad_out).sum().backward()
+    torch.testing.assert_close(grad_s, scale.grad, rtol=1e-5, atol=1e-5)
+    if spec.format == "int":  # and by hand: Σ g · (q − z) per group, −s · Σ g
+        group = spec.group_size_for(shape[1], shape[0])
+        z_col = 0 if zero is None else _per_column(zero.detach().round(), shape[1], group, None)
+        s_col = _per_column(stored_scale(scale, spec).detach(), shape[1], group, None)  # as stored (float16)
+        by_group = torch.zeros_like(scale).index_add_(1, torch.arange(shape[1]) // group, grad_out * (codes - z_col))
+        torch.testing.assert_close(grad_s, by_group, rtol=1e-5, atol=1e-5)
+        if zero is not None:
+            sums = torch.zeros_like(scale).index_add_(1, torch.arange(shape[1]) // group, -grad_out * s_col)
+            torch.testing.assert_close(grad_z, sums, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grad_z, zero.grad, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(grad_s, lsq_s)
+
+
+def test_lsq_gives_no_scale_gradient_on_the_grid_and_exact_does(first_layers, default_tokenizer, train_tokens):
+    """The failure exact mode mends: from a GPTQ start the latent weights lie on the grid, so LSQ's scale and zero
+    point gradients vanish, while the exact ones do not."""
+    model = first_layers(1)
+    calib = lowbit.calibration_set(n=4, seqlen=64, tokenizer=default_tokenizer)
+    student = lowbit.prepare_qat(model, lowbit.W2A16, init=lowbit.GPTQ(), calib=calib, progress=False)
+    ids = train_tokens[:64][None]
+    for scale_grad, vanishes in (("lsq", True), ("exact", False)):
+        for module in fake_quant_modules(student).values():
+            module.scale_grad = scale_grad
+        student.zero_grad(set_to_none=True)
+        student(input_ids=ids, use_cache=False).logits.float().pow(2).mean().backward()
+        largest = max(float(m.scale.grad.abs().max()) for m in fake_quant_modules(student).values())
+        zero = max(float(m.zero_point.grad.abs().max()) for m in fake_quant_modules(student).values())
+        weight = max(float(m.weight.grad.abs().max()) for m in fake_quant_modules(student).values())
+        assert weight > 0
+        assert (largest < 1e-6 * weight and zero < 1e-6 * weight) if vanishes else (largest > weight and zero > 0)
+
+
+@pytest.mark.parametrize("init", ["gptq", "rtn"])
+def test_quant_params_training_keeps_the_codes_and_lowers_a_fixed_batch_loss(first_layers, default_tokenizer,
+                                                                              train_tokens, init):
+    """train='quant-params': the packed codes after training equal the start's bit for bit, only scales and zero
+    points moved; and exact-gradient steps on one fixed batch lower its distillation loss."""
+    from lowbit.algorithms.qat import distillation_loss
+
+    model = first_layers(1)
+    calib = lowbit.calibration_set(n=4, seqlen=64, tokenizer=default_tokenizer) if init == "gptq" else None
+    method = lowbit.GPTQ() if init == "gptq" else lowbit.RTN()
+    student = lowbit.prepare_qat(model, lowbit.W2A16, init=method, calib=calib, progress=False)
+    start = lowbit.convert(student)
+    batch = train_tokens[:48]  # exactly one window: every step sees the same batch
+
+    def loss_of(m):
+        with torch.no_grad():
+            return float(distillation_loss(m(input_ids=batch[None], use_cache=False).logits,
+                                           model(input_ids=batch[None], use_cache=False).logits))
+
+    config = lowbit.QAT(steps=8, batch_size=1, seqlen=48, dtype="float32", scale_lr=1e-3, schedule="constant",
+                        scale_grad="exact", train="quant-params")
+    latent = {n: m.weight.detach().clone() for n, m in fake_quant_modules(student).items()}
+    report = lowbit.train_qat(student, batch, config, teacher=model, progress=False)
+    assert report.trainable_params == sum(m.scale.numel() + m.zero_point.numel()
+                                          for m in fake_quant_modules(student).values())
+    trained = lowbit.convert(student)
+    assert loss_of(trained) < 0.9 * loss_of(start), (loss_of(start), loss_of(trained), report.losses)
+    moved = 0
+    for name, before in quantized_modules(start).items():
+        after = quantized_modules(trained)[name].weight
+        assert torch.equal(after.qdata, before.weight.qdata), name  # the codes, bit for bit
+        assert torch.equal(fake_quant_modules(student)[name].weight, latent[name])
+        moved += not torch.equal(after.scale, before.weight.scale)
+    assert moved == len(latent)
+    for module in fake_quant_modules(student).values():
+        assert not module.weight.requires_grad and "learned=scale+zero_point" in repr(module)
+
+
+def test_qat_config_fields_round_trip_and_are_checked():
+    config = lowbit.QAT(scale_grad="lsq", train="quant-params")
+    assert lowbit.QAT.from_dict(config.to_dict()) == config
+    assert config.to_dict()["scale_grad"] == "lsq" and config.to_dict()["train"] == "quant-params"
+    with pytest.raises(lowbit.LowbitError, match="scale_grad must be one of lsq, exact"):
+        lowbit.QAT(scale_grad="ste")
+    with pytest.raises(lowbit.LowbitError, match="train must be one of all, quant-params"):
+        lowbit.QAT(train="weights")
+
+
+def test_quant_params_mode_refuses_a_qlora_model(first_layers, train_tokens):
+    model = first_layers(1)
+    student = lowbit.prepare_qlora(model, rank=2)
+    with pytest.raises(lowbit.LowbitError, match="quant-params"):
+        lowbit.train_qat(student, train_tokens, TINY.replace(train="quant-params"), teacher=model, progress=False)

@@ -610,6 +610,12 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate of weights / adapters.")
 @click.option("--scale-lr", type=float, default=1e-3, show_default=True,
               help="Peak learning rate of the learned step sizes and zero points.")
+@click.option("--scale-grad", type=click.Choice(["exact", "lsq"]), default="exact", show_default=True,
+              help="Gradient of the step sizes / zero points: exact (∂ŵ/∂s = q − z with the codes fixed, EfficientQAT) "
+                   "or lsq (LSQ's straight-through round(w/s) − w/s, zero for weights on the grid of a PTQ init).")
+@click.option("--train", "train_what", type=click.Choice(["all", "quant-params"]), default="all", show_default=True,
+              help="What trains: all (latent weights, scales, zero points) or quant-params (codes frozen bit for bit, "
+                   "only scales and zero points train).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
 @click.option("--warmup", type=int, default=0, show_default=True, help="Warm-up steps.")
@@ -641,7 +647,8 @@ def train_qat_cmd(model: str, scheme_name: str, group_size: int | None, per_chan
                   observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], calib_seqlen: int,
                   calib_samples: int, calib: tuple[str, ...], init: str,
                   text: str, loss: str, steps: int | None, tokens: int | None, batch_size: int, seqlen: int,
-                  grad_accum: int, lr: float, scale_lr: float, weight_decay: float, schedule: str, warmup: int,
+                  grad_accum: int, lr: float, scale_lr: float, scale_grad: str, train_what: str, weight_decay: float,
+                  schedule: str, warmup: int,
                   temperature: float, max_grad_norm: float, seed: int, dtype: str, device: str | None,
                   learn_scales: bool, learn_zero_points: bool, qlora: bool, rank: int, lora_alpha: float | None,
                   keep_adapters: bool, checkpoint_dir: str | None, checkpoint_every: int, resume: bool,
@@ -661,7 +668,8 @@ def train_qat_cmd(model: str, scheme_name: str, group_size: int | None, per_chan
     per_step = batch_size * seqlen * grad_accum
     steps = -(-tokens // per_step) if tokens is not None and per_step > 0 else (steps if steps is not None else 100)
     config = QAT(loss=loss, steps=steps, batch_size=batch_size, seqlen=seqlen, grad_accum=grad_accum, lr=lr,  # type: ignore[arg-type]
-                 scale_lr=scale_lr, weight_decay=weight_decay, schedule=schedule, warmup=warmup,  # type: ignore[arg-type]
+                 scale_lr=scale_lr, scale_grad=scale_grad, train=train_what,  # type: ignore[arg-type]
+                 weight_decay=weight_decay, schedule=schedule, warmup=warmup,  # type: ignore[arg-type]
                  temperature=temperature, max_grad_norm=max_grad_norm, checkpoint_every=checkpoint_every, seed=seed,
                  dtype=dtype)  # type: ignore[arg-type]
     if resume and checkpoint_dir is None:

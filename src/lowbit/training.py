@@ -214,13 +214,34 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     return torch.autocast(device.type, dtype=dtype)
 
 
+# what a checkpoint written before QAT had these fields was trained with
+LEGACY_CONFIG = {"scale_grad": "lsq", "train": "all"}
+
+
+def _apply_training_mode(model: nn.Module, config: QAT) -> None:
+    """Set each fake-quant layer's scale gradient (``config.scale_grad``) and what trains (``config.train``):
+    ``quant-params`` freezes the codes (`FakeQuantLinear.freeze_codes`), ``all`` trains the latent weights."""
+    modules = fake_quant_modules(model)
+    if config.train == "quant-params" and not modules:
+        raise LowbitError("train='quant-params' trains the scales of fake-quantised layers; this model has none "
+                          "(prepare it with lowbit.prepare_qat).")
+    for module in modules.values():
+        module.scale_grad = config.scale_grad
+        if config.train == "quant-params":
+            module.freeze_codes()
+        else:
+            module.unfreeze_codes()
+
+
 def _param_groups(model: nn.Module, config: QAT) -> list[dict[str, Any]]:
     weights, scales = [], []
     for name, p in trainable_parameters(model):
         (scales if name.endswith(("scale", "zero_point")) else weights).append(p)
     if not weights and not scales:
         raise LowbitError("the model has nothing to train: prepare it with lowbit.prepare_qat or prepare_qlora.")
-    groups = [{"params": weights, "lr": config.lr, "base_lr": config.lr, "weight_decay": config.weight_decay}]
+    groups = []
+    if weights:  # none where only the quantisation parameters train
+        groups.append({"params": weights, "lr": config.lr, "base_lr": config.lr, "weight_decay": config.weight_decay})
     if scales:
         groups.append({"params": scales, "lr": config.scale_lr, "base_lr": config.scale_lr, "weight_decay": 0.0})
     return groups
@@ -313,6 +334,7 @@ def train_qat(model: nn.Module, text: str | Tensor, config: QAT = QAT(), teacher
     window_starts(tokens.numel(), config.seqlen, 1, config.seed, 0)  # too short a text: refused before any work
     if config.loss == "distill" and teacher is None:
         raise LowbitError("the distillation loss needs the float model as teacher (or use loss='next-token').")
+    _apply_training_mode(model, config)
     groups = _param_groups(model, config)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     from lowbit.sequential import calibration_dtype
@@ -332,7 +354,7 @@ def train_qat(model: nn.Module, text: str | Tensor, config: QAT = QAT(), teacher
             raise LowbitError(f"'{directory}' already holds a checkpoint (step {found['step']}); resume it or choose "
                               "another directory.")
         if found is not None:
-            if found.get("config") != state["config"]:
+            if {**LEGACY_CONFIG, **found.get("config", {})} != state["config"]:
                 raise LowbitError(f"the checkpoint in '{directory}' was made with another training config; resume "
                                   "with the same options.")
             if found.get("data") != state["data"]:

@@ -30,6 +30,8 @@ from lowbit.errors import LowbitError
 LOSSES = ("distill", "next-token")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
+SCALE_GRADS = ("lsq", "exact")
+TRAINS = ("all", "quant-params")
 CHUNK = 1024  # positions per loss chunk: bounds the float32 (positions × vocab) temporaries
 
 
@@ -44,7 +46,17 @@ class QAT:
         seqlen: tokens per sequence.
         grad_accum: micro-batches whose gradients add up to one optimiser step.
         lr: peak learning rate of the latent weights (and LoRA adapters).
-        scale_lr: peak learning rate of learned step sizes and zero points (LSQ).
+        scale_lr: peak learning rate of learned step sizes and zero points.
+        scale_grad: the gradient of the step sizes and zero points. ``lsq`` (Esser et al., "Learned Step Size
+            Quantization", arXiv 1902.08153): straight-through rounding, ∂ŵ/∂s = round(w/s) − w/s inside the
+            range and q − z where clipped, ∂ŵ/∂z = −s where clipped only. ``exact`` (EfficientQAT, Chen et al.,
+            arXiv 2407.11062, its E2E-QP stage): ŵ = (q − z)·s with the integer codes q held fixed, so
+            ∂ŵ/∂s = q − z and ∂ŵ/∂z = −s for every element — the true derivative while no code changes. From a
+            PTQ start (GPTQ, AWQ) the latent weights lie on the grid, where LSQ's round(w/s) − w/s is float
+            rounding noise and nothing is clipped: LSQ then gives the scales no signal, and AdamW turns the
+            noise into steps of full size in random directions.
+        train: ``all`` (latent weights, scales and zero points) or ``quant-params`` (the codes are frozen
+            bit for bit, only the scales / zero points — and static activation scales — train; E2E-QP).
         weight_decay: AdamW's decoupled weight decay (weights and adapters only).
         schedule: ``cosine`` or ``linear`` decay to zero after warm-up, or ``constant``.
         warmup: steps of linear warm-up from zero.
@@ -64,6 +76,8 @@ class QAT:
     grad_accum: int = 1
     lr: float = 1e-4
     scale_lr: float = 1e-3
+    scale_grad: Literal["lsq", "exact"] = "exact"
+    train: Literal["all", "quant-params"] = "all"
     weight_decay: float = 0.0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: int = 0
@@ -80,6 +94,10 @@ class QAT:
             raise LowbitError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
         if self.schedule not in SCHEDULES:
             raise LowbitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        if self.scale_grad not in SCALE_GRADS:
+            raise LowbitError(f"scale_grad must be one of {', '.join(SCALE_GRADS)}, got {self.scale_grad!r}.")
+        if self.train not in TRAINS:
+            raise LowbitError(f"train must be one of {', '.join(TRAINS)}, got {self.train!r}.")
         if self.dtype not in DTYPES:
             raise LowbitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         for field in ("steps", "batch_size", "seqlen", "grad_accum"):
@@ -166,4 +184,4 @@ def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))
 
 
-__all__ = ["LOSSES", "QAT", "SCHEDULES", "distillation_loss", "lr_factor", "next_token_loss", "window_starts"]
+__all__ = ["LOSSES", "QAT", "SCALE_GRADS", "SCHEDULES", "TRAINS", "distillation_loss", "lr_factor", "next_token_loss", "window_starts"]

@@ -10,6 +10,15 @@ step size that of LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020
 A learned zero point (LSQ+, Bhalgat et al., arXiv 2004.09576) is a float rounded with the
 straight-through estimator, so the stored zero point stays an integer.
 
+``scale_grad="exact"`` replaces LSQ's step-size gradient by the true local derivative with the
+integer codes q held fixed — ``ŵ = (q − z)·s``, so ``∂ŵ/∂s = q − z`` and ``∂ŵ/∂z = −s`` for every
+element, clipped or not — as EfficientQAT's end-to-end training of the quantisation parameters
+(E2E-QP; Chen et al., arXiv 2407.11062) does. It matters where training starts from a PTQ model
+(GPTQ, AWQ, …): the latent weights then lie exactly on the grid, where LSQ's ``round(w/s) − w/s``
+is zero up to float rounding and nothing is clipped, so LSQ hands the optimiser only rounding noise
+for the scales. `FakeQuantLinear.freeze_codes` holds the codes themselves fixed (the latent weight
+no longer enters), which is E2E-QP proper: only scales and zero points train.
+
 Integer (any bits, symmetric or not, per tensor / channel / group, act-order ``g_idx``),
 NF4 / FP4 (lookup tables, double-quantised NF4 scales included) and FP8 (e4m3, e5m2)
 weights; int8 / fp8 activations, dynamic per token (no parameter) or static per tensor
@@ -152,13 +161,16 @@ class _AffineFakeQuant(torch.autograd.Function):
     """Integer quantise-dequantise of grouped x (R, G, g) with scales / zero points (R, G, 1), in one node.
 
     Forward: q = clamp(round(x / s) + z, lo, hi), out = (q − z) · s — the codec's operations in its
-    order. Backward (straight-through rounding, LSQ / LSQ+): inside the range ∂out/∂x = 1,
-    ∂out/∂s = round(x/s) − x/s; where clipped ∂out/∂x = 0, ∂out/∂s = q − z, ∂out/∂z = −s. One node
-    instead of a chain of autograd ops keeps the per-step cost of fake quantisation small.
+    order. Backward, ``exact`` False (straight-through rounding, LSQ / LSQ+): inside the range
+    ∂out/∂x = 1, ∂out/∂s = round(x/s) − x/s; where clipped ∂out/∂x = 0, ∂out/∂s = q − z, ∂out/∂z = −s.
+    ``exact`` True (EfficientQAT's E2E-QP): ∂out/∂x as before, but ∂out/∂s = q − z and ∂out/∂z = −s
+    everywhere — the derivative of (q − z) · s with the codes q held fixed. One node instead of a
+    chain of autograd ops keeps the per-step cost of fake quantisation small.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, z: Tensor | None, lo: float, hi: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx, x: Tensor, s: Tensor, z: Tensor | None, lo: float, hi: float,  # type: ignore[override]
+                exact: bool = False) -> tuple[Tensor, Tensor]:
         q = torch.round(x / s)
         if z is not None:
             q = q.add_(z)
@@ -167,6 +179,7 @@ class _AffineFakeQuant(torch.autograd.Function):
         out = out.mul_(s)
         ctx.save_for_backward(x, s, z)
         ctx.limits = (lo, hi)
+        ctx.exact = exact
         ctx.mark_non_differentiable(codes)
         return out, codes
 
@@ -182,24 +195,32 @@ class _AffineFakeQuant(torch.autograd.Function):
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = grad_z = None
         if ctx.needs_input_grad[1]:
-            # inside: round(y) − y = (q − z) − y; clipped: q − z. Both are (q − z) − y · inside.
             q_minus_z = pre.clamp_(lo, hi)
             if z is not None:
                 q_minus_z = q_minus_z.sub_(z)
-            grad_s = (grad * q_minus_z.sub_(y.mul_(inside))).sum(-1, keepdim=True)
+            if not ctx.exact:  # LSQ, inside: round(y) − y = (q − z) − y; clipped: q − z. Both: (q − z) − y · inside
+                q_minus_z = q_minus_z.sub_(y.mul_(inside))
+            grad_s = (grad * q_minus_z).sum(-1, keepdim=True)
         if z is not None and ctx.needs_input_grad[2]:
-            grad_z = -(grad * ~inside).sum(-1, keepdim=True) * s
-        return grad_x, grad_s, grad_z, None, None
+            grad_z = -(grad.sum(-1, keepdim=True) if ctx.exact else (grad * ~inside).sum(-1, keepdim=True)) * s
+        return grad_x, grad_s, grad_z, None, None, None
+
+
+SCALE_GRADS = ("lsq", "exact")
 
 
 def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec,
-                    g_idx: Tensor | None) -> tuple[Tensor, Tensor]:
+                    g_idx: Tensor | None, scale_grad: str = "lsq") -> tuple[Tensor, Tensor]:
     """(fake-quantised weight (R, C) float32, codes (R, C)) of w (R, C) with these (R, G) parameters.
 
-    Differentiable in w, scale and zero (straight-through rounding, LSQ clipping gradients).
+    Differentiable in w, scale and zero (straight-through rounding; ``scale_grad`` ``lsq``: LSQ's
+    step-size gradient, ``exact``: that of (q − z)·s with the codes fixed, see `_AffineFakeQuant`).
     Int codes are float-valued integers, as stored before the symmetric offset (signed when
     symmetric); LUT / FP8 codes are the codec's uint8 codes.
     """
+    if scale_grad not in SCALE_GRADS:
+        raise LowbitError(f"scale_grad must be one of {', '.join(SCALE_GRADS)}, got {scale_grad!r}.")
+    exact = scale_grad == "exact"
     rows, cols = w.shape
     x = w.float()
     if spec.granularity == "tensor":
@@ -211,7 +232,7 @@ def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSp
     if spec.format == "int" and g_idx is None:
         x3 = pad_to_groups(x, group)  # the padded copies of the last column are sliced off below
         out, codes = _AffineFakeQuant.apply(x3, s_groups[..., None], None if z_groups is None else z_groups[..., None],
-                                            lo, hi)
+                                            lo, hi, exact)
         width = x.shape[1]
         out, codes = out.reshape(x.shape[0], -1)[:, :width], codes.reshape(x.shape[0], -1)[:, :width]
         if spec.granularity == "tensor":
@@ -221,9 +242,10 @@ def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSp
     if spec.format == "int":  # act-order groups: per-column parameters
         out, codes = _AffineFakeQuant.apply(x[..., None], s[..., None],
                                             None if z_groups is None else _per_column(z_groups, x.shape[1], group,
-                                                                                      g_idx)[..., None], lo, hi)
+                                                                                      g_idx)[..., None], lo, hi, exact)
         return out.reshape(rows, cols), codes.reshape(rows, cols)
-    y = (x / s).clamp(lo, hi)
+    # exact: the step size reaches the output only through value · s, so ∂out/∂s = value (the decoded level)
+    y = (x / (s.detach() if exact else s)).clamp(lo, hi)
     with torch.no_grad():  # encoded once: the codes, and the values they decode to (y / 1 is exact)
         ones = torch.ones(y.shape[0], 1, device=y.device)
         if spec.format.startswith("fp8_"):
@@ -237,9 +259,35 @@ def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSp
 
 
 def fake_quantize_weight(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec,
-                         g_idx: Tensor | None = None) -> Tensor:
+                         g_idx: Tensor | None = None, scale_grad: str = "lsq") -> Tensor:
     """Quantise-dequantise w (R, C) with (R, G) scale / zero point, straight-through; equals the codec's decode."""
-    return _fake_and_codes(w, scale, zero, spec, g_idx)[0]
+    return _fake_and_codes(w, scale, zero, spec, g_idx, scale_grad)[0]
+
+
+def decode_codes(codes: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec,
+                 g_idx: Tensor | None = None) -> Tensor:
+    """The weight (R, C) float32 that fixed ``codes`` (R, C; as `_fake_and_codes` returns them) decode to with
+    these (R, G) parameters — the same float operations as the fake-quant forward, so the same bits.
+
+    Differentiable in scale and zero by plain autograd: ∂ŵ/∂s = q − z (int) or the decoded level
+    (LUT / FP8), ∂ŵ/∂z = −s — the exact gradients of EfficientQAT's E2E-QP (arXiv 2407.11062).
+    """
+    rows, cols = codes.shape
+    shape = (1, rows * cols) if spec.granularity == "tensor" else (rows, cols)
+    group = spec.group_size_for(shape[1], shape[0])
+    s = _per_column(stored_scale(scale, spec), shape[1], group, g_idx)
+    if spec.format == "int":
+        q = codes.reshape(shape).float()
+        if zero is not None:
+            lo, hi = grid_limits(spec)
+            q = q - _per_column(round_ste(zero.float()).clamp(lo, hi), shape[1], group, g_idx)
+        return (q * s).reshape(rows, cols)
+    ones = torch.ones(shape[0], 1, device=codes.device)
+    if spec.format.startswith("fp8_"):
+        decoded = dequantize_fp8(codes.reshape(shape), ones, spec.format[4:], shape[1])
+    else:
+        decoded = dequantize_lut(codes.reshape(shape), ones, _lut(spec.format), shape[1])
+    return (decoded * s).reshape(rows, cols)
 
 
 class _ActivationSTE(torch.autograd.Function):
@@ -292,13 +340,21 @@ class FakeQuantLinear(nn.Module):
 
     ``scale`` (R, G) and, for asymmetric int, ``zero_point`` (R, G) are parameters when learned (LSQ / LSQ+),
     buffers otherwise. `to_quant_linear` packs the current codes into a `QuantLinear`.
+
+    ``scale_grad`` picks the step-size / zero-point gradient: ``lsq`` (Esser et al., arXiv 1902.08153:
+    ∂ŵ/∂s = round(w/s) − w/s inside the range) or ``exact`` (EfficientQAT, arXiv 2407.11062:
+    ∂ŵ/∂s = q − z, ∂ŵ/∂z = −s everywhere, the codes held fixed). After `freeze_codes` the codes are a
+    buffer, the latent weight is frozen and unused, and only the quantisation parameters can train.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, spec: QuantSpec, scale: Tensor,
                  zero_point: Tensor | None = None, activations: QuantSpec | None = None,
                  input_scale: Tensor | None = None, g_idx: Tensor | None = None,
-                 learn_scale: bool = True, learn_zero_point: bool = True) -> None:
+                 learn_scale: bool = True, learn_zero_point: bool = True, scale_grad: str = "lsq") -> None:
         super().__init__()
+        if scale_grad not in SCALE_GRADS:
+            raise LowbitError(f"scale_grad must be one of {', '.join(SCALE_GRADS)}, got {scale_grad!r}.")
+        self.scale_grad = scale_grad
         if weight.dim() != 2:
             raise LowbitError(f"FakeQuantLinear needs a 2-D weight, got shape {tuple(weight.shape)}.")
         self.out_features, self.in_features = weight.shape
@@ -317,6 +373,7 @@ class FakeQuantLinear(nn.Module):
         else:
             self.register_buffer("zero_point", zero_point.detach().float().clone())
         self.register_buffer("g_idx", None if g_idx is None else g_idx.to(torch.int32).clone())
+        self.register_buffer("frozen_codes", None)
         self.activations = activations
         self.act_quant = None if activations is None else ActivationFakeQuant(activations, input_scale)
 
@@ -347,9 +404,32 @@ class FakeQuantLinear(nn.Module):
                    None if zero is None else zero.float(), module.activations,
                    module._buffers.get("input_scale"), qweight.g_idx, **learn)
 
+    def _fake_and_codes(self) -> tuple[Tensor, Tensor]:
+        if self.frozen_codes is not None:
+            codes = self.frozen_codes.float() if self.spec.format == "int" else self.frozen_codes
+            return decode_codes(self.frozen_codes, self.scale, self.zero_point, self.spec, self.g_idx), codes
+        return _fake_and_codes(self.weight, self.scale, self.zero_point, self.spec, self.g_idx, self.scale_grad)
+
+    @torch.no_grad()
+    def freeze_codes(self) -> None:
+        """Hold the current codes fixed (a buffer; int16 for int, the codec's uint8 otherwise) and freeze the latent
+        weight: from now on only the scales and zero points can change the layer (EfficientQAT's E2E-QP)."""
+        if self.frozen_codes is None:
+            _, codes = self._fake_and_codes()
+            self.frozen_codes = codes.to(torch.int16) if self.spec.format == "int" else codes.clone()
+        self.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def unfreeze_codes(self) -> None:
+        """Back to a trainable latent weight, started on the grid: the weight the frozen codes decode to now."""
+        if self.frozen_codes is not None:
+            self.weight.copy_(self._fake_and_codes()[0])
+            self.frozen_codes = None
+        self.weight.requires_grad_(True)
+
     def fake_weight(self) -> Tensor:
         """The weight the forward pass uses, (R, C) float32: exactly what the packed codes will decode to."""
-        return fake_quantize_weight(self.weight, self.scale, self.zero_point, self.spec, self.g_idx)
+        return self._fake_and_codes()[0]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act_quant is not None:
@@ -360,7 +440,7 @@ class FakeQuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The packed `QuantizedWeight` of the current latent weight and parameters."""
         spec = self.spec
-        _, codes = _fake_and_codes(self.weight, self.scale, self.zero_point, spec, self.g_idx)
+        _, codes = self._fake_and_codes()
         s = stored_scale(self.scale, spec)
         shape = (self.out_features, self.in_features)
         if spec.format == "int":
@@ -385,16 +465,16 @@ class FakeQuantLinear(nn.Module):
         return QuantLinear(self.quantized_weight(), bias, self.activations, input_scale)
 
     def extra_repr(self) -> str:
-        learned = [n for n, p in (("scale", self.scale), ("zero_point", self.zero_point))
-                   if isinstance(p, nn.Parameter)]
+        learned = [n for n, p in (("weight", self.weight), ("scale", self.scale), ("zero_point", self.zero_point))
+                   if isinstance(p, nn.Parameter) and (n != "weight" or self.frozen_codes is None)]
         act = f", activations={self.activations.describe()}" if self.activations else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight={self.spec.describe()}"
-                f"{act}, learned={'+'.join(['weight', *learned])}")
+                f"{act}, learned={'+'.join(learned) or 'nothing'}, scale_grad={self.scale_grad}")
 
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
 
 
-__all__ = ["ActivationFakeQuant", "FakeQuantLinear", "fake_quant_modules", "fake_quantize_weight", "round_ste",
-           "snap_ste", "stored_scale"]
+__all__ = ["SCALE_GRADS", "ActivationFakeQuant", "FakeQuantLinear", "decode_codes", "fake_quant_modules",
+           "fake_quantize_weight", "round_ste", "snap_ste", "stored_scale"]
