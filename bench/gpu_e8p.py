@@ -9,13 +9,16 @@
    the caching allocator hands to the kernel's output, so an unwritten element shows as NaN.
 2. Timings (median of ``triton.testing.do_bench``, L2 flushed before each repetition) on the
    LLaMA-7B/70B shapes at M = 1, 16, 2048: bf16 ``F.linear``, `e8p_linear` with the
-   launcher's tiles and with each candidate of a small sweep (each one checked too), and
-   decode + cuBLAS (the E8P decode kernel to bf16-exact float32, then ``F.linear``) for M ≥ 256.
+   launcher's choice (the CUDA-core GEMV up to GEMV_MAX_M tokens, else the tensor-core kernel,
+   split-K where the tiles leave SMs idle) and with each candidate of a small sweep over both
+   paths (``path`` 'gemv' or 'dot'; each one checked too), and decode + cuBLAS (the E8P decode
+   kernel straight to bfloat16, bit-equal to ``dequantize(torch.bfloat16)``, then ``F.linear``)
+   for M ≥ 256.
 
 Writes gpu_e8p_<card>.json and .md to ``--out`` (default bench/results). ``--smoke``: CPU under
 TRITON_INTERPRET=1, tiny shapes, wall-clock timing, nothing written unless ``--out`` is given.
 
-    python bench/gpu_e8p.py [--out DIR] [--smoke]
+    python bench/gpu_e8p.py [--out DIR] [--smoke] [--tokens 1,16,2048]
 """
 
 from __future__ import annotations
@@ -33,13 +36,20 @@ RESULTS = Path(__file__).parent / "results"
 SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096)]  # (K, N)
 TOKENS = [1, 16, 2048]
 CHECKS = [((70, 24), 5), ((33, 200), 1), ((257, 1032), 7), ((1000, 4104), 33)]  # ((N, K), M)
-SWEEP = [(16, 64, 64, 4), (16, 128, 64, 4), (16, 64, 128, 4), (64, 128, 64, 4), (128, 128, 64, 8)]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)
+GEMV_SWEEP = [dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in
+              ((64, 256, 4), (32, 256, 4), (64, 512, 4), (128, 512, 8))] + [
+              dict(path="gemv", BLOCK_N=64, BLOCK_K=256, num_warps=4, split_k=1)]
+DOT_SWEEP = [dict(path="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bm, bn, bk, w in
+             ((16, 128, 64, 4), (16, 64, 64, 4), (64, 128, 64, 4), (64, 64, 64, 4), (128, 128, 64, 8),
+              (128, 256, 64, 8))]
+SWEEP = GEMV_SWEEP + DOT_SWEEP
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--smoke", action="store_true")
 parser.add_argument("--out", default=None)
 parser.add_argument("--warmup", type=int, default=10)
 parser.add_argument("--rep", type=int, default=40)
+parser.add_argument("--tokens", default=None, help="comma-separated M values (default 1,16,2048)")
 ARGS = parser.parse_args()
 if ARGS.smoke:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -48,7 +58,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lowbit.algorithms.ldlq import E8PWeight  # noqa: E402
-from lowbit.kernels.triton.e8p import BLOCK_K, BLOCK_M, BLOCK_N, e8p_decode, e8p_linear  # noqa: E402
+from lowbit.kernels.triton.e8p import (DECODE_MIN_M, DOT_TILES, DOT_TILES_LARGE, DOT_TILES_MID,  # noqa: E402
+                                       GEMV_MAX_M, GEMV_TILES, e8p_decode, e8p_linear)
 
 
 def timer(fn) -> float:
@@ -88,7 +99,10 @@ def check(weight: E8PWeight, m: int, device, gen, config=None) -> dict:
     n, k = weight.shape
     ref_w = weight.dequantize().to(device)
     dec = poisoned_call(lambda: e8p_decode(weight.codes, weight.scale), (n, k), torch.float32, device)
-    row = {"N": n, "K": k, "M": m, "config": config, "decode_exact": bool(torch.equal(dec, ref_w))}
+    dec_bf16 = poisoned_call(lambda: e8p_decode(weight.codes, weight.scale, torch.bfloat16), (n, k), torch.bfloat16,
+                             device)
+    row = {"N": n, "K": k, "M": m, "config": config, "decode_exact": bool(torch.equal(dec, ref_w)) and
+           bool(torch.equal(dec_bf16, weight.dequantize(torch.bfloat16)))}
     bias = torch.randn(n, generator=gen).to(device)
     x = torch.randn(m, k, generator=gen).to(device)
     ref = F.linear(x.double(), ref_w.double(), bias.double())
@@ -111,8 +125,8 @@ def main() -> None:
         checks.append(check(random_weight(n, k, device, gen), m, device, gen))
         print(json.dumps(checks[-1]), flush=True)
     shapes = [(256, 96)] if ARGS.smoke else SHAPES
-    tokens = [1, 16] if ARGS.smoke else TOKENS
-    sweep = SWEEP[:2] if ARGS.smoke else SWEEP
+    tokens = [int(t) for t in ARGS.tokens.split(",")] if ARGS.tokens else [1, 16] if ARGS.smoke else TOKENS
+    sweep = [GEMV_SWEEP[0], GEMV_SWEEP[-1], DOT_SWEEP[0]] if ARGS.smoke else SWEEP
     for k, n in shapes:
         weight = random_weight(n, k, device, gen)
         w_bf16 = weight.dequantize(torch.bfloat16).to(device)
@@ -122,7 +136,9 @@ def main() -> None:
             row["e8p_us"] = timer(lambda: e8p_linear(x, weight.codes, weight.scale))
             best = None
             for config in sweep:
-                if config[0] > max(16, 4 * m) and config[0] != 16:  # tall tiles only where there are tokens
+                if config["path"] == "gemv" and m > 16:  # one token per program: for a few tokens only
+                    continue
+                if config["path"] == "dot" and config["BLOCK_M"] > max(64, 4 * m):  # tall tiles only with tokens
                     continue
                 ok = check(weight, min(m, 33), device, gen, config)["ok"]
                 t = timer(lambda: e8p_linear(x, weight.codes, weight.scale, None, config))
@@ -131,12 +147,15 @@ def main() -> None:
                     best = (config, t)
             row["tuned_config"], row["tuned_us"] = best if best else (None, float("nan"))
             if m >= 256:
-                row["decode_cublas_us"] = timer(lambda: F.linear(x, e8p_decode(weight.codes, weight.scale).bfloat16()))
+                row["decode_us"] = timer(lambda: e8p_decode(weight.codes, weight.scale, torch.bfloat16))
+                row["decode_cublas_us"] = timer(lambda: F.linear(x, e8p_decode(weight.codes, weight.scale, torch.bfloat16)))
             timings.append(row)
             print(json.dumps({key: v for key, v in row.items() if key != "sweep"}), flush=True)
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine() + " CPU",
-           "torch": torch.__version__, "launcher_tiles": [BLOCK_M, BLOCK_N, BLOCK_K, 4],
+           "torch": torch.__version__, "launcher_tiles": {"gemv (M ≤ %d)" % GEMV_MAX_M: GEMV_TILES,
+                                                      "dot (M ≤ 16)": DOT_TILES, "dot (M ≤ 64)": DOT_TILES_MID,
+                                                      "dot": DOT_TILES_LARGE, "decode + cuBLAS from M": DECODE_MIN_M},
            "timer": "wall-clock median of 3 (smoke)" if ARGS.smoke else
            f"median of triton.testing.do_bench ({ARGS.warmup} ms warm-up, {ARGS.rep} ms, L2 flushed)"}
     import triton
@@ -158,15 +177,18 @@ def markdown(env: dict, checks: list[dict], timings: list[dict]) -> str:
              f"Measured {env['date']}: torch {env['torch']}, triton {env['triton']}; {env['timer']}. "
              "Each figure is t(bf16 F.linear) / t(kernel) (> 1: faster). The E8P weight is random codes with "
              "float16 row scales (2 bits per weight + 16 bits per row).", "",
-             "| K × N | M | bf16 µs | e8p (launcher tiles) | e8p tuned | tuned tiles (BM, BN, BK, warps) | "
-             "decode + cuBLAS |", "|---|---:|---:|---:|---:|---|---:|"]
+             "| K × N | M | bf16 µs | e8p (launcher) | e8p tuned | tuned config | decode µs | decode + cuBLAS |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in timings:
         dc = f"{r['bf16_us'] / r['decode_cublas_us']:.2f}" if "decode_cublas_us" in r else "–"
+        tuned = r["tuned_config"]
+        tuned = "–" if tuned is None else " ".join(f"{k}={v}" for k, v in tuned.items())
+        dec = f"{r['decode_us']:.1f}" if "decode_us" in r else "–"
         lines.append(f"| {r['K']} × {r['N']} | {r['M']} | {r['bf16_us']:.1f} | {r['bf16_us'] / r['e8p_us']:.2f} | "
-                     f"{r['bf16_us'] / r['tuned_us']:.2f} | {r['tuned_config']} | {dc} |")
+                     f"{r['bf16_us'] / r['tuned_us']:.2f} | {tuned} | {dec} | {dc} |")
     swept = [s for r in timings for s in r.get("sweep", [])]
     passed = sum(c["ok"] for c in checks) + sum(s["ok"] for s in swept)
-    lines += ["", f"Checks: {passed} of {len(checks) + len(swept)} passed (decode bit-exact; float32 "
+    lines += ["", f"Checks: {passed} of {len(checks) + len(swept)} passed (decode bit-exact in float32 and bfloat16; float32 "
                   "relative error ≤ 1e-5, bfloat16 ≤ 8e-3, outputs poisoned)."]
     for c in checks:
         lines.append(f"- N {c['N']}, K {c['K']}, M {c['M']}: decode exact {c['decode_exact']}, rel. error float32 "

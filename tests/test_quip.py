@@ -106,6 +106,8 @@ def test_triton_e8p_kernels_match_the_reference_decoder(shape, tokens):
     scale = (torch.rand(R, generator=g) + 0.5).half()
     weight = E8PWeight(codes, scale)
     assert torch.equal(e8p_decode(codes, scale), weight.dequantize())  # decoder: exactly the reference
+    for dtype in (torch.bfloat16, torch.float16):  # scale product in float32, rounded once: dequantize(dtype)
+        assert torch.equal(e8p_decode(codes, scale, dtype), weight.dequantize(dtype))
     x, bias = torch.randn(tokens, C, generator=g), torch.randn(R, generator=g)
     ref = torch.nn.functional.linear(x, weight.dequantize(), bias)
     out = e8p_linear(x, codes, scale, bias)
@@ -117,6 +119,64 @@ def test_triton_e8p_kernels_match_the_reference_decoder(shape, tokens):
     ref_b = torch.nn.functional.linear(xb.float(), weight.dequantize(), bias)
     assert out_b.dtype == torch.bfloat16
     assert float((out_b.float() - ref_b).norm() / ref_b.norm()) < 8e-3
+
+
+E8P_CONFIGS = [
+    {"path": "gemv"},
+    {"path": "gemv", "BLOCK_N": 16, "BLOCK_K": 32, "split_k": 3},  # K split: float32 partials added atomically
+    {"path": "dot"},
+    {"path": "dot", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "split_k": 2},
+    (16, 32, 32, 4),  # the old (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) tuple: the tensor-core path
+    {"path": "decode"},  # decode to x's dtype, then F.linear (the launcher's choice for many tokens)
+]
+
+
+@pytest.mark.parametrize("shape", [(70, 24), (45, 136)])
+@pytest.mark.parametrize("tokens", [1, 5, 17])
+def test_triton_e8p_linear_paths_and_split_k(shape, tokens):
+    """Both kernels (CUDA-core GEMV, tensor-core tiles), with and without split-K, on awkward shapes
+    (rows and K blocks that do not divide), float32 and bfloat16 x, with and without bias."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton.e8p import e8p_linear
+
+    R, C = shape
+    g = _gen(R * C + tokens)
+    codes = torch.randint(-32768, 32768, (R, C // 8), generator=g).to(torch.int16)
+    scale = (torch.rand(R, generator=g) + 0.5).half()
+    W = E8PWeight(codes, scale).dequantize().double()
+    x, bias = torch.randn(2, tokens, C, generator=g), torch.randn(R, generator=g)
+    for config in E8P_CONFIGS:
+        for b in (bias, None):
+            ref = torch.nn.functional.linear(x.double(), W, None if b is None else b.double())
+            out = e8p_linear(x, codes, scale, b, config)
+            assert out.shape == (2, tokens, R) and out.dtype == torch.float32
+            assert float((out.double() - ref).norm() / ref.norm()) < 1e-6, config
+        xb = x.bfloat16()
+        ref_b = torch.nn.functional.linear(xb.double(), W, bias.double())
+        out_b = e8p_linear(xb, codes, scale, bias, config)
+        assert out_b.dtype == torch.bfloat16
+        assert float((out_b.double() - ref_b).norm() / ref_b.norm()) < 8e-3, config
+
+
+def test_triton_e8p_decode_tables_and_bad_configs():
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton.e8p import _tables, e8p_decode, e8p_linear
+
+    source, signs = _tables(torch.device("cpu"))
+    a2 = e8p.source_vectors_x2()
+    for j in (0, 17, 255):  # nibble i = 2|a_i|, bit 31 = (Σ 2|a_i| / 2) mod 2
+        word = int(source[j]) & 0xFFFFFFFF
+        assert [(word >> (4 * i)) & 7 for i in range(8)] == a2[j].tolist()
+        assert word >> 31 == (int(a2[j].sum()) // 2) % 2
+    assert int(signs[0]) == 0 and int(signs[1]) & 0xFFFFFFFF == 0xF000000F
+    codes = torch.zeros(4, 2, dtype=torch.int16)
+    scale = torch.ones(4, dtype=torch.float16)
+    with pytest.raises(LowbitError):
+        e8p_linear(torch.randn(1, 16), codes, scale, config={"path": "tiles"})
+    with pytest.raises(LowbitError):
+        e8p_linear(torch.randn(1, 16), codes, scale, config={"path": "dot", "BLOCK_K": 24})
+    with pytest.raises(LowbitError):
+        e8p_decode(codes, scale, torch.int8)
 
 
 def _kl(reference, model, ids):
