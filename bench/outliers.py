@@ -264,6 +264,8 @@ def main() -> None:
     parser.add_argument("--awq-samples", type=int, default=128,
                         help="calibration sequences for the AWQ comparison with llm-compressor, whose AWQ runs its "
                              "grid search over every cached token and takes hours on 2 cores at 128")
+    parser.add_argument("--llmc-which", default="awq,sq", help="which llm-compressor comparisons to run, in this order "
+                                                            "(awq, sq)")
     parser.add_argument("--in-process", action="store_true", help="run lowbit's rows in this process (see InProcess)")
     parser.add_argument("--note", default="")
     parser.add_argument("--tabulate", action="store_true", help="only rewrite outliers.md from outliers.json (with --note)")
@@ -291,10 +293,13 @@ def main() -> None:
                 rows.append({**row, "load_before": load})
                 save(rows, plot, bool(wanted or exact), args.note)  # after every row: a long run interrupted keeps what it did
         if pick("llmc"):  # llm-compressor, and lowbit at the same setting and calibration size, one after the other
-            for which, samples, label, scheme in (
-                    ("awq", args.awq_samples, "AWQ, W4A16_ASYM g64", ["--scheme", "W4A16_ASYM", "--group-size", "64",
-                                                                    "--method", "awq"]),
-                    ("sq", 128, "SmoothQuant W8A8", ["--scheme", "W8A8", "--method", "smoothquant"])):
+            pairs = {"awq": (args.awq_samples, "AWQ, W4A16_ASYM g64", ["--scheme", "W4A16_ASYM", "--group-size", "64",
+                                                                     "--method", "awq"]),
+                     "sq": (128, "SmoothQuant W8A8", ["--scheme", "W8A8", "--method", "smoothquant"])}
+            for which in (w.strip() for w in args.llmc_which.split(",") if w.strip()):
+                if which not in pairs:
+                    parser.error(f"--llmc-which: unknown comparison '{which}'; choose from awq, sq")
+                samples, label, scheme = pairs[which]
                 start = time.perf_counter()
                 load = os.getloadavg()[0]
                 rows.append({**llmc_row(args.llmc_python, which, work, samples), "load_before": load,
