@@ -148,7 +148,8 @@ def main() -> None:
             row["tuned_config"], row["tuned_us"] = best if best else (None, float("nan"))
             if m >= 256:
                 row["decode_us"] = timer(lambda: e8p_decode(weight.codes, weight.scale, torch.bfloat16))
-                row["decode_cublas_us"] = timer(lambda: F.linear(x, e8p_decode(weight.codes, weight.scale, torch.bfloat16)))
+                row["decode_cublas_us"] = timer(
+                    lambda: F.linear(x, e8p_decode(weight.codes, weight.scale, torch.bfloat16)))
             timings.append(row)
             print(json.dumps({key: v for key, v in row.items() if key != "sweep"}), flush=True)
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -188,7 +189,8 @@ def markdown(env: dict, checks: list[dict], timings: list[dict]) -> str:
                      f"{r['bf16_us'] / r['tuned_us']:.2f} | {tuned} | {dec} | {dc} |")
     swept = [s for r in timings for s in r.get("sweep", [])]
     passed = sum(c["ok"] for c in checks) + sum(s["ok"] for s in swept)
-    lines += ["", f"Checks: {passed} of {len(checks) + len(swept)} passed (decode bit-exact in float32 and bfloat16; float32 "
+    lines += ["", f"Checks: {passed} of {len(checks) + len(swept)} passed (decode bit-exact in float32 and "
+                  "bfloat16; float32 "
                   "relative error ≤ 1e-5, bfloat16 ≤ 8e-3, outputs poisoned)."]
     for c in checks:
         lines.append(f"- N {c['N']}, K {c['K']}, M {c['M']}: decode exact {c['decode_exact']}, rel. error float32 "

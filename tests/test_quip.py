@@ -131,8 +131,7 @@ E8P_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("shape", [(70, 24), (45, 136)])
-@pytest.mark.parametrize("tokens", [1, 5, 17])
+@pytest.mark.parametrize("shape,tokens", [((70, 24), 1), ((45, 136), 5), ((45, 136), 17)])
 def test_triton_e8p_linear_paths_and_split_k(shape, tokens):
     """Both kernels (CUDA-core GEMV, tensor-core tiles), with and without split-K, on awkward shapes
     (rows and K blocks that do not divide), float32 and bfloat16 x, with and without bias."""
@@ -144,12 +143,12 @@ def test_triton_e8p_linear_paths_and_split_k(shape, tokens):
     codes = torch.randint(-32768, 32768, (R, C // 8), generator=g).to(torch.int16)
     scale = (torch.rand(R, generator=g) + 0.5).half()
     W = E8PWeight(codes, scale).dequantize().double()
-    x, bias = torch.randn(2, tokens, C, generator=g), torch.randn(R, generator=g)
+    x, bias = torch.randn(1, tokens, C, generator=g), torch.randn(R, generator=g)
     for config in E8P_CONFIGS:
         for b in (bias, None):
             ref = torch.nn.functional.linear(x.double(), W, None if b is None else b.double())
             out = e8p_linear(x, codes, scale, b, config)
-            assert out.shape == (2, tokens, R) and out.dtype == torch.float32
+            assert out.shape == (1, tokens, R) and out.dtype == torch.float32
             assert float((out.double() - ref).norm() / ref.norm()) < 1e-6, config
         xb = x.bfloat16()
         ref_b = torch.nn.functional.linear(xb.double(), W, bias.double())

@@ -157,7 +157,8 @@ def e8p_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = No
         config = {"path": "decode"}
     cfg = _config(M, N, K, x.device, config)
     if cfg["path"] == "decode":
-        return torch.nn.functional.linear(x, e8p_decode(codes, scale, x.dtype), bias)
+        b = None if bias is None else bias.to(x.dtype)
+        return torch.nn.functional.linear(x, e8p_decode(codes, scale, x.dtype), b)
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["split_k"]
     atomic = split > 1
     if atomic:

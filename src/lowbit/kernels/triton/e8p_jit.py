@@ -50,7 +50,8 @@ def _packed(codes, source_ptr, sign_ptr):
 
 @triton.jit
 def _entry(p, base, i: tl.constexpr):
-    """Entry i of every code as float32: 2uᵢ in the mantissa of 2²¹ (0x4A000000), plus ``base`` = t − 2²¹ − 4."""
+    """Entry i of every code as float32: 2uᵢ in the mantissa of 2²¹ (0x4A000000), plus ``base`` = t − 2²¹ − 4
+    (the float32 spacing there is ¼, so the sum is exact)."""
     if i == 0:
         bits = ((p << 1) & 0x1E) | 0x4A000000
     else:
@@ -132,8 +133,8 @@ def e8p_decode_kernel(codes_ptr, scale_ptr, source_ptr, sign_ptr, out_ptr, N, G,
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)
     offs_k = tl.program_id(1) * (8 * BLOCK_G) + tl.arange(0, 8 * BLOCK_G)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < 8 * G)
-    tl.store(out_ptr + offs_n[:, None] * (8 * G) + offs_k[None, :], _round_to(w * scale[:, None], out_ptr.dtype.element_ty),
-             mask=mask)
+    value = _round_to(w * scale[:, None], out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_n[:, None] * (8 * G) + offs_k[None, :], value, mask=mask)
 
 
 @triton.jit
