@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -77,6 +76,7 @@ ARGS = parse()
 if ARGS.smoke:  # before lowbit's kernels are first launched (they are built at that moment)
     os.environ["TRITON_INTERPRET"] = "1"
 
+from _timing import median_us  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -175,19 +175,7 @@ def candidates(tiles: dict, m: int, n: int, k: int, sms: int, group: int | None)
 
 def timer(smoke: bool) -> Callable[[Callable[[], object]], float]:
     """Median microseconds of one call."""
-    if smoke:
-        def wall(fn):
-            fn()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return 1e6 * statistics.median(times)
-        return wall
-    import triton.testing
-
-    return lambda fn: 1e3 * triton.testing.do_bench(fn, warmup=ARGS.warmup, rep=ARGS.rep, return_mode="median")
+    return lambda fn: median_us(fn, smoke, ARGS.warmup, ARGS.rep)
 
 
 def error_ratio(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -4,15 +4,7 @@
 # Usage on the GPU machine, from the repository root:
 #   OUT=<dir> [BENCH_ARGS="..."] bash bench/gpu_run.sh [bench seconds] [test seconds] [ncu seconds, 0: no profile]
 # BENCH_ARGS replaces the bench's timing options (default: --warmup 5 --rep 25), e.g. "--no-sweep --rep 100".
-set -u
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (bitsandbytes)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv \
-    > "$OUT/nvidia-smi.csv" 2>&1
+source bench/gpu_env.sh
 timeout "${1:-420}" python3 bench/gpu_kernels.py --out "$OUT" --progress "$OUT/progress.jsonl" \
     --deadline "$(( ${1:-420} * 3 / 4 ))" ${BENCH_ARGS:---warmup 5 --rep 25} > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/bench.log"

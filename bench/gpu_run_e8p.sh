@@ -2,15 +2,7 @@
 # One device call: the E8P kernels (bench/gpu_e8p.py: checks, timings beside bf16), then a confirmation run of
 # bench/gpu_kernels.py's 70B rows at M = 1, 16, 2048 with the launchers' own configs.
 # Usage on the GPU machine, from the repository root: OUT=<dir> bash bench/gpu_run_e8p.sh [e8p seconds] [kernels seconds]
-set -u
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (bitsandbytes)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv \
-    > "$OUT/nvidia-smi.csv" 2>&1
+source bench/gpu_env.sh
 timeout "${1:-240}" python3 bench/gpu_e8p.py --out "$OUT" > "$OUT/e8p.log" 2>&1
 echo "e8p rc=$?" | tee -a "$OUT/e8p.log"
 timeout "${2:-150}" python3 bench/gpu_kernels.py --out "$OUT" --progress "$OUT/progress.jsonl" \

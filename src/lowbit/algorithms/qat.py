@@ -26,11 +26,11 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.nn.fake_quant import SCALE_GRADS, _check_scale_grad
 
 LOSSES = ("distill", "next-token")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
-SCALE_GRADS = ("lsq", "exact")
 TRAINS = ("all", "quant-params")
 CHUNK = 1024  # positions per loss chunk: bounds the float32 (positions × vocab) temporaries
 
@@ -94,8 +94,7 @@ class QAT:
             raise LowbitError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
         if self.schedule not in SCHEDULES:
             raise LowbitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
-        if self.scale_grad not in SCALE_GRADS:
-            raise LowbitError(f"scale_grad must be one of {', '.join(SCALE_GRADS)}, got {self.scale_grad!r}.")
+        _check_scale_grad(self.scale_grad)
         if self.train not in TRAINS:
             raise LowbitError(f"train must be one of {', '.join(TRAINS)}, got {self.train!r}.")
         if self.dtype not in DTYPES:
@@ -184,4 +183,5 @@ def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))
 
 
-__all__ = ["LOSSES", "QAT", "SCALE_GRADS", "SCHEDULES", "TRAINS", "distillation_loss", "lr_factor", "next_token_loss", "window_starts"]
+__all__ = ["LOSSES", "QAT", "SCALE_GRADS", "SCHEDULES", "TRAINS", "distillation_loss", "lr_factor", "next_token_loss",
+           "window_starts"]

@@ -209,6 +209,11 @@ class _AffineFakeQuant(torch.autograd.Function):
 SCALE_GRADS = ("lsq", "exact")
 
 
+def _check_scale_grad(scale_grad: str) -> None:
+    if scale_grad not in SCALE_GRADS:
+        raise LowbitError(f"scale_grad must be one of {', '.join(SCALE_GRADS)}, got {scale_grad!r}.")
+
+
 def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec,
                     g_idx: Tensor | None, scale_grad: str = "lsq") -> tuple[Tensor, Tensor]:
     """(fake-quantised weight (R, C) float32, codes (R, C)) of w (R, C) with these (R, G) parameters.
@@ -218,8 +223,7 @@ def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSp
     Int codes are float-valued integers, as stored before the symmetric offset (signed when
     symmetric); LUT / FP8 codes are the codec's uint8 codes.
     """
-    if scale_grad not in SCALE_GRADS:
-        raise LowbitError(f"scale_grad must be one of {', '.join(SCALE_GRADS)}, got {scale_grad!r}.")
+    _check_scale_grad(scale_grad)
     exact = scale_grad == "exact"
     rows, cols = w.shape
     x = w.float()
@@ -352,8 +356,7 @@ class FakeQuantLinear(nn.Module):
                  input_scale: Tensor | None = None, g_idx: Tensor | None = None,
                  learn_scale: bool = True, learn_zero_point: bool = True, scale_grad: str = "lsq") -> None:
         super().__init__()
-        if scale_grad not in SCALE_GRADS:
-            raise LowbitError(f"scale_grad must be one of {', '.join(SCALE_GRADS)}, got {scale_grad!r}.")
+        _check_scale_grad(scale_grad)
         self.scale_grad = scale_grad
         if weight.dim() != 2:
             raise LowbitError(f"FakeQuantLinear needs a 2-D weight, got shape {tuple(weight.shape)}.")

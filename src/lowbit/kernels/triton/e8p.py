@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats import e8p
-from lowbit.kernels.triton.ops import triton_importable
+from lowbit.kernels.triton.ops import _cdiv, _launch_out, _sm_count, _splits, triton_importable
 
 # default tiles per path: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps); BLOCK_K counts weights (8 per code)
 # (from bench/gpu_e8p.py on an H100: GEMV BLOCK_N 32 was best on the LLaMA-70B shapes, 64 at 4096²)
@@ -99,7 +99,7 @@ def e8p_decode(codes: Tensor, scale: Tensor, out_dtype: torch.dtype = torch.floa
     bg = bk // e8p.DIM
     G = K // e8p.DIM
     out = torch.empty(N, K, dtype=out_dtype, device=codes.device)
-    grid = (triton_cdiv(N, bn), triton_cdiv(G, bg))
+    grid = (_cdiv(N, bn), _cdiv(G, bg))
     jit.e8p_decode_kernel[grid](codes.contiguous(), scale.contiguous(), source, signs, out, N, G,
                                 EVEN_G=G % bg == 0, BLOCK_N=bn, BLOCK_G=bg, num_warps=warps)
     return out
@@ -128,11 +128,9 @@ def _config(M: int, N: int, K: int, device: torch.device, config) -> dict:
     if path == "gemv":
         out["BLOCK_M"] = 1
     if out.get("split_k") is None:
-        programs = (M if path == "gemv" else triton_cdiv(M, out["BLOCK_M"])) * triton_cdiv(N, out["BLOCK_N"])
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        blocks = triton_cdiv(K, bk)
-        out["split_k"] = max(1, min(blocks // 2, triton_cdiv(WAVES * sms, programs)))
-    out["split_k"] = max(1, min(out["split_k"], triton_cdiv(K, bk)))
+        tiles = (M if path == "gemv" else _cdiv(M, out["BLOCK_M"])) * _cdiv(N, out["BLOCK_N"])
+        out["split_k"] = _splits(tiles, _cdiv(K, bk), WAVES * _sm_count(device), min_blocks=2)
+    out["split_k"] = max(1, min(out["split_k"], _cdiv(K, bk)))
     return out
 
 
@@ -161,10 +159,7 @@ def e8p_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = No
         return torch.nn.functional.linear(x, e8p_decode(codes, scale, x.dtype), b)
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["split_k"]
     atomic = split > 1
-    if atomic:
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    out = _launch_out(torch.empty(M, N, dtype=x.dtype, device=x.device), split)
     extra = {"num_warps": cfg["num_warps"]}
     if cfg.get("num_stages") is not None:
         extra["num_stages"] = cfg["num_stages"]
@@ -172,15 +167,12 @@ def e8p_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = No
             M, N, G, x2.stride(0), out.stride(0), split)
     if cfg["path"] == "gemv":
         bg = bk // e8p.DIM
-        jit.e8p_gemv_kernel[(M, triton_cdiv(N, bn), split)](
+        jit.e8p_gemv_kernel[(M, _cdiv(N, bn), split)](
             *args, HAS_BIAS=bias is not None, ATOMIC=atomic, EVEN_G=G % bg == 0, BLOCK_N=bn, BLOCK_G=bg, **extra)
     else:
         ieee = x.dtype == torch.float32 or _interpreted(jit)
-        jit.e8p_matmul_kernel[(triton_cdiv(M, bm), triton_cdiv(N, bn), split)](
+        jit.e8p_matmul_kernel[(_cdiv(M, bm), _cdiv(N, bn), split)](
             *args, HAS_BIAS=bias is not None, ATOMIC=atomic, IEEE=ieee, EVEN_G=G % (bk // e8p.DIM) == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra)
     return out.to(x.dtype).reshape(*x.shape[:-1], N)
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -102,10 +102,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _splits(tiles: int, k_blocks: int, programs: int) -> int:
+def _splits(tiles: int, k_blocks: int, programs: int, min_blocks: int = 4) -> int:
     """Splits of K that bring ``tiles`` output tiles to about ``programs`` programs, each split
-    keeping ≥ 4 K blocks."""
-    return max(1, min(_cdiv(programs, tiles), k_blocks // 4))
+    keeping ≥ ``min_blocks`` K blocks."""
+    return max(1, min(_cdiv(programs, tiles), k_blocks // min_blocks))
 
 
 def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int, lut: bool = False,
