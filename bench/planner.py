@@ -3,9 +3,10 @@
 All settings use int asym g128 codes (W3A16's) and the same method: uniform 3-bit (and, at
 about the planner's 3.25 bits per weight, uniform 3-bit in groups of 64); the
 planner with candidates 2, 3, 4, 8 bits at exactly uniform 3-bit's total weight bytes; the
-planner with its default candidates (3, 4, 8 bits) at 3.25 and at 3.5 bits per weight; and
-uniform 4-bit for reference. The planner measures
-each module's output error on 32 × 512 tokens of pydoc-calib; GPTQ calibrates on
+planner with its default candidates (3, 4, 8 bits) at 3.25 and at 3.5 bits per weight; the
+planner choosing group sizes 32 / 64 / 128 as well (``--plan-groups``) at 3.25, 3.3 (just under
+uniform int3 g64's 3.303) and 3.5; uniform int3 in groups of 32; and uniform 4-bit for reference.
+The planner measures each module's output error on 32 × 512 tokens of pydoc-calib; GPTQ calibrates on
 PROTOCOL.md's 128 × 512 unless ``--calib-samples`` says otherwise (the table's rows name it).
 Evaluation as PROTOCOL.md says: pydoc-eval, perplexity over the first 16 windows of 2048
 tokens, KL and top-1 against the float model over the first 4. Each setting is the command a
@@ -28,6 +29,9 @@ from lowbit.footprint import config_footprint, read_config
 from lowbit.scheme import W3A16
 
 
+GROUPS = ["--scheme", "W3A16", "--plan-groups", "32,64,128"]
+
+
 def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, list[str]]]:
     uniform3_bytes = config_footprint(read_config("default"), W3A16).total_bytes
     common = ["--method", method]  # eval defaults: PROTOCOL.md's 16 windows for ppl, 4 for KL / top-1
@@ -42,12 +46,18 @@ def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, l
          ["--scheme", "W3A16", "--budget", str(uniform3_bytes), "--bits", "2,3,4,8", *common]),
         (f"{method} plan 3.25 bpw", ["--scheme", "W3A16", "--target-bpw", "3.25", *common]),
         (f"{method} plan 3.5 bpw", ["--scheme", "W3A16", "--target-bpw", "3.5", *common]),
+        # group sizes as candidates too (--plan-groups): bits and group size per module
+        (f"{method} plan 3.25 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.25", *common]),
+        (f"{method} plan 3.3 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.3", *common]),
+        (f"{method} plan 3.5 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.5", *common]),
+        (f"{method} uniform int3 g32", ["--scheme", "W3A16", "--group-size", "32", *common]),
         (f"{method} uniform int4 g128", ["--scheme", "W4A16_ASYM", *common]),
     ]
 
 
 def plan_column(rows: list[dict]) -> str:
-    lines = ["| setting | modules at 2 / 3 / 4 / 8 bits | planned linears bytes | budget met |", "|---|---|---:|---|"]
+    lines = ["| setting | modules at 2 / 3 / 4 / 8 bits | modules per spec | planned linears bytes | budget met |",
+             "|---|---|---|---:|---|"]
     for r in rows:
         plan = r.get("details", {}).get("bit_plan")
         if plan is None:
@@ -60,7 +70,8 @@ def plan_column(rows: list[dict]) -> str:
         else:
             total, budget = r["weight_bytes"], plan["budget_bytes"]
             met = f"{total:,} ≤ {budget:,} bytes: {total <= budget}"
-        lines.append(f"| {r['label']} | {counts} | {plan['quantized_bytes']:,} | {met} |")
+        specs = ", ".join(f"{n} {spec}" for spec, n in plan.get("spec_histogram", {}).items())
+        lines.append(f"| {r['label']} | {counts} | {specs} | {plan['quantized_bytes']:,} | {met} |")
     return "\n".join(lines)
 
 

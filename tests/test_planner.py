@@ -208,7 +208,50 @@ def test_cli_refuses_bad_plans_before_loading():
     for args, message in ((["--target-bpw", "2.5"], "below"), (["--target-bpw", "3.5", "--budget", "1GB"], "pass one"),
                           (["--target-bpw", "3.5", "--method", "awq"], "rtn or gptq"),
                           (["--target-bpw", "3.5", "--format", "gptq"], "one scheme"),
-                          (["--target-bpw", "3.5", "--bits", "2,x"], "--bits")):
+                          (["--target-bpw", "3.5", "--bits", "2,x"], "--bits"),
+                          (["--target-bpw", "3.5", "--plan-groups", "64,x"], "--plan-groups"),
+                          (["--target-bpw", "3.5", "--plan-groups", "60"], "multiples of 8")):
         result = runner.invoke(cli, ["quantize", "default", "--scheme", "W3A16", "--no-eval", "--json", "r.json",
                                      *args])
         assert result.exit_code == 1 and message in result.output, (args, result.output)
+
+
+# -- group sizes as candidates --------------------------------------------------------------------
+
+def test_group_size_candidates_are_ordered_and_priced():
+    specs = planner.candidate_specs(W3A16.weights, (4, 3), (64, 0, 128))
+    assert [(s.bits, s.granularity, s.group_size) for s in specs] == [
+        (3, "channel", None), (3, "group", 128), (3, "group", 64),
+        (4, "channel", None), (4, "group", 128), (4, "group", 64)]
+    assert all(s.symmetric == W3A16.weights.symmetric for s in specs)
+    costs = [storage_bytes(s, (256, 512)) for s in specs]
+    assert costs[:3] == sorted(costs[:3]) and costs[3:] == sorted(costs[3:])  # smaller groups cost more
+    with pytest.raises(LowbitError, match="group sizes"):
+        planner.candidate_specs(W3A16.weights, (3,), (-64,))
+    # g_idx is stored (and so counted) only by grouped specs
+    channel, g128 = specs[0], specs[1]
+    assert planner.spec_bytes(channel, (256, 512), g_idx=True) == storage_bytes(channel, (256, 512))
+    assert planner.spec_bytes(g128, (256, 512), g_idx=True) == storage_bytes(g128, (256, 512), True)
+
+
+def test_plan_over_group_sizes_beats_uniform_g64_at_its_size_and_reloads(two_layers, calib, tmp_path):
+    """With group sizes as candidates, uniform int3 g64 is one feasible plan at its own bytes: the plan's
+    summed error is no higher, it mixes layouts, and the mixed-group checkpoint reloads with the same logits."""
+    specs = planner.candidate_specs(G64.weights, (3, 4), (32, 64, 128))
+    sens = planner.measure_sensitivities(two_layers, G64, calib, specs, progress=False)
+    floats = planner.float_tensor_bytes(two_layers, list(sens.shapes))
+    uniform = lowbit.quantize(two_layers, G64, progress=False)
+    size = model_footprint(uniform).total_bytes
+    plan = planner.plan_from_sensitivities(sens, G64, planner.SizeTarget(None, size), floats)
+    g64 = specs.index(G64.weights.replace(bits=3))
+    assert plan.total_bytes <= size
+    assert plan.total_error <= sum(errs[g64] for errs in sens.errors.values())
+    assert len(plan.spec_histogram()) > 1 and sum(plan.spec_histogram().values()) == len(plan.rows)
+    q = lowbit.quantize(two_layers, plan, progress=False)
+    assert model_footprint(q).total_bytes == plan.total_bytes
+    lowbit.save(q, tmp_path / "native")
+    back = lowbit.load(tmp_path / "native")
+    assert {n: m.spec for n, m in quantized_modules(back).items()} == {r.module: r.spec for r in plan.rows}
+    ids = torch.arange(20)[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(back(ids).logits, q(ids).logits)

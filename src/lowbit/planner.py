@@ -73,14 +73,28 @@ Measure = Literal["rtn", "gptq"]
 
 # -- candidates and sizes ------------------------------------------------------------------------
 
-def candidate_specs(base: QuantSpec, bits: Sequence[int] = DEFAULT_BITS) -> tuple[QuantSpec, ...]:
-    """The base integer spec at each bit width (same group size, symmetry, observer), fewest bits first."""
+def candidate_specs(base: QuantSpec, bits: Sequence[int] = DEFAULT_BITS,
+                    group_sizes: Sequence[int] | None = None) -> tuple[QuantSpec, ...]:
+    """The base integer spec at each bit width (same symmetry and observer), cheapest first.
+
+    With ``group_sizes`` every width is also offered at each of those group sizes (``0`` meaning one
+    scale per output channel), so the plan can buy accuracy with smaller groups as well as with more
+    bits: at about 3.3 bits per weight, int3 in groups of 64 is a better use of the bytes than a mix
+    of int3 and int4 in groups of 128 on the default model (bench/results/planner.md). Without it,
+    the base spec's own granularity is kept."""
     if base.format != "int":
         raise LowbitError(f"the bit planner varies integer bit widths; the scheme's weights are {base.format}.")
     widths = sorted(set(bits))
     if not widths:
         raise LowbitError("the bit planner needs at least one candidate bit width.")
-    return tuple(base.replace(bits=int(b)) for b in widths)
+    if not group_sizes:
+        return tuple(base.replace(bits=int(b)) for b in widths)
+    if any(g < 0 for g in group_sizes):
+        raise LowbitError(f"candidate group sizes must be positive (or 0 for per-channel), got {list(group_sizes)}.")
+    layouts = sorted(set(group_sizes), key=lambda g: -(g or math.inf))  # largest groups (fewest scales) first
+    return tuple(base.replace(bits=int(b), granularity="group", group_size=g) if g
+                 else base.replace(bits=int(b), granularity="channel", group_size=None)
+                 for b in widths for g in layouts)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -133,8 +147,8 @@ def check_reachable(target: SizeTarget, shapes: dict[str, tuple[int, int]], spec
     module at the fewest bits, or above every module at the most (then a uniform scheme is the answer)."""
     params = sum(r * c for r, c in shapes.values())
     budget = target.linear_bytes(params, float_bytes)
-    low = sum(min(storage_bytes(s, shape, g_idx) for s in specs) for shape in shapes.values())
-    high = sum(max(storage_bytes(s, shape, g_idx) for s in specs) for shape in shapes.values())
+    low = sum(min(spec_bytes(s, shape, g_idx) for s in specs) for shape in shapes.values())
+    high = sum(max(spec_bytes(s, shape, g_idx) for s in specs) for shape in shapes.values())
 
     def say(nbytes: int) -> str:
         if target.bits_per_weight is not None:
@@ -148,6 +162,12 @@ def check_reachable(target: SizeTarget, shapes: dict[str, tuple[int, int]], spec
         raise LowbitError(f"{target.describe()} is above {say(high)}, what every module at "
                           f"{specs[-1].describe()} takes; there is nothing to plan (use that scheme).")
     return budget
+
+
+def spec_bytes(spec: QuantSpec, shape: tuple[int, int], g_idx: bool = False) -> int:
+    """`storage_bytes` of one candidate; ``g_idx`` (GPTQ's act-order without static groups) is stored only
+    by grouped specs."""
+    return storage_bytes(spec, shape, g_idx and spec.granularity == "group")
 
 
 # -- 1. sensitivities ----------------------------------------------------------------------------
@@ -449,12 +469,21 @@ class BitPlan:
             counts[row.spec.bits] = counts.get(row.spec.bits, 0) + 1
         return dict(sorted(counts.items()))
 
+    def spec_histogram(self) -> dict[str, int]:
+        """How many modules got each spec (bits and group size), in the order of first appearance."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            key = row.spec.describe()
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def to_dict(self) -> dict[str, Any]:
         return {"target_bpw": self.target.bits_per_weight, "budget_bytes": self.target.total_bytes,
                 "linear_budget_bytes": self.linear_budget, "bits_per_weight": self.bits_per_weight,
                 "quantized_bytes": self.quantized_bytes, "quantized_params": self.quantized_params,
                 "float_bytes": self.float_bytes, "weight_bytes": self.total_bytes, "total_error": self.total_error,
                 "bits_histogram": {str(k): v for k, v in self.bits_histogram().items()},
+                "spec_histogram": self.spec_histogram(),
                 "measured_with": self.measured_with, "calibration_tokens": self.calibration_tokens,
                 "scheme": self.scheme.to_dict(), "modules": [r.to_dict() for r in self.rows]}
 
@@ -491,7 +520,7 @@ def plan_from_sensitivities(sens: Sensitivities, scheme: Scheme, target: SizeTar
     ignore patterns and activations."""
     names = list(sens.shapes)
     budget = check_reachable(target, sens.shapes, sens.specs, float_bytes, g_idx)
-    costs = [[storage_bytes(s, sens.shapes[n], g_idx) for s in sens.specs] for n in names]
+    costs = [[spec_bytes(s, sens.shapes[n], g_idx) for s in sens.specs] for n in names]
     errors = [sens.errors[n] for n in names]
     choice = allocate(costs, errors, budget)
     rows = []
@@ -506,24 +535,25 @@ def plan_from_sensitivities(sens: Sensitivities, scheme: Scheme, target: SizeTar
 
 def plan_bits(model: nn.Module, scheme: Scheme, calib: Tensor, target_bpw: float | None = None,
               budget: int | str | None = None, bits: Sequence[int] = DEFAULT_BITS, method: Any = None,
-              measure: Measure | None = None, progress: bool = True) -> BitPlan:
+              measure: Measure | None = None, progress: bool = True,
+              group_sizes: Sequence[int] | None = None) -> BitPlan:
     """Measure ``model``'s sensitivities on ``calib`` and choose each selected linear's bits (among ``bits``,
-    with the group size and symmetry of ``scheme.weights``) for ``target_bpw`` bits per quantised weight or
-    a total weight ``budget`` (bytes or e.g. "35GB"). Quantise with ``lowbit.quantize(model, plan, method)``.
+    with the group size and symmetry of ``scheme.weights``, or at each of ``group_sizes``) for ``target_bpw``
+    bits per quantised weight or a total weight ``budget`` (bytes or e.g. "35GB"). Quantise with
+    ``lowbit.quantize(model, plan, method)``.
 
     ``method`` is the method that will quantise (RTN by default, or a `GPTQ`): the candidates are measured
     the way it rounds (``measure``, by default "gptq" for GPTQ, else "rtn"), and the g_idx that GPTQ's
     act-order without static groups stores is counted in the budget.
     """
     target = SizeTarget(target_bpw, None if budget is None else parse_budget(budget))
-    specs = candidate_specs(scheme.weights, bits)
+    specs = candidate_specs(scheme.weights, bits, group_sizes)
     gptq = method if isinstance(method, GPTQ) else None
     measure = measure or ("gptq" if gptq is not None else "rtn")
     selected = select_linears(model, scheme.targets, scheme.ignore)
     if not selected:
         raise LowbitError(f"scheme {scheme.name} selects no linear layer of {type(model).__name__}.")
-    g_idx = (gptq is not None and gptq.act_order and not gptq.static_groups
-             and scheme.weights.granularity == "group")
+    g_idx = gptq is not None and gptq.act_order and not gptq.static_groups
     floats = float_tensor_bytes(model, list(selected))
     shapes = {n: (m.out_features, m.in_features) for n, m in selected.items()}
     check_reachable(target, shapes, specs, floats, g_idx)  # before the calibration pass

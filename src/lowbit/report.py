@@ -78,6 +78,9 @@ def print_plan_table(plan, console: Console | None = None) -> None:
                       f"{row.relative_error:.2e}", f"{row.nbytes:,}")
     console.print(table)
     counts = ", ".join(f"{n} at {bits} bits" for bits, n in plan.bits_histogram().items())
+    specs = plan.spec_histogram()
+    if len(specs) > len(plan.bits_histogram()):  # group sizes were planned too
+        counts += " (" + ", ".join(f"{n} {spec}" for spec, n in specs.items()) + ")"
     console.print(f"{counts}; linears {plan.quantized_bytes:,} bytes of {plan.linear_budget:,} allowed, "
                   f"{plan.bits_per_weight:.4f} bits per weight; weights {_gb(plan.total_bytes)} in all; "
                   f"summed output error {plan.total_error:.4g}.")
