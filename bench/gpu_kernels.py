@@ -53,6 +53,7 @@ SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096), (4096, 11008), (11008, 409
 TOKENS = [1, 16, 64, 128, 256, 2048]
 SMOKE_SHAPES = [(256, 96), (192, 160)]
 SMOKE_TOKENS = [1, 16, 33]
+KERNELS = ("w4a16", "nf4", "w8a8", "fp8", "peers")
 TOL = 4 * 2.0**-8  # bf16
 
 
@@ -66,6 +67,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--shapes", default=None, help="comma-separated KxN (default: the five LLaMA shapes)")
     parser.add_argument("--tokens", default=None, help="comma-separated M values")
     parser.add_argument("--no-sweep", action="store_true", help="time only the launchers' own configs")
+    parser.add_argument("--sweep-tokens", default=None, help="comma-separated M values to sweep (default: all)")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds after which only the launchers' own configs are timed (the run still ends "
                              "with its table)")
@@ -73,6 +76,8 @@ def parse() -> argparse.Namespace:
 
 
 ARGS = parse()
+SWEEP_TOKENS = None if ARGS.sweep_tokens is None else {int(m) for m in ARGS.sweep_tokens.split(",")}
+RUN = set(ARGS.kernels.split(","))
 if ARGS.smoke:  # before lowbit's kernels are first launched (they are built at that moment)
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -104,26 +109,32 @@ FP8W, ACTF8 = get_scheme("FP8").weights, get_scheme("FP8").activations
 # stages, programs per SM that split-K aims at (0: no split), extra BlockConfig fields).
 G = "gemv"
 MMA = "mma"
+GEMM = "gemm"
+DQ = "dequant"
 XP = {"xplanes": True}
 PLAIN = {"magic": False}
+SCALED = {"planes": 2}
 INT4_TILES = {
     "one": [(G, 1, 128, 128, 4, 1, 4, {}), (G, 1, 256, 128, 4, 1, 4, {}), (G, 1, 128, 256, 4, 1, 4, {}),
             (G, 1, 128, 128, 8, 1, 4, {}), (G, 1, 64, 128, 4, 1, 4, {}),
             (G, 1, 128, 128, 4, 1, 4, XP), (G, 1, 256, 128, 4, 1, 4, XP), (G, 1, 128, 256, 4, 1, 4, XP),
             (G, 1, 128, 128, 8, 1, 4, XP), (G, 1, 64, 128, 4, 1, 4, XP), (G, 1, 256, 128, 8, 1, 2, XP),
             (MMA, 16, 128, 128, 4, 4, 2, {}), (MMA, 16, 64, 128, 4, 4, 2, {}), (MMA, 16, 128, 128, 4, 4, 2, PLAIN)],
-    "decode": [(MMA, 16, 64, 128, 4, 4, 2, {}), (MMA, 16, 128, 128, 4, 4, 2, {}), (MMA, 16, 64, 128, 4, 3, 4, {}),
-               (MMA, 16, 64, 128, 4, 4, 0, {}), (MMA, 16, 64, 128, 4, 4, 2, PLAIN), (MMA, 16, 128, 128, 4, 4, 2, PLAIN),
-               (MMA, 16, 64, 128, 4, 3, 4, PLAIN), (MMA, 16, 64, 128, 4, 4, 0, PLAIN),
-               (MMA, 16, 32, 128, 4, 4, 4, PLAIN), (MMA, 16, 128, 128, 8, 4, 2, PLAIN)],
+    "decode": [(MMA, 16, 64, 128, 4, 4, 2, PLAIN), (MMA, 16, 64, 128, 4, 3, 4, SCALED),
+               (MMA, 16, 64, 128, 4, 4, 2, SCALED), (MMA, 16, 128, 128, 4, 4, 2, SCALED),
+               (MMA, 16, 128, 128, 8, 3, 4, SCALED), (MMA, 16, 32, 128, 4, 4, 4, SCALED),
+               (GEMM, 16, 64, 128, 4, 3, 4, {}), (GEMM, 16, 128, 128, 4, 4, 2, {}), (GEMM, 16, 64, 64, 4, 4, 4, {})],
     "mid": [(MMA, 64, 128, 128, 4, 3, 1, {}), (MMA, 32, 64, 128, 4, 4, 2, {}),
             (MMA, 64, 128, 128, 4, 3, 1, PLAIN), (MMA, 32, 64, 128, 4, 4, 2, PLAIN),
             (MMA, 64, 64, 128, 4, 4, 1, PLAIN), (MMA, 64, 128, 128, 8, 3, 1, PLAIN)],
     "large": [(MMA, 64, 128, 128, 4, 4, 0, {}), (MMA, 64, 128, 128, 4, 4, 0, PLAIN),
               (MMA, 128, 128, 128, 8, 3, 0, PLAIN), (MMA, 64, 64, 128, 4, 4, 0, PLAIN),
               (MMA, 128, 128, 64, 8, 4, 0, PLAIN), (MMA, 64, 256, 128, 8, 3, 0, PLAIN)],
-    "prefill": [(MMA, 128, 128, 64, 8, 4, 0, PLAIN), (MMA, 128, 128, 128, 8, 3, 0, PLAIN),
-                (MMA, 128, 256, 64, 8, 3, 0, PLAIN), (MMA, 256, 128, 64, 8, 3, 0, PLAIN)],
+    "prefill": [(GEMM, 256, 128, 64, 8, 3, 0, {}), (GEMM, 256, 128, 64, 8, 4, 0, {}),
+                (GEMM, 128, 128, 64, 8, 4, 0, {}), (GEMM, 128, 256, 64, 8, 3, 0, {}),
+                (GEMM, 128, 128, 128, 8, 3, 0, {}), (GEMM, 256, 128, 64, 8, 3, 0, {"group_m": 16}),
+                (GEMM, 128, 128, 64, 8, 4, 0, {"unpack": 1}),
+                (DQ, 16, 64, 128, 4, 1, 0, {"chunk_n": 4096}), (DQ, 16, 64, 128, 4, 1, 0, {"chunk_n": 2048})],
 }
 NF4_TILES = {
     "one": [(G, 1, 128, 128, 4, 1, 4, {}), (G, 1, 64, 128, 4, 1, 4, {})],
@@ -148,10 +159,19 @@ W8A8_TILES = {
 DEQUANT_TILES = [(64, 128, 4), (32, 256, 4)]  # (BLOCK_N, BLOCK_K, warps)
 SMOKE_TILES = {
     "one": [(G, 1, 32, 64, 4, 1, 2, {}), (MMA, 16, 32, 64, 4, 2, 2, {})],
-    "decode": [(MMA, 16, 32, 64, 4, 2, 2, {}), (MMA, 16, 32, 64, 4, 2, 2, {"planes": 1})],
-    "mid": [(MMA, 32, 32, 32, 4, 2, 1, {})], "large": [(MMA, 32, 32, 32, 4, 2, 0, {})],
+    "decode": [(MMA, 16, 32, 64, 4, 2, 2, {}), (MMA, 16, 32, 64, 4, 2, 2, {"planes": 1}),
+               (MMA, 16, 32, 64, 4, 2, 2, SCALED), (GEMM, 16, 32, 64, 4, 2, 2, {})],
+    "mid": [(MMA, 32, 32, 32, 4, 2, 1, {}), (GEMM, 32, 32, 32, 4, 2, 0, {"unpack": 1}),
+            (DQ, 16, 32, 64, 4, 1, 0, {"chunk_n": 64})],
+    "large": [(MMA, 32, 32, 32, 4, 2, 0, {})],
     "prefill": [(MMA, 32, 32, 32, 4, 2, 0, {})],
 }
+
+
+def sweeping(m: int) -> bool:
+    """Whether configs beyond the launcher's own are still timed at M tokens."""
+    late = ARGS.deadline is not None and time.perf_counter() - START > ARGS.deadline
+    return not (ARGS.no_sweep or late or (SWEEP_TOKENS is not None and m not in SWEEP_TOKENS))
 
 
 def regime(m: int) -> str:
@@ -287,7 +307,7 @@ class Shape:
                 result["default_us"] = us
             if us is not None and (result.get("best_us") is None or us < result["best_us"]):
                 result["best_us"], result["best_config"] = us, dataclasses.asdict(cfg)
-            if ARGS.no_sweep or (ARGS.deadline and time.perf_counter() - START > ARGS.deadline):
+            if not sweeping(m):
                 break
         return result
 
@@ -308,10 +328,11 @@ class Shape:
             return launch
 
         ref4 = quantized_linear(x, self.w4)
-        refn = quantized_linear(x, self.wn)
-        ref8 = quantized_linear(x, self.w8, None, ACT8)
-        for name, launch, weight, ref, table in (("w4a16", int4(self.p4, self.w4), self.w4, ref4, INT4_TILES),
-                                                 ("nf4", int4(self.pn, self.wn), self.wn, refn, NF4_TILES)):
+        for name, launch, weight, table in (("w4a16", int4(self.p4, self.w4), self.w4, INT4_TILES),
+                                            ("nf4", int4(self.pn, self.wn), self.wn, NF4_TILES)):
+            if name not in RUN:
+                continue
+            ref = ref4 if name == "w4a16" else quantized_linear(x, weight)
             groups = weight.scale_shape[1]
             default = int4_config(m, n, k, weight.group_size, groups, self.sms, lut=name == "nf4")
             configs = candidates(tiles or table, m, n, k, self.sms, weight.group_size)
@@ -329,24 +350,15 @@ class Shape:
                         best_us, row["sweeps"][name + " dequant+cublas"] = us, dataclasses.asdict(cfg)
                 row["us"][name + " dequant+cublas"] = best_us
 
-        def w8a8(x, out, cfg):
-            launch_w8a8(out_of(out), x, self.p8["weight"], self.p8["scale"], None, cfg)
-
-        sweep = self._sweep("w8a8", m, x, ref8, w8a8, w8a8_config(m, n, k, self.sms, x.element_size()),
-                            candidates(tiles or W8A8_TILES, m, n, k, self.sms, None))
-        row["sweeps"]["w8a8"] = sweep
-        row["us"]["w8a8"] = sweep["default_us"]
-        row["us"]["w8a8 tuned"] = sweep.get("best_us")
-        if m > 16 and dev.type == "cuda":
-            cfg = BlockConfig(16, 64, 128, backend="int_mm")
-            row["us"]["w8a8 int_mm"] = self._run("w8a8 int_mm", m, lambda x, out: w8a8(x, out, cfg), x, ref8, cfg)
-        if isinstance(self.pf, str):
+        if "w8a8" in RUN:
+            self._w8a8_row(row, m, x, tiles)
+        if "fp8" in RUN and isinstance(self.pf, str):
             row["skipped"]["fp8 scaled_mm"] = self.pf
-        else:
+        elif "fp8" in RUN:
             reff = quantized_linear(x, self.wf, None, ACTF8)
             row["us"]["fp8 scaled_mm"] = self._run("fp8 scaled_mm", m, lambda x, out: out_of(out).copy_(
                 fp8_linear(x, self.pf)) if out is not None else fp8_linear(x, self.pf), x, reff)
-        for name, fn in self.peers.items():
+        for name, fn in self.peers.items() if "peers" in RUN else ():
             if isinstance(fn, str):
                 row["skipped"][name] = fn
                 continue
@@ -357,6 +369,23 @@ class Shape:
         print(f"K={k} N={n} M={m}: " + ", ".join(f"{key} {us:.1f}" for key, us in row["us"].items()
                                                  if us is not None) + " us", flush=True)
         return row
+
+    def _w8a8_row(self, row: dict, m: int, x: torch.Tensor, tiles: dict | None) -> None:
+        k, n, dev = self.k, self.n, self.device
+        ref8 = quantized_linear(x, self.w8, None, ACT8)
+
+        def w8a8(x, out, cfg):
+            launch_w8a8(out if out is not None else torch.empty((m, n), dtype=torch.bfloat16, device=dev), x,
+                        self.p8["weight"], self.p8["scale"], None, cfg)
+
+        sweep = self._sweep("w8a8", m, x, ref8, w8a8, w8a8_config(m, n, k, self.sms, x.element_size()),
+                            candidates(tiles or W8A8_TILES, m, n, k, self.sms, None))
+        row["sweeps"]["w8a8"] = sweep
+        row["us"]["w8a8"] = sweep["default_us"]
+        row["us"]["w8a8 tuned"] = sweep.get("best_us")
+        if m > 16 and dev.type == "cuda":
+            cfg = BlockConfig(16, 64, 128, backend="int_mm")
+            row["us"]["w8a8 int_mm"] = self._run("w8a8 int_mm", m, lambda x, out: w8a8(x, out, cfg), x, ref8, cfg)
 
 
 def memory_check(k: int, n: int, device: torch.device) -> dict:
@@ -439,6 +468,7 @@ def markdown(env: dict, checks: list[dict], timings: list[dict], memory: dict | 
         reasons = sorted({c["failed"].split(":")[0] + ": " + c["failed"].split(":")[1].strip()[:60] for c in refused})
         lines.append(f"{len(refused)} sweep configs did not run ({'; '.join(reasons)}); their kernels are not "
                      "among the timed ones.")
+    lines += variant_table(timings)
     if memory:
         mb = 1 / 2**20
         lines += ["", f"Device memory of one QuantLinear (int4 g128, {memory['K']} × {memory['N']}): packed "
@@ -448,6 +478,30 @@ def markdown(env: dict, checks: list[dict], timings: list[dict], memory: dict | 
                   f"forward (output excluded): M = 1 {memory['transient_peak_bytes_m1'] * mb:.1f} MiB, M = 2048 "
                   f"{memory['transient_peak_bytes_m2048'] * mb:.1f} MiB."]
     return "\n".join(lines) + "\n"
+
+
+def describe(cfg: dict) -> str:
+    """A block config in a few words: backend, tile, warps/stages, split, and the fields off their defaults."""
+    default = dataclasses.asdict(BlockConfig(0, 0, 0))
+    extra = [f"{key}={value}" for key, value in cfg.items() if key in ("unpack", "planes", "magic", "prefetch",
+             "xplanes", "chunk_n", "group_m") and value != default[key]]
+    tile = f"{cfg['block_n']}×{cfg['block_k']}" if cfg["backend"] == "gemv" else \
+        f"{cfg['block_m']}×{cfg['block_n']}×{cfg['block_k']}"
+    head = f"{cfg['backend']} {tile} w{cfg['num_warps']} s{cfg['num_stages']} split {cfg['split_k']}"
+    return " ".join([head, *extra])
+
+
+def variant_table(timings: list[dict]) -> list[str]:
+    """Every w4a16 config timed, per (shape, M): µs and t(bf16) / t(config); the launcher's marked."""
+    lines = ["", "w4a16, every config timed (✓: the launcher's own):", "",
+             "| K × N | M | config | µs | × bf16 |", "|---|---:|---|---:|---:|"]
+    for row in timings:
+        sweep = row["sweeps"].get("w4a16")
+        for tried in sweep["tried"] if sweep else ():
+            us, mark = tried["us"], " ✓" if tried["config"] == sweep["default_config"] else ""
+            cells = f"{us:.1f} | {row['us']['bf16'] / us:.2f}" if us else "failed | –"
+            lines.append(f"| {row['K']} × {row['N']} | {row['M']} | {describe(tried['config'])}{mark} | {cells} |")
+    return lines
 
 
 def main() -> None:

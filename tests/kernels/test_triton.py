@@ -182,12 +182,17 @@ CONFIGS = [
     BlockConfig(16, 32, 128, split_k=2, backend="mma"),  # codes in K order, one dot per block
     BlockConfig(16, 16, 128, backend="mma", planes=1),  # one dot per nibble plane
     BlockConfig(32, 64, 64, backend="mma", magic=False, group_m=2),  # codes converted plainly
+    BlockConfig(16, 32, 128, split_k=2, backend="mma", planes=2),  # codes decoded and scaled in x's dtype
     BlockConfig(16, 32, 64, split_k=3),  # general kernel: per-block scales, K split three ways
     BlockConfig(16, 64, 256),  # general kernel, a K block spans two groups: scales gathered per column
     BlockConfig(16, 32, 32, split_k=2, group_m=2),  # several row tiles in grouped order
     BlockConfig(64, 16, 128, num_warps=2),
+    BlockConfig(32, 32, 64, backend="gemm"),  # x-left tiled GEMM, words interleaved into K order
+    BlockConfig(16, 64, 128, split_k=2, backend="gemm", unpack=1, group_m=2),  # each element loads its word
+    BlockConfig(64, 16, 32, split_k=3, backend="gemm", num_warps=2),  # ragged splits, row tiles > M
     BlockConfig(16, 32, 64, backend="dequant"),
     BlockConfig(16, 16, 256, backend="dequant"),  # K blocks past the end of a row
+    BlockConfig(16, 32, 64, backend="dequant", chunk_n=32),  # 72 rows in chunks of 32, 32 and 8
 ]
 
 
@@ -205,6 +210,27 @@ def test_w4a16_block_configs(config, symmetric):
         out = _poisoned(m, 72, dtype)
         launch_int4(out, x, p["qweight"], p["scales"], p.get("zeros"), None, None, None, b, 128, config=config)
         _check(out, quantized_linear(x, w, b))
+
+
+GEMM_CASES = [W4A16_CASES[i] for i in (0, 1, 4, 5, 8)]  # K 96, 160 ragged, 100 (not a multiple of 8), channel
+
+
+@pytest.mark.parametrize("case", GEMM_CASES, ids=[c[0] for c in GEMM_CASES])
+def test_w4_gemm_and_chunked_dequant_on_awkward_shapes(case):
+    """The x-left GEMM, the scaled-decode tensor-core kernel and the chunked dequantise + GEMM on K not a
+    multiple of the block (or of 8), N not of the tile, asymmetric zero points."""
+    w = _w4a16_weight(case, seed=5)
+    p = prepare_w4a16(w)
+    n, k = w.shape
+    for config in (BlockConfig(16, 32, 32, backend="gemm"), BlockConfig(16, 32, 32, split_k=2, backend="mma", planes=2),
+                   BlockConfig(32, 16, 32, split_k=2, backend="gemm", unpack=1),
+                   BlockConfig(16, 16, 32, backend="dequant", chunk_n=24)):
+        for m, dtype in ((7, torch.bfloat16), (5, torch.float32)):
+            x, b = _inputs(m, k, n, dtype, seed=m, bias=True)
+            out = _poisoned(m, n, dtype)
+            launch_int4(out, x, p["qweight"], p["scales"], p.get("zeros"), None, None, None, b, w.group_size,
+                        config=config)
+            _check(out, quantized_linear(x, w, b))
 
 
 def test_configs_a_call_cannot_take_fall_back_to_the_general_kernel():

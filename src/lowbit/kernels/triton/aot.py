@@ -61,7 +61,7 @@ def _w8a8_source(jit, dtype: str, fused: bool, bias: bool, cfg: BlockConfig):
 
 
 def _new4_source(jit, dtype: str, decode: int, bias: bool, cfg: BlockConfig, group: int, k: int):
-    """The N-major 4-bit kernels: `w4_gemv_kernel`, `w4_mma_kernel`, `dequant_nk_kernel`."""
+    """The N-major 4-bit kernels: `w4_gemv_kernel`, `w4_mma_kernel`, `w4_gemm_kernel`, `dequant_nk_kernel`."""
     from triton.compiler import ASTSource
 
     t = _TYPES[dtype]
@@ -82,6 +82,12 @@ def _new4_source(jit, dtype: str, decode: int, bias: bool, cfg: BlockConfig, gro
             fn = jit.w4_gemv_kernel
             const.update(PER_BLOCK=group % cfg.block_k == 0, PREFETCH=cfg.prefetch, XPLANES=cfg.xplanes)
             ptrs.update(lut_ptr="*fp32" if decode == 2 else None)
+        elif cfg.backend == "gemm":
+            fn = jit.w4_gemm_kernel
+            ints.append("M")
+            const.update(UNPACK=cfg.unpack, UPCAST=False, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+                         GROUP_M=cfg.group_m)
+            const.pop("WORDS")
         else:
             fn = jit.w4_mma_kernel
             ints.append("M")
@@ -99,7 +105,7 @@ def _new4_source(jit, dtype: str, decode: int, bias: bool, cfg: BlockConfig, gro
 
 def _4bit_source(jit, dtype: str, decode: int, gidx: bool, bias: bool, cfg: BlockConfig, group: int, k: int):
     """The kernel the 4-bit launcher runs for this config (GEMV, tensor-core, general fused, or the dequantise step)."""
-    if cfg.backend in ("gemv", "mma", "dequant"):
+    if cfg.backend in ("gemv", "mma", "gemm", "dequant"):
         return _new4_source(jit, dtype, decode, bias, cfg, group, k)
     return _int4_source(jit, dtype, decode, not gidx, gidx, bias, cfg, group)
 

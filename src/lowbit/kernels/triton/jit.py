@@ -14,6 +14,8 @@ Frantar et al., arXiv 2210.17323; NF4 by a 16-entry table, Dettmers et al., arXi
 - `w4_mma_kernel`: tensor cores with the weight as the left operand (outᵀ = W · xᵀ), so a few
   tokens still fill the MMA's large dimension; codes enter ``tl.dot`` as exact small
   integers and each K block's product (one group) is scaled once. Up to ~128 tokens.
+- `w4_gemm_kernel`: tensor cores with x as the left operand, a plain tiled GEMM whose weight
+  tile is decoded in the K loop into one in-place accumulator: the fused path for many tokens.
 - `int4_matmul_kernel`: the general fused kernel — any group layout (act-order groups in any
   order via g_idx, K blocks spanning groups) and NF4 — reading the words through strides.
 - `dequant_nk_kernel`: the weight written out as floats (N, K) for dequantise + one cuBLAS
@@ -53,6 +55,25 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.c
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets of this program's output tile (grouped order) and their masks."""
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _x_block(x_ptr, offs_m, m_mask, kb, K, stride_xm, BLOCK_K: tl.constexpr):
+    """K block ``kb`` of x's rows ``offs_m``: its column offsets, their mask and the (BM, BK) tile."""
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0)
+    return offs_k, k_mask, a
 
 
 @triton.jit
@@ -117,18 +138,11 @@ def int4_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out (M, N) = x (M, K) @ decode(words (ceil(K/8), N) int32, scales (G, N), ...), any strides."""
-    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     first, last = _k_range(K, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(first, last):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
+        offs_k, k_mask, a = _x_block(x_ptr, offs_m, m_mask, kb, K, stride_xm, BLOCK_K)
         if UNPACK == 0:
             q = _codes(w_ptr, kb, offs_n, n_mask, K, stride_wk, stride_wn, BLOCK_K, BLOCK_N)
         else:  # each row of the tile loads its own word (8 rows share one, from L1) and shifts: no reshape
@@ -322,9 +336,42 @@ def _codes_nk(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     n5 = (words >> 20) & 0xF
     n6 = (words >> 24) & 0xF
     n7 = (words >> 28) & 0xF
-    even = tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6))
-    odd = tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7))
+    return _k_order(n0, n1, n2, n3, n4, n5, n6, n7)
+
+
+@triton.jit
+def _k_order(p0, p1, p2, p3, p4, p5, p6, p7):
+    """8 (BLOCK_N, WORDS) nibble planes (plane i: code 8·word + i) → (BLOCK_N, 8·WORDS) in K order."""
+    even = tl.interleave(tl.interleave(p0, p4), tl.interleave(p2, p6))
+    odd = tl.interleave(tl.interleave(p1, p5), tl.interleave(p3, p7))
     return tl.interleave(even, odd)
+
+
+@triton.jit
+def _zero_points(z_ptr, g, offs_n, n_mask, stride_zg, stride_zn, DECODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_N,) float32 zero points of group g: stored (DECODE 1), else 8 (symmetric codes)."""
+    if DECODE == 1:
+        return tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)
+    else:
+        return tl.full((BLOCK_N,), 8.0, tl.float32)
+
+
+@triton.jit
+def _dequant_planes(words, s, z, dtype: tl.constexpr):
+    """(BLOCK_N, WORDS) words, (BLOCK_N,) float32 scales and zero points → (BLOCK_N, 8·WORDS) (q − z)·s in
+    ``dtype``, K order. Nibble i stays where it is (`_nibble_magic`: one logic op and one add give
+    q·16^e exactly) and one FMA with the scale times 16^−e finishes it: q·s − z·s."""
+    high = words >> 20
+    zs = (-z * s)[:, None]
+    p0 = (_nibble_magic(words, high, 0) * s[:, None] + zs).to(dtype)
+    p1 = (_nibble_magic(words, high, 1) * (s * 0.0625)[:, None] + zs).to(dtype)
+    p2 = (_nibble_magic(words, high, 2) * (s * 0.00390625)[:, None] + zs).to(dtype)
+    p3 = (_nibble_magic(words, high, 3) * (s * 0.000244140625)[:, None] + zs).to(dtype)
+    p4 = (_nibble_magic(words, high, 4) * (s * 0.0000152587890625)[:, None] + zs).to(dtype)
+    p5 = (_nibble_magic(words, high, 5) * s[:, None] + zs).to(dtype)
+    p6 = (_nibble_magic(words, high, 6) * (s * 0.0625)[:, None] + zs).to(dtype)
+    p7 = (_nibble_magic(words, high, 7) * (s * 0.00390625)[:, None] + zs).to(dtype)
+    return _k_order(p0, p1, p2, p3, p4, p5, p6, p7)
 
 
 @triton.jit
@@ -371,12 +418,10 @@ def w4_mma_kernel(
     product loses (2^e + z) times the block's x sums: Σ x·(q − z)·s = (Σ x·(2^e + q) − (2^e + z)·Σ x)·s.
     PLANES: 0 decodes the (BLOCK_N, 8·WORDS) tile in K order (`_codes_nk`) for one dot against
     a contiguous x tile; 1 runs 8 dots per block, one per nibble plane i (codes k = 8·w + i)
-    against the x columns of stride 8 that match it, with no interleave."""
-    pid_n, pid_t = _tile(tl.program_id(0), N, M, BLOCK_N, BLOCK_T, GROUP_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    n_mask = offs_n < N
-    t_mask = offs_t < M
+    against the x columns of stride 8 that match it, with no interleave; 2 decodes each code to
+    (q − z)·s in x's dtype (`_dequant_planes`: no int→float conversion, no per-block partial
+    product to scale) for one dot per block into the accumulator (MAGIC unused)."""
+    offs_n, offs_t, n_mask, t_mask = _tile_offsets(N, M, BLOCK_N, BLOCK_T, GROUP_N)
     KW = tl.cdiv(K, 8)
     BLOCK_K: tl.constexpr = 8 * WORDS
     blocks = tl.cdiv(KW, WORDS)
@@ -390,42 +435,46 @@ def w4_mma_kernel(
         words = _load_words(w_ptr, offs_n, n_mask, kb, KW, stride_wn, EVEN_K, WORDS)  # (BN, WORDS)
         g = (kb * BLOCK_K) // GROUP
         s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
-        if DECODE == 1:
-            z = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0).to(tl.int32)[:, None]
-        else:
-            z = tl.full((BLOCK_N, 1), 8, tl.int32)
-        if MAGIC:  # codes as they are; the zero point (and 2^e) leave through the x sums below
-            z = 0
-        xsum = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        if PLANES:
-            part = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-            for i in tl.static_range(8):
-                offs_k = offs_w * 8 + i
-                xt = tl.load(x_ptr + offs_t[None, :] * stride_xm + offs_k[:, None],
-                             mask=(offs_k < K)[:, None] & t_mask[None, :], other=0.0)  # (WORDS, BT)
-                v = _codes_as(((words >> (4 * i)) & 0xF) - z, dtype, MAGIC, UPCAST)
-                part = _dot(v, xt, part, UPCAST or dtype == tl.float32)
-                if MAGIC:
-                    xsum += tl.sum(xt.to(tl.float32), axis=0)
-        else:
+        if PLANES == 2:  # codes decoded and scaled in x's dtype, accumulated in place
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             xt = tl.load(x_ptr + offs_t[None, :] * stride_xm + offs_k[:, None],
                          mask=(offs_k < K)[:, None] & t_mask[None, :], other=0.0)  # (BK, BT)
-            v = _codes_as(_codes_nk(words, BLOCK_N, WORDS) - z, dtype, MAGIC, UPCAST)
-            part = _dot(v, xt, tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32), UPCAST or dtype == tl.float32)
-            if MAGIC:
-                xsum = tl.sum(xt.to(tl.float32), axis=0)
-        if MAGIC:
+            zf = _zero_points(z_ptr, g, offs_n, n_mask, stride_zg, stride_zn, DECODE, BLOCK_N)
+            acc = _dot(_dequant_planes(words, s, zf, dtype), xt, acc, UPCAST or dtype == tl.float32)
+        else:
             if DECODE == 1:
-                zf = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)
+                z = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0).to(tl.int32)[:, None]
             else:
-                zf = tl.full((BLOCK_N,), 8.0, tl.float32)
-            if dtype == tl.bfloat16:
-                zf = zf + 128.0
+                z = tl.full((BLOCK_N, 1), 8, tl.int32)
+            if MAGIC:  # codes as they are; the zero point (and 2^e) leave through the x sums below
+                z = 0
+            xsum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            if PLANES:
+                part = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    offs_k = offs_w * 8 + i
+                    xt = tl.load(x_ptr + offs_t[None, :] * stride_xm + offs_k[:, None],
+                                 mask=(offs_k < K)[:, None] & t_mask[None, :], other=0.0)  # (WORDS, BT)
+                    v = _codes_as(((words >> (4 * i)) & 0xF) - z, dtype, MAGIC, UPCAST)
+                    part = _dot(v, xt, part, UPCAST or dtype == tl.float32)
+                    if MAGIC:
+                        xsum += tl.sum(xt.to(tl.float32), axis=0)
             else:
-                zf = zf + 1024.0
-            part = part - zf[:, None] * xsum[None, :]
-        acc += part * s[:, None]
+                offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+                xt = tl.load(x_ptr + offs_t[None, :] * stride_xm + offs_k[:, None],
+                             mask=(offs_k < K)[:, None] & t_mask[None, :], other=0.0)  # (BK, BT)
+                v = _codes_as(_codes_nk(words, BLOCK_N, WORDS) - z, dtype, MAGIC, UPCAST)
+                part = _dot(v, xt, tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32), UPCAST or dtype == tl.float32)
+                if MAGIC:
+                    xsum = tl.sum(xt.to(tl.float32), axis=0)
+            if MAGIC:
+                zf = _zero_points(z_ptr, g, offs_n, n_mask, stride_zg, stride_zn, DECODE, BLOCK_N)
+                if dtype == tl.bfloat16:
+                    zf = zf + 128.0
+                else:
+                    zf = zf + 1024.0
+                part = part - zf[:, None] * xsum[None, :]
+            acc += part * s[:, None]
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if ATOMIC:
@@ -437,6 +486,50 @@ def w4_mma_kernel(
         tl.atomic_add(ptrs, acc, mask=mask)
     else:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def w4_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn, SPLIT_K,
+    GROUP: tl.constexpr, DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    UNPACK: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out (M, N) = x (M, K) @ W (N, K)ᵀ on the tensor cores with x as the left operand, as a plain
+    tiled GEMM (grouped tile order, one float32 accumulator that every K block's ``tl.dot`` adds
+    into in place) whose (BLOCK_K, BLOCK_N) weight tile is decoded to x's dtype inside the K loop
+    (every K block lies in one group). The dequantised weight never exists in device memory:
+    the same idea as fused W4A16 kernels (Frantar et al.'s Marlin, arXiv 2408.11743), left to
+    Triton's own tiling and pipelining rather than a hand-made register layout.
+    UNPACK: 0 loads the (BLOCK_N, 8·WORDS) N-major words once (16-byte vectors along K), decodes
+    each nibble plane in place (`_dequant_planes`: a logic op, an add and an FMA per code, no shift,
+    no int→float conversion), interleaves the planes into K order and transposes the tile;
+    1 has every element (k, n) load its own word (n, k // 8) — 8 elements share one, from L1 —
+    shift it by 4·(k % 8), or it into the mantissa of 2²³ and subtract 2²³ + z (exact) before
+    scaling: no reshape and no join, 8 loads per word."""
+    offs_m, offs_n, m_mask, n_mask = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    KW = tl.cdiv(K, 8)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    first, last = _k_range(K, BLOCK_K, SPLIT_K)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(first, last):
+        offs_k, k_mask, a = _x_block(x_ptr, offs_m, m_mask, kb, K, stride_xm, BLOCK_K)
+        g = (kb * BLOCK_K) // GROUP
+        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        z = _zero_points(z_ptr, g, offs_n, n_mask, stride_zg, stride_zn, DECODE, BLOCK_N)
+        if UNPACK == 0:
+            words = _load_words(w_ptr, offs_n, n_mask, kb, KW, stride_wn, EVEN_K, WORDS)  # (BN, WORDS)
+            b = tl.trans(_dequant_planes(words, s, z, dtype))  # (BK, BN)
+        else:
+            offset = 8388608.0 + z  # 2²³ + z, exact
+            words = tl.load(w_ptr + offs_n[None, :] * stride_wn + (offs_k // 8)[:, None],
+                            mask=k_mask[:, None] & n_mask[None, :], other=0)  # (BK, BN), word of each element
+            q = ((words >> ((offs_k % 8) * 4)[:, None]) & 0xF) | 0x4B000000
+            b = ((q.to(tl.float32, bitcast=True) - offset[None, :]) * s[None, :]).to(dtype)
+        acc = _dot(a, b, acc, UPCAST or dtype == tl.float32)
+    _epilogue(acc, out_ptr, b_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
@@ -520,11 +613,7 @@ def w8a8_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out (M, N) = (q(x) @ W (N, K) int8 ᵀ) · x scale (M,) · w scale (N,) (+ bias)."""
-    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if FUSED_QUANT:
         x_scale = _row_scales(x_ptr, offs_m, m_mask, K, stride_xm, BLOCK_M, BLOCK_K)
     else:

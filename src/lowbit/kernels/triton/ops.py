@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -42,9 +43,14 @@ class BlockConfig:
     - "mma": `w4_mma_kernel`, tensor cores, the weight as the left operand: block_n weight rows ×
       block_m tokens per tile; ``planes`` picks its decoding (see the kernel), ``magic`` the
       or-into-the-mantissa conversion of codes (16-bit inputs only).
+    - "gemm": `w4_gemm_kernel`, tensor cores, x as the left operand: block_m tokens × block_n
+      weight rows per tile, the weight tile decoded in the K loop; ``unpack`` picks how its words
+      are unpacked (see the kernel).
     - "triton": `int4_matmul_kernel`, the general fused kernel (act-order groups in any order,
       NF4 beyond one token); ``unpack`` picks how its words are unpacked.
-    - "dequant": `dequant_nk_kernel` writes the float weight, then one cuBLAS GEMM.
+    - "dequant": `dequant_nk_kernel` writes the float weight, then one cuBLAS GEMM; with
+      ``chunk_n`` the weight is written ``chunk_n`` rows at a time into two reused buffers and
+      each chunk's GEMM runs on a second CUDA stream, overlapping the next chunk's dequantisation.
 
     W8A8: "triton" is `w8a8_matmul_kernel`; "int_mm" quantises x, then ``torch._int_mm``.
     """
@@ -62,6 +68,7 @@ class BlockConfig:
     magic: bool = True
     prefetch: bool = True
     xplanes: bool = False
+    chunk_n: int = 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -206,8 +213,8 @@ def _int4_backend(cfg: BlockConfig, group: int, lut: bool, gidx: bool) -> str:
     """The backend that runs: ``cfg.backend`` where it can take this call, else the general kernel."""
     if cfg.backend == "gemv" and not gidx and group % 8 == 0:
         return "gemv"
-    if cfg.backend == "mma" and not (lut or gidx) and group % cfg.block_k == 0 and cfg.block_k % 8 == 0:
-        return "mma"
+    if cfg.backend in ("mma", "gemm") and not (lut or gidx) and group % cfg.block_k == 0 and cfg.block_k % 8 == 0:
+        return cfg.backend
     if cfg.backend == "dequant":
         return "dequant"
     return "triton"
@@ -243,12 +250,16 @@ def launch_int4(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: 
     words = cfg.block_k // 8
     even_k = KW % words == 0
     if backend == "dequant":
-        w = torch.empty((N, K), dtype=x.dtype, device=x.device)
-        grid = (_cdiv(N, cfg.block_n), _cdiv(K, cfg.block_k))
-        jit.dequant_nk_kernel[grid](qweight, scales, zeros, g_idx, levels, w, N, K, qweight.stride(0), *params,
-                                    GROUP=group, DECODE=decode, HAS_GIDX=g_idx is not None, EVEN_K=even_k,
-                                    BLOCK_N=cfg.block_n, WORDS=words, num_warps=cfg.num_warps)
-        torch.mm(x2, w.T, out=out2)
+
+        def dequantise(w: Tensor, rows: slice) -> None:  # W[rows] as floats into w (rows, K)
+            n = w.shape[0]
+            zs = None if zeros is None else zeros[:, rows]
+            jit.dequant_nk_kernel[(_cdiv(n, cfg.block_n), _cdiv(K, cfg.block_k))](
+                qweight[rows], scales[:, rows], zs, g_idx, levels, w, n, K, qweight.stride(0), *params,
+                GROUP=group, DECODE=decode, HAS_GIDX=g_idx is not None, EVEN_K=even_k, BLOCK_N=cfg.block_n,
+                WORDS=words, num_warps=cfg.num_warps)
+
+        _dequant_gemm(x2, out2, N, K, cfg.chunk_n, dequantise)
         if bias is not None:
             out2.add_(bias)
         return
@@ -266,6 +277,13 @@ def launch_int4(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: 
             xs, qweight, scales, zeros, levels, bias, target, N, K, x_stride, target.stride(0), qweight.stride(0),
             *params, cfg.split_k, GROUP=group, DECODE=decode, PER_BLOCK=group % cfg.block_k == 0,
             PREFETCH=cfg.prefetch, EVEN_K=even_k, XPLANES=cfg.xplanes, BLOCK_N=cfg.block_n, WORDS=words, **common)
+    elif backend == "gemm":
+        upcast = jit.INTERPRETED and x.dtype == torch.bfloat16
+        grid = (_cdiv(M, cfg.block_m) * _cdiv(N, cfg.block_n), cfg.split_k)
+        jit.w4_gemm_kernel[grid](
+            x2, qweight, scales, zeros, bias, target, M, N, K, x2.stride(0), target.stride(0), qweight.stride(0),
+            *params, cfg.split_k, GROUP=group, DECODE=decode, UNPACK=cfg.unpack, UPCAST=upcast, EVEN_K=even_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **common)
     elif backend == "mma":
         upcast = jit.INTERPRETED and x.dtype == torch.bfloat16
         grid = (_cdiv(M, cfg.block_m) * _cdiv(N, cfg.block_n), cfg.split_k)
@@ -287,6 +305,45 @@ def launch_int4(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: 
             **common)
     if target is not out2:
         out2.copy_(target)
+
+
+@functools.lru_cache(maxsize=8)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _dequant_gemm(x2: Tensor, out2: Tensor, N: int, K: int, chunk_n: int,
+                  dequantise: Callable[[Tensor, slice], None]) -> None:
+    """out2 (M, N) ← x2 @ Wᵀ, W written out by ``dequantise(w, rows)``: whole, or ``chunk_n`` rows at a
+    time into two reused buffers, each chunk's cuBLAS GEMM on a side stream so that the next chunk's
+    dequantisation (main stream) overlaps it; events order each buffer's reuse after its GEMM and the
+    main stream waits for the side stream at the end. Also bounds the transient weight to 2 chunks."""
+    if chunk_n <= 0 or chunk_n >= N:
+        w = torch.empty((N, K), dtype=x2.dtype, device=x2.device)
+        dequantise(w, slice(0, N))
+        torch.mm(x2, w.T, out=out2)
+        return
+    cuda = x2.device.type == "cuda"
+    bufs = [torch.empty((chunk_n, K), dtype=x2.dtype, device=x2.device) for _ in range(2)]
+    freed: list[torch.cuda.Event | None] = [None, None]  # the GEMM that last read each buffer
+    if cuda:
+        main, side = torch.cuda.current_stream(x2.device), _side_stream(x2.device)
+        side.wait_stream(main)  # x2 and out2 are ready
+    for i, n0 in enumerate(range(0, N, chunk_n)):
+        rows = slice(n0, min(n0 + chunk_n, N))
+        w = bufs[i % 2][: rows.stop - n0]
+        if freed[i % 2] is not None:
+            main.wait_event(freed[i % 2])
+        dequantise(w, rows)
+        if not cuda:
+            torch.mm(x2, w.T, out=out2[:, rows])
+            continue
+        side.wait_event(main.record_event())
+        with torch.cuda.stream(side):
+            torch.mm(x2, w.T, out=out2[:, rows])
+            freed[i % 2] = side.record_event()
+    if cuda:
+        main.wait_stream(side)
 
 
 def quantize_rows(x: Tensor, block_m: int = 4, block_k: int = 512) -> tuple[Tensor, Tensor]:
