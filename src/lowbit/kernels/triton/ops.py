@@ -128,7 +128,10 @@ def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int
     K split for about four programs per SM to 16 tokens; 64 × 64 tiles, 4 stages, about one
     program per SM to 128 — and dequantise + cuBLAS above (as fast as the best fused tile at 256
     tokens on the 70B shapes, faster at 2048). NF4 and uneven act-order groups take the general fused
-    kernel up to 16 tokens and dequantise + cuBLAS above."""
+    kernel up to 16 tokens and dequantise + cuBLAS above. Measured and not chosen (run 12, same notes):
+    the x-left fused GEMM ("gemm": 0.36–0.50× bf16 at 2048 tokens, slower than "mma" at 16), the scaled
+    decode in the tensor-core kernel (planes=2: slower at 16 tokens) and the chunked dequantise
+    (``chunk_n``: within noise at 2048)."""
     group = group_size if n_groups > 1 else k
     if m == 1 and not gidx and group % 8 == 0:
         words = 16
