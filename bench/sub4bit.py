@@ -13,7 +13,8 @@ at once, so rows can run in several processes side by side and a killed run keep
 Bits per weight count everything stored for the quantised linears: codes, scales, zero
 points, the incoherence transforms' sign bits, and E8P's 256 × 8 source table.
 
-"+ rotations" rows for activations wrap each linear in the randomised Hadamard transforms of
+"KV" rows also quantise attention's keys and values per token and head (`lowbit.kv_cache`), with a
+Hadamard over the head dimension when the row has rotations. "+ rotations" rows for activations wrap each linear in the randomised Hadamard transforms of
 `lowbit.nn.incoherent` (y = Uᵀ Q(U W Vᵀ) Q_act(V x)): the per-token activation quantiser
 sees the rotated input V x (one online transform per linear). "+ QuaRot" rows fold a
 randomised Hadamard rotation of the residual stream into the weights (`lowbit.rotation`,
@@ -76,7 +77,14 @@ ROWS: dict[str, tuple[str, tuple, int | None, str, bool | str]] = {
     "gptq-w4a16": ("W4A16 int4 sym g128, GPTQ", (4, 128, True), None, "gptq", False),
     "gptq-w4a8-rot": ("W4A8 (int8 per-token), GPTQ + rotations", (4, 128, True), 8, "gptq", True),
     "gptq-w4a4-rot": ("W4A4 (int4 per-token), GPTQ + rotations", (4, 128, True), 4, "gptq", True),
+    # KV cache quantised too (lowbit.kv_cache: int per token and head; Hadamard over the head dim with rotations)
+    "gptq-w4a8-kv8": ("W4A8 + KV8, GPTQ", (4, 128, True), 8, "gptq", False),
+    "gptq-w4a8-rot-kv8": ("W4A8 + KV8, GPTQ + rotations", (4, 128, True), 8, "gptq", True),
+    "gptq-w4a8-kv4": ("W4A8 + KV4, GPTQ", (4, 128, True), 8, "gptq", False),
+    "gptq-w4a8-rot-kv4": ("W4A8 + KV4, GPTQ + rotations", (4, 128, True), 8, "gptq", True),
+    "gptq-w4a4-rot-kv4": ("W4A4 + KV4, GPTQ + rotations", (4, 128, True), 4, "gptq", True),
 }
+KV_BITS = {name: int(name.rsplit("kv", 1)[1]) for name in ROWS if "-kv" in name}
 
 
 def run_rows(names: list[str], calib_samples: int, smoke: bool, windows: int) -> None:
@@ -84,6 +92,7 @@ def run_rows(names: list[str], calib_samples: int, smoke: bool, windows: int) ->
     from lowbit.calibration import load_text, tokenize
     from lowbit.cli import versions
     from lowbit.eval import EvalConfig, reference_stats
+    from lowbit.kv_cache import KVQuant, quantize_kv_cache
     from lowbit.quip import E8P, quantize_e8p, quantize_incoherent
     from lowbit.rotation import rotate_model
     from lowbit.scheme import Scheme
@@ -118,6 +127,9 @@ def run_rows(names: list[str], calib_samples: int, smoke: bool, windows: int) ->
             else:
                 q = lowbit.quantize(model, scheme, method, use, progress=True)
         seconds = time.perf_counter() - start
+        kv = KVQuant(KV_BITS[name], rotate=bool(incoherent)) if name in KV_BITS else None
+        if kv is not None:
+            quantize_kv_cache(q, kv)
         report = lowbit.evaluate(q, reference=reference, text="pydoc-eval", tokenizer=tokenizer, config=config,
                                  progress=False)
         print(report, flush=True)
@@ -127,6 +139,9 @@ def run_rows(names: list[str], calib_samples: int, smoke: bool, windows: int) ->
                "eval_windows": config.max_windows,
                "load_1min": [load_before, _load()], "versions": versions(),
                "details": {k: v for k, v in q.lowbit_info.details.items() if k in ("incoherence", "layer_errors")}}
+        if kv is not None:
+            row["kv_cache"] = kv.describe()
+            quantize_kv_cache(q, KVQuant(None, rotate=False))  # the float model may share q's config
         (out_dir / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
         del q
 
@@ -136,23 +151,26 @@ def _load() -> float:
         return float(f.read().split()[0])
 
 
-def tabulate() -> str:
+def tabulate(note: str = "") -> str:
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(ROWS_DIR.glob("*.json"))}
     if not rows:
         raise SystemExit(f"no rows in {ROWS_DIR}")
     first = next(iter(rows.values()))
     v = first["versions"]
     ref = first["reference_ppl"]["pydoc-eval"]
+    calibs = sorted({r["calibration"] for r in rows.values() if r.get("calibration")})
+    windows = sorted({r.get("eval_windows", 16) for r in rows.values()})
+    days = sorted({r["versions"]["date"][:10] for r in rows.values()})
     lines = [
         "# Below 4 bits on SmolLM2-135M-Instruct (pydoc-eval)",
         "",
-        f"Measured {v['date']} (first row) on {v['machine']}, torch {v['torch']} ({v['torch_threads']} threads), "
-        f"lowbit {v['lowbit']}; rows ran in up to three processes side by side on this 2-core machine shared "
-        "with other engineers' jobs: the 1-minute load average before/after each row is given, and quantisation "
-        f"times are inflated accordingly. FP perplexity {ref:.4f}. Calibration: "
-        f"{first.get('calibration') or 'see rows'} of pydoc-calib (fewer than PROTOCOL.md's 128 × 512, for time); "
-        f"perplexity over the first {first.get('eval_windows', 16)} windows of 2048 tokens (PROTOCOL.md: 16), KL and "
-        "top-1 over the first 4 as the protocol says.",
+        f"Measured {', '.join(days)} on {v['machine']}, torch {v['torch']} ({v['torch_threads']} threads), "
+        f"lowbit {v['lowbit']} (each row's time in its JSON, bench/results/sub4bit_rows/). The machine is shared: "
+        "the 1-minute load average before/after each row is given, and quantisation times grow with it. "
+        f"FP perplexity {ref:.4f}. Calibration of the calibrated rows: {' or '.join(calibs) or 'none'} of "
+        "pydoc-calib (PROTOCOL.md: 128 × 512); perplexity over the first "
+        f"{' or '.join(str(w) for w in windows)} windows of 2048 tokens (PROTOCOL.md: 16), KL and top-1 over "
+        "the first 4 as the protocol says.",
         "Bits per weight: codes, scales, zero points, incoherence sign bits and E8P's table, over the quantised "
         "linears (lm_head and embeddings stay float).",
         "",
@@ -170,20 +188,24 @@ def tabulate() -> str:
     missing = [n for n in ROWS if n not in rows]
     if missing:
         lines += ["", f"Not run: {', '.join(missing)}."]
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="", help=f"comma-separated rows: {', '.join(ROWS)}")
-    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration sequences of 512 tokens "
+                        "(PROTOCOL.md: 128)")
     parser.add_argument("--windows", type=int, default=16,
                         help="2048-token evaluation windows for ppl (PROTOCOL.md: 16; KL always on the first 4)")
     parser.add_argument("--smoke", action="store_true", help="2 layers, tiny calibration and evaluation")
-    parser.add_argument("--tabulate", action="store_true")
+    parser.add_argument("--tabulate", action="store_true", help="only rewrite sub4bit.md from the row files")
+    parser.add_argument("--note", default="", help="a paragraph under the table (with --tabulate)")
     args = parser.parse_args()
     if args.tabulate:
-        table = tabulate()
+        table = tabulate(args.note)
         (RESULTS / "sub4bit.md").write_text(table)
         print(table)
         return

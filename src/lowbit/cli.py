@@ -444,11 +444,18 @@ def task_options(func):  # downstream tasks, on eval
                    "(default: pydoc-eval, none when --tasks is given).")
 @eval_options
 @task_options
+@click.option("--kv-bits", type=int, default=None,
+              help="Evaluate with attention's keys and values quantised to this many bits per token and head, as a "
+                   "quantised KV cache holds them (lowbit.kv_cache).")
+@click.option("--kv-group-size", type=int, default=None, help="With --kv-bits: channels of the head per scale "
+                                                               "(default: the whole head).")
+@click.option("--kv-rotate/--no-kv-rotate", default=True, show_default=True,
+              help="With --kv-bits: rotate queries, keys and values by a Hadamard over the head dimension first.")
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
 def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: int, max_windows: int,
              kl_windows: int, tasks: str | None, task_text: str, task_items: int | None, harness: bool,
-             limit: int | None, num_fewshot: int | None, include_path: tuple[str, ...],
-             json_path: str | None) -> None:
+             limit: int | None, num_fewshot: int | None, include_path: tuple[str, ...], kv_bits: int | None,
+             kv_group_size: int | None, kv_rotate: bool, json_path: str | None) -> None:
     """Perplexity of MODEL (a quantised checkpoint — native, compressed-tensors or GPTQ —, a HF directory, a GGUF
     file or 'default') on each text, and its accuracy on downstream --tasks."""
     from lowbit.api import checkpoint_format, evaluate, load_model, load_tokenizer
@@ -469,9 +476,20 @@ def eval_cmd(model: str, reference: str | None, texts: tuple[str, ...], window: 
     for spec in task_list:
         if not harness or spec.endswith(".jsonl"):
             resolve_task(spec, task_text, task_items)
+    kv = None
+    if kv_bits is not None:
+        from lowbit.kv_cache import KVQuant, quantize_kv_cache
+
+        kv = KVQuant(kv_bits, kv_group_size, kv_rotate)
+    elif kv_group_size is not None:
+        raise LowbitError("--kv-group-size applies to a quantised KV cache: add --kv-bits.")
     evaluated = load_model(model)
+    if kv is not None:
+        quantize_kv_cache(evaluated, kv)
+        click.echo(f"attention reads a quantised KV cache: {kv.describe()}", err=True)
     tokenizer = load_tokenizer(model)
-    report: dict[str, Any] = {"model": model, "reference": reference, "format": checkpoint_format(model)}
+    report: dict[str, Any] = {"model": model, "reference": reference, "format": checkpoint_format(model),
+                              "kv_cache": kv.describe() if kv is not None else None}
     if model != "default" and is_native_checkpoint(model):
         manifest = read_manifest(model)
         report.update(scheme=manifest.get("scheme"), method=manifest.get("method"),
