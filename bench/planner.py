@@ -5,7 +5,8 @@ about the planner's 3.25 bits per weight, uniform 3-bit in groups of 64); the
 planner with candidates 2, 3, 4, 8 bits at exactly uniform 3-bit's total weight bytes; the
 planner with its default candidates (3, 4, 8 bits) at 3.25 and at 3.5 bits per weight; the
 planner choosing group sizes 32 / 64 / 128 as well (``--plan-groups``) at 3.25, 3.3 (just under
-uniform int3 g64's 3.303) and 3.5; uniform int3 in groups of 32; and uniform 4-bit for reference.
+uniform int3 g64's 3.303) and 3.5, with plain and with Fisher-weighted module errors
+(``--plan-weighting fisher``); uniform int3 in groups of 32; and uniform 4-bit for reference.
 The planner measures each module's output error on 32 × 512 tokens of pydoc-calib; GPTQ calibrates on
 PROTOCOL.md's 128 × 512 unless ``--calib-samples`` says otherwise (the table's rows name it).
 Evaluation as PROTOCOL.md says: pydoc-eval, perplexity over the first 16 windows of 2048
@@ -30,6 +31,7 @@ from lowbit.scheme import W3A16
 
 
 GROUPS = ["--scheme", "W3A16", "--plan-groups", "32,64,128"]
+FISHER = ["--plan-weighting", "fisher"]
 
 
 def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, list[str]]]:
@@ -50,6 +52,10 @@ def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, l
         (f"{method} plan 3.25 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.25", *common]),
         (f"{method} plan 3.3 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.3", *common]),
         (f"{method} plan 3.5 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.5", *common]),
+        # module errors weighted by the loss's Fisher on each output channel (--plan-weighting fisher)
+        (f"{method} plan 3.25 bpw, Fisher", ["--scheme", "W3A16", "--target-bpw", "3.25", *FISHER, *common]),
+        (f"{method} plan 3.3 bpw, groups 32/64/128, Fisher", [*GROUPS, "--target-bpw", "3.3", *FISHER, *common]),
+        (f"{method} plan 3.5 bpw, groups 32/64/128, Fisher", [*GROUPS, "--target-bpw", "3.5", *FISHER, *common]),
         (f"{method} uniform int3 g32", ["--scheme", "W3A16", "--group-size", "32", *common]),
         (f"{method} uniform int4 g128", ["--scheme", "W4A16_ASYM", *common]),
     ]

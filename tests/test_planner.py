@@ -255,3 +255,34 @@ def test_plan_over_group_sizes_beats_uniform_g64_at_its_size_and_reloads(two_lay
     ids = torch.arange(20)[None]
     with torch.inference_mode():
         torch.testing.assert_close(back(ids).logits, q(ids).logits)
+
+
+# -- Fisher weighting -----------------------------------------------------------------------------
+
+def test_row_weighted_output_error_sums_the_rows():
+    from lowbit.algorithms.gptq import output_error
+
+    g = torch.Generator().manual_seed(0)
+    W, Q, X = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(100, 24, generator=g)
+    H = 2 * X.T @ X / 100
+    rows = (((W - Q) @ X.T) ** 2).sum(1) / 100  # per output channel, ‖(W − Q)_j Xᵀ‖² / n
+    w = torch.rand(40, generator=g)
+    assert output_error(W, Q, H, torch.ones(40)) == pytest.approx(output_error(W, Q, H), rel=1e-6)
+    assert output_error(W, Q, H, w) == pytest.approx(float((w * rows).sum()), rel=1e-4)
+
+
+def test_fisher_weighted_plan(two_layers, calib):
+    """Fisher weights: positive per output channel, parameters untouched; the weighted plan meets its target."""
+    flags = [p.requires_grad for p in two_layers.parameters()]
+    fisher = planner.output_fisher(two_layers, {n: two_layers.get_submodule(n) for n in
+                                                ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")},
+                                   calib, batch=2, progress=False)
+    assert fisher["model.layers.0.self_attn.q_proj"].shape == (576,)
+    assert all((f > 0).all() and torch.isfinite(f).all() for f in fisher.values())
+    assert [p.requires_grad for p in two_layers.parameters()] == flags
+    assert all(p.grad is None for p in two_layers.parameters())
+    plan = planner.plan_bits(two_layers, G64, calib, target_bpw=3.5, bits=(3, 4), weighting="fisher", progress=False)
+    assert plan.measured_with == "rtn, Fisher-weighted"
+    assert 3.4 < plan.bits_per_weight <= 3.5 and len(plan.bits_histogram()) == 2
+    with pytest.raises(LowbitError, match="fisher"):
+        planner.measure_sensitivities(two_layers, G64, calib, plan.scheme.per_module[0][1:], weighting="hessian")

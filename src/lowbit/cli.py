@@ -228,6 +228,11 @@ def plan_options(func):  # the bit planner's, on quantize
                              "module's sensitivity is measured.")(func)
     func = click.option("--bits", default="3,4,8", show_default=True,
                         help="Planner: candidate bit widths, with the scheme's group size and symmetry.")(func)
+    func = click.option("--plan-weighting", type=click.Choice(["output", "fisher"]), default="output",
+                        show_default=True,
+                        help="Planner: how module errors are compared — plain output error, or each output "
+                             "channel's error weighted by the loss's Fisher (one backward pass over the plan's "
+                             "calibration set).")(func)
     func = click.option("--plan-groups", default=None,
                         help="Planner: candidate group sizes as well, e.g. 32,64,128 (0: per channel); each "
                              "module gets the bits and group size that buy the most accuracy per byte.")(func)
@@ -241,7 +246,8 @@ def plan_options(func):  # the bit planner's, on quantize
 
 
 def _check_plan_options(target_bpw: float | None, budget: str | None, bits: str, plan_samples: int, method: str,
-                        fmt: str, plan_groups: str | None = None):  # -> (SizeTarget, bit widths, group sizes) | None
+                        fmt: str, plan_groups: str | None = None, weighting: str = "output"):
+    # -> (SizeTarget, bit widths, group sizes, weighting) | None
     """The planner's options checked before any work: None when no plan was asked for."""
     from lowbit.planner import SizeTarget, parse_budget
 
@@ -271,7 +277,7 @@ def _check_plan_options(target_bpw: float | None, budget: str | None, bits: str,
                               f"got {plan_groups!r}.") from None
         if any(g < 0 or (g and g % 8) for g in groups):
             raise LowbitError(f"--plan-groups must be multiples of 8 (or 0 for per channel), got {plan_groups!r}.")
-    return SizeTarget(target_bpw, None if budget is None else parse_budget(budget)), widths, groups
+    return SizeTarget(target_bpw, None if budget is None else parse_budget(budget)), widths, groups, weighting
 
 
 def _check_plan_reachable(model: str, scheme: Scheme, method_config: Any, planning: Any) -> None:
@@ -280,7 +286,7 @@ def _check_plan_reachable(model: str, scheme: Scheme, method_config: Any, planni
     from lowbit.models.layers import name_filter
     from lowbit.planner import candidate_specs, check_reachable
 
-    target, widths, groups = planning
+    target, widths, groups, _ = planning
     config = read_config(model)
     chosen = name_filter(scheme.targets, scheme.ignore)
     shapes = {name: (shape[0], shape[1]) for name, shape in config_tensors(config)
@@ -297,11 +303,11 @@ def _plan(model: Any, scheme: Scheme, method_config: Any, planning: Any, sources
     from lowbit.planner import plan_bits
     from lowbit.report import print_plan_table
 
-    target, widths, groups = planning
+    target, widths, groups, weighting = planning
     click.echo(f"bit planner: sensitivities on {samples} × {seqlen} tokens of {' + '.join(sources)}", err=True)
     plan_calib = calibration_set(list(sources), n=samples, seqlen=seqlen, tokenizer=tokenizer)
     plan = plan_bits(model, scheme, plan_calib, target_bpw=target.bits_per_weight, budget=target.total_bytes,
-                     bits=widths, method=method_config, group_sizes=groups)
+                     bits=widths, method=method_config, group_sizes=groups, weighting=weighting)
     print_plan_table(plan)
     return plan
 
@@ -333,7 +339,8 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                  calib_samples: int, alpha: float | None, search_alpha: bool | None, clip: bool | None, propagate: str | None,
                  calib_seqlen: int, out: str | None, fmt: str, overwrite: bool, eval_texts: tuple[str, ...], no_eval: bool, window: int, max_windows: int,
                  kl_windows: int, json_path: str | None, max_shard_size: int, target_bpw: float | None,
-                 budget: str | None, bits: str, plan_groups: str | None, plan_samples: int, stream: bool) -> None:
+                 budget: str | None, bits: str, plan_groups: str | None, plan_weighting: str, plan_samples: int,
+                 stream: bool) -> None:
     """Quantise MODEL (a HF directory, a GGUF file, or 'default') and save it; with --target-bpw or --budget,
     with bits per module chosen by the bit planner (see lowbit.planner)."""
     from lowbit.api import check_method, evaluate, load_model, load_tokenizer, quantize, save
@@ -353,7 +360,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
         _quantize_streamed(model, scheme, method_config, calib, calib_samples, calib_seqlen, out, fmt, overwrite,
                            max_shard_size, json_path, bool(target_bpw or budget))
         return
-    planning = _check_plan_options(target_bpw, budget, bits, plan_samples, method, fmt, plan_groups)
+    planning = _check_plan_options(target_bpw, budget, bits, plan_samples, method, fmt, plan_groups, plan_weighting)
     if planning is not None:
         _check_plan_reachable(model, scheme, method_config, planning)
     tokenizer = load_tokenizer(model)

@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 # not see how a 2-bit module's damage grows through the layers after it. Pass bits=(2, 3, 4, 8) to allow it.
 DEFAULT_BITS: tuple[int, ...] = (3, 4, 8)
 Measure = Literal["rtn", "gptq"]
+Weighting = Literal["output", "fisher"]
 
 
 # -- candidates and sizes ------------------------------------------------------------------------
@@ -185,8 +186,9 @@ class Sensitivities:
 
 
 def _errors_of(group: list[str], weights: dict[str, Tensor], H: Tensor, specs: Sequence[QuantSpec],
-               measure: Measure, gptq: GPTQ) -> dict[str, list[float]]:
-    """Each weight's output error at each candidate spec, given the group's shared Hessian H (C, C)."""
+               measure: Measure, gptq: GPTQ, fisher: dict[str, Tensor] | None = None) -> dict[str, list[float]]:
+    """Each weight's output error at each candidate spec, given the group's shared Hessian H (C, C); with
+    ``fisher``, each output channel's error weighted by its Fisher weight (see `output_fisher`)."""
     out: dict[str, list[float]] = {name: [] for name in group}
     factor = gptq_factor(H, gptq.damp, gptq.act_order, f"{group[0]}.weight") if measure == "gptq" else None
     for spec in specs:
@@ -194,16 +196,69 @@ def _errors_of(group: list[str], weights: dict[str, Tensor], H: Tensor, specs: S
             results = gptq_solve_group(factor, [weights[n] for n in group], spec, gptq.block_size, gptq.static_groups,
                                        [f"{n}.weight" for n in group])
             for name, result in zip(group, results):
-                out[name].append(result.error)
+                if fisher is None:
+                    out[name].append(result.error)
+                else:
+                    out[name].append(output_error(weights[name], result.weight.dequantize(), H, fisher[name]))
         else:
             for name in group:
                 Q = quantize_weight(weights[name], spec, name=f"{name}.weight").dequantize()
-                out[name].append(output_error(weights[name], Q, H))
+                out[name].append(output_error(weights[name], Q, H, None if fisher is None else fisher[name]))
     return out
 
 
+def output_fisher(model: nn.Module, linears: dict[str, nn.Module], calib: Tensor, batch: int,
+                  progress: bool = True) -> dict[str, Tensor]:
+    """Per output channel of each linear, the mean over calibration tokens of (∂L/∂y_j)², L the model's
+    next-token cross-entropy: the diagonal empirical Fisher of the linear's output.
+
+    With it, ``Σ_j F_j·E[(ΔW x)_j²] / 2`` estimates the loss a weight error ΔW adds (the second-order
+    term of L around the float model, channels and tokens taken as independent), where the plain
+    ``‖ΔW Xᵀ‖²`` treats a unit of error in every module's output as equally harmful. That matters
+    across modules: a down projection writing into a residual stream with massive activations shows
+    large output errors that the next RMSNorm scales away. The Fisher as a sensitivity is HAWQ's and
+    SqueezeLLM's idea (Dong et al., arXiv 1911.03852; Kim et al., arXiv 2306.07629), here on outputs so
+    that it combines with each candidate's exact output error. One forward and backward of the float
+    model per ``batch`` sequences; parameters get no gradients (only activations do)."""
+    sums = {name: torch.zeros(m.out_features, dtype=torch.float64) for name, m in linears.items()}
+    tokens = 0
+
+    def keep(name: str):
+        def hook(module: nn.Module, grad_input: Any, grad_output: tuple[Tensor, ...]) -> None:
+            g = grad_output[0].detach().float()
+            sums[name] += g.reshape(-1, g.shape[-1]).square().sum(0, dtype=torch.float64)
+        return hook
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    embed = model.get_input_embeddings()
+    handles = [m.register_full_backward_hook(keep(n)) for n, m in linears.items()]
+    handles.append(embed.register_forward_hook(lambda module, args, output: output.requires_grad_()))
+    was_training = model.training
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.eval()
+        starts = range(0, calib.shape[0], batch)
+        for start in tqdm(starts, desc="Fisher weights", unit="batch", disable=None if progress else True):
+            ids = calib[start : start + batch]
+            with torch.enable_grad():
+                out = model(ids, labels=ids)
+                # the mean loss over the batch's predicted tokens, times their count: the sum of per-token losses
+                n = ids.shape[0] * (ids.shape[1] - 1)
+                (out.loss * n).backward()
+            tokens += n
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {name: (s / max(tokens, 1)).float() for name, s in sums.items()}
+
+
 def measure_sensitivities(model: nn.Module, scheme: Scheme, calib: Tensor, specs: Sequence[QuantSpec],
-                          measure: Measure = "rtn", gptq: GPTQ | None = None, progress: bool = True) -> Sensitivities:
+                          measure: Measure = "rtn", gptq: GPTQ | None = None, progress: bool = True,
+                          weighting: Weighting = "output") -> Sensitivities:
     """Run ``calib`` (N, T) through the float ``model`` one decoder layer at a time; for each linear the
     scheme selects, its input Hessian and its output error at every spec in ``specs``.
 
@@ -213,13 +268,16 @@ def measure_sensitivities(model: nn.Module, scheme: Scheme, calib: Tensor, specs
     """
     if measure not in ("rtn", "gptq"):
         raise LowbitError(f"sensitivities are measured with rtn or gptq, not {measure!r}.")
+    if weighting not in ("output", "fisher"):
+        raise LowbitError(f"sensitivities are weighted by output or fisher, not {weighting!r}.")
     gptq = gptq or GPTQ()
     selected = select_linears(model, scheme.targets, scheme.ignore)
     if not selected:
         raise LowbitError(f"scheme {scheme.name} selects no linear layer of {type(model).__name__}.")
     result = Sensitivities(tuple(specs), {n: (m.out_features, m.in_features) for n, m in selected.items()}, {},
-                           measured_with=measure)
+                           measured_with=measure if weighting == "output" else f"{measure}, Fisher-weighted")
     batch = max(1, CHUNK_TOKENS // max(1, calib.shape[1]))
+    fisher = output_fisher(model, selected, calib, batch, progress) if weighting == "fisher" else None
     name, layers, inputs = capture_first_layer_inputs(model, calib, batch)
     _, _, probe = capture_first_layer_inputs(model, calib[:1, :16], 1)
     result.calibration_tokens = inputs.tokens
@@ -239,16 +297,17 @@ def measure_sensitivities(model: nn.Module, scheme: Scheme, calib: Tensor, specs
                 continue
             H = acc.hessian()
             weights = {prefix + n: linears[n].weight.detach().float() for n in group}
-            result.errors.update(_errors_of(list(weights), weights, H, specs, measure, gptq))
+            result.errors.update(_errors_of(list(weights), weights, H, specs, measure, gptq, fisher))
             for full, W in weights.items():
-                result.signal[full] = output_error(W, None, H)
+                result.signal[full] = output_error(W, None, H, None if fisher is None else fisher[full])
         inputs = LayerInputs(outputs, inputs.kwargs)
         probe = LayerInputs(run_layer(layers[i], probe), probe.kwargs)
     for full in selected:  # never reached by the calibration data: unweighted error
         if full not in result.errors:
             log.warning("%s never saw calibration data; its sensitivity is its plain weight error", full)
             W = selected[full].weight.detach().float()
-            result.errors[full] = _errors_of([full], {full: W}, 2.0 * torch.eye(W.shape[1]), specs, "rtn", gptq)[full]
+            result.errors[full] = _errors_of([full], {full: W}, 2.0 * torch.eye(W.shape[1]), specs, "rtn", gptq,
+                                            fisher)[full]
     return result
 
 
@@ -536,7 +595,7 @@ def plan_from_sensitivities(sens: Sensitivities, scheme: Scheme, target: SizeTar
 def plan_bits(model: nn.Module, scheme: Scheme, calib: Tensor, target_bpw: float | None = None,
               budget: int | str | None = None, bits: Sequence[int] = DEFAULT_BITS, method: Any = None,
               measure: Measure | None = None, progress: bool = True,
-              group_sizes: Sequence[int] | None = None) -> BitPlan:
+              group_sizes: Sequence[int] | None = None, weighting: Weighting = "output") -> BitPlan:
     """Measure ``model``'s sensitivities on ``calib`` and choose each selected linear's bits (among ``bits``,
     with the group size and symmetry of ``scheme.weights``, or at each of ``group_sizes``) for ``target_bpw``
     bits per quantised weight or a total weight ``budget`` (bytes or e.g. "35GB"). Quantise with
@@ -557,7 +616,7 @@ def plan_bits(model: nn.Module, scheme: Scheme, calib: Tensor, target_bpw: float
     floats = float_tensor_bytes(model, list(selected))
     shapes = {n: (m.out_features, m.in_features) for n, m in selected.items()}
     check_reachable(target, shapes, specs, floats, g_idx)  # before the calibration pass
-    sens = measure_sensitivities(model, scheme, calib, specs, measure, gptq, progress)
+    sens = measure_sensitivities(model, scheme, calib, specs, measure, gptq, progress, weighting)
     return plan_from_sensitivities(sens, scheme, target, floats, g_idx)
 
 

@@ -115,10 +115,11 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def output_error(W: Tensor, Q: Tensor | None, H: Tensor) -> float:
+def output_error(W: Tensor, Q: Tensor | None, H: Tensor, row_weights: Tensor | None = None) -> float:
     """tr((W − Q) H (W − Q)ᵀ) / 2, i.e. ‖(W − Q)Xᵀ‖² / n when H = 2XᵀX / n; with ``Q`` None, the signal
-    tr(W H Wᵀ) / 2. A block of rows at a time, from H's block upper triangle (half the products of the
-    whole form): float32 products, float64 sums."""
+    tr(W H Wᵀ) / 2; with ``row_weights`` (one per output channel) Σ_j w_j·[(W − Q) H (W − Q)ᵀ]_jj / 2.
+    A block of rows at a time, from H's block upper triangle (half the products of the whole form):
+    float32 products, float64 sums."""
     H = H.float()
     C = H.shape[0]
     total = 0.0
@@ -126,11 +127,15 @@ def output_error(W: Tensor, Q: Tensor | None, H: Tensor) -> float:
         M = W[r : r + ERROR_ROWS].float()
         if Q is not None:
             M = M - Q[r : r + ERROR_ROWS].float()
+        rows = torch.zeros(M.shape[0], dtype=torch.float64)
         for s in range(0, C, ERROR_BLOCK):
             e = min(s + ERROR_BLOCK, C)
             P = M[:, s:e] @ H[s:e, s:]  # (rows, C − s): the diagonal block and those right of it
-            total += float((P[:, : e - s] * M[:, s:e]).sum(dtype=torch.float64))
-            total += 2 * float((P[:, e - s :] * M[:, e:]).sum(dtype=torch.float64))
+            rows += (P[:, : e - s] * M[:, s:e]).sum(1, dtype=torch.float64)
+            rows += 2 * (P[:, e - s :] * M[:, e:]).sum(1, dtype=torch.float64)
+        if row_weights is not None:
+            rows *= row_weights[r : r + ERROR_ROWS].double()
+        total += float(rows.sum())
     return total / 2
 
 

@@ -130,8 +130,11 @@ def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int
     tokens on the 70B shapes, faster at 2048). NF4 and uneven act-order groups take the general fused
     kernel up to 16 tokens and dequantise + cuBLAS above. Measured and not chosen (run 12, same notes):
     the x-left fused GEMM ("gemm": 0.36–0.50× bf16 at 2048 tokens, slower than "mma" at 16), the scaled
-    decode in the tensor-core kernel (planes=2: slower at 16 tokens) and the chunked dequantise
-    (``chunk_n``: within noise at 2048)."""
+    decode in the tensor-core kernel (planes=2: slower at 16 tokens; 0.50× bf16 at 2048 tokens in
+    run 13). The int weights' dequantise + cuBLAS path works `DEQUANT_CHUNK` rows at a time (chunk_n):
+    on the 70B shapes at 2048 tokens it was 0.87× / 0.92× bf16 against 0.85× / 0.89× whole in run 13
+    and faster on 28672 × 8192 in run 12 (within the spread on 8192 × 28672), and it bounds the
+    transient weight to two chunks (128 MiB instead of 448 MiB for 8192 × 28672)."""
     group = group_size if n_groups > 1 else k
     if m == 1 and not gidx and group % 8 == 0:
         words = 16
@@ -148,7 +151,7 @@ def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int
         split = _splits(_cdiv(n, 64), _cdiv(k, bk), 2 * sms)
         return BlockConfig(16, 64, bk, split, 4, 4)
     if m > MMA_MAX_TOKENS:
-        return BlockConfig(16, 64, 128, 1, 4, 1, backend="dequant")
+        return BlockConfig(16, 64, 128, 1, 4, 1, backend="dequant", chunk_n=DEQUANT_CHUNK)
     bk = 128
     while bk > 16 and group % bk:
         bk //= 2
@@ -160,7 +163,8 @@ def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int
     return BlockConfig(bt, 64, bk, split, 4, stages, backend="mma", magic=False)
 
 
-MMA_MAX_TOKENS = 128  # above this, 4-bit int weights are dequantised for one cuBLAS GEMM
+MMA_MAX_TOKENS = 128  # above this, 4-bit int weights are dequantised for cuBLAS GEMMs
+DEQUANT_CHUNK = 4096  # rows of W dequantised per GEMM on that path (one GEMM when N is no larger)
 
 
 def w8a8_config(m: int, n: int, k: int, sms: int, itemsize: int = 2) -> BlockConfig:
