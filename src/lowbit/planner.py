@@ -277,7 +277,9 @@ def measure_sensitivities(model: nn.Module, scheme: Scheme, calib: Tensor, specs
     result = Sensitivities(tuple(specs), {n: (m.out_features, m.in_features) for n, m in selected.items()}, {},
                            measured_with=measure if weighting == "output" else f"{measure}, Fisher-weighted")
     batch = max(1, CHUNK_TOKENS // max(1, calib.shape[1]))
-    fisher = output_fisher(model, selected, calib, batch, progress) if weighting == "fisher" else None
+    # one sequence per backward pass: autograd keeps every layer's activations (and the logits) of the batch,
+    # 14 GB at 8 × 512 tokens on the default model
+    fisher = output_fisher(model, selected, calib, 1, progress) if weighting == "fisher" else None
     name, layers, inputs = capture_first_layer_inputs(model, calib, batch)
     _, _, probe = capture_first_layer_inputs(model, calib[:1, :16], 1)
     result.calibration_tokens = inputs.tokens
