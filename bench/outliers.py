@@ -138,6 +138,7 @@ def llmc_row(python: str, which: str, work: Path, samples: int) -> dict:
     """Run llm-compressor in its venv on ``samples`` × 512 calibration tokens, then evaluate its weights
     with lowbit's evaluator."""
     import lowbit
+    from lowbit.cli import versions
     from lowbit.models.loading import _ensure_gguf_cache, resolve_source
     from safetensors.torch import load_file, save_file
 
@@ -156,7 +157,7 @@ def llmc_row(python: str, which: str, work: Path, samples: int) -> dict:
     if which == "sq":  # the on-grid int8 weights inside lowbit's W8A8 module: same activation quantisation
         model = lowbit.quantize(model, lowbit.W8A8, progress=False)
     report = lowbit.evaluate(model, reference=lowbit.load_model(), text="pydoc-eval", progress=False)
-    row.update(report.to_dict(), unexpected_keys=missing)
+    row.update(report.to_dict(), unexpected_keys=missing, versions=versions())
     return row
 
 
