@@ -157,7 +157,8 @@ def tabulate(note: str = "") -> str:
         raise SystemExit(f"no rows in {ROWS_DIR}")
     first = next(iter(rows.values()))
     v = first["versions"]
-    ref = first["reference_ppl"]["pydoc-eval"]
+    full = [r for r in rows.values() if r.get("eval_windows", 16) == 16] or [first]
+    ref, ref_windows = full[0]["reference_ppl"]["pydoc-eval"], full[0].get("eval_windows", 16)
     calibs = sorted({r["calibration"] for r in rows.values() if r.get("calibration")})
     windows = sorted({r.get("eval_windows", 16) for r in rows.values()})
     days = sorted({r["versions"]["date"][:10] for r in rows.values()})
@@ -167,7 +168,8 @@ def tabulate(note: str = "") -> str:
         f"Measured {', '.join(days)} on {v['machine']}, torch {v['torch']} ({v['torch_threads']} threads), "
         f"lowbit {v['lowbit']} (each row's time in its JSON, bench/results/sub4bit_rows/). The machine is shared: "
         "the 1-minute load average before/after each row is given, and quantisation times grow with it. "
-        f"FP perplexity {ref:.4f}. Calibration of the calibrated rows: {' or '.join(calibs) or 'none'} of "
+        f"FP perplexity {ref:.4f} over {ref_windows} windows (each row's Δppl is against the FP perplexity of its "
+        f"own windows). Calibration of the calibrated rows: {' or '.join(calibs) or 'none'} of "
         "pydoc-calib (PROTOCOL.md: 128 × 512); perplexity over the first "
         f"{' or '.join(str(w) for w in windows)} windows of 2048 tokens (PROTOCOL.md: 16), KL and top-1 over "
         "the first 4 as the protocol says.",
@@ -181,9 +183,9 @@ def tabulate(note: str = "") -> str:
         if name not in rows:
             continue
         r = rows[name]
-        ppl = r["ppl"]["pydoc-eval"]
+        ppl, own = r["ppl"]["pydoc-eval"], r["reference_ppl"]["pydoc-eval"]  # Δ against the same windows' FP ppl
         load = "/".join(f"{x:.1f}" for x in r["load_1min"])
-        lines.append(f"| {name} | {r['label']} | {r['bits_per_weight']:.3f} | {ppl:.3f} | {100 * (ppl / ref - 1):+.1f}% "
+        lines.append(f"| {name} | {r['label']} | {r['bits_per_weight']:.3f} | {ppl:.3f} | {100 * (ppl / own - 1):+.1f}% "
                      f"| {r['kl']:.4f} | {r['top1']:.2f} | {r['quantize_seconds']:.0f} | {load} |")
     missing = [n for n in ROWS if n not in rows]
     if missing:
