@@ -286,3 +286,16 @@ def test_fisher_weighted_plan(two_layers, calib):
     assert 3.4 < plan.bits_per_weight <= 3.5 and len(plan.bits_histogram()) == 2
     with pytest.raises(LowbitError, match="fisher"):
         planner.measure_sensitivities(two_layers, G64, calib, plan.scheme.per_module[0][1:], weighting="hessian")
+
+
+def test_cli_plans_with_groups_and_fisher_weights(tmp_path):
+    """The planner's options as a user passes them: a planned run on the default model meets its target."""
+    result = CliRunner().invoke(cli, ["quantize", "default", "--scheme", "W3A16", "--target-bpw", "3.5",
+                                      "--plan-groups", "64,128", "--plan-weighting", "fisher", "--plan-samples", "2",
+                                      "--calib-seqlen", "64", "--no-eval", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    plan = report["details"]["bit_plan"]
+    assert plan["measured_with"] == "rtn, Fisher-weighted"
+    assert 3.4 < plan["bits_per_weight"] <= 3.5
+    assert {spec.split()[-1] for spec in plan["spec_histogram"]} <= {"g64", "g128"}

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 
@@ -245,9 +245,17 @@ def plan_options(func):  # the bit planner's, on quantize
     return func
 
 
+class _Planning(NamedTuple):
+    """The bit planner's options, checked: what `_check_plan_reachable` and `_plan` take."""
+
+    target: Any  # lowbit.planner.SizeTarget
+    widths: tuple[int, ...]
+    groups: tuple[int, ...] | None
+    weighting: str
+
+
 def _check_plan_options(target_bpw: float | None, budget: str | None, bits: str, plan_samples: int, method: str,
-                        fmt: str, plan_groups: str | None = None, weighting: str = "output"):
-    # -> (SizeTarget, bit widths, group sizes, weighting) | None
+                        fmt: str, plan_groups: str | None = None, weighting: str = "output") -> _Planning | None:
     """The planner's options checked before any work: None when no plan was asked for."""
     from lowbit.planner import SizeTarget, parse_budget
 
@@ -277,37 +285,38 @@ def _check_plan_options(target_bpw: float | None, budget: str | None, bits: str,
                               f"got {plan_groups!r}.") from None
         if any(g < 0 or (g and g % 8) for g in groups):
             raise LowbitError(f"--plan-groups must be multiples of 8 (or 0 for per channel), got {plan_groups!r}.")
-    return SizeTarget(target_bpw, None if budget is None else parse_budget(budget)), widths, groups, weighting
+    return _Planning(SizeTarget(target_bpw, None if budget is None else parse_budget(budget)), widths, groups,
+                     weighting)
 
 
-def _check_plan_reachable(model: str, scheme: Scheme, method_config: Any, planning: Any) -> None:
+def _check_plan_reachable(model: str, scheme: Scheme, method_config: Any, planning: _Planning) -> None:
     """Refuse a target no allocation reaches, from the model's config alone (before loading anything)."""
     from lowbit.footprint import config_footprint, config_tensors, read_config
     from lowbit.models.layers import name_filter
     from lowbit.planner import candidate_specs, check_reachable
 
-    target, widths, groups, _ = planning
     config = read_config(model)
     chosen = name_filter(scheme.targets, scheme.ignore)
     shapes = {name: (shape[0], shape[1]) for name, shape in config_tensors(config)
               if len(shape) == 2 and not name.endswith(".weight") and chosen(name)}
     g_idx = bool(getattr(method_config, "act_order", False) and not getattr(method_config, "static_groups", True))
     floats = config_footprint(config, scheme).float_bytes
-    check_reachable(target, shapes, candidate_specs(scheme.weights, widths, groups), floats, g_idx)
+    check_reachable(planning.target, shapes, candidate_specs(scheme.weights, planning.widths, planning.groups),
+                    floats, g_idx)
 
 
-def _plan(model: Any, scheme: Scheme, method_config: Any, planning: Any, sources: tuple[str, ...], samples: int,
+def _plan(model: Any, scheme: Scheme, method_config: Any, planning: _Planning, sources: tuple[str, ...], samples: int,
           seqlen: int, tokenizer: Any):  # -> BitPlan
     """Measure sensitivities on ``samples`` calibration sequences and choose the bits; prints the table."""
     from lowbit.calibration import calibration_set
     from lowbit.planner import plan_bits
     from lowbit.report import print_plan_table
 
-    target, widths, groups, weighting = planning
     click.echo(f"bit planner: sensitivities on {samples} × {seqlen} tokens of {' + '.join(sources)}", err=True)
     plan_calib = calibration_set(list(sources), n=samples, seqlen=seqlen, tokenizer=tokenizer)
-    plan = plan_bits(model, scheme, plan_calib, target_bpw=target.bits_per_weight, budget=target.total_bytes,
-                     bits=widths, method=method_config, group_sizes=groups, weighting=weighting)
+    plan = plan_bits(model, scheme, plan_calib, target_bpw=planning.target.bits_per_weight,
+                     budget=planning.target.total_bytes, bits=planning.widths, method=method_config,
+                     group_sizes=planning.groups, weighting=planning.weighting)
     print_plan_table(plan)
     return plan
 

@@ -86,25 +86,23 @@ def _inner_function(module: nn.Module, inner: str):
     return eager
 
 
-def _attention(inner: str):
-    def forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                **kwargs):
-        config: KVQuant = module.lowbit_kv
-        spec = config.spec(key.shape[-1])
-        if config.rotate:
-            query, key, value = hadamard_transform(query), hadamard_transform(key), hadamard_transform(value)
-        if spec is not None:
-            key, value = fake_quantize(key, spec), fake_quantize(value, spec)
-        out, weights = _inner_function(module, inner)(module, query, key, value, attention_mask, **kwargs)
-        if config.rotate:  # out is (…, heads, head_dim) whichever inner ran
-            out = hadamard_transform(out, transpose=True)
-        return out, weights
-
-    return forward
+def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+               **kwargs):
+    """The wrapper every layer's attention calls: settings, spec and inner function were resolved once, by
+    `quantize_kv_cache`, and kept on the module (this runs for every layer at every step)."""
+    config, spec, inner = module.lowbit_kv
+    if config.rotate:
+        query, key, value = hadamard_transform(query), hadamard_transform(key), hadamard_transform(value)
+    if spec is not None:
+        key, value = fake_quantize(key, spec), fake_quantize(value, spec)
+    out, weights = inner(module, query, key, value, attention_mask, **kwargs)
+    if config.rotate:  # out is (…, heads, head_dim) whichever inner ran
+        out = hadamard_transform(out, transpose=True)
+    return out, weights
 
 
 for _inner in INNER:  # registered once, by name; the settings live on each attention module
-    AttentionInterface.register(_name(_inner), _attention(_inner))
+    AttentionInterface.register(_name(_inner), _attention)
     AttentionMaskInterface.register(_name(_inner), ALL_MASK_ATTENTION_FUNCTIONS[_inner])
 
 
@@ -119,13 +117,14 @@ def quantize_kv_cache(model: nn.Module, config: KVQuant) -> nn.Module:
     head_dim = attentions[0].head_dim
     if config.rotate and not supports(head_dim):
         raise LowbitError(f"no Hadamard transform of the head dimension {head_dim} is built here; pass rotate=False.")
-    config.spec(head_dim)  # checks the group size
+    spec = config.spec(head_dim)  # checks the group size
     current = model.config._attn_implementation
     inner = current.removeprefix("lowbit_kv_")
     if inner not in INNER:
         raise LowbitError(f"KV cache quantisation wraps sdpa or eager attention, not {current!r}; load the model "
                           "with attn_implementation='sdpa' or 'eager'.")
-    for attention in attentions:
-        attention.lowbit_kv = config
+    functions = [_inner_function(attention, inner) for attention in attentions]  # all resolved before any change
+    for attention, function in zip(attentions, functions):
+        attention.lowbit_kv = (config, spec, function)
     model.set_attn_implementation(_name(inner) if config.active else inner)
     return model
