@@ -13,7 +13,7 @@ Evaluation as PROTOCOL.md says: pydoc-eval, perplexity over the first 16 windows
 tokens, KL and top-1 against the float model over the first 4. Each setting is the command a
 user would type, run as its own process.
 
-    python bench/planner.py [--methods rtn,gptq] [--calib-samples N] [--only ...] [--note "..."]
+    python bench/planner.py [--methods rtn,gptq] [--calib-samples N] [--only 'part;part'] [--note "..."]
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=None,
                         help="GPTQ calibration sequences (default: the CLI's, PROTOCOL.md's 128)")
     parser.add_argument("--append", action="store_true", help="keep planner.json's rows of other settings")
-    parser.add_argument("--only", default="", help="comma-separated parts of labels to run (default: all)")
+    parser.add_argument("--only", default="",
+                        help="parts of labels to run, separated by ';' (labels hold commas; default: all)")
     parser.add_argument("--tabulate", action="store_true", help="only rewrite planner.md from planner.json")
     args = parser.parse_args()
     out = RESULTS / "planner.json"
@@ -100,7 +101,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for method in args.methods.split(","):
                 for label, a in settings(method, args.calib_samples):
-                    if args.only and not any(part in label for part in args.only.split(",")):
+                    if args.only and not any(part.strip() in label for part in args.only.split(";") if part.strip()):
                         continue
                     before = os.getloadavg()
                     row = run_setting(label, a, Path(tmp))

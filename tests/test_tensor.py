@@ -53,6 +53,26 @@ def test_round_trip_through_stored_tensors(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_dequantize_in_row_blocks_equals_one_block(spec, monkeypatch):
+    """dequantize decodes a block of rows at a time (memory): blocks of one row, of rows that do not divide the
+    weight, or of everything give the same floats; with act-order's scattered groups (g_idx) too."""
+    import lowbit.tensor as tensor_module
+
+    w = torch.randn(37, 576, generator=torch.Generator().manual_seed(2)) * 0.05
+    weights = [quantize_weight(w, spec)]
+    if spec.format == "int" and spec.granularity == "group":
+        qw = weights[0]
+        g_idx = torch.randperm(576, generator=torch.Generator().manual_seed(3)) // spec.group_size
+        weights.append(QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.shape, spec, g_idx=g_idx.int()))
+    for qw in weights:
+        whole = qw.dequantize(torch.bfloat16)
+        for codes in (1, 576 * 5 + 7, 576 * 37):
+            monkeypatch.setattr(tensor_module, "DEQUANT_CODES", codes)
+            assert torch.equal(qw.dequantize(torch.bfloat16), whole)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_quantisation_quality_is_what_the_format_allows(spec):
     """SQNR of a Gaussian weight: about 6 dB per bit for integers, never nonsense."""
     w = torch.randn(64, 576, generator=torch.Generator().manual_seed(2))

@@ -20,6 +20,28 @@ def test_round_trip_is_exact(bits, storage, rows, n, seed):
     assert torch.equal(unpack(packed, bits, n), codes)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 8), st.sampled_from([torch.uint8, torch.int32]), st.integers(1, 4), st.integers(1, 9),
+       st.integers(1, 70), st.integers(1, 50), st.integers(0, 2**31 - 1))
+def test_packing_in_row_blocks_equals_one_block(bits, storage, a, b, n, chunk, seed):
+    """pack / unpack work a block of rows at a time (memory); blocks of any size, also ones that do not divide
+    the rows or hold less than a row, give the words and codes of one block over every row."""
+    from lowbit.formats import packing
+
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (a, b, n), generator=gen, dtype=torch.int32)
+    whole = pack(codes, bits, storage)
+    old = packing.CHUNK
+    try:
+        packing.CHUNK = chunk
+        blocked = pack(codes, bits, storage)
+        back = unpack(whole, bits, n)
+    finally:
+        packing.CHUNK = old
+    assert torch.equal(blocked, whole)
+    assert torch.equal(back, codes)
+
+
 def test_extremes_survive_int32_sign_bit():
     codes = torch.full((2, 16), 15, dtype=torch.int32)
     packed = pack(codes, 4, torch.int32)
