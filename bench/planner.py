@@ -3,10 +3,11 @@
 All settings use int asym g128 codes (W3A16's) and the same method: uniform 3-bit (and, at
 about the planner's 3.25 bits per weight, uniform 3-bit in groups of 64); the
 planner with candidates 2, 3, 4, 8 bits at exactly uniform 3-bit's total weight bytes; the
-planner with its default candidates (3, 4, 8 bits) at 3.25 and at 3.5 bits per weight; the
-planner choosing group sizes 32 / 64 / 128 as well (``--plan-groups``) at 3.25, 3.3 (just under
-uniform int3 g64's 3.303) and 3.5, with plain and with Fisher-weighted module errors
-(``--plan-weighting fisher``); uniform int3 in groups of 32; and uniform 4-bit for reference.
+planner with 3, 4, 8 bits in groups of 128 at 3.25 and at 3.5 bits per weight; the planner
+choosing group sizes 32 / 64 / 128 as well (``--plan-groups``) at 3.25, 3.3 (just under
+uniform int3 g64's 3.303) and 3.5, with plain (``--plan-weighting output``) and with
+Fisher-weighted module errors (``--plan-weighting fisher``; with group candidates, the
+planner's defaults); uniform int3 in groups of 32; and uniform 4-bit for reference.
 The planner measures each module's output error on 32 × 512 tokens of pydoc-calib; GPTQ calibrates on
 PROTOCOL.md's 128 × 512 unless ``--calib-samples`` says otherwise (the table's rows name it).
 Evaluation as PROTOCOL.md says: pydoc-eval, perplexity over the first 16 windows of 2048
@@ -32,6 +33,10 @@ from lowbit.scheme import W3A16
 
 GROUPS = ["--scheme", "W3A16", "--plan-groups", "32,64,128"]
 FISHER = ["--plan-weighting", "fisher"]
+# the planner's defaults are Fisher weighting and group candidates (--plan-groups auto: 128, 64, 32 for W3A16); the
+# rows before them name what they measured: plain output errors, the scheme's groups of 128 alone
+PLAIN = ["--plan-weighting", "output"]
+OWN_GROUPS = ["--plan-groups", "128"]
 
 
 def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, list[str]]]:
@@ -45,15 +50,17 @@ def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, l
         # uniform 3-bit spending about a plan's extra bytes on smaller groups instead: the equal-bits comparison
         (f"{method} uniform int3 g64", ["--scheme", "W3A16", "--group-size", "64", *common]),
         (f"{method} plan at uniform int3's bytes, 2 bits allowed",
-         ["--scheme", "W3A16", "--budget", str(uniform3_bytes), "--bits", "2,3,4,8", *common]),
-        (f"{method} plan 3.25 bpw", ["--scheme", "W3A16", "--target-bpw", "3.25", *common]),
-        (f"{method} plan 3.5 bpw", ["--scheme", "W3A16", "--target-bpw", "3.5", *common]),
+         ["--scheme", "W3A16", "--budget", str(uniform3_bytes), "--bits", "2,3,4,8", *OWN_GROUPS, *PLAIN, *common]),
+        (f"{method} plan 3.25 bpw", ["--scheme", "W3A16", "--target-bpw", "3.25", *OWN_GROUPS, *PLAIN, *common]),
+        (f"{method} plan 3.5 bpw", ["--scheme", "W3A16", "--target-bpw", "3.5", *OWN_GROUPS, *PLAIN, *common]),
         # group sizes as candidates too (--plan-groups): bits and group size per module
-        (f"{method} plan 3.25 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.25", *common]),
-        (f"{method} plan 3.3 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.3", *common]),
-        (f"{method} plan 3.5 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.5", *common]),
+        (f"{method} plan 3.25 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.25", *PLAIN, *common]),
+        (f"{method} plan 3.3 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.3", *PLAIN, *common]),
+        (f"{method} plan 3.5 bpw, groups 32/64/128", [*GROUPS, "--target-bpw", "3.5", *PLAIN, *common]),
         # module errors weighted by the loss's Fisher on each output channel (--plan-weighting fisher)
-        (f"{method} plan 3.25 bpw, Fisher", ["--scheme", "W3A16", "--target-bpw", "3.25", *FISHER, *common]),
+        (f"{method} plan 3.25 bpw, Fisher", ["--scheme", "W3A16", "--target-bpw", "3.25", *OWN_GROUPS, *FISHER,
+                                             *common]),
+        # both: the planner's defaults (the flags spelled out)
         (f"{method} plan 3.3 bpw, groups 32/64/128, Fisher", [*GROUPS, "--target-bpw", "3.3", *FISHER, *common]),
         (f"{method} plan 3.5 bpw, groups 32/64/128, Fisher", [*GROUPS, "--target-bpw", "3.5", *FISHER, *common]),
         (f"{method} uniform int3 g32", ["--scheme", "W3A16", "--group-size", "32", *common]),

@@ -151,8 +151,12 @@ G64 = scheme_with(W3A16, group_size=64)  # compressed-tensors refuses the ragged
 @pytest.mark.parametrize("method, scheme, bits", [(lowbit.RTN(), G64, (2, 3, 4, 8)), (lowbit.GPTQ(), W3A16, (3, 4))],
                          ids=["rtn-g64", "gptq-g128"])  # GPTQ measures each candidate with a solve: two, to stay quick
 def test_planned_model_meets_the_target_exactly_and_reloads(two_layers, calib, method, scheme, bits, tmp_path):
-    plan = planner.plan_bits(two_layers, scheme, calib, target_bpw=3.5, bits=bits, method=method, progress=False)
-    assert plan.measured_with == ("gptq" if isinstance(method, lowbit.GPTQ) else "rtn")
+    gptq = isinstance(method, lowbit.GPTQ)  # RTN: the defaults (Fisher weights, groups of 64 and 32); GPTQ: g128 only
+    plan = planner.plan_bits(two_layers, scheme, calib, target_bpw=3.5, bits=bits, method=method, progress=False,
+                             **({"group_sizes": None} if gptq else {}))
+    assert plan.measured_with == ("gptq" if gptq else "rtn") + ", Fisher-weighted"
+    assert {r.spec.group_size for r in plan.rows} <= ({128} if gptq else {64, 32})
+    assert plan.seconds > 0
     q = lowbit.quantize(two_layers, plan, method=method, calib=calib, progress=False)
     measured = model_footprint(q)
     assert measured.quantized_bytes == plan.quantized_bytes
@@ -234,6 +238,18 @@ def test_group_size_candidates_are_ordered_and_priced():
     assert planner.spec_bytes(g128, (256, 512), g_idx=True) == storage_bytes(g128, (256, 512), True)
 
 
+def test_auto_group_sizes_are_the_schemes_and_its_halves_down_to_32():
+    assert planner.auto_group_sizes(W3A16.weights) == (128, 64, 32)
+    assert planner.auto_group_sizes(G64.weights) == (64, 32)
+    assert planner.auto_group_sizes(W3A16.weights.replace(group_size=32)) == (32,)
+    assert planner.auto_group_sizes(W3A16.weights.replace(group_size=100)) == (100,)  # no halves that are whole octets
+    assert planner.auto_group_sizes(W3A16.weights.replace(granularity="channel", group_size=None)) is None
+    auto = planner.candidate_specs(W3A16.weights, (3, 4), "auto")
+    assert [(s.bits, s.group_size) for s in auto] == [(3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32)]
+    channel = W3A16.weights.replace(granularity="channel", group_size=None)
+    assert planner.candidate_specs(channel, (3, 4), "auto") == planner.candidate_specs(channel, (3, 4))
+
+
 def test_plan_over_group_sizes_beats_uniform_g64_at_its_size_and_reloads(two_layers, calib, tmp_path):
     """With group sizes as candidates, uniform int3 g64 is one feasible plan at its own bytes: the plan's
     summed error is no higher, it mixes layouts, and the mixed-group checkpoint reloads with the same logits."""
@@ -289,13 +305,15 @@ def test_fisher_weighted_plan(two_layers, calib):
 
 
 def test_cli_plans_with_groups_and_fisher_weights(tmp_path):
-    """The planner's options as a user passes them: a planned run on the default model meets its target."""
+    """The planner's options as a user passes them: a planned run on the default model meets its target; Fisher
+    weights are the default, --plan-groups narrows the group sizes offered."""
     result = CliRunner().invoke(cli, ["quantize", "default", "--scheme", "W3A16", "--target-bpw", "3.5",
-                                      "--plan-groups", "64,128", "--plan-weighting", "fisher", "--plan-samples", "2",
+                                      "--plan-groups", "64,128", "--plan-samples", "2",
                                       "--calib-seqlen", "64", "--no-eval", "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
+    assert "planned in" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
     plan = report["details"]["bit_plan"]
-    assert plan["measured_with"] == "rtn, Fisher-weighted"
+    assert plan["measured_with"] == "rtn, Fisher-weighted" and plan["seconds"] > 0
     assert 3.4 < plan["bits_per_weight"] <= 3.5
     assert {spec.split()[-1] for spec in plan["spec_histogram"]} <= {"g64", "g128"}

@@ -228,14 +228,15 @@ def plan_options(func):  # the bit planner's, on quantize
                              "module's sensitivity is measured.")(func)
     func = click.option("--bits", default="3,4,8", show_default=True,
                         help="Planner: candidate bit widths, with the scheme's group size and symmetry.")(func)
-    func = click.option("--plan-weighting", type=click.Choice(["output", "fisher"]), default="output",
+    func = click.option("--plan-weighting", type=click.Choice(["fisher", "output"]), default="fisher",
                         show_default=True,
-                        help="Planner: how module errors are compared — plain output error, or each output "
-                             "channel's error weighted by the loss's Fisher (one backward pass over the plan's "
-                             "calibration set).")(func)
-    func = click.option("--plan-groups", default=None,
-                        help="Planner: candidate group sizes as well, e.g. 32,64,128 (0: per channel); each "
-                             "module gets the bits and group size that buy the most accuracy per byte.")(func)
+                        help="Planner: how module errors are compared — each output channel's error weighted by "
+                             "the loss's Fisher (one forward and backward pass per plan calibration sequence), "
+                             "or plain output error (no backward pass; worse plans).")(func)
+    func = click.option("--plan-groups", default="auto", show_default=True,
+                        help="Planner: candidate group sizes, e.g. 32,64,128 (0: per channel); each module gets "
+                             "the bits and group size that buy the most accuracy per byte. auto: the scheme's "
+                             "group size and its halves down to 32; the scheme's alone: pass just it.")(func)
     func = click.option("--budget", default=None,
                         help="Plan bits per module so that all weights fit in this many bytes (e.g. 35GB, "
                              "counted as 'lowbit size' counts them).")(func)
@@ -250,12 +251,12 @@ class _Planning(NamedTuple):
 
     target: Any  # lowbit.planner.SizeTarget
     widths: tuple[int, ...]
-    groups: tuple[int, ...] | None
+    groups: tuple[int, ...] | str | None  # "auto": lowbit.planner.auto_group_sizes
     weighting: str
 
 
 def _check_plan_options(target_bpw: float | None, budget: str | None, bits: str, plan_samples: int, method: str,
-                        fmt: str, plan_groups: str | None = None, weighting: str = "output") -> _Planning | None:
+                        fmt: str, plan_groups: str | None = "auto", weighting: str = "fisher") -> _Planning | None:
     """The planner's options checked before any work: None when no plan was asked for."""
     from lowbit.planner import SizeTarget, parse_budget
 
@@ -276,8 +277,10 @@ def _check_plan_options(target_bpw: float | None, budget: str | None, bits: str,
         raise LowbitError(f"--bits must be comma-separated integers such as 2,3,4,8, got {bits!r}.") from None
     if any(not 2 <= b <= 8 for b in widths):
         raise LowbitError(f"--bits must lie between 2 and 8, got {bits!r}.")
-    groups = None
-    if plan_groups is not None:
+    groups: tuple[int, ...] | str | None = None
+    if plan_groups == "auto":
+        groups = "auto"
+    elif plan_groups is not None:
         try:
             groups = tuple(int(g) for g in plan_groups.split(","))
         except ValueError:
@@ -318,6 +321,7 @@ def _plan(model: Any, scheme: Scheme, method_config: Any, planning: _Planning, s
                      budget=planning.target.total_bytes, bits=planning.widths, method=method_config,
                      group_sizes=planning.groups, weighting=planning.weighting)
     print_plan_table(plan)
+    click.echo(f"planned in {plan.seconds:.1f} s ({plan.measured_with})", err=True)
     return plan
 
 

@@ -30,9 +30,14 @@ three steps, each a function:
    The result, a `BitPlan`, holds a mixed `Scheme` (``Scheme.per_module``) that
    `lowbit.quantize` accepts directly, and the table of what was chosen.
 
-Summing the layers' output errors treats a unit of squared error in any layer's output as
-equally harmful. That is the usual simplification (and what GPTQ-style reports sum); it
-is checked end to end by ``bench/planner.py``, which measures KL to the float model.
+Summing the layers' plain output errors treats a unit of squared error in any layer's output
+as equally harmful, which it is not (a down projection writing into a residual stream with
+massive activations shows large errors that the next RMSNorm scales away). By default
+`plan_bits` therefore weights each output channel's error by the loss's Fisher there
+(`output_fisher`) and offers smaller groups as well as more bits (`auto_group_sizes`). Both
+are checked end to end by ``bench/planner.py``, which measures KL to the float model: on
+the default model (RTN) the plain-error plans lose to uniform int3 in smaller groups at
+equal bits, the Fisher-weighted plans with group candidates beat them.
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -70,24 +76,44 @@ log = logging.getLogger(__name__)
 DEFAULT_BITS: tuple[int, ...] = (3, 4, 8)
 Measure = Literal["rtn", "gptq"]
 Weighting = Literal["output", "fisher"]
+GroupSizes = Sequence[int] | Literal["auto"] | None
+SMALLEST_AUTO_GROUP = 32
+
+
+def auto_group_sizes(base: QuantSpec) -> tuple[int, ...] | None:
+    """The group sizes the planner offers by default: the scheme's own and its halves down to 32 (g128: 128,
+    64, 32), so a module can buy accuracy with more scales as well as with more bits, never with larger
+    groups than the scheme asked for (a format's constraints on the group size hold for smaller ones too);
+    None for a scheme without groups (its granularity is kept). On the default model, at 3.3 and 3.5 bits per
+    weight, these candidates with Fisher-weighted errors give plans with lower KL than uniform int3 in groups
+    of 64 and 32 at as many or more bits; bits alone do not (bench/results/planner.md)."""
+    if base.granularity != "group" or not base.group_size:
+        return None
+    sizes, g = [], int(base.group_size)
+    while g >= SMALLEST_AUTO_GROUP and g % 8 == 0:
+        sizes.append(g)
+        g //= 2
+    return tuple(sizes) or (int(base.group_size),)
 
 
 # -- candidates and sizes ------------------------------------------------------------------------
 
 def candidate_specs(base: QuantSpec, bits: Sequence[int] = DEFAULT_BITS,
-                    group_sizes: Sequence[int] | None = None) -> tuple[QuantSpec, ...]:
+                    group_sizes: GroupSizes = None) -> tuple[QuantSpec, ...]:
     """The base integer spec at each bit width (same symmetry and observer), cheapest first.
 
     With ``group_sizes`` every width is also offered at each of those group sizes (``0`` meaning one
     scale per output channel), so the plan can buy accuracy with smaller groups as well as with more
     bits: at about 3.3 bits per weight, int3 in groups of 64 is a better use of the bytes than a mix
-    of int3 and int4 in groups of 128 on the default model (bench/results/planner.md). Without it,
-    the base spec's own granularity is kept."""
+    of int3 and int4 in groups of 128 on the default model (bench/results/planner.md). ``"auto"`` is
+    `auto_group_sizes`; without any, the base spec's own granularity is kept."""
     if base.format != "int":
         raise LowbitError(f"the bit planner varies integer bit widths; the scheme's weights are {base.format}.")
     widths = sorted(set(bits))
     if not widths:
         raise LowbitError("the bit planner needs at least one candidate bit width.")
+    if group_sizes == "auto":
+        group_sizes = auto_group_sizes(base)
     if not group_sizes:
         return tuple(base.replace(bits=int(b)) for b in widths)
     if any(g < 0 for g in group_sizes):
@@ -502,6 +528,7 @@ class BitPlan:
     float_bytes: int  # every other tensor, at 2 bytes each (as `lowbit size` counts them)
     measured_with: str
     calibration_tokens: int
+    seconds: float = 0.0  # measuring the sensitivities and allocating (0 when not measured here)
 
     @property
     def quantized_bytes(self) -> int:
@@ -546,14 +573,15 @@ class BitPlan:
                 "bits_histogram": {str(k): v for k, v in self.bits_histogram().items()},
                 "spec_histogram": self.spec_histogram(),
                 "measured_with": self.measured_with, "calibration_tokens": self.calibration_tokens,
-                "scheme": self.scheme.to_dict(), "modules": [r.to_dict() for r in self.rows]}
+                "seconds": self.seconds, "scheme": self.scheme.to_dict(), "modules": [r.to_dict() for r in self.rows]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BitPlan:
         try:
             return cls(Scheme.from_dict(data["scheme"]), tuple(PlanRow.from_dict(r) for r in data["modules"]),
                        SizeTarget(data.get("target_bpw"), data.get("budget_bytes")), int(data["linear_budget_bytes"]),
-                       int(data["float_bytes"]), str(data["measured_with"]), int(data["calibration_tokens"]))
+                       int(data["float_bytes"]), str(data["measured_with"]), int(data["calibration_tokens"]),
+                       float(data.get("seconds", 0.0)))
         except (KeyError, TypeError, ValueError, IndexError) as err:
             if isinstance(err, LowbitError):
                 raise
@@ -597,11 +625,17 @@ def plan_from_sensitivities(sens: Sensitivities, scheme: Scheme, target: SizeTar
 def plan_bits(model: nn.Module, scheme: Scheme, calib: Tensor, target_bpw: float | None = None,
               budget: int | str | None = None, bits: Sequence[int] = DEFAULT_BITS, method: Any = None,
               measure: Measure | None = None, progress: bool = True,
-              group_sizes: Sequence[int] | None = None, weighting: Weighting = "output") -> BitPlan:
+              group_sizes: GroupSizes = "auto", weighting: Weighting = "fisher") -> BitPlan:
     """Measure ``model``'s sensitivities on ``calib`` and choose each selected linear's bits (among ``bits``,
-    with the group size and symmetry of ``scheme.weights``, or at each of ``group_sizes``) for ``target_bpw``
-    bits per quantised weight or a total weight ``budget`` (bytes or e.g. "35GB"). Quantise with
+    with the symmetry of ``scheme.weights``, at each of ``group_sizes``: by default the scheme's group size
+    and its halves down to 32, `auto_group_sizes`; None keeps the scheme's) for ``target_bpw`` bits per
+    quantised weight or a total weight ``budget`` (bytes or e.g. "35GB"). Quantise with
     ``lowbit.quantize(model, plan, method)``.
+
+    Module errors are weighted by the loss's Fisher on each output channel (``weighting="fisher"``,
+    `output_fisher`: one forward and backward of the float model per calibration sequence) unless
+    ``weighting="output"`` asks for plain output errors (no backward pass; worse plans on the default
+    model, bench/results/planner.md).
 
     ``method`` is the method that will quantise (RTN by default, or a `GPTQ`): the candidates are measured
     the way it rounds (``measure``, by default "gptq" for GPTQ, else "rtn"), and the g_idx that GPTQ's
@@ -618,8 +652,10 @@ def plan_bits(model: nn.Module, scheme: Scheme, calib: Tensor, target_bpw: float
     floats = float_tensor_bytes(model, list(selected))
     shapes = {n: (m.out_features, m.in_features) for n, m in selected.items()}
     check_reachable(target, shapes, specs, floats, g_idx)  # before the calibration pass
+    start = time.perf_counter()
     sens = measure_sensitivities(model, scheme, calib, specs, measure, gptq, progress, weighting)
-    return plan_from_sensitivities(sens, scheme, target, floats, g_idx)
+    plan = plan_from_sensitivities(sens, scheme, target, floats, g_idx)
+    return replace(plan, seconds=time.perf_counter() - start)
 
 
 def read_plan(path: str | Path) -> BitPlan:
