@@ -63,14 +63,17 @@ def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, l
         # both: the planner's defaults (the flags spelled out)
         (f"{method} plan 3.3 bpw, groups 32/64/128, Fisher", [*GROUPS, "--target-bpw", "3.3", *FISHER, *common]),
         (f"{method} plan 3.5 bpw, groups 32/64/128, Fisher", [*GROUPS, "--target-bpw", "3.5", *FISHER, *common]),
+        # the defaults as a user types them: must give the rows above with the flags spelled out
+        (f"{method} plan 3.25 bpw, defaults", ["--scheme", "W3A16", "--target-bpw", "3.25", *common]),
+        (f"{method} plan 3.5 bpw, defaults", ["--scheme", "W3A16", "--target-bpw", "3.5", *common]),
         (f"{method} uniform int3 g32", ["--scheme", "W3A16", "--group-size", "32", *common]),
         (f"{method} uniform int4 g128", ["--scheme", "W4A16_ASYM", *common]),
     ]
 
 
 def plan_column(rows: list[dict]) -> str:
-    lines = ["| setting | modules at 2 / 3 / 4 / 8 bits | modules per spec | planned linears bytes | budget met |",
-             "|---|---|---|---:|---|"]
+    lines = ["| setting | modules at 2 / 3 / 4 / 8 bits | modules per spec | planned linears bytes | budget met "
+             "| plan s |", "|---|---|---|---:|---|---:|"]
     for r in rows:
         plan = r.get("details", {}).get("bit_plan")
         if plan is None:
@@ -84,7 +87,8 @@ def plan_column(rows: list[dict]) -> str:
             total, budget = r["weight_bytes"], plan["budget_bytes"]
             met = f"{total:,} ≤ {budget:,} bytes: {total <= budget}"
         specs = ", ".join(f"{n} {spec}" for spec, n in plan.get("spec_histogram", {}).items())
-        lines.append(f"| {r['label']} | {counts} | {specs} | {plan['quantized_bytes']:,} | {met} |")
+        seconds = f"{plan['seconds']:.0f}" if plan.get("seconds") else "—"  # recorded since 2026-11-27 23:20
+        lines.append(f"| {r['label']} | {counts} | {specs} | {plan['quantized_bytes']:,} | {met} | {seconds} |")
     return "\n".join(lines)
 
 
