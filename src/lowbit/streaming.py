@@ -317,6 +317,8 @@ def _materialise_outside_layers(model: nn.Module, stored: dict[str, Tensor], pre
     state = {k: stored[k].to(dtype) for k, t in model.state_dict().items()
              if not k.startswith(prefix) and k != head and k != tied and t.is_meta and k in stored}
     model.load_state_dict(state, strict=False, assign=True)
+    for key in state:  # the copies are made: the mapped pages they were read from leave this process (0.26 GB at 7B)
+        drop_file_pages(stored[key])
 
 
 def _assemble(source: Path, out: Path, run: _Run, stored: dict[str, Tensor], prefix: str, config, info: dict[str, Any],
