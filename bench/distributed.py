@@ -3,9 +3,10 @@
 The default model, GPTQ W4A16 g128 (static act-order) on ``--samples`` × 512 tokens of pydoc-calib,
 three ways: one process with 2 threads, one process with 1 thread, and ``torchrun
 --nproc-per-node 2`` with 1 thread per process. Each run reports its wall time of `lowbit.quantize`
-and the part spent in GPTQ's solves (``solve_seconds``, the same work in every rank); the rest
-is the statistics phase — the calibration forward passes and Hessian accumulation — which the
-ranks divide. The two-process model is compared with the one-process one: share of codes that
+and the part spent in GPTQ's solves (``solve_seconds``: under torchrun each rank factorises every
+Hessian and solves a block of every weight's rows, then the blocks are gathered); the rest is the
+statistics phase — the calibration forward passes and Hessian accumulation — which the ranks
+divide. The two-process model is compared with the one-process one: share of codes that
 differ, max relative logit difference, and the perplexity of both on pydoc-eval.
 
 Writes bench/results/distributed.md and .json.

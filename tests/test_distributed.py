@@ -18,15 +18,22 @@ from test_streaming import _tiny_llama  # tests/ is on sys.path (pytest's prepen
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {src!r})
-from lowbit import api
+from lowbit import api, sequential
 from lowbit.algorithms.gptq import GPTQ
 torch.set_num_threads(1)
+solved_rows = []
+solve = sequential.gptq_solve_group
+def counting(factor, weights, *args):
+    solved_rows.extend(W.shape[0] for W in weights)
+    return solve(factor, weights, *args)
+sequential.gptq_solve_group = counting
 calib = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(1))
 model = api.quantize(api.load_model({model!r}), "W4A16", GPTQ(), calib, progress=False)
 api.save(model, {out!r})
 from lowbit import distributed
 details = model.lowbit_info.details
-print("rank", distributed.rank(), "of", distributed.world_size(), "tokens", details["calibration_tokens"])
+print("rank", distributed.rank(), "of", distributed.world_size(), "tokens", details["calibration_tokens"],
+      "solved rows", sum(solved_rows))
 """
 
 
@@ -44,7 +51,12 @@ def test_two_torchrun_processes_give_the_single_process_model(tmp_path):
     assert "rank 0 of 2 tokens 192" in done.stdout and "rank 1 of 2 tokens 192" in done.stdout  # all 8 × 24 tokens
 
     calib = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(1))
-    single = api.quantize(api.load_model(source), "W4A16", GPTQ(), calib, progress=False)
+    model = api.load_model(source)
+    rows = sum(m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n)
+    # the solves are divided: each rank solved a block of every weight's rows, the two blocks all of them
+    solved = [int(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines() if "solved rows" in line]
+    assert len(solved) == 2 and sum(solved) == rows and max(solved) <= rows // 2 + 16, (solved, rows)
+    single = api.quantize(model, "W4A16", GPTQ(), calib, progress=False)
     api.save(single, tmp_path / "single")
     a, b = load_tensors(out).tensors, load_tensors(tmp_path / "single").tensors
     assert set(a) == set(b)

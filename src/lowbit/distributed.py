@@ -6,9 +6,12 @@ rank) through the layer; the statistics GPTQ needs — XᵀX and the row count, 
 the whole calibration set's (up to the order of the float32 additions: the ranks' partial
 sums are added last — enough to reorder GPTQ's act-order columns where the Hessian's diagonal
 nearly ties, so the codes can differ widely from a one-process run's for an equally good model;
-see bench/results/distributed.md). Every rank then solves the same Hessian and gets the same weights,
-so nothing needs broadcasting; the forward passes, which are most of the statistics
-phase, are what is divided. gloo on CPU, NCCL on GPU; no networking of our own.
+see bench/results/distributed.md). The forward passes, most of the statistics phase, are what is
+divided first. GPTQ's solves are divided too: its rows are independent given the Hessian, so each
+rank solves a contiguous block of every weight's rows (`row_block`) — the factorisation of H, the
+same on every rank, is done by each — and the blocks' codes, scales and zero points are gathered
+(`gather_rows`) into the whole weight, which every rank then holds. gloo on CPU, NCCL on GPU; no
+networking of our own.
 
 ``lowbit quantize`` under ``torchrun --nproc-per-node N`` (or any code calling `lowbit.quantize`
 with WORLD_SIZE > 1 in its environment) initialises the process group itself; only rank 0
@@ -21,6 +24,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from lowbit.algorithms.hessian import HessianAccumulator
 from lowbit.errors import LowbitError
@@ -79,3 +83,32 @@ def total(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def row_block(rows: int) -> slice:
+    """This rank's contiguous block of ``rows`` rows (the first ``rows % world`` ranks get one more)."""
+    world, me = world_size(), rank()
+    base, extra = divmod(rows, world)
+    start = me * base + min(me, extra)
+    return slice(start, start + base + (me < extra))
+
+
+def gather_rows(parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each named tensor's row blocks from every rank (in rank order, as `row_block` hands them out)
+    concatenated along dim 0. Blocks may differ in rows, so they travel as objects (pickled)."""
+    if world_size() == 1:
+        return parts
+    cpu = {k: v.cpu() for k, v in parts.items()}
+    gathered: list[dict[str, Tensor] | None] = [None] * world_size()
+    dist.all_gather_object(gathered, cpu)
+    device = next(iter(parts.values())).device if parts else torch.device("cpu")
+    return {k: torch.cat([g[k] for g in gathered if g is not None]).to(device) for k in parts}
+
+
+def sum_floats(values: list[float]) -> list[float]:
+    """Floats summed over every rank (float64)."""
+    if world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
