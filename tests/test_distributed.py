@@ -63,7 +63,7 @@ def test_two_torchrun_processes_give_the_single_process_model(tmp_path):
     # The Hessians differ only in the order of float32 additions (each rank's partial sum, then the
     # all-reduce). On this tiny model that flips a fraction of a percent of GPTQ's rounding decisions;
     # on larger ones it can reorder act-order's near-tied columns and change many codes for an equally
-    # good model (bench/results/distributed.md: 27.6 % of the default model's codes, ppl 12.76 vs 12.82).
+    # good model (bench/results/distributed.md: 26.0 % of the default model's codes, ppl 12.77 vs 12.75).
     for key in a:
         if key.endswith(".qdata"):
             differ = (a[key] != b[key]).float().mean().item()
