@@ -71,6 +71,14 @@ def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, l
     ]
 
 
+def _compact(row: dict) -> dict:
+    """The row without its plan's copy of the mixed scheme (the report's own ``scheme``, 2,500 lines each)."""
+    plan = row.get("details", {}).get("bit_plan")
+    if plan is not None and plan.get("scheme") == row.get("scheme"):
+        plan.pop("scheme")
+    return row
+
+
 def plan_column(rows: list[dict]) -> str:
     lines = ["| setting | modules at 2 / 3 / 4 / 8 bits | modules per spec | planned linears bytes | budget met "
              "| plan s |", "|---|---|---|---:|---|---:|"]
@@ -101,11 +109,12 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="keep planner.json's rows of other settings")
     parser.add_argument("--only", default="",
                         help="parts of labels to run, separated by ';' (labels hold commas; default: all)")
-    parser.add_argument("--tabulate", action="store_true", help="only rewrite planner.md from planner.json")
+    parser.add_argument("--tabulate", action="store_true", help="only rewrite planner.md from planner.json (and drop copies from it)")
     args = parser.parse_args()
     out = RESULTS / "planner.json"
     if args.tabulate:
-        rows = json.loads(out.read_text())
+        rows = [_compact(r) for r in json.loads(out.read_text())]
+        out.write_text(json.dumps(rows, indent=2) + "\n")
     else:
         rows = json.loads(out.read_text()) if args.append and out.is_file() else []
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -119,7 +128,7 @@ def main() -> None:
                     row["load_average"] = {"start": before, "end": os.getloadavg()}
                     if args.append and out.is_file():  # another invocation may have added rows meanwhile
                         rows = json.loads(out.read_text())
-                    rows = [r for r in rows if r["label"] != label] + [row]
+                    rows = [_compact(r) for r in rows if r["label"] != label] + [_compact(row)]
                     out.write_text(json.dumps(rows, indent=2) + "\n")  # after each setting: a long run keeps its part
     load_start, load_end = rows[0]["load_average"]["start"], rows[-1]["load_average"]["end"]
     note = (f"Load average (1/5/15 min) {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} at the start, "

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 
@@ -21,6 +21,8 @@ from lowbit.memory import peak_rss_bytes
 from lowbit.report import versions
 from lowbit.scheme import PRESETS, Scheme, get_scheme, scheme_with
 
+if TYPE_CHECKING:
+    from lowbit.planner import SizeTarget  # imported lazily at run time: the planner pulls in torch
 
 
 class _Group(click.Group):
@@ -249,7 +251,7 @@ def plan_options(func):  # the bit planner's, on quantize
 class _Planning(NamedTuple):
     """The bit planner's options, checked: what `_check_plan_reachable` and `_plan` take."""
 
-    target: Any  # lowbit.planner.SizeTarget
+    target: SizeTarget
     widths: tuple[int, ...]
     groups: tuple[int, ...] | str | None  # "auto": lowbit.planner.auto_group_sizes
     weighting: str

@@ -78,11 +78,7 @@ def all_reduce(acc: HessianAccumulator) -> HessianAccumulator:
 
 def total(value: int) -> int:
     """An integer summed over every rank."""
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t)
-    return int(t.item())
+    return value if world_size() == 1 else int(sum_floats([value])[0])  # exact below 2⁵³
 
 
 def row_block(rows: int) -> slice:
@@ -106,7 +102,7 @@ def gather_rows(parts: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def sum_floats(values: list[float]) -> list[float]:
-    """Floats summed over every rank (float64)."""
+    """Numbers summed over every rank (in float64)."""
     if world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64)

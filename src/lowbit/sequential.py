@@ -165,37 +165,30 @@ def _solve(group: list[str], linears: dict[str, nn.Linear], float_weights: dict[
         by_spec.setdefault(spec_of(prefix + local), []).append(local)
     solved: dict[str, GPTQResult] = {}
     for spec, part in by_spec.items():  # rows are independent given H: a part's solve is its own solve
-        # each rank its block of every weight's rows, then the blocks gathered; one scale per tensor needs every row
-        if (distributed.active() and spec.granularity != "tensor"
-                and all(float_weights[n].shape[0] >= distributed.world_size() for n in part)):
-            blocks = {n: float_weights[n][distributed.row_block(float_weights[n].shape[0])] for n in part}
-            mine = gptq_solve_group(factor, list(blocks.values()), spec, method.block_size, method.static_groups,
-                                    [f"{prefix}{n}.weight" for n in part])
-            solved.update(zip(part, _gathered(part, mine, [float_weights[n] for n in part])))
-            continue
-        solved.update(zip(part, gptq_solve_group(factor, [float_weights[n] for n in part], spec, method.block_size,
-                                                 method.static_groups, [f"{prefix}{n}.weight" for n in part])))
+        weights = [float_weights[n] for n in part]
+        # under torchrun each rank solves a block of every weight's rows, then the blocks are gathered (one scale
+        # per tensor needs every row)
+        split = (distributed.active() and spec.granularity != "tensor"
+                 and all(W.shape[0] >= distributed.world_size() for W in weights))
+        mine = [W[distributed.row_block(W.shape[0])] for W in weights] if split else weights
+        results = gptq_solve_group(factor, mine, spec, method.block_size, method.static_groups,
+                                   [f"{prefix}{n}.weight" for n in part])
+        solved.update(zip(part, [_gathered(r, W.shape) for r, W in zip(results, weights)] if split else results))
     del factor  # H and its inverse factor (1 GB at 11008 inputs) go before the dequantised weights are made
     for local in group:
         _install(prefix, local, solved[local], linears, float_weights, report)
     return {local: solved[local].weight for local in group}
 
 
-def _gathered(names: list[str], mine: list[GPTQResult], whole: list[Tensor]) -> list[GPTQResult]:
-    """Whole-weight results from every rank's row blocks (`distributed.row_block`): codes, scales and zero
+def _gathered(block: GPTQResult, shape: tuple[int, ...]) -> GPTQResult:
+    """The whole weight's result from every rank's row block (`distributed.row_block`): codes, scales and zero
     points concatenated by rows (row-wise packing, so the blocks join as they are), errors summed."""
-    results = []
-    for name, part, W in zip(names, mine, whole):
-        q = part.weight
-        stored = {"qdata": q.qdata, "scale": q.scale}
-        if q.zero_point is not None:
-            stored["zero_point"] = q.zero_point
-        rows = distributed.gather_rows(stored)
-        loss, error, signal = distributed.sum_floats([part.loss, part.error, part.signal])
-        weight = QuantizedWeight(rows["qdata"], rows["scale"], rows.get("zero_point"), tuple(W.shape), q.spec,
-                                 g_idx=q.g_idx)
-        results.append(GPTQResult(weight, loss, error, part.dead_columns, signal))
-    return results
+    stored = block.weight.tensors()
+    g_idx = stored.pop("g_idx", None)  # per column: the same on every rank
+    rows = distributed.gather_rows(stored) | ({} if g_idx is None else {"g_idx": g_idx})
+    loss, error, signal = distributed.sum_floats([block.loss, block.error, block.signal])
+    weight = QuantizedWeight.from_tensors(rows, (shape[0], shape[1]), block.weight.spec)  # checked as a whole
+    return GPTQResult(weight, loss, error, block.dead_columns, signal)
 
 
 def _install(prefix: str, local: str, result: GPTQResult, linears: dict[str, nn.Linear],

@@ -56,6 +56,7 @@ from lowbit.formats import (
     store_scale,
     unpack,
 )
+from lowbit.formats.packing import row_blocks
 from lowbit.scheme import QuantSpec
 
 DOUBLE_QUANT_BLOCK = 256
@@ -142,12 +143,11 @@ class QuantizedWeight:
             return _double_dequantized_scales(self.scale, self.scale_scale, self.scale_offset, self.scale_shape)
         return self.scale.float().reshape(self.scale_shape)
 
-    def codes(self) -> Tensor:
-        """Unpacked integer codes (R, C), int32; symmetric int codes are signed."""
-        rows, cols = self.shape
-        codes = unpack(self.qdata, self.spec.bits, cols)
+    def codes(self, rows: slice = slice(None)) -> Tensor:
+        """Unpacked integer codes (R, C) (or those of the ``rows`` given), int32; symmetric int codes are signed."""
+        codes = unpack(self.qdata[rows], self.spec.bits, self.shape[1])
         if self.spec.format == "int" and self.spec.symmetric:
-            codes = codes - (1 << (self.spec.bits - 1))
+            codes -= 1 << (self.spec.bits - 1)  # a fresh tensor from unpack
         return codes
 
     def zero_points(self) -> Tensor | None:
@@ -167,13 +167,9 @@ class QuantizedWeight:
             return self._decode(codes, self.scales(), self.zero_points(), self.group_size).reshape(rows, cols).to(dtype)
         scale, zero = self.scales(), self.zero_points()
         out = torch.empty(rows, cols, dtype=dtype, device=self.qdata.device)
-        step = max(1, DEQUANT_CODES // max(1, cols))
-        for start in range(0, rows, step):
-            block = slice(start, start + step)
-            codes = unpack(self.qdata[block], self.spec.bits, cols)
-            if self.spec.format == "int" and self.spec.symmetric:
-                codes -= 1 << (self.spec.bits - 1)
-            out[block] = self._decode(codes, scale[block], None if zero is None else zero[block], self.group_size)
+        for block in row_blocks(rows, cols, DEQUANT_CODES):
+            out[block] = self._decode(self.codes(block), scale[block], None if zero is None else zero[block],
+                                      self.group_size)
         return out
 
     def _decode(self, codes: Tensor, scale: Tensor, zero: Tensor | None, group: int) -> Tensor:

@@ -10,6 +10,7 @@ layout (eight 4-bit codes per word, the first in the lowest nibble); in uint8 wo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -46,6 +47,13 @@ def packed_length(n: int, bits: int, storage: torch.dtype = torch.uint8) -> int:
 CHUNK = 1 << 22  # codes packed or unpacked per step: the int64 temporaries stay at tens of MB, not GBs
 
 
+def row_blocks(rows: int, cols: int, per_block: int | None = None) -> Iterator[slice]:
+    """Slices of whole rows of a (rows, cols) array, about ``per_block`` (default `CHUNK`) values each and at
+    least one row: how `pack`, `unpack` and `QuantizedWeight.dequantize` bound their temporaries."""
+    step = max(1, (CHUNK if per_block is None else per_block) // max(1, cols))
+    return (slice(start, start + step) for start in range(0, rows, step))
+
+
 def pack(codes: Tensor, bits: int, storage: torch.dtype = torch.uint8) -> Tensor:
     """(..., n) codes in [0, 2^bits) → (..., packed_length(n)) words.
 
@@ -63,9 +71,8 @@ def pack(codes: Tensor, bits: int, storage: torch.dtype = torch.uint8) -> Tensor
     words = packed_length(n, bits, storage)
     flat = codes.reshape(math.prod(lead), n)
     out = torch.empty(flat.shape[0], words, dtype=storage, device=codes.device)
-    step = max(1, CHUNK // max(1, n))  # rows per block
-    for start in range(0, flat.shape[0], step):
-        out[start : start + step] = _pack_rows(flat[start : start + step], bits, word, words, storage)
+    for block in row_blocks(flat.shape[0], n):
+        out[block] = _pack_rows(flat[block], bits, word, words, storage)
     return out.reshape(*lead, words)
 
 
@@ -102,9 +109,8 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
         raise LowbitError(f"{words} packed words hold fewer than {n} codes of {bits} bits.")
     flat = packed.reshape(math.prod(lead), words)
     out = torch.empty(flat.shape[0], n, dtype=torch.int32, device=packed.device)
-    step = max(1, CHUNK // max(1, n))  # rows per block
-    for start in range(0, flat.shape[0], step):
-        out[start : start + step] = _unpack_rows(flat[start : start + step], bits, n, word)
+    for block in row_blocks(flat.shape[0], n):
+        out[block] = _unpack_rows(flat[block], bits, n, word)
     return out.reshape(*lead, n)
 
 
