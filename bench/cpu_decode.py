@@ -26,7 +26,7 @@ from lowbit.calibration import load_text, tokenize
 from lowbit.kernels import dispatch
 
 RESULTS = Path(__file__).parent / "results"
-SCHEMES = ("W8A16", "W4A16", "W4A16_ASYM", "W8A8")
+SCHEMES = ("W8A16", "W4A16", "W4A16_ASYM", "W8A8", "W3A16", "NF4", "W2A16", "Q4_0")
 
 
 def decode(model, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, torch.Tensor]:

@@ -63,14 +63,15 @@ DOUBLE_QUANT_BLOCK = 256
 DEQUANT_CODES = 1 << 22  # codes `QuantizedWeight.dequantize` decodes per step (float32 temporaries of 16 MB)
 
 
-def _lut_levels(fmt: str) -> Tensor:
+def lut_levels(fmt: str) -> Tensor:
+    """The 16 levels a 4-bit lookup format's codes index (``nf4`` or ``fp4``), (16,) float32."""
     return nf4_levels() if fmt == "nf4" else fp4_e2m1_levels()
 
 
 def _level_max(fmt: str) -> float:
     if fmt.startswith("fp8_"):
         return FP8_MAX[fmt[4:]]
-    return float(_lut_levels(fmt).abs().max())
+    return float(lut_levels(fmt).abs().max())
 
 
 def _scale_from_absmax(absmax: Tensor, level_max: float, dtype: torch.dtype) -> Tensor:
@@ -182,7 +183,7 @@ class QuantizedWeight:
         if fmt == "int":
             return dequantize_affine(codes, scale, zero, group, dtype=torch.float32)
         if fmt in ("nf4", "fp4"):
-            return dequantize_lut(codes.to(torch.uint8), scale, _lut_levels(fmt), group, dtype=torch.float32)
+            return dequantize_lut(codes.to(torch.uint8), scale, lut_levels(fmt), group, dtype=torch.float32)
         return dequantize_fp8(codes.to(torch.uint8), scale, fmt[4:], group, dtype=torch.float32)
 
     # -- serialisation --------------------------------------------------------------
@@ -309,12 +310,12 @@ def quantize_weight(w: Tensor, spec: QuantSpec, name: str = "weight") -> Quantiz
     def encode(v: Tensor, s: Tensor) -> Tensor:
         if fmt.startswith("fp8_"):
             return quantize_fp8(v, s, fmt[4:], group)
-        return quantize_lut(v, s, _lut_levels(fmt), group)
+        return quantize_lut(v, s, lut_levels(fmt), group)
 
     def decode(c: Tensor, s: Tensor) -> Tensor:
         if fmt.startswith("fp8_"):
             return dequantize_fp8(c, s, fmt[4:], group)
-        return dequantize_lut(c, s, _lut_levels(fmt), group)
+        return dequantize_lut(c, s, lut_levels(fmt), group)
 
     def fake_quant(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
         s = _scale_from_absmax(torch.maximum(-lo, hi), level_max, sdtype)

@@ -34,6 +34,14 @@ CASES = [  # (spec, N, K): ragged last groups where the group does not divide K,
     (QuantSpec("int", 2, "group", 64, symmetric=False), 40, 162),
     (QuantSpec("int", 2, "group", 16), 9, 200),
     (QuantSpec("int", 4, "channel", scale_dtype="float32"), 24, 34),
+    (QuantSpec("int", 3, "group", 128, symmetric=False), 37, 1096),  # 3-byte words, ragged last group
+    (QuantSpec("int", 3, "group", 32, symmetric=False), 40, 200),  # spans of whole groups, a ragged tail
+    (QuantSpec("int", 3, "group", 8, scale_dtype="bfloat16"), 13, 136),
+    (QuantSpec("int", 3, "group", 40), 21, 360),  # a group that does not divide 128: one group at a time
+    (QuantSpec("int", 3, "channel"), 9, 72),
+    (QuantSpec("nf4", 4, "group", 64), 40, 200),
+    (QuantSpec("nf4", 4, "group", 64, double_quant=True), 33, 1536),
+    (QuantSpec("fp4", 4, "group", 32), 21, 100),
 ]
 
 
@@ -56,46 +64,59 @@ def test_gemv_matches_the_reference(spec, N, K, M):
     weight = quantize_weight(torch.randn(N, K, generator=gen), spec)
     assert INT_GEMV.supports(weight, None, torch.device("cpu")) is None
     x, bias = torch.randn(M, K, generator=gen), torch.randn(N, generator=gen)
-    y = INT_GEMV.run(x, {}, weight, bias, None)
+    y = INT_GEMV.run(x, INT_GEMV.prepare(weight), weight, bias, None)
     ref = quantized_linear(x, weight, bias)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
     check_close_to_exact(y, x, weight, bias)
 
 
-def random_weight(bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed) -> QuantizedWeight:
-    group = None if per_channel else group_bytes * (8 // bits)
-    spec = QuantSpec("int", bits, "channel" if per_channel else "group", group, symmetric, scale_dtype=scale_dtype)
+def random_weight(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed) -> QuantizedWeight:
+    """A random weight the CPU kernels run: groups of whole bytes (of whole 3-byte words of 8 codes at 3
+    bits, with K a multiple of 8 there too)."""
+    bits = 4 if fmt in ("nf4", "fp4") else int(fmt[3:])
+    if bits == 3:
+        K, group = max(8, K // 8 * 8), group_bytes * 8
+    else:
+        group = group_bytes * (8 // bits)
+    fmt_name = "int" if fmt.startswith("int") else fmt
+    spec = QuantSpec(fmt_name, bits, "channel" if per_channel else "group", None if per_channel else group,
+                     symmetric or fmt_name != "int", scale_dtype=scale_dtype)
     return quantize_weight(torch.randn(N, K, generator=torch.Generator().manual_seed(seed)), spec)
 
 
-WEIGHTS = dict(bits=st.sampled_from([2, 4, 8]), per_channel=st.booleans(), group_bytes=st.integers(1, 80),
-               symmetric=st.booleans(), scale_dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
+WEIGHTS = dict(fmt=st.sampled_from(["int2", "int3", "int4", "int8", "nf4", "fp4"]), per_channel=st.booleans(),
+               group_bytes=st.integers(1, 80), symmetric=st.booleans(),
+               scale_dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
                N=st.integers(1, 41), K=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(M=st.integers(1, 16), **WEIGHTS)
-def test_gemv_on_random_shapes(M, bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed):
-    weight = random_weight(bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed)
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1))
-    check_close_to_exact(INT_GEMV.run(x, {}, weight, None, None), x, weight)
+def test_gemv_on_random_shapes(M, fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed):
+    weight = random_weight(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed)
+    assert INT_GEMV.supports(weight, None, torch.device("cpu")) is None
+    x = torch.randn(M, weight.shape[1], generator=torch.Generator().manual_seed(seed + 1))
+    check_close_to_exact(INT_GEMV.run(x, INT_GEMV.prepare(weight), weight, None, None), x, weight)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(**WEIGHTS)
-def test_dequant_is_the_reference_weight_exactly(bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed):
-    weight = random_weight(bits, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed)
-    w = torch.ops.lowbit.dequant_cpu(weight.qdata, weight.scale, weight.zero_point, bits, weight.group_size, K)
+def test_dequant_is_the_reference_weight_exactly(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed):
+    weight = random_weight(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed)
+    levels = INT_GEMV.prepare(weight).get("levels")
+    w = torch.ops.lowbit.dequant_cpu(weight.qdata, weight.scale, weight.zero_point, weight.spec.bits,
+                                     weight.group_size, weight.shape[1], levels)
     assert torch.equal(w, weight.dequantize())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("spec,N,K", CASES[:4], ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
+@pytest.mark.parametrize("spec,N,K", [*CASES[:4], *CASES[-8:]],
+                         ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
 def test_prefill_kernel_is_the_reference_bit_for_bit(spec, N, K, dtype):
     gen = torch.Generator().manual_seed(N + K)
     weight = quantize_weight(torch.randn(N, K, generator=gen), spec)
     x, bias = torch.randn(2, 40, K, generator=gen).to(dtype), torch.randn(N, generator=gen)
-    y = DEQUANT_GEMM.run(x, {}, weight, bias, None)
+    y = DEQUANT_GEMM.run(x, DEQUANT_GEMM.prepare(weight), weight, bias, None)
     assert y.dtype == dtype and torch.equal(y, quantized_linear(x, weight, bias))
 
 
@@ -104,6 +125,18 @@ def test_custom_ops_pass_opcheck(zero_point):
     weight = quantize_weight(torch.randn(40, 160), QuantSpec("int", 4, "group", 64, symmetric=not zero_point))
     packed = (weight.qdata, weight.scale, weight.zero_point, 4, 64)
     torch.library.opcheck(torch.ops.lowbit.int_gemv_cpu.default, (torch.randn(2, 3, 160), *packed, 40))
+    torch.library.opcheck(torch.ops.lowbit.dequant_cpu.default, (*packed, 160))
+
+
+def test_lookup_and_3_bit_ops_pass_opcheck():
+    nf4 = quantize_weight(torch.randn(40, 160), QuantSpec("nf4", 4, "group", 64))
+    levels = INT_GEMV.prepare(nf4)["levels"]
+    torch.library.opcheck(torch.ops.lowbit.int_gemv_cpu.default,
+                          (torch.randn(2, 3, 160), nf4.qdata, nf4.scale, None, 4, 64, 40, levels))
+    torch.library.opcheck(torch.ops.lowbit.dequant_cpu.default, (nf4.qdata, nf4.scale, None, 4, 64, 160, levels))
+    int3 = quantize_weight(torch.randn(40, 160), QuantSpec("int", 3, "group", 32, symmetric=False))
+    packed = (int3.qdata, int3.scale, int3.zero_point, 3, 32)
+    torch.library.opcheck(torch.ops.lowbit.int_gemv_cpu.default, (torch.randn(5, 160), *packed, 40))
     torch.library.opcheck(torch.ops.lowbit.dequant_cpu.default, (*packed, 160))
 
 
@@ -139,11 +172,27 @@ def test_quant_linear_uses_the_gemv_for_decode_and_dequant_gemm_for_prefill(monk
     assert calls == [INT_GEMV.name, DEQUANT_GEMM.name]
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("nf4", 4, "group", 64), QuantSpec("int", 3, "group", 128),
-                                  QuantSpec("fp8_e4m3", 8, "channel")], ids=lambda s: s.describe())
-def test_formats_it_cannot_run_are_refused_with_a_reason(spec):
-    weight = quantize_weight(torch.randn(24, 256), spec)
-    assert "integer 2/4/8-bit" in INT_GEMV.supports(weight, None, torch.device("cpu"))
+@pytest.mark.parametrize("spec,K,reason", [
+    (QuantSpec("fp8_e4m3", 8, "channel"), 256, "integer 2/3/4/8-bit, NF4 or FP4 weights only"),
+    (QuantSpec("int", 5, "group", 64), 256, "integer 2/3/4/8-bit, NF4 or FP4 weights only"),
+    (QuantSpec("int", 3, "group", 12), 96, "3-bit codes need the group size and in_features to be multiples of 8"),
+    (QuantSpec("int", 3, "channel"), 100, "3-bit codes need the group size and in_features to be multiples of 8"),
+], ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
+def test_formats_it_cannot_run_are_refused_with_a_reason(spec, K, reason):
+    weight = quantize_weight(torch.randn(24, K), spec)
+    assert reason in INT_GEMV.supports(weight, None, torch.device("cpu"))
+    layer = QuantLinear(weight)  # and the layer still runs: on the reference kernel
+    x = torch.randn(2, K)
+    assert torch.equal(layer(x), quantized_linear(x, weight))
+
+
+def test_3_bit_kernels_refuse_shapes_they_cannot_read():
+    weight = quantize_weight(torch.randn(8, 96), QuantSpec("int", 3, "group", 12))
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        torch.ops.lowbit.int_gemv_cpu(torch.randn(1, 96), weight.qdata, weight.scale, None, 3, 12, 8)
+    nf4 = quantize_weight(torch.randn(8, 64), QuantSpec("nf4", 4, "group", 32))
+    with pytest.raises(RuntimeError, match="levels must be"):
+        torch.ops.lowbit.dequant_cpu(nf4.qdata, nf4.scale, None, 4, 32, 64, torch.zeros(8))
 
 
 PORTABLE_CHECK = textwrap.dedent("""
@@ -154,12 +203,14 @@ PORTABLE_CHECK = textwrap.dedent("""
     from lowbit.tensor import quantize_weight
     assert extension() is None, extension()
     for spec, N, K in [(QuantSpec("int", 4, "group", 128), 37, 576), (QuantSpec("int", 8, "channel"), 19, 1536),
-                       (QuantSpec("int", 2, "group", 64, symmetric=False), 9, 162)]:
+                       (QuantSpec("int", 2, "group", 64, symmetric=False), 9, 162),
+                       (QuantSpec("int", 3, "group", 32, symmetric=False), 21, 200), (QuantSpec("nf4", 4, "group", 64), 9, 160)]:
         w = quantize_weight(torch.randn(N, K), spec)
         for M in (1, 5):
             x = torch.randn(M, K)
             ref = quantized_linear(x, w)
-            torch.testing.assert_close(INT_GEMV.run(x, {}, w, None, None), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+            y = INT_GEMV.run(x, INT_GEMV.prepare(w), w, None, None)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 """)
 
 

@@ -1,11 +1,12 @@
-"""CPU kernels for integer weights, reading lowbit's packed codes as they are stored.
+"""CPU kernels for 2/3/4/8-bit integer, NF4 and FP4 weights, reading lowbit's packed codes as they are stored.
 
 ``csrc/lowbit_cpu.cpp`` is compiled on first use with the machine's C++ compiler (through
 ``torch.utils.cpp_extension``, cached under the torch extensions directory) for
 ``-march=native``, or the target named by ``LOWBIT_CPU_MARCH`` (e.g. ``x86-64-v3``; each
 target is its own build). Its kernels need no prepared copy of the weight — the stored
-``qdata``, ``scale`` and ``zero_point`` are their inputs — so a quantised model's weight
-memory is its packed size:
+``qdata``, ``scale`` and ``zero_point`` are their inputs (NF4 / FP4 add their 16 levels,
+and double-quantised NF4 its block scales decoded to float32, 4 bytes per group) — so a
+quantised model's weight memory is its packed size:
 
 - ``lowbit::int_gemv_cpu`` (M ≤ 8 tokens, decode): each code is turned into its float
   weight in registers and multiplied with x at once; no float weight is written.
@@ -38,12 +39,13 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.kernels.dispatch import Kernel, register
 from lowbit.scheme import QuantSpec
-from lowbit.tensor import QuantizedWeight, fake_quantize
+from lowbit.tensor import QuantizedWeight, fake_quantize, lut_levels
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
 NAME = "lowbit_cpu"
+LOOKUP_FORMATS = ("nf4", "fp4")  # 4-bit codes that index a table of 16 levels
 # The GEMV's range. Above it dequantise + GEMM is faster: per 1536×576 weight from DRAM, one
 # thread (2026-11-27), int4 g128 314 vs 355 µs at M = 8, 610 vs 475 at M = 16; int8 452 vs 401
 # at M = 8, 229 vs 350 at M = 4.
@@ -88,14 +90,17 @@ def _define(name: str, schema: str, fake) -> None:
     torch.library.impl(qualname, "default", load_then_call)
 
 
-# x (..., K) float32 @ dequant(W).T from the packed codes, no float weight written
+# x (..., K) float32 @ dequant(W).T from the packed codes, no float weight written; ``levels`` (16,) float32
+# for a 4-bit lookup format (NF4, FP4: w = levels[c] * s), else the codes are affine ((c - z) * s)
 _define("int_gemv_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, "
-        "int out_features) -> Tensor",
-        lambda x, qdata, scale, zero_point, bits, group, out_features: x.new_empty((*x.shape[:-1], out_features)))
+        "int out_features, Tensor? levels=None) -> Tensor",
+        lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None:
+        x.new_empty((*x.shape[:-1], out_features)))
 # the float32 weight (N, K) the codes stand for, equal to the reference's dequantise()
-_define("dequant_cpu", "(Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, int in_features) -> Tensor",
-        lambda qdata, scale, zero_point, bits, group, in_features: qdata.new_empty((qdata.shape[0], in_features),
-                                                                                   dtype=torch.float32))
+_define("dequant_cpu", "(Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, int in_features, "
+        "Tensor? levels=None) -> Tensor",
+        lambda qdata, scale, zero_point, bits, group, in_features, levels=None:
+        qdata.new_empty((qdata.shape[0], in_features), dtype=torch.float32))
 _INT_GEMV_OP = torch.ops.lowbit.int_gemv_cpu.default
 _DEQUANT_OP = torch.ops.lowbit.dequant_cpu.default
 
@@ -104,20 +109,46 @@ def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: to
     spec = weight.spec
     if activations is not None and activations.format != "int":
         return f"integer activations only, not {activations.describe()}"
-    if spec.format != "int" or spec.bits not in (2, 4, 8):
-        return f"integer 2/4/8-bit weights only, not {spec.describe()}"
+    lookup = spec.format in LOOKUP_FORMATS
+    if not (spec.format == "int" and spec.bits in (2, 3, 4, 8) or lookup):
+        return f"integer 2/3/4/8-bit, NF4 or FP4 weights only, not {spec.describe()}"
     if spec.granularity == "tensor" or weight.g_idx is not None:
         return "per-group or per-channel scales in column order only (no g_idx)"
-    if weight.group_size % (8 // spec.bits) and weight.group_size < weight.shape[1]:  # groups start on a byte
-        return f"groups of {weight.group_size} do not fill whole bytes"
+    group, cols = weight.group_size, weight.shape[1]
+    if spec.bits == 3 and (group % 8 or cols % 8):  # whole 3-byte words of 8 codes per group
+        return f"3-bit codes need the group size and in_features to be multiples of 8, not {group} and {cols}"
+    if group % (8 // spec.bits) and group < cols:  # groups start on a byte
+        return f"groups of {group} do not fill whole bytes"
     return extension()
+
+
+def _prepare(weight: QuantizedWeight) -> dict:
+    """Nothing for integer codes (the kernels read the stored tensors); for NF4 / FP4 the 16 levels, and the
+    block scales decoded to float32 where they are double-quantised (4 bytes per group kept beside the codes)."""
+    if weight.spec.format not in LOOKUP_FORMATS:
+        return {}
+    prepared = {"levels": lut_levels(weight.spec.format).contiguous()}
+    if weight.scale_scale is not None:
+        prepared["scale"] = weight.scales().contiguous()
+    return prepared
+
+
+def _operands(weight: QuantizedWeight, prepared: dict) -> tuple:
+    """The packed weight's arguments of the C++ ops (qdata, scale, zero_point, bits, group) and the levels
+    (None for integer codes)."""
+    levels = prepared.get("levels")
+    if levels is None and weight.spec.format in LOOKUP_FORMATS:  # called without `_prepare`'s dict
+        prepared = _prepare(weight)
+        levels = prepared["levels"]
+    return (weight.qdata, prepared.get("scale", weight.scale), weight.zero_point, weight.spec.bits,
+            weight.group_size), levels
 
 
 def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None, activations) -> Tensor:
     if activations is not None:  # W8A8: the reference's per-call activation quantisation, then the same sums
         x = fake_quantize(x, activations)
-    y = _INT_GEMV_OP(x if x.dtype == torch.float32 else x.float(), weight.qdata, weight.scale, weight.zero_point,
-                     weight.spec.bits, weight.group_size, weight.shape[0])
+    packed, levels = _operands(weight, prepared)
+    y = _INT_GEMV_OP(x if x.dtype == torch.float32 else x.float(), *packed, weight.shape[0], levels)
     if bias is not None:
         y = y + bias.float()
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -127,13 +158,13 @@ def _run_dequant(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tenso
     # the reference's arithmetic (dequantise, then F.linear) with a one-pass dequantise
     if activations is not None:
         x = fake_quantize(x, activations)
-    w = _DEQUANT_OP(weight.qdata, weight.scale, weight.zero_point, weight.spec.bits, weight.group_size,
-                    weight.shape[1])
+    packed, levels = _operands(weight, prepared)
+    w = _DEQUANT_OP(*packed, weight.shape[1], levels)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-INT_GEMV = Kernel("cpu-int-gemv", "cpu", supports=_supports, prepare=lambda w: {}, run=_run, max_m=MAX_M)
-DEQUANT_GEMM = Kernel("cpu-dequant-gemm", "cpu", supports=_supports, prepare=lambda w: {}, run=_run_dequant,
+INT_GEMV = Kernel("cpu-int-gemv", "cpu", supports=_supports, prepare=_prepare, run=_run, max_m=MAX_M)
+DEQUANT_GEMM = Kernel("cpu-dequant-gemm", "cpu", supports=_supports, prepare=_prepare, run=_run_dequant,
                       min_m=MAX_M + 1)
 register(INT_GEMV)
 register(DEQUANT_GEMM)

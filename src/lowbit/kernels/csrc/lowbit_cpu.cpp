@@ -2,8 +2,10 @@
 //
 // w[n, k] = (c[n, k] - z[n, g]) * s[n, g],  g = k / group, with the codes c in lowbit's
 // LSB-first packing (4 bits: byte j holds c[2j] in its low nibble and c[2j+1] in its high
-// one; 2 bits: four codes per byte; 8 bits: one per byte) and z the packed zero point
-// (asymmetric) or 2^(bits-1) (symmetric).
+// one; 2 bits: four codes per byte; 8 bits: one per byte; 3 bits: eight codes in every three
+// bytes, code 8d + q in bits 3q..3q+2 of the 24-bit little-endian "triple" d) and z the packed
+// zero point (asymmetric) or 2^(bits-1) (symmetric). For a 4-bit lookup format (NF4, FP4) a
+// 16-entry table of levels replaces the affine map: w[n, k] = levels[c[n, k]] * s[n, g].
 //
 // int_gemv_cpu, y[m, n] = sum_k x[m, k] w[n, k] for a few tokens (decode): no float weight is
 // written. x is split once per call into the lanes of a packed byte (lane l of byte j is
@@ -14,6 +16,8 @@
 // Several rows and tokens are done per pass, so each x vector and each converted weight
 // vector is reused from registers, and the weight bytes are prefetched ahead. Elsewhere a
 // portable loop computes the same sums.
+//
+// 3-bit codes need K and the group to be multiples of 8 (whole triples per group).
 //
 // dequant_cpu writes w itself (N, K) in one pass, bit for bit the reference's dequantise(),
 // for prefill, where a GEMM on the float weight wins.
@@ -46,13 +50,23 @@ struct Packed {
   int64_t zero_row_bytes;
   int64_t K, G, group;
   int bits;
+  const float* levels;   // 16 levels of a lookup format (4 bits, no zero point), or null: affine codes
 
   int zero_code(int64_t n, int64_t g) const {
     if (!zero) return 1 << (bits - 1);
     const uint8_t* z = zero + n * zero_row_bytes;
     if (bits == 8) return z[g];
     if (bits == 4) return (z[g >> 1] >> ((g & 1) * 4)) & 15;
+    if (bits == 3) {  // may straddle two bytes; the row's last byte has no successor
+      const int64_t bit = 3 * g, byte = bit >> 3;
+      const int pair = z[byte] | (byte + 1 < zero_row_bytes ? z[byte + 1] << 8 : 0);
+      return (pair >> (bit & 7)) & 7;
+    }
     return (z[g >> 2] >> ((g & 3) * 2)) & 3;
+  }
+  // the weight code c stands for in group g of row n, before the scale: c - z, or levels[c]
+  float value(int c, int64_t n, int64_t g) const {
+    return levels ? levels[c] : static_cast<float>(c) - static_cast<float>(zero_code(n, g));
   }
   // the group's packed bytes [b0, b1) of a row (groups start on a byte boundary)
   int64_t first_byte(int64_t g) const { return g * group * bits / 8; }
@@ -82,7 +96,7 @@ struct Lanes {
   const float* at(int64_t m, int lane) const { return data.data() + (m * per_byte + lane) * L; }
 };
 
-// x (M, K), K a multiple of 8, for the 4-bit word path (`block_nib`): per token, lane q holds
+// x (M, K), K a multiple of 8, for the 3- and 4-bit word path (`block_words`): per token, lane q holds
 // x[8d + q] for every 32-bit word d of a row, zero past the row; and the sum of x over each
 // group of `group` columns.
 struct Words {
@@ -104,10 +118,11 @@ struct Words {
 template <typename S>
 inline float scale_at(const Packed<S>& w, int64_t n, int64_t g) { return static_cast<float>(w.scale[n * w.G + g]); }
 
-// Portable path: per group and lane of a byte, sum (c - z) x, then scale by s.
+// Portable path: per group and lane of a byte, sum value(c) x, then scale by s.
 template <typename S>
 void rows_portable(const Packed<S>& w, const Lanes& xl, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
   const int per_byte = 8 / w.bits, mask = (1 << w.bits) - 1;
+  float table[16];  // value(c) of this group, for 2 and 4 bits
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qrow = w.q + n * w.row_bytes;
     for (int64_t m = 0; m < M; ++m) {
@@ -116,16 +131,50 @@ void rows_portable(const Packed<S>& w, const Lanes& xl, int64_t M, float* y, int
         const int64_t b0 = w.first_byte(g), b1 = w.end_byte(g);
         const float s = scale_at(w, n, g);
         const int z = w.zero_code(n, g);
+        if (w.bits < 8)
+          for (int c = 0; c <= mask; ++c) table[c] = w.value(c, n, g);
         float acc = 0.0f;
         for (int lane = 0; lane < per_byte; ++lane) {
           const float* xv = xl.at(m, lane);
           const int shift = lane * w.bits;
           float part = 0.0f;
+          if (w.bits == 8) {
 #pragma omp simd reduction(+ : part)
-          for (int64_t b = b0; b < b1; ++b) part += xv[b] * static_cast<float>(((qrow[b] >> shift) & mask) - z);
+            for (int64_t b = b0; b < b1; ++b) part += xv[b] * static_cast<float>(qrow[b] - z);
+          } else {
+            for (int64_t b = b0; b < b1; ++b) part += xv[b] * table[(qrow[b] >> shift) & mask];
+          }
           acc += part;
         }
         total += s * acc;
+      }
+      y[m * N + n] = total;
+    }
+  }
+}
+
+// The 24-bit triple d of a 3-bit row: codes 8d .. 8d + 7.
+inline uint32_t triple(const uint8_t* row, int64_t d) {
+  const uint8_t* p = row + 3 * d;
+  return p[0] | (p[1] << 8) | (p[2] << 16);
+}
+
+// Portable 3-bit path, x in the `Words` layout: per group, sum c x over the raw codes, then
+// s (sum c x - z sum x), as `block_words` does.
+template <typename S>
+void rows_portable_tri(const Packed<S>& w, const Words& xw, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qrow = w.q + n * w.row_bytes;
+    for (int64_t m = 0; m < M; ++m) {
+      float total = 0.0f;
+      for (int64_t g = 0; g < w.G; ++g) {
+        const int64_t d0 = g * w.group / 8, d1 = std::min(w.K, (g + 1) * w.group) / 8;
+        float acc = 0.0f;
+        for (int64_t d = d0; d < d1; ++d) {
+          const uint32_t v = triple(qrow, d);
+          for (int q = 0; q < 8; ++q) acc += xw.at(m, q)[d] * static_cast<float>((v >> (3 * q)) & 7);
+        }
+        total += scale_at(w, n, g) * (acc - static_cast<float>(w.zero_code(n, g)) * xw.group_sum(m, g));
       }
       y[m * N + n] = total;
     }
@@ -143,7 +192,8 @@ inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const cha
 
 // 2/4 bits: 16 packed bytes widened to 16 int32 lanes; a lane's code c sits in bits
 // [shift, shift + bits) and vpermps, which reads an index's low 4 bits, maps it through a
-// 16-entry table holding (c - z) * s for every pattern of those bits.
+// 16-entry table holding value(c) * s ((c - z) * s, or levels[c] * s) for every pattern of
+// those bits.
 // R rows × T tokens per pass, so each converted weight vector is used T times and each
 // x vector R times.
 template <int R, int T, int BITS, typename S>
@@ -154,12 +204,15 @@ void block_lut(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(iota, _mm512_set1_epi32((1 << BITS) - 1)));
+  const __m512 levels = w.levels ? _mm512_loadu_ps(w.levels) : codes;  // 16 levels: 4-bit lookup formats only
   for (int64_t g = 0; g < w.G; ++g) {
     const int64_t b0 = w.first_byte(g), b1 = w.end_byte(g);
     __m512 lut[R];
-    for (int r = 0; r < R; ++r)
-      lut[r] = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(static_cast<float>(w.zero_code(n + r, g)))),
-                             _mm512_set1_ps(scale_at(w, n + r, g)));
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = w.levels ? levels
+                                : _mm512_sub_ps(codes, _mm512_set1_ps(static_cast<float>(w.zero_code(n + r, g))));
+      lut[r] = _mm512_mul_ps(v, _mm512_set1_ps(scale_at(w, n + r, g)));
+    }
     for (int64_t b = b0; b < b1; b += 16) {
       const __mmask16 k = tail_mask(b1 - b);
       __m512 xv[T][PER];
@@ -215,20 +268,73 @@ void block_int8(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64
     for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-// 4 bits, groups of a multiple of 8 columns (so every group starts on a 32-bit word): the
-// codes are read 16 words (128 codes) at a time and code q of each word (bits 4q..4q+3,
-// column 8d + q of word d) is isolated with a shift and a mask, converted, and multiplied
-// with x8 lane q (x[8d + q]): no shuffle, which this loop is otherwise bound by. The sum
-// runs over the raw codes c; the group's zero point comes off once per group as
-// z * sum(x over the group), then the group's scale multiplies:
-//   sum_k (c - z) s x = s (sum_k c x - z sum_k x).
-template <int R, int T, typename S>
-void block_nib(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
+// 16 words of 8 codes each from a row's `words` (d .. d + left - 1, left <= 16), word j in 32-bit
+// lane j. 4 bits: a word is 4 bytes, loaded as is. 3 bits: a word is a 3-byte triple; 48 bytes
+// are loaded and spread one triple to a lane — a dword permute gives each 128-bit lane its 12
+// bytes, a byte shuffle moves each triple into a dword of its own, top byte zero. Masked loads:
+// no byte past the row is read.
+template <int BITS>
+inline __m512i load_words(const uint8_t* row, int64_t d, int64_t left) {
+  if constexpr (BITS == 4) {
+    return _mm512_maskz_loadu_epi32(tail_mask(left), row + 4 * d);
+  } else {
+    static_assert(BITS == 3, "8 codes per word: 3 or 4 bits");
+    const __m512i spread_dwords = _mm512_set_epi32(0, 11, 10, 9, 0, 8, 7, 6, 0, 5, 4, 3, 0, 2, 1, 0);
+    const __m512i spread_bytes =
+        _mm512_broadcast_i32x4(_mm_set_epi8(-1, 11, 10, 9, -1, 8, 7, 6, -1, 5, 4, 3, -1, 2, 1, 0));
+    const __mmask64 bytes = (~0ull) >> (64 - 3 * std::min<int64_t>(16, left));
+    const __m512i raw = _mm512_maskz_loadu_epi8(bytes, row + 3 * d);
+    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(spread_dwords, raw), spread_bytes);
+  }
+}
+
+// Code q of 16 words v[r] (bits BITS·q ..) times x lane q of words d.., summed into part[r][t]:
+// shift, mask, convert, multiply-add. The body of `block_words` and `block_word_spans`.
+#define LOWBIT_WORD_LANE(Q)                                                                         \
+  {                                                                                                \
+    __m512 xv[T];                                                                                  \
+    for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(k, xw.at(m0 + t, Q) + d);           \
+    for (int r = 0; r < R; ++r) {                                                                  \
+      __m512i c = (Q) ? _mm512_srli_epi32(v[r], BITS * (Q)) : v[r];                                \
+      if ((Q) < 7) c = _mm512_and_si512(c, field);                                                 \
+      const __m512 wv = _mm512_cvtepi32_ps(c);                                                     \
+      for (int t = 0; t < T; ++t) part[r][t] = _mm512_fmadd_ps(wv, xv[t], part[r][t]);             \
+    }                                                                                              \
+  }
+#define LOWBIT_WORD_LANES                                                                           \
+  LOWBIT_WORD_LANE(0) LOWBIT_WORD_LANE(1) LOWBIT_WORD_LANE(2) LOWBIT_WORD_LANE(3)                  \
+  LOWBIT_WORD_LANE(4) LOWBIT_WORD_LANE(5) LOWBIT_WORD_LANE(6) LOWBIT_WORD_LANE(7)
+
+// The sums of R rows × T tokens of the word kernels: the scaled partial sums, and the zero
+// points' correction z s sum(x) per row and token, taken off as y is written.
+template <int R, int T>
+struct WordSums {
   __m512 acc[R][T];
   float corr[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0f;
-  const __m512i nib = _mm512_set1_epi32(15);
+  WordSums() {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0f;
+  }
+  void store(float* y, int64_t m0, int64_t N, int64_t n) const {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) - corr[r][t];
+  }
+};
+
+// 3 and 4 bits, groups of a multiple of 8 columns (so every group starts on a word of 8 codes:
+// 32 bits at 4 bits, a 3-byte triple at 3): the codes are read 16 words (128 codes) at a time
+// and code q of each word (bits BITS·q .. BITS·q + BITS − 1, column 8d + q of word d) is
+// isolated with a shift and a mask, converted, and multiplied with x8 lane q (x[8d + q]): no
+// shuffle, which this loop is otherwise bound by. The sum runs over the raw codes c; the
+// group's zero point comes off once per group as z * sum(x over the group), then the group's
+// scale multiplies:
+//   sum_k (c - z) s x = s (sum_k c x - z sum_k x).
+// Groups under 128 columns that divide 128 leave most of a 16-word step's lanes idle here:
+// see `block_word_spans`.
+template <int R, int T, int BITS, typename S>
+void block_words(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
+  WordSums<R, T> total;
+  const __m512i field = _mm512_set1_epi32((1 << BITS) - 1);
   for (int64_t g = 0; g < w.G; ++g) {
     const int64_t d0 = g * w.group / 8, d1 = std::min(w.K, (g + 1) * w.group) / 8;
     __m512 part[R][T];
@@ -238,37 +344,61 @@ void block_nib(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_
       const __mmask16 k = tail_mask(d1 - d);
       __m512i v[R];
       for (int r = 0; r < R; ++r) {
-        const uint8_t* p = w.q + (n + r) * w.row_bytes + 4 * d;
-        prefetch(p);
-        v[r] = _mm512_maskz_loadu_epi32(k, p);
+        const uint8_t* row = w.q + (n + r) * w.row_bytes;
+        prefetch(row + BITS * d);
+        v[r] = load_words<BITS>(row, d, d1 - d);
       }
-#define LOWBIT_NIB_LANE(Q)                                                                          \
-      {                                                                                            \
-        __m512 xv[T];                                                                              \
-        for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(k, xw.at(m0 + t, Q) + d);       \
-        for (int r = 0; r < R; ++r) {                                                              \
-          __m512i c = (Q) ? _mm512_srli_epi32(v[r], 4 * (Q)) : v[r];                               \
-          if ((Q) < 7) c = _mm512_and_si512(c, nib);                                               \
-          const __m512 wv = _mm512_cvtepi32_ps(c);                                                 \
-          for (int t = 0; t < T; ++t) part[r][t] = _mm512_fmadd_ps(wv, xv[t], part[r][t]);         \
-        }                                                                                          \
-      }
-      LOWBIT_NIB_LANE(0) LOWBIT_NIB_LANE(1) LOWBIT_NIB_LANE(2) LOWBIT_NIB_LANE(3)
-      LOWBIT_NIB_LANE(4) LOWBIT_NIB_LANE(5) LOWBIT_NIB_LANE(6) LOWBIT_NIB_LANE(7)
-#undef LOWBIT_NIB_LANE
+      LOWBIT_WORD_LANES
     }
     for (int r = 0; r < R; ++r) {
       const float s = scale_at(w, n + r, g), sz = s * static_cast<float>(w.zero_code(n + r, g));
       const __m512 sv = _mm512_set1_ps(s);
       for (int t = 0; t < T; ++t) {
-        acc[r][t] = _mm512_fmadd_ps(part[r][t], sv, acc[r][t]);
-        corr[r][t] += sz * xw.group_sum(m0 + t, g);
+        total.acc[r][t] = _mm512_fmadd_ps(part[r][t], sv, total.acc[r][t]);
+        total.corr[r][t] += sz * xw.group_sum(m0 + t, g);
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) - corr[r][t];
+  total.store(y, m0, N, n);
 }
+
+// `block_words` for groups of 8, 16, 32 or 64 columns: every 16-word span of a row holds whole
+// groups, so the spans run along the row and each span's partial sums are scaled lane by lane
+// (lane j by the scale of word d + j's group) — all 16 lanes busy. 4-bit codes in such groups
+// take `block_lut` instead (faster there); this is the 3-bit path for them.
+template <int R, int T, int BITS, typename S>
+void block_word_spans(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
+  WordSums<R, T> total;
+  const __m512i field = _mm512_set1_epi32((1 << BITS) - 1);
+  const int64_t words = w.K / 8, shift = __builtin_ctzll(w.group / 8);  // log2 of words per group
+  const __m512i lane_group =
+      _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), shift);
+  for (int64_t d = 0; d < words; d += 16) {
+    const __mmask16 k = tail_mask(words - d);
+    __m512i v[R];
+    __m512 part[R][T];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w.q + (n + r) * w.row_bytes;
+      prefetch(row + BITS * d);
+      v[r] = load_words<BITS>(row, d, words - d);
+      for (int t = 0; t < T; ++t) part[r][t] = _mm512_setzero_ps();
+    }
+    LOWBIT_WORD_LANES
+    const int64_t g0 = d >> shift, groups = std::min<int64_t>(16 >> shift, w.G - g0);
+    for (int r = 0; r < R; ++r) {
+      alignas(64) float scales[16] = {};
+      for (int64_t i = 0; i < groups; ++i) {
+        const float s = scales[i] = scale_at(w, n + r, g0 + i), sz = s * static_cast<float>(w.zero_code(n + r, g0 + i));
+        for (int t = 0; t < T; ++t) total.corr[r][t] += sz * xw.group_sum(m0 + t, g0 + i);
+      }
+      const __m512 sv = _mm512_permutexvar_ps(lane_group, _mm512_load_ps(scales));
+      for (int t = 0; t < T; ++t) total.acc[r][t] = _mm512_fmadd_ps(part[r][t], sv, total.acc[r][t]);
+    }
+  }
+  total.store(y, m0, N, n);
+}
+#undef LOWBIT_WORD_LANES
+#undef LOWBIT_WORD_LANE
 
 // The two ways to do R rows × T tokens, by the layout x was rearranged into (`Lanes` or `Words`).
 struct ByteBlocks {
@@ -285,7 +415,12 @@ struct ByteBlocks {
 struct WordBlocks {
   template <int R, int T, typename S>
   static void run(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
-    block_nib<R, T>(w, xw, m0, y, N, n);
+    if (w.bits == 4)
+      block_words<R, T, 4>(w, xw, m0, y, N, n);
+    else if (w.group < 128 && 128 % w.group == 0)
+      block_word_spans<R, T, 3>(w, xw, m0, y, N, n);
+    else
+      block_words<R, T, 3>(w, xw, m0, y, N, n);
   }
 };
 
@@ -320,22 +455,39 @@ void gemv_rows(const Packed<S>& w, const Lanes& xl, int64_t M, float* y, int64_t
 #endif
 }
 
+// the same from x in the `Words` layout (see `Weight::by_words` for which weights)
+template <typename S>
+void gemv_words(const Packed<S>& w, const Words& xw, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+#ifdef LOWBIT_AVX512
+  rows_avx512<WordBlocks>(w, xw, M, y, N, n0, n1);
+#else
+  rows_portable_tri(w, xw, M, y, N, n0, n1);  // only 3-bit codes take this path without AVX-512
+#endif
+}
 
-// w[n, :] = (c - z) * s for rows [n0, n1), written to out (N, K): the reference's float weights
+
+// w[n, :] = value(c) * s for rows [n0, n1), written to out (N, K): the reference's float weights
 template <int BITS, typename S>
 void dequant_rows_bits(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
-  constexpr int PER = 8 / BITS, MASK = (1 << BITS) - 1;
+  constexpr int PER = BITS == 3 ? 1 : 8 / BITS, MASK = (1 << BITS) - 1;  // PER: codes per byte (2, 4, 8 bits)
   float lut[MASK + 1];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qrow = w.q + n * w.row_bytes;
     float* orow = out + n * w.K;
     for (int64_t g = 0; g < w.G; ++g) {
       const int64_t k0 = g * w.group, k1 = std::min(w.K, k0 + w.group);
-      const float s = scale_at(w, n, g), z = static_cast<float>(w.zero_code(n, g));
+      const float s = scale_at(w, n, g);
       if constexpr (BITS == 8) {
+        const float z = static_cast<float>(w.zero_code(n, g));
         for (int64_t k = k0; k < k1; ++k) orow[k] = (static_cast<float>(qrow[k]) - z) * s;
+      } else if constexpr (BITS == 3) {  // whole triples (K and the group are multiples of 8)
+        for (int c = 0; c <= MASK; ++c) lut[c] = w.value(c, n, g) * s;
+        for (int64_t k = k0; k < k1; k += 8) {
+          const uint32_t v = triple(qrow, k / 8);
+          for (int q = 0; q < 8; ++q) orow[k + q] = lut[(v >> (3 * q)) & 7];
+        }
       } else {
-        for (int c = 0; c <= MASK; ++c) lut[c] = (static_cast<float>(c) - z) * s;
+        for (int c = 0; c <= MASK; ++c) lut[c] = w.value(c, n, g) * s;
         int64_t k = k0;
 #ifdef LOWBIT_AVX512
         if constexpr (BITS == 4) {  // 16 bytes: low and high nibbles looked up, then interleaved
@@ -368,6 +520,7 @@ template <typename S>
 void dequant_rows(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
   switch (w.bits) {
     case 2: dequant_rows_bits<2>(w, out, n0, n1); break;
+    case 3: dequant_rows_bits<3>(w, out, n0, n1); break;
     case 4: dequant_rows_bits<4>(w, out, n0, n1); break;
     default: dequant_rows_bits<8>(w, out, n0, n1);
   }
@@ -385,7 +538,7 @@ int64_t grain_rows(int64_t row_bytes, int64_t M) {
 
 // The stored tensors of an (N, K) weight, checked against each other.
 struct Weight {
-  at::Tensor q, scale, zero;  // zero undefined for symmetric codes
+  at::Tensor q, scale, zero, levels;  // zero undefined for symmetric codes, levels for affine ones (no table)
   int64_t N, K, G, group;
   int bits;
 
@@ -393,29 +546,50 @@ struct Weight {
   lowbit::Packed<S> packed() const {
     const bool asym = zero.defined();
     return {q.data_ptr<uint8_t>(), q.size(1), scale.data_ptr<S>(), asym ? zero.data_ptr<uint8_t>() : nullptr,
-            asym ? zero.size(1) : 0, K, G, group, bits};
+            asym ? zero.size(1) : 0, K, G, group, bits, levels.defined() ? levels.data_ptr<float>() : nullptr};
+  }
+  // 3 bits always, and affine 4-bit codes in groups of whole 32-bit words with AVX-512: x in the `Words` layout
+  bool by_words() const {
+#ifdef LOWBIT_AVX512
+    // small groups that divide 128 go to the lookup path (`block_lut`), faster for them
+    if (bits == 4 && !levels.defined() && group % 8 == 0 && K % 8 == 0 && !(group < 128 && 128 % group == 0))
+      return true;
+#endif
+    return bits == 3;
   }
 };
 
 // qdata (N, ceil(K * bits / 8)) uint8; scale (N, G) float16/bfloat16/float32, G = ceil(K / group);
-// zero_point (N, ceil(G * bits / 8)) uint8 packed at `bits`, or none for symmetric codes.
+// zero_point (N, ceil(G * bits / 8)) uint8 packed at `bits`, or none for symmetric codes; levels
+// (16,) float32 for a 4-bit lookup format (then no zero point), or none.
 Weight check_weight(const at::Tensor& qdata, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                    int64_t bits, int64_t group, int64_t K, int64_t N) {
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "lowbit CPU kernels: bits must be 2, 4 or 8");
-  TORCH_CHECK(group > 0 && (group % (8 / bits) == 0 || group >= K),
-              "lowbit CPU kernels: groups must fill whole bytes");
+                    const std::optional<at::Tensor>& levels, int64_t bits, int64_t group, int64_t K, int64_t N) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "lowbit CPU kernels: bits must be 2, 3, 4 or 8");
+  if (bits == 3) {
+    TORCH_CHECK(group > 0 && group % 8 == 0 && K % 8 == 0,
+                "lowbit CPU kernels: 3-bit codes need K and the group size to be multiples of 8");
+  } else {
+    TORCH_CHECK(group > 0 && (group % (8 / bits) == 0 || group >= K),
+                "lowbit CPU kernels: groups must fill whole bytes");
+  }
   TORCH_CHECK(qdata.dim() == 2 && qdata.scalar_type() == at::kByte && qdata.size(0) == N &&
                   qdata.size(1) == (K * bits + 7) / 8,
               "lowbit CPU kernels: qdata must be (N, ceil(K * bits / 8)) uint8");
   const int64_t G = (K + group - 1) / group;
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G,
               "lowbit CPU kernels: scale must be (N, ceil(K / group))");
-  Weight w{qdata.contiguous(), scale.contiguous(), at::Tensor(), N, K, G, group, static_cast<int>(bits)};
+  Weight w{qdata.contiguous(), scale.contiguous(), at::Tensor(), at::Tensor(), N, K, G, group, static_cast<int>(bits)};
   if (zero_point.has_value() && zero_point->defined()) {
     const at::Tensor& z = *zero_point;
     TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kByte && z.size(0) == N && z.size(1) == (G * bits + 7) / 8,
                 "lowbit CPU kernels: zero_point must be (N, ceil(G * bits / 8)) uint8");
     w.zero = z.contiguous();
+  }
+  if (levels.has_value() && levels->defined()) {
+    const at::Tensor& l = *levels;
+    TORCH_CHECK(bits == 4 && !w.zero.defined() && l.dim() == 1 && l.numel() == 16 && l.scalar_type() == at::kFloat,
+                "lowbit CPU kernels: levels must be (16,) float32, for 4-bit codes without a zero point");
+    w.levels = l.contiguous();
   }
   return w;
 }
@@ -423,42 +597,37 @@ Weight check_weight(const at::Tensor& qdata, const at::Tensor& scale, const std:
 // y (..., N) = x (..., K) @ dequant(W).T for float32 x, with a few tokens M = x.numel() / K in mind.
 at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                         const std::optional<at::Tensor>& zero_point, int64_t bits, int64_t group,
-                        int64_t out_features) {
+                        int64_t out_features, const std::optional<at::Tensor>& levels) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "int_gemv_cpu: x must be float32 (..., K)");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = out_features;
-  const Weight wt = check_weight(qdata, scale, zero_point, bits, group, K, N);
+  const Weight wt = check_weight(qdata, scale, zero_point, levels, bits, group, K, N);
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options());
   if (M == 0 || N == 0) return y;
   const at::Tensor xc = x.contiguous();
   float* out = y.data_ptr<float>();
-#ifdef LOWBIT_AVX512
-  if (wt.bits == 4 && wt.group % 8 == 0 && K % 8 == 0) {
+  const int64_t grain = grain_rows(wt.q.size(1), M);
+  if (wt.by_words()) {
     const lowbit::Words words(xc.data_ptr<float>(), M, K, wt.group);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt.scale.scalar_type(), "int_gemv_cpu", [&] {
       const auto w = wt.packed<scalar_t>();
-      at::parallel_for(0, N, grain_rows(wt.q.size(1), M),
-                       [&](int64_t n0, int64_t n1) {
-                         lowbit::rows_avx512<lowbit::WordBlocks>(w, words, M, out, N, n0, n1);
-                       });
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { lowbit::gemv_words(w, words, M, out, N, n0, n1); });
     });
     return y;
   }
-#endif
   const lowbit::Lanes lanes(xc.data_ptr<float>(), M, K, wt.q.size(1), wt.bits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt.scale.scalar_type(), "int_gemv_cpu", [&] {
     const auto w = wt.packed<scalar_t>();
-    at::parallel_for(0, N, grain_rows(wt.q.size(1), M),
-                     [&](int64_t n0, int64_t n1) { lowbit::gemv_rows(w, lanes, M, out, N, n0, n1); });
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { lowbit::gemv_rows(w, lanes, M, out, N, n0, n1); });
   });
   return y;
 }
 
 // The float weight (N, K) that the packed codes stand for, as the reference dequantises it.
 at::Tensor dequant_cpu(const at::Tensor& qdata, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                       int64_t bits, int64_t group, int64_t in_features) {
-  const Weight wt = check_weight(qdata, scale, zero_point, bits, group, in_features, qdata.size(0));
+                       int64_t bits, int64_t group, int64_t in_features, const std::optional<at::Tensor>& levels) {
+  const Weight wt = check_weight(qdata, scale, zero_point, levels, bits, group, in_features, qdata.size(0));
   at::Tensor out = at::empty({wt.N, wt.K}, scale.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt.scale.scalar_type(), "dequant_cpu", [&] {
