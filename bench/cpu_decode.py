@@ -5,8 +5,11 @@ PROTOCOL.md: torch with 2 threads, batch 1, a 64-token prompt (the start of pydo
 included), best of ``--repeats`` runs after one warm-up. Each quantised model is RTN of
 the same float model; its text is compared with the same quantised weights run through
 the reference kernel (dequantise + F.linear), which must give the same greedy tokens.
+Besides the presets, the planner's mixed-precision scheme of a bench/results/planner.json row
+(``--planned``, by default its 3.5 bits-per-weight plan with the planner's defaults: int3 and
+int4 in groups of 32 to 128) is quantised with RTN and timed the same way.
 
-    python bench/cpu_decode.py [--repeats 3]
+    python bench/cpu_decode.py [--repeats 3] [--schemes W4A16,...] [--planned LABEL]
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import torch
 import lowbit
 from lowbit.calibration import load_text, tokenize
 from lowbit.kernels import dispatch
+from lowbit.scheme import Scheme
 
 RESULTS = Path(__file__).parent / "results"
+PLANNED = "rtn plan 3.5 bpw, defaults"
 SCHEMES = ("W8A16", "W4A16", "W4A16_ASYM", "W8A8", "W3A16", "NF4", "W2A16", "Q4_0")
 
 
@@ -46,6 +51,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="Comma-separated presets to time.")
+    parser.add_argument("--planned", default=PLANNED,
+                        help="Label of the bench/results/planner.json row whose mixed scheme to time too ('' for none).")
     args = parser.parse_args()
     torch.set_num_threads(2)
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
@@ -56,11 +63,21 @@ def main() -> None:
     rows = [{"setting": "FP32", "tokens_per_s": fp_speed, "speedup": 1.0, "kernel": "F.linear",
              "prefill_kernel": "F.linear", "same_text_as_reference": True, "same_text_as_fp32": True}]
     print(f"FP32: {fp_speed:.2f} tokens/s", flush=True)
-    for name in args.schemes.split(","):
-        q = lowbit.quantize(fp, name, progress=False)
-        layer = next(m for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear))
-        kernel = dispatch.choose(layer.weight, layer.activations, torch.device("cpu"), 1).name
-        prefill_kernel = dispatch.choose(layer.weight, layer.activations, torch.device("cpu"), prompt.shape[1]).name
+    settings: list[tuple[str, str | Scheme]] = [(name, name) for name in args.schemes.split(",") if name]
+    if args.planned:
+        rows_by_label = {r["label"]: r for r in json.loads((RESULTS / "planner.json").read_text())}
+        if args.planned not in rows_by_label:
+            raise SystemExit(f"bench/results/planner.json has no row labelled {args.planned!r}.")
+        settings.append((f"{args.planned} (planner.json)", Scheme.from_dict(rows_by_label[args.planned]["scheme"])))
+    for name, scheme in settings:
+        q = lowbit.quantize(fp, scheme, progress=False)
+        layers = [m for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear)]
+
+        def kernels(m: int) -> str:  # every kernel the layers take for m tokens (a mixed scheme may take several)
+            cpu = torch.device("cpu")
+            return ", ".join(sorted({dispatch.choose(x.weight, x.activations, cpu, m).name for x in layers}))
+
+        kernel, prefill_kernel = kernels(1), kernels(prompt.shape[1])
         speed, tokens = decode(q, prompt, args.new_tokens, args.repeats)
         with dispatch.reference_only():  # the same weights through the reference kernel only
             _, ref_tokens = decode(q, prompt, args.new_tokens, 0)
