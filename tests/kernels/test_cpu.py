@@ -40,7 +40,8 @@ CASES = [  # (spec, N, K): ragged last groups where the group does not divide K,
     (QuantSpec("int", 3, "group", 40), 21, 360),  # a group that does not divide 128: one group at a time
     (QuantSpec("int", 3, "channel"), 9, 72),
     (QuantSpec("nf4", 4, "group", 64), 40, 200),
-    (QuantSpec("nf4", 4, "group", 64, double_quant=True), 33, 1536),
+    (QuantSpec("nf4", 4, "group", 64, double_quant=True), 33, 1536),  # scales decoded as read
+    (QuantSpec("nf4", 4, "group", 32, double_quant=True, scale_dtype="float32"), 300, 200),  # 1875 scales: 8 blocks
     (QuantSpec("fp4", 4, "group", 32), 21, 100),
 ]
 
@@ -73,6 +74,8 @@ def test_gemv_matches_the_reference(spec, N, K, M):
 def random_weight(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed) -> QuantizedWeight:
     """A random weight the CPU kernels run: groups of whole bytes (of whole 3-byte words of 8 codes at 3
     bits, with K a multiple of 8 there too)."""
+    double_quant = fmt == "nf4dq"
+    fmt = "nf4" if double_quant else fmt
     bits = 4 if fmt in ("nf4", "fp4") else int(fmt[3:])
     if bits == 3:
         K, group = max(8, K // 8 * 8), group_bytes * 8
@@ -80,11 +83,11 @@ def random_weight(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, s
         group = group_bytes * (8 // bits)
     fmt_name = "int" if fmt.startswith("int") else fmt
     spec = QuantSpec(fmt_name, bits, "channel" if per_channel else "group", None if per_channel else group,
-                     symmetric or fmt_name != "int", scale_dtype=scale_dtype)
+                     symmetric or fmt_name != "int", scale_dtype=scale_dtype, double_quant=double_quant)
     return quantize_weight(torch.randn(N, K, generator=torch.Generator().manual_seed(seed)), spec)
 
 
-WEIGHTS = dict(fmt=st.sampled_from(["int2", "int3", "int4", "int8", "nf4", "fp4"]), per_channel=st.booleans(),
+WEIGHTS = dict(fmt=st.sampled_from(["int2", "int3", "int4", "int8", "nf4", "nf4dq", "fp4"]), per_channel=st.booleans(),
                group_bytes=st.integers(1, 80), symmetric=st.booleans(),
                scale_dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
                N=st.integers(1, 41), K=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
@@ -103,14 +106,17 @@ def test_gemv_on_random_shapes(M, fmt, per_channel, group_bytes, symmetric, scal
 @given(**WEIGHTS)
 def test_dequant_is_the_reference_weight_exactly(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed):
     weight = random_weight(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed)
-    levels = INT_GEMV.prepare(weight).get("levels")
-    w = torch.ops.lowbit.dequant_cpu(weight.qdata, weight.scale, weight.zero_point, weight.spec.bits,
-                                     weight.group_size, weight.shape[1], levels)
+    scale, extra = weight.scale, {"levels": INT_GEMV.prepare(weight).get("levels")}
+    if weight.scale_scale is not None:  # double-quantised: int8 codes, decoded by the kernel as it reads them
+        scale = scale.view(weight.scale_shape)
+        extra.update(scale_scale=weight.scale_scale, scale_offset=weight.scale_offset)
+    w = torch.ops.lowbit.dequant_cpu(weight.qdata, scale, weight.zero_point, weight.spec.bits, weight.group_size,
+                                     weight.shape[1], **extra)
     assert torch.equal(w, weight.dequantize())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("spec,N,K", [*CASES[:4], *CASES[-8:]],
+@pytest.mark.parametrize("spec,N,K", [*CASES[:4], *(c for c in CASES if c[0].bits == 3 or c[0].format != "int")],
                          ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
 def test_prefill_kernel_is_the_reference_bit_for_bit(spec, N, K, dtype):
     gen = torch.Generator().manual_seed(N + K)
@@ -134,6 +140,11 @@ def test_lookup_and_3_bit_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.lowbit.int_gemv_cpu.default,
                           (torch.randn(2, 3, 160), nf4.qdata, nf4.scale, None, 4, 64, 40, levels))
     torch.library.opcheck(torch.ops.lowbit.dequant_cpu.default, (nf4.qdata, nf4.scale, None, 4, 64, 160, levels))
+    dq = quantize_weight(torch.randn(40, 160), QuantSpec("nf4", 4, "group", 64, double_quant=True))
+    packed = (dq.qdata, dq.scale.view(dq.scale_shape), None, 4, 64)
+    torch.library.opcheck(torch.ops.lowbit.int_gemv_cpu.default,
+                          (torch.randn(2, 160), *packed, 40, levels, dq.scale_scale, dq.scale_offset))
+    torch.library.opcheck(torch.ops.lowbit.dequant_cpu.default, (*packed, 160, levels, dq.scale_scale, dq.scale_offset))
     int3 = quantize_weight(torch.randn(40, 160), QuantSpec("int", 3, "group", 32, symmetric=False))
     packed = (int3.qdata, int3.scale, int3.zero_point, 3, 32)
     torch.library.opcheck(torch.ops.lowbit.int_gemv_cpu.default, (torch.randn(5, 160), *packed, 40))
@@ -193,6 +204,17 @@ def test_3_bit_kernels_refuse_shapes_they_cannot_read():
     nf4 = quantize_weight(torch.randn(8, 64), QuantSpec("nf4", 4, "group", 32))
     with pytest.raises(RuntimeError, match="levels must be"):
         torch.ops.lowbit.dequant_cpu(nf4.qdata, nf4.scale, None, 4, 32, 64, torch.zeros(8))
+    dq = quantize_weight(torch.randn(8, 64), QuantSpec("nf4", 4, "group", 32, double_quant=True))
+    with pytest.raises(RuntimeError, match="int8 scales come with scale_scale"):
+        torch.ops.lowbit.dequant_cpu(dq.qdata, dq.scale.view(8, 2), None, 4, 32, 64, torch.zeros(16))
+
+
+def test_lookup_weights_keep_no_decoded_copy():
+    """NF4 (double-quantised too) runs from its stored tensors: what `prepare` adds is the 16 levels."""
+    weight = quantize_weight(torch.randn(256, 512), QuantSpec("nf4", 4, "group", 64, double_quant=True))
+    prepared = INT_GEMV.prepare(weight)
+    assert set(prepared) == {"levels"} and prepared["levels"].numel() == 16
+    assert DEQUANT_GEMM.prepare(weight).keys() == prepared.keys()
 
 
 PORTABLE_CHECK = textwrap.dedent("""

@@ -4,9 +4,9 @@
 ``torch.utils.cpp_extension``, cached under the torch extensions directory) for
 ``-march=native``, or the target named by ``LOWBIT_CPU_MARCH`` (e.g. ``x86-64-v3``; each
 target is its own build). Its kernels need no prepared copy of the weight — the stored
-``qdata``, ``scale`` and ``zero_point`` are their inputs (NF4 / FP4 add their 16 levels,
-and double-quantised NF4 its block scales decoded to float32, 4 bytes per group) — so a
-quantised model's weight memory is its packed size:
+``qdata``, ``scale`` and ``zero_point`` are their inputs (NF4 / FP4 add their 16 levels;
+double-quantised scales are decoded where they are read) — so a quantised model's weight
+memory is its packed size:
 
 - ``lowbit::int_gemv_cpu`` (M ≤ 8 tokens, decode): each code is turned into its float
   weight in registers and multiplied with x at once; no float weight is written.
@@ -63,7 +63,7 @@ def extension() -> str | None:
         from torch.utils.cpp_extension import load
 
         log.info("building lowbit's CPU kernels for -march=%s (once) ...", march)
-        load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+        load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-ffp-contract=off"],
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return None
     except Exception as err:  # noqa: BLE001 - any build failure means: use the reference
@@ -91,15 +91,16 @@ def _define(name: str, schema: str, fake) -> None:
 
 
 # x (..., K) float32 @ dequant(W).T from the packed codes, no float weight written; ``levels`` (16,) float32
-# for a 4-bit lookup format (NF4, FP4: w = levels[c] * s), else the codes are affine ((c - z) * s)
+# for a 4-bit lookup format (NF4, FP4: w = levels[c] * s), else the codes are affine ((c - z) * s); int8 ``scale``
+# codes with ``scale_scale`` and ``scale_offset`` for double-quantised scales (decoded as the kernels read them)
 _define("int_gemv_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, "
-        "int out_features, Tensor? levels=None) -> Tensor",
-        lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None:
-        x.new_empty((*x.shape[:-1], out_features)))
+        "int out_features, Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None) -> Tensor",
+        lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None, scale_scale=None,
+        scale_offset=None: x.new_empty((*x.shape[:-1], out_features)))
 # the float32 weight (N, K) the codes stand for, equal to the reference's dequantise()
 _define("dequant_cpu", "(Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, int in_features, "
-        "Tensor? levels=None) -> Tensor",
-        lambda qdata, scale, zero_point, bits, group, in_features, levels=None:
+        "Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None) -> Tensor",
+        lambda qdata, scale, zero_point, bits, group, in_features, levels=None, scale_scale=None, scale_offset=None:
         qdata.new_empty((qdata.shape[0], in_features), dtype=torch.float32))
 _INT_GEMV_OP = torch.ops.lowbit.int_gemv_cpu.default
 _DEQUANT_OP = torch.ops.lowbit.dequant_cpu.default
@@ -123,32 +124,28 @@ def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: to
 
 
 def _prepare(weight: QuantizedWeight) -> dict:
-    """Nothing for integer codes (the kernels read the stored tensors); for NF4 / FP4 the 16 levels, and the
-    block scales decoded to float32 where they are double-quantised (4 bytes per group kept beside the codes)."""
-    if weight.spec.format not in LOOKUP_FORMATS:
-        return {}
-    prepared = {"levels": lut_levels(weight.spec.format).contiguous()}
-    if weight.scale_scale is not None:
-        prepared["scale"] = weight.scales().contiguous()
-    return prepared
+    """Nothing for integer codes (the kernels read the stored tensors); for NF4 / FP4 their 16 levels."""
+    return {"levels": lut_levels(weight.spec.format).contiguous()} if weight.spec.format in LOOKUP_FORMATS else {}
 
 
-def _operands(weight: QuantizedWeight, prepared: dict) -> tuple:
-    """The packed weight's arguments of the C++ ops (qdata, scale, zero_point, bits, group) and the levels
-    (None for integer codes)."""
-    levels = prepared.get("levels")
-    if levels is None and weight.spec.format in LOOKUP_FORMATS:  # called without `_prepare`'s dict
-        prepared = _prepare(weight)
-        levels = prepared["levels"]
-    return (weight.qdata, prepared.get("scale", weight.scale), weight.zero_point, weight.spec.bits,
-            weight.group_size), levels
+def _operands(weight: QuantizedWeight, prepared: dict) -> tuple[tuple, dict]:
+    """The packed weight's positional arguments of the C++ ops (qdata, scale, zero_point, bits, group) and
+    their keyword arguments (levels, and double-quantised scales' block scales and offset)."""
+    extra = {}
+    if weight.spec.format in LOOKUP_FORMATS:
+        extra["levels"] = prepared["levels"] if "levels" in prepared else _prepare(weight)["levels"]
+    scale = weight.scale
+    if weight.scale_scale is not None:  # int8 codes, read in place as (N, G)
+        scale = scale.view(weight.scale_shape)
+        extra.update(scale_scale=weight.scale_scale, scale_offset=weight.scale_offset)
+    return (weight.qdata, scale, weight.zero_point, weight.spec.bits, weight.group_size), extra
 
 
 def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None, activations) -> Tensor:
     if activations is not None:  # W8A8: the reference's per-call activation quantisation, then the same sums
         x = fake_quantize(x, activations)
-    packed, levels = _operands(weight, prepared)
-    y = _INT_GEMV_OP(x if x.dtype == torch.float32 else x.float(), *packed, weight.shape[0], levels)
+    packed, extra = _operands(weight, prepared)
+    y = _INT_GEMV_OP(x if x.dtype == torch.float32 else x.float(), *packed, weight.shape[0], **extra)
     if bias is not None:
         y = y + bias.float()
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -158,8 +155,8 @@ def _run_dequant(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tenso
     # the reference's arithmetic (dequantise, then F.linear) with a one-pass dequantise
     if activations is not None:
         x = fake_quantize(x, activations)
-    packed, levels = _operands(weight, prepared)
-    w = _DEQUANT_OP(*packed, weight.shape[1], levels)
+    packed, extra = _operands(weight, prepared)
+    w = _DEQUANT_OP(*packed, weight.shape[1], **extra)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 

@@ -6,6 +6,9 @@
 // bytes, code 8d + q in bits 3q..3q+2 of the 24-bit little-endian "triple" d) and z the packed
 // zero point (asymmetric) or 2^(bits-1) (symmetric). For a 4-bit lookup format (NF4, FP4) a
 // 16-entry table of levels replaces the affine map: w[n, k] = levels[c[n, k]] * s[n, g].
+// Scales are float16, bfloat16 or float32, or QLoRA's double-quantised int8 codes e with a
+// float32 scale b per block of 256 and one offset o: s = max(e * b + o, FLT_MIN), decoded
+// where it is used, as lowbit's Python decodes it (mul, then add: built without contraction).
 //
 // int_gemv_cpu, y[m, n] = sum_k x[m, k] w[n, k] for a few tokens (decode): no float weight is
 // written. x is split once per call into the lanes of a packed byte (lane l of byte j is
@@ -31,6 +34,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <optional>
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -45,7 +50,9 @@ template <typename S>
 struct Packed {
   const uint8_t* q;
   int64_t row_bytes;
-  const S* scale;        // (N, G)
+  const S* scale;        // (N, G); int8 codes when the scales are double-quantised
+  const float* block_scale;  // double-quantised: per 256 scales (else unused)
+  float scale_offset;
   const uint8_t* zero;   // (N, zero_row_bytes) packed codes, or null: symmetric, offset 2^(bits-1)
   int64_t zero_row_bytes;
   int64_t K, G, group;
@@ -116,7 +123,16 @@ struct Words {
 };
 
 template <typename S>
-inline float scale_at(const Packed<S>& w, int64_t n, int64_t g) { return static_cast<float>(w.scale[n * w.G + g]); }
+inline float scale_at(const Packed<S>& w, int64_t n, int64_t g) {
+  const int64_t i = n * w.G + g;
+  if constexpr (std::is_same_v<S, int8_t>) {
+    constexpr int64_t kBlock = 256;  // lowbit.tensor.DOUBLE_QUANT_BLOCK
+    const float product = static_cast<float>(w.scale[i]) * w.block_scale[i / kBlock];
+    return std::max(product + w.scale_offset, std::numeric_limits<float>::min());
+  } else {
+    return static_cast<float>(w.scale[i]);
+  }
+}
 
 // Portable path: per group and lane of a byte, sum value(c) x, then scale by s.
 template <typename S>
@@ -539,14 +555,27 @@ int64_t grain_rows(int64_t row_bytes, int64_t M) {
 // The stored tensors of an (N, K) weight, checked against each other.
 struct Weight {
   at::Tensor q, scale, zero, levels;  // zero undefined for symmetric codes, levels for affine ones (no table)
+  at::Tensor block_scale;              // double-quantised scales only, with scale_offset
+  float scale_offset = 0.0f;
   int64_t N, K, G, group;
   int bits;
 
   template <typename S>
   lowbit::Packed<S> packed() const {
     const bool asym = zero.defined();
-    return {q.data_ptr<uint8_t>(), q.size(1), scale.data_ptr<S>(), asym ? zero.data_ptr<uint8_t>() : nullptr,
-            asym ? zero.size(1) : 0, K, G, group, bits, levels.defined() ? levels.data_ptr<float>() : nullptr};
+    return {q.data_ptr<uint8_t>(), q.size(1), scale.data_ptr<S>(),
+            block_scale.defined() ? block_scale.data_ptr<float>() : nullptr, scale_offset,
+            asym ? zero.data_ptr<uint8_t>() : nullptr, asym ? zero.size(1) : 0, K, G, group, bits,
+            levels.defined() ? levels.data_ptr<float>() : nullptr};
+  }
+  // fn(S{}) with S the scales' element type: float16, bfloat16, float32, or int8 (double-quantised)
+  template <typename Fn>
+  void with_scale_type(Fn&& fn) const {
+    if (scale.scalar_type() == at::kChar) {
+      fn(int8_t{});
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scale.scalar_type(), "lowbit_cpu", [&] { fn(scalar_t{}); });
   }
   // 3 bits always, and affine 4-bit codes in groups of whole 32-bit words with AVX-512: x in the `Words` layout
   bool by_words() const {
@@ -559,11 +588,14 @@ struct Weight {
   }
 };
 
-// qdata (N, ceil(K * bits / 8)) uint8; scale (N, G) float16/bfloat16/float32, G = ceil(K / group);
-// zero_point (N, ceil(G * bits / 8)) uint8 packed at `bits`, or none for symmetric codes; levels
-// (16,) float32 for a 4-bit lookup format (then no zero point), or none.
+// qdata (N, ceil(K * bits / 8)) uint8; scale (N, G) float16/bfloat16/float32, G = ceil(K / group),
+// or int8 codes of double-quantised scales with scale_scale (ceil(N G / 256),) and scale_offset ()
+// float32; zero_point (N, ceil(G * bits / 8)) uint8 packed at `bits`, or none for symmetric codes;
+// levels (16,) float32 for a 4-bit lookup format (then no zero point), or none.
 Weight check_weight(const at::Tensor& qdata, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                    const std::optional<at::Tensor>& levels, int64_t bits, int64_t group, int64_t K, int64_t N) {
+                    const std::optional<at::Tensor>& levels, const std::optional<at::Tensor>& scale_scale,
+                    const std::optional<at::Tensor>& scale_offset, int64_t bits, int64_t group, int64_t K,
+                    int64_t N) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "lowbit CPU kernels: bits must be 2, 3, 4 or 8");
   if (bits == 3) {
     TORCH_CHECK(group > 0 && group % 8 == 0 && K % 8 == 0,
@@ -578,7 +610,7 @@ Weight check_weight(const at::Tensor& qdata, const at::Tensor& scale, const std:
   const int64_t G = (K + group - 1) / group;
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G,
               "lowbit CPU kernels: scale must be (N, ceil(K / group))");
-  Weight w{qdata.contiguous(), scale.contiguous(), at::Tensor(), at::Tensor(), N, K, G, group, static_cast<int>(bits)};
+  Weight w{qdata.contiguous(), scale.contiguous(), {}, {}, {}, 0.0f, N, K, G, group, static_cast<int>(bits)};
   if (zero_point.has_value() && zero_point->defined()) {
     const at::Tensor& z = *zero_point;
     TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kByte && z.size(0) == N && z.size(1) == (G * bits + 7) / 8,
@@ -591,16 +623,29 @@ Weight check_weight(const at::Tensor& qdata, const at::Tensor& scale, const std:
                 "lowbit CPU kernels: levels must be (16,) float32, for 4-bit codes without a zero point");
     w.levels = l.contiguous();
   }
+  const bool double_quant = scale.scalar_type() == at::kChar;
+  TORCH_CHECK(double_quant == (scale_scale.has_value() && scale_scale->defined()) &&
+                  double_quant == (scale_offset.has_value() && scale_offset->defined()),
+              "lowbit CPU kernels: int8 scales come with scale_scale and scale_offset, other scales without");
+  if (double_quant) {
+    const at::Tensor &b = *scale_scale, &o = *scale_offset;
+    TORCH_CHECK(b.dim() == 1 && b.scalar_type() == at::kFloat && b.size(0) == (N * G + 255) / 256 &&
+                    o.numel() == 1 && o.scalar_type() == at::kFloat,
+                "lowbit CPU kernels: scale_scale must be (ceil(N * G / 256),) float32 and scale_offset one float32");
+    w.block_scale = b.contiguous();
+    w.scale_offset = o.item<float>();
+  }
   return w;
 }
 
 // y (..., N) = x (..., K) @ dequant(W).T for float32 x, with a few tokens M = x.numel() / K in mind.
 at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                         const std::optional<at::Tensor>& zero_point, int64_t bits, int64_t group,
-                        int64_t out_features, const std::optional<at::Tensor>& levels) {
+                        int64_t out_features, const std::optional<at::Tensor>& levels,
+                        const std::optional<at::Tensor>& scale_scale, const std::optional<at::Tensor>& scale_offset) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "int_gemv_cpu: x must be float32 (..., K)");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = out_features;
-  const Weight wt = check_weight(qdata, scale, zero_point, levels, bits, group, K, N);
+  const Weight wt = check_weight(qdata, scale, zero_point, levels, scale_scale, scale_offset, bits, group, K, N);
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options());
@@ -610,15 +655,15 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
   const int64_t grain = grain_rows(wt.q.size(1), M);
   if (wt.by_words()) {
     const lowbit::Words words(xc.data_ptr<float>(), M, K, wt.group);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt.scale.scalar_type(), "int_gemv_cpu", [&] {
-      const auto w = wt.packed<scalar_t>();
+    wt.with_scale_type([&](auto s) {
+      const auto w = wt.packed<decltype(s)>();
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { lowbit::gemv_words(w, words, M, out, N, n0, n1); });
     });
     return y;
   }
   const lowbit::Lanes lanes(xc.data_ptr<float>(), M, K, wt.q.size(1), wt.bits);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt.scale.scalar_type(), "int_gemv_cpu", [&] {
-    const auto w = wt.packed<scalar_t>();
+  wt.with_scale_type([&](auto s) {
+    const auto w = wt.packed<decltype(s)>();
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { lowbit::gemv_rows(w, lanes, M, out, N, n0, n1); });
   });
   return y;
@@ -626,12 +671,14 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
 
 // The float weight (N, K) that the packed codes stand for, as the reference dequantises it.
 at::Tensor dequant_cpu(const at::Tensor& qdata, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                       int64_t bits, int64_t group, int64_t in_features, const std::optional<at::Tensor>& levels) {
-  const Weight wt = check_weight(qdata, scale, zero_point, levels, bits, group, in_features, qdata.size(0));
-  at::Tensor out = at::empty({wt.N, wt.K}, scale.options().dtype(at::kFloat));
+                       int64_t bits, int64_t group, int64_t in_features, const std::optional<at::Tensor>& levels,
+                       const std::optional<at::Tensor>& scale_scale, const std::optional<at::Tensor>& scale_offset) {
+  const Weight wt = check_weight(qdata, scale, zero_point, levels, scale_scale, scale_offset, bits, group, in_features,
+                                 qdata.size(0));
+  at::Tensor out = at::empty({wt.N, wt.K}, qdata.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt.scale.scalar_type(), "dequant_cpu", [&] {
-    const auto w = wt.packed<scalar_t>();
+  wt.with_scale_type([&](auto s) {
+    const auto w = wt.packed<decltype(s)>();
     at::parallel_for(0, wt.N, grain_rows(wt.q.size(1), 1),
                      [&](int64_t n0, int64_t n1) { lowbit::dequant_rows(w, o, n0, n1); });
   });
