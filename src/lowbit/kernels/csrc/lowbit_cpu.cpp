@@ -105,21 +105,25 @@ struct Lanes {
 
 // x (M, K), K a multiple of 8, for the 3- and 4-bit word path (`block_words`): per token, lane q holds
 // x[8d + q] for every 32-bit word d of a row, zero past the row; and the sum of x over each
-// group of `group` columns.
+// group of `group` columns, and over each word's 8.
 struct Words {
-  std::vector<float> data, sums;
+  std::vector<float> data, sums, word_sums;
   int64_t D, G;
   Words(const float* x, int64_t M, int64_t K, int64_t group) : D((K / 8 + 15) / 16 * 16), G((K + group - 1) / group) {
     data.assign(M * 8 * D, 0.0f);
     sums.assign(M * G, 0.0f);
+    word_sums.assign(M * D, 0.0f);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) {
         data[(m * 8 + k % 8) * D + k / 8] = x[m * K + k];
         sums[m * G + k / group] += x[m * K + k];
+        word_sums[m * D + k / 8] += x[m * K + k];
       }
   }
   const float* at(int64_t m, int q) const { return data.data() + (m * 8 + q) * D; }
   float group_sum(int64_t m, int64_t g) const { return sums[m * G + g]; }
+  // sum of x over the 8 columns of word d, for words d.. (zero past the row)
+  const float* word_sum(int64_t m) const { return word_sums.data() + m * D; }
 };
 
 template <typename S>
@@ -378,10 +382,54 @@ void block_words(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int6
   total.store(y, m0, N, n);
 }
 
+// The scales of groups g0 .. g0 + count - 1 (count <= 16) of row n in lanes 0 .. count - 1, zero past them.
+template <typename S>
+inline __m512 load_scales(const Packed<S>& w, int64_t n, int64_t g0, int64_t count) {
+  const __mmask16 k = tail_mask(count);
+  const S* p = w.scale + n * w.G + g0;
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else if constexpr (std::is_same_v<S, at::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+  } else if constexpr (std::is_same_v<S, at::BFloat16>) {  // a bfloat16 is a float's top half
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+  } else {  // double-quantised codes
+    alignas(64) float s[16] = {};
+    for (int64_t i = 0; i < count; ++i) s[i] = scale_at(w, n, g0 + i);
+    return _mm512_load_ps(s);
+  }
+}
+
+// The zero codes of groups g0 .. g0 + count - 1 (count <= 16) of row n, as floats in lanes 0 ..
+// count - 1 (lanes past them hold other codes): the packed zero row's bits read once as a
+// 64-bit field (count · BITS + 7 <= 64) and each lane shifted to its own.
+template <int BITS, typename S>
+inline __m512 load_zeros(const Packed<S>& w, int64_t n, int64_t g0, int64_t count) {
+  // 3 bits: 16 zero points and a byte's offset fit 55 bits; 4 bits: the span's groups start on a byte (g0 is
+  // even, as the span holds 2 or more groups), so 16 of them fit exactly
+  static_assert(BITS == 3 || BITS == 4, "3 or 4 bits");
+  if (!w.zero) return _mm512_set1_ps(static_cast<float>(1 << (BITS - 1)));
+  const uint8_t* z = w.zero + n * w.zero_row_bytes;
+  const int64_t bit = g0 * BITS, byte = bit >> 3;
+  const int64_t avail = std::min<int64_t>(8, w.zero_row_bytes - byte);  // no byte past the row is read
+  const uint64_t field = _mm_cvtsi128_si64(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << avail) - 1), z + byte));
+  const __m512i all = _mm512_set1_epi64(static_cast<int64_t>(field >> (bit & 7)));
+  constexpr int B = BITS;
+  const __m512i lo = _mm512_srlv_epi64(all, _mm512_set_epi64(7 * B, 6 * B, 5 * B, 4 * B, 3 * B, 2 * B, B, 0));
+  const __m512i hi =
+      _mm512_srlv_epi64(all, _mm512_set_epi64(15 * B, 14 * B, 13 * B, 12 * B, 11 * B, 10 * B, 9 * B, 8 * B));
+  const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)),
+                                           _mm512_cvtepi64_epi32(hi), 1);
+  return _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32((1 << BITS) - 1)));
+}
+
 // `block_words` for groups of 8, 16, 32 or 64 columns: every 16-word span of a row holds whole
-// groups, so the spans run along the row and each span's partial sums are scaled lane by lane
-// (lane j by the scale of word d + j's group) — all 16 lanes busy. 4-bit codes in such groups
-// take `block_lut` instead (faster there); this is the 3-bit path for them.
+// groups, so the spans run along the row and all 16 lanes stay busy. Each span's scales and
+// zero points are read as vectors (lane i: group g0 + i) and spread to the words' lanes (lane j:
+// the group of word d + j); the zero point comes off each word lane as z · (sum of x over the
+// word's 8 columns), and the span's sums are scaled lane by lane. (Measured on this project's
+// 2-core machine against `block_words` and `block_lut` in these groups: from 2x to 4x faster at
+// 8 columns, on par or faster at 32 and 64.)
 template <int R, int T, int BITS, typename S>
 void block_word_spans(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
   WordSums<R, T> total;
@@ -401,14 +449,13 @@ void block_word_spans(const Packed<S>& w, const Words& xw, int64_t m0, float* y,
     }
     LOWBIT_WORD_LANES
     const int64_t g0 = d >> shift, groups = std::min<int64_t>(16 >> shift, w.G - g0);
+    __m512 xsum[T];
+    for (int t = 0; t < T; ++t) xsum[t] = _mm512_maskz_loadu_ps(k, xw.word_sum(m0 + t) + d);
     for (int r = 0; r < R; ++r) {
-      alignas(64) float scales[16] = {};
-      for (int64_t i = 0; i < groups; ++i) {
-        const float s = scales[i] = scale_at(w, n + r, g0 + i), sz = s * static_cast<float>(w.zero_code(n + r, g0 + i));
-        for (int t = 0; t < T; ++t) total.corr[r][t] += sz * xw.group_sum(m0 + t, g0 + i);
-      }
-      const __m512 sv = _mm512_permutexvar_ps(lane_group, _mm512_load_ps(scales));
-      for (int t = 0; t < T; ++t) total.acc[r][t] = _mm512_fmadd_ps(part[r][t], sv, total.acc[r][t]);
+      const __m512 sv = _mm512_permutexvar_ps(lane_group, load_scales(w, n + r, g0, groups));
+      const __m512 zv = _mm512_permutexvar_ps(lane_group, load_zeros<BITS>(w, n + r, g0, groups));
+      for (int t = 0; t < T; ++t)
+        total.acc[r][t] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zv, xsum[t], part[r][t]), sv, total.acc[r][t]);
     }
   }
   total.store(y, m0, N, n);
@@ -431,12 +478,11 @@ struct ByteBlocks {
 struct WordBlocks {
   template <int R, int T, typename S>
   static void run(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
+    const bool spans = w.group < 128 && 128 % w.group == 0;
     if (w.bits == 4)
-      block_words<R, T, 4>(w, xw, m0, y, N, n);
-    else if (w.group < 128 && 128 % w.group == 0)
-      block_word_spans<R, T, 3>(w, xw, m0, y, N, n);
+      spans ? block_word_spans<R, T, 4>(w, xw, m0, y, N, n) : block_words<R, T, 4>(w, xw, m0, y, N, n);
     else
-      block_words<R, T, 3>(w, xw, m0, y, N, n);
+      spans ? block_word_spans<R, T, 3>(w, xw, m0, y, N, n) : block_words<R, T, 3>(w, xw, m0, y, N, n);
   }
 };
 
@@ -578,11 +624,10 @@ struct Weight {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scale.scalar_type(), "lowbit_cpu", [&] { fn(scalar_t{}); });
   }
   // 3 bits always, and affine 4-bit codes in groups of whole 32-bit words with AVX-512: x in the `Words` layout
+  // (the lookup path, `block_lut`, keeps NF4 / FP4 and 4-bit groups that start inside a word)
   bool by_words() const {
 #ifdef LOWBIT_AVX512
-    // small groups that divide 128 go to the lookup path (`block_lut`), faster for them
-    if (bits == 4 && !levels.defined() && group % 8 == 0 && K % 8 == 0 && !(group < 128 && 128 % group == 0))
-      return true;
+    if (bits == 4 && !levels.defined() && group % 8 == 0 && K % 8 == 0) return true;
 #endif
     return bits == 3;
   }
