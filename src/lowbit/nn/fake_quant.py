@@ -41,9 +41,7 @@ from lowbit.formats import (
     dequantize_lut,
     double_quantize,
     expand_groups,
-    fp4_e2m1_levels,
     int_range,
-    nf4_levels,
     pack,
     pad_to_groups,
     quantize_fp8,
@@ -58,6 +56,7 @@ from lowbit.tensor import (
     _double_dequantized_scales,
     fake_quantize,
     from_int_codes,
+    lut_levels,
     quantize_weight,
 )
 
@@ -94,10 +93,6 @@ def snap_ste(x: Tensor, snap: Callable[[Tensor], Tensor]) -> Tensor:
     return _SnapSTE.apply(x, snap)
 
 
-def _lut(fmt: str) -> Tensor:
-    return nf4_levels() if fmt == "nf4" else fp4_e2m1_levels()
-
-
 def grid_limits(spec: QuantSpec) -> tuple[float, float]:
     """Smallest and largest value of w / s the format holds (int: the code range before the zero point)."""
     if spec.format == "int":
@@ -106,7 +101,7 @@ def grid_limits(spec: QuantSpec) -> tuple[float, float]:
     if spec.format.startswith("fp8_"):
         limit = FP8_MAX[spec.format[4:]]
         return -limit, limit
-    levels = _lut(spec.format)
+    levels = lut_levels(spec.format)
     return float(levels.min()), float(levels.max())
 
 
@@ -116,7 +111,7 @@ def _snap_float(spec: QuantSpec) -> Callable[[Tensor], Tensor]:
         exp_bits, man_bits = FP8_BITS[spec.format[4:]]
         limit = FP8_MAX[spec.format[4:]]
         return lambda y: round_to_minifloat(y, exp_bits, man_bits, limit)
-    levels = _lut(spec.format)
+    levels = lut_levels(spec.format)
 
     def snap(y: Tensor) -> Tensor:
         codes = quantize_lut(y, torch.ones(y.shape[0], 1, device=y.device), levels, y.shape[1])  # y / 1 is exact
@@ -256,8 +251,8 @@ def _fake_and_codes(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSp
             codes = quantize_fp8(y, ones, spec.format[4:], y.shape[1])
             decoded = dequantize_fp8(codes, ones, spec.format[4:], y.shape[1])
         else:
-            codes = quantize_lut(y, ones, _lut(spec.format), y.shape[1])
-            decoded = dequantize_lut(codes, ones, _lut(spec.format), y.shape[1])
+            codes = quantize_lut(y, ones, lut_levels(spec.format), y.shape[1])
+            decoded = dequantize_lut(codes, ones, lut_levels(spec.format), y.shape[1])
     value = snap_ste(y, lambda _: decoded)
     return (value * s).reshape(rows, cols), codes.reshape(rows, cols)
 
@@ -290,7 +285,7 @@ def decode_codes(codes: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantS
     if spec.format.startswith("fp8_"):
         decoded = dequantize_fp8(codes.reshape(shape), ones, spec.format[4:], shape[1])
     else:
-        decoded = dequantize_lut(codes.reshape(shape), ones, _lut(spec.format), shape[1])
+        decoded = dequantize_lut(codes.reshape(shape), ones, lut_levels(spec.format), shape[1])
     return (decoded * s).reshape(rows, cols)
 
 
