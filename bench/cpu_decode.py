@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
+from _cpu_results import RESULTS, Stamp, write
 
 import lowbit
 from lowbit.calibration import load_text, tokenize
 from lowbit.kernels import dispatch
 from lowbit.scheme import Scheme
 
-RESULTS = Path(__file__).parent / "results"
 PLANNED = "rtn plan 3.5 bpw, defaults"
 SCHEMES = ("W8A16", "W4A16", "W4A16_ASYM", "W8A8", "W3A16", "NF4", "W2A16", "Q4_0")
 
@@ -56,7 +52,7 @@ def main() -> None:
                         help="Label of the bench/results/planner.json row whose mixed scheme to time too ('' for none).")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
+    stamp = Stamp()  # the machine is shared: say how busy it was
     tok = lowbit.load_tokenizer()
     prompt = tokenize(tok, load_text("pydoc-eval"))[:64][None]
     fp = lowbit.load_model()
@@ -89,14 +85,9 @@ def main() -> None:
                      "same_text_as_fp32": bool(torch.equal(tokens, fp_tokens))})
         print(f"{name}: {speed:.2f} tokens/s ({speed / fp_speed:.2f}× FP32, kernel {kernel}), "
               f"text equal to reference kernel's: {rows[-1]['same_text_as_reference']}", flush=True)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    load = f"load average (1 min) {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_decode.json").write_text(json.dumps({"date": when, "machine": machine, "load": load, "rows": rows},
-                                                        indent=2))
+    env = stamp.finish()
     lines = [f"# Greedy decoding on CPU (SmolLM2-135M-Instruct, prompt 64, {args.new_tokens} new tokens, batch 1)",
-             "", f"Measured {when} on {machine} ({load}); best of {args.repeats} after a warm-up; RTN weights; "
+             "", f"Measured {env['date']} on {env['machine']} ({env['load']}); best of {args.repeats} after a warm-up; RTN weights; "
              "lm_head and embeddings stay float32 (tied).", "",
              f"| weights | kernel at M=1 | at M={prompt.shape[1]} (prompt) | tokens/s | × FP32 | "
              "reference kernel tokens/s (one run) | greedy text = reference kernel's | = FP32's |",
@@ -106,8 +97,7 @@ def main() -> None:
         lines.append(f"| {r['setting']} | {r['kernel']} | {r['prefill_kernel']} | {r['tokens_per_s']:.2f} | "
                      f"{r['speedup']:.2f} | {'–' if ref is None else f'{ref:.2f}'} | "
                      f"{r['same_text_as_reference']} | {r['same_text_as_fp32']} |")
-    (RESULTS / "cpu_decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write("cpu_decode", env, rows, lines)
 
 
 if __name__ == "__main__":

@@ -13,23 +13,18 @@ The kernel's output is checked against the reference's on every weight before ti
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _cpu_results import Stamp, write
 
 from lowbit.kernels import quantized_linear
 from lowbit.kernels.cpu import INT_GEMV
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import quantize_weight
 
-RESULTS = Path(__file__).parent / "results"
 SHAPES = [(1536, 576), (576, 1536)]  # (out, in): the default model's MLP up/gate and down projections
 LAYERS = 60
 FORMATS = {
@@ -68,7 +63,7 @@ def main() -> None:
     parser.add_argument("--reference-repeats", type=int, default=1, help="Passes for the (slow) reference kernel.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
+    stamp = Stamp()
     gen = torch.Generator().manual_seed(0)
     rows = []
     for out_f, in_f in SHAPES:
@@ -94,14 +89,9 @@ def main() -> None:
                              "reference_us": reference, "fp32_us": fp[m]})
                 print(f"{out_f}×{in_f} {name:22s} M={m}: kernel {kernel:7.1f} µs, reference {reference:8.1f} µs, "
                       f"FP32 F.linear {fp[m]:6.1f} µs", flush=True)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
-    load = f"load average (1 min) {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_kernels.json").write_text(json.dumps({"date": when, "machine": machine, "load": load,
-                                                          "rows": rows}, indent=2))
+    env = stamp.finish()
     lines = ["# CPU decode kernels per layer (the default model's linear shapes)", "",
-             f"Measured {when} on {machine} ({load}). µs per layer, best of {args.repeats} passes over {LAYERS} "
+             f"Measured {env['date']} on {env['machine']} ({env['load']}). µs per layer, best of {args.repeats} passes over {LAYERS} "
              "distinct weights (the reference kernel: best of "
              f"{args.reference_repeats}); every kernel output checked against the reference's first.", "",
              "| shape (out × in) | weights | bits/weight | M | kernel µs | × FP32 F.linear | reference µs | "
@@ -111,8 +101,7 @@ def main() -> None:
         lines.append(f"| {r['shape'][0]} × {r['shape'][1]} | {r['format']} | {r['bits_per_weight']:.3f} | "
                      f"{r['tokens']} | {r['kernel_us']:.1f} | {r['fp32_us'] / r['kernel_us']:.2f} | "
                      f"{r['reference_us']:.0f} | {r['reference_us'] / r['kernel_us']:.0f} |")
-    (RESULTS / "cpu_kernels.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write("cpu_kernels", env, rows, lines)
 
 
 if __name__ == "__main__":

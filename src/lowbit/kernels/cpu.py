@@ -132,8 +132,8 @@ def _operands(weight: QuantizedWeight, prepared: dict) -> tuple[tuple, dict]:
     """The packed weight's positional arguments of the C++ ops (qdata, scale, zero_point, bits, group) and
     their keyword arguments (levels, and double-quantised scales' block scales and offset)."""
     extra = {}
-    if weight.spec.format in LOOKUP_FORMATS:
-        extra["levels"] = prepared["levels"] if "levels" in prepared else _prepare(weight)["levels"]
+    if weight.spec.format in LOOKUP_FORMATS:  # `_prepare`'s dict, as the dispatcher passes it
+        extra["levels"] = prepared["levels"]
     scale = weight.scale
     if weight.scale_scale is not None:  # int8 codes, read in place as (N, G)
         scale = scale.view(weight.scale_shape)

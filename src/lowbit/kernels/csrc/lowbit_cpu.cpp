@@ -71,9 +71,11 @@ struct Packed {
     }
     return (z[g >> 2] >> ((g & 3) * 2)) & 3;
   }
-  // the weight code c stands for in group g of row n, before the scale: c - z, or levels[c]
-  float value(int c, int64_t n, int64_t g) const {
-    return levels ? levels[c] : static_cast<float>(c) - static_cast<float>(zero_code(n, g));
+  // table[c] = value(c) * s for the 2^bits codes (bits <= 4) of group g of row n, where value(c) is c - z
+  // or levels[c]: the weights a group's codes stand for, the zero point read once
+  void fill_table(int64_t n, int64_t g, float s, float* table) const {
+    const float z = levels ? 0.0f : static_cast<float>(zero_code(n, g));
+    for (int c = 0; c < (1 << bits); ++c) table[c] = (levels ? levels[c] : static_cast<float>(c) - z) * s;
   }
   // the group's packed bytes [b0, b1) of a row (groups start on a byte boundary)
   int64_t first_byte(int64_t g) const { return g * group * bits / 8; }
@@ -151,8 +153,7 @@ void rows_portable(const Packed<S>& w, const Lanes& xl, int64_t M, float* y, int
         const int64_t b0 = w.first_byte(g), b1 = w.end_byte(g);
         const float s = scale_at(w, n, g);
         const int z = w.zero_code(n, g);
-        if (w.bits < 8)
-          for (int c = 0; c <= mask; ++c) table[c] = w.value(c, n, g);
+        if (w.bits < 8) w.fill_table(n, g, 1.0f, table);
         float acc = 0.0f;
         for (int lane = 0; lane < per_byte; ++lane) {
           const float* xv = xl.at(m, lane);
@@ -543,13 +544,13 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
         const float z = static_cast<float>(w.zero_code(n, g));
         for (int64_t k = k0; k < k1; ++k) orow[k] = (static_cast<float>(qrow[k]) - z) * s;
       } else if constexpr (BITS == 3) {  // whole triples (K and the group are multiples of 8)
-        for (int c = 0; c <= MASK; ++c) lut[c] = w.value(c, n, g) * s;
+        w.fill_table(n, g, s, lut);
         for (int64_t k = k0; k < k1; k += 8) {
           const uint32_t v = triple(qrow, k / 8);
           for (int q = 0; q < 8; ++q) orow[k + q] = lut[(v >> (3 * q)) & 7];
         }
       } else {
-        for (int c = 0; c <= MASK; ++c) lut[c] = w.value(c, n, g) * s;
+        w.fill_table(n, g, s, lut);
         int64_t k = k0;
 #ifdef LOWBIT_AVX512
         if constexpr (BITS == 4) {  // 16 bytes: low and high nibbles looked up, then interleaved

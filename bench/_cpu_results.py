@@ -1,0 +1,34 @@
+"""What the CPU benches (bench/cpu_decode.py, bench/cpu_kernels.py) stamp on and how they write their results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class Stamp:
+    """The date, machine and load of a run: take one before measuring, `finish` it after (the machine is
+    shared, so the load at both ends is part of the figures)."""
+
+    def __init__(self) -> None:
+        self.load_before = os.getloadavg()[0]
+
+    def finish(self) -> dict[str, str]:
+        return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                "load": f"load average (1 min) {self.load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"}
+
+
+def write(name: str, stamp: dict[str, str], rows: list[dict], lines: list[str]) -> None:
+    """bench/results/<name>.json (the stamp and the rows) and <name>.md (``lines``), and the table printed."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({**stamp, "rows": rows}, indent=2))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
