@@ -114,17 +114,24 @@ DQ = "dequant"
 XP = {"xplanes": True}
 PLAIN = {"magic": False}
 SCALED = {"planes": 2}
+CU = "cuda"  # lowbit.kernels.cuda: BLOCK_M = tokens per tile group (8/16/32), BLOCK_N = weight rows per warp
+CUDA_ONE = [(CU, 8, 32, 128, 4, 1, 4, {}), (CU, 8, 16, 128, 4, 1, 6, {}), (CU, 8, 64, 128, 4, 1, 4, {}),
+            (CU, 8, 32, 128, 8, 1, 2, {}), (CU, 8, 32, 128, 4, 1, 8, {}), (CU, 8, 16, 128, 8, 1, 3, {}),
+            (CU, 8, 32, 128, 4, 1, 0, {})]
+CUDA_DECODE = [(CU, 16, 32, 128, 4, 1, 4, {}), (CU, 16, 16, 128, 4, 1, 4, {}), (CU, 16, 16, 128, 4, 1, 8, {}),
+               (CU, 16, 32, 128, 8, 1, 2, {}), (CU, 16, 32, 128, 4, 1, 8, {})]
+CUDA_MID = [(CU, 32, 16, 128, 4, 1, 4, {}), (CU, 32, 16, 128, 4, 1, 8, {}), (CU, 32, 16, 128, 8, 1, 2, {})]
 INT4_TILES = {
-    "one": [(G, 1, 128, 128, 4, 1, 4, {}), (G, 1, 256, 128, 4, 1, 4, {}), (G, 1, 128, 256, 4, 1, 4, {}),
+    "one": [*CUDA_ONE, (G, 1, 128, 128, 4, 1, 4, {}), (G, 1, 256, 128, 4, 1, 4, {}), (G, 1, 128, 256, 4, 1, 4, {}),
             (G, 1, 128, 128, 8, 1, 4, {}), (G, 1, 64, 128, 4, 1, 4, {}),
             (G, 1, 128, 128, 4, 1, 4, XP), (G, 1, 256, 128, 4, 1, 4, XP), (G, 1, 128, 256, 4, 1, 4, XP),
             (G, 1, 128, 128, 8, 1, 4, XP), (G, 1, 64, 128, 4, 1, 4, XP), (G, 1, 256, 128, 8, 1, 2, XP),
             (MMA, 16, 128, 128, 4, 4, 2, {}), (MMA, 16, 64, 128, 4, 4, 2, {}), (MMA, 16, 128, 128, 4, 4, 2, PLAIN)],
-    "decode": [(MMA, 16, 64, 128, 4, 4, 2, PLAIN), (MMA, 16, 64, 128, 4, 3, 4, SCALED),
+    "decode": [*CUDA_DECODE, (MMA, 16, 64, 128, 4, 4, 2, PLAIN), (MMA, 16, 64, 128, 4, 3, 4, SCALED),
                (MMA, 16, 64, 128, 4, 4, 2, SCALED), (MMA, 16, 128, 128, 4, 4, 2, SCALED),
                (MMA, 16, 128, 128, 8, 3, 4, SCALED), (MMA, 16, 32, 128, 4, 4, 4, SCALED),
                (GEMM, 16, 64, 128, 4, 3, 4, {}), (GEMM, 16, 128, 128, 4, 4, 2, {}), (GEMM, 16, 64, 64, 4, 4, 4, {})],
-    "mid": [(MMA, 64, 128, 128, 4, 3, 1, {}), (MMA, 32, 64, 128, 4, 4, 2, {}),
+    "mid": [*CUDA_MID, (MMA, 64, 128, 128, 4, 3, 1, {}), (MMA, 32, 64, 128, 4, 4, 2, {}),
             (MMA, 64, 128, 128, 4, 3, 1, PLAIN), (MMA, 32, 64, 128, 4, 4, 2, PLAIN),
             (MMA, 64, 64, 128, 4, 4, 1, PLAIN), (MMA, 64, 128, 128, 8, 3, 1, PLAIN)],
     "large": [(MMA, 64, 128, 128, 4, 4, 0, {}), (MMA, 64, 128, 128, 4, 4, 0, PLAIN),
@@ -187,7 +194,10 @@ def candidates(tiles: dict, m: int, n: int, k: int, sms: int, group: int | None)
     for backend, bm, bn, bk, warps, stages, per_sm, extra in tiles[regime(m)]:
         while group is not None and backend != "gemv" and bk > 32 and group % bk:
             bk //= 2
-        tiles_mn = -(-n // bn) * (1 if backend == "gemv" else -(-m // bm))
+        if backend == "cuda" and m > bm:
+            continue
+        tiles_mn = -(-n // (bn * (warps if backend == "cuda" else 1))) * (1 if backend in ("gemv", "cuda")
+                                                                           else -(-m // bm))
         split = max(1, min(-(-per_sm * sms // tiles_mn), (k // bk) // 4)) if per_sm else 1
         cfg = BlockConfig(bm, bn, bk, split, warps, stages, backend=backend, **extra)
         if cfg not in out:

@@ -44,29 +44,18 @@ from lowbit.kernels.triton import (  # noqa: E402
 from lowbit.kernels.triton.ops import launch_int4, launch_w8a8, quantize_rows  # noqa: E402
 from lowbit.scheme import QuantSpec, get_scheme  # noqa: E402
 from lowbit.tensor import QuantizedWeight, from_int_codes, quantize_weight  # noqa: E402
+from reference_check import check as _check  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is off and there is no GPU", allow_module_level=True)
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
 W8A8_ACT = get_scheme("W8A8").activations
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """``out`` matches the reference ``ref`` to a few roundings of ref's dtype, and is all written."""
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    assert torch.isfinite(out).all(), "the kernel left outputs unwritten (NaN)"
-    tol = TOL[ref.dtype]
-    out, ref = out.double().cpu(), ref.double().cpu()
-    bound = tol * (ref.abs() + ref.pow(2).mean().sqrt())
-    worst = ((out - ref).abs() / bound).max().item()
-    assert worst <= 1.0, f"error up to {worst:.2f}× the tolerance"
 
 
 def _poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -164,6 +153,27 @@ def test_w4a16_matches_the_reference(case, m, dtype):
     launch_int4(out, x, p["qweight"], p["scales"], p.get("zeros"), None, p.get("perm"), p.get("g_idx"), b,
                 w.group_size)
     _check(out, quantized_linear(x, w, b))
+
+
+def test_a_cuda_config_the_cuda_kernel_cannot_take_runs_the_launchers_choice():
+    """float32 x (and, under the interpreter, the CPU) is not for `lowbit.kernels.cuda`: the launcher's own config runs."""
+    w = quantize_weight(torch.randn(48, 256, generator=_gen(5)), QuantSpec("int", 4, "group", 128))
+    p = prepare_w4a16(w)
+    x, b = _inputs(3, 256, 48, torch.float32, seed=5, bias=True)
+    out = _poisoned(3, 48, torch.float32)
+    launch_int4(out, x, p["qweight"], p["scales"], None, None, None, None, b, 128,
+                BlockConfig(8, 32, 128, 2, 4, 1, backend="cuda"))
+    _check(out, quantized_linear(x, w, b))
+
+
+def test_asking_for_the_cuda_kernel_where_it_cannot_run_runs_the_launchers_choice(monkeypatch):
+    monkeypatch.setenv("LOWBIT_W4A16_CUDA", "1")
+    w = quantize_weight(torch.randn(32, 256, generator=_gen(6)), QuantSpec("int", 4, "group", 128, symmetric=False))
+    p = prepare_w4a16(w)
+    x, _ = _inputs(2, 256, 32, torch.bfloat16 if not INTERPRET else torch.float32, seed=6, bias=False)
+    out = _poisoned(2, 32, x.dtype)
+    launch_int4(out, x, p["qweight"], p["scales"], p["zeros"], None, None, None, None, 128)
+    _check(out, quantized_linear(x, w))
 
 
 def test_act_order_with_runs_of_group_size_needs_only_a_permutation():

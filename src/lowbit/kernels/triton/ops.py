@@ -48,6 +48,9 @@ class BlockConfig:
       are unpacked (see the kernel).
     - "triton": `int4_matmul_kernel`, the general fused kernel (act-order groups in any order,
       NF4 beyond one token); ``unpack`` picks how its words are unpacked.
+    - "cuda": the CUDA C++ tensor-core kernel of `lowbit.kernels.cuda` (int4, 16-bit x, ≤ 32 tokens):
+      block_n weight rows (a multiple of 16) per warp, num_warps warps per block, K split
+      split_k ways; calls it cannot take run the general kernel.
     - "dequant": `dequant_nk_kernel` writes the float weight, then one cuBLAS GEMM; with
       ``chunk_n`` the weight is written ``chunk_n`` rows at a time into two reused buffers and
       each chunk's GEMM runs on a second CUDA stream, overlapping the next chunk's dequantisation.
@@ -115,8 +118,14 @@ def _splits(tiles: int, k_blocks: int, programs: int, min_blocks: int = 4) -> in
     return max(1, min(_cdiv(programs, tiles), k_blocks // min_blocks))
 
 
+def cuda_w4a16_enabled() -> bool:
+    """Whether the launcher picks `lowbit.kernels.cuda`'s kernel for int4 at ≤ 32 tokens (LOWBIT_W4A16_CUDA=1).
+    Off by default until bench/gpu_run_cuda.sh has checked and timed it on a GPU."""
+    return os.environ.get("LOWBIT_W4A16_CUDA") == "1"
+
+
 def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int, lut: bool = False,
-                gidx: bool = False) -> BlockConfig:
+                gidx: bool = False, cuda: bool = False) -> BlockConfig:
     """Block config for the 4-bit kernels on a device with ``sms`` SMs (``lut``: NF4; ``gidx``:
     act-order groups that are not runs of ``group_size`` columns after the permutation).
 
@@ -136,6 +145,11 @@ def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int
     and faster on 28672 × 8192 in run 12 (within the spread on 8192 × 28672), and it bounds the
     transient weight to two chunks (128 MiB instead of 448 MiB for 8192 × 28672)."""
     group = group_size if n_groups > 1 else k
+    if cuda and not (lut or gidx) and m <= 32 and group % 128 == 0 and k % 128 == 0 and n % 16 == 0:
+        tiles = 1 if m <= 8 else 2 if m <= 16 else 4
+        rows = 2 if tiles <= 2 else 1  # 16-row tiles per warp; blocks of 4 warps, K split for 4 blocks per SM
+        return BlockConfig(8 * tiles, 16 * rows, 128, _splits(_cdiv(n, 64 * rows), k // 128, 4 * sms), 4, 1,
+                           backend="cuda")
     if m == 1 and not gidx and group % 8 == 0:
         words = 16
         while group % (8 * words) and (8 * words) % group:
@@ -233,6 +247,14 @@ def launch_int4(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: 
     """out (..., N) ← x (..., K) @ decode(qweight)ᵀ (+ bias); see `prepare_w4a16` / `prepare_nf4`.
 
     ``qweight`` is (N, ceil(K/8)) int32 with unit stride along its words."""
+    if config is None and cuda_w4a16_enabled():
+        m, n_groups = x.numel() // max(x.shape[-1], 1), scales.shape[0]
+        config = int4_config(m, qweight.shape[0], x.shape[-1], group_size, n_groups, _sm_count(x.device),
+                             lut=levels is not None, gidx=g_idx is not None, cuda=True)
+    if config is not None and config.backend == "cuda":
+        if _launch_cuda(out, x, qweight, scales, zeros, levels, perm, g_idx, bias, group_size, config):
+            return
+        config = None  # a call the CUDA kernel cannot take: the launcher's own choice
     jit = _kernels(x)
     _check_operands(x, out, ("levels", "perm", "g_idx", "bias"), qweight=qweight, scales=scales, zeros=zeros,
                     levels=levels, perm=perm, g_idx=g_idx, bias=bias)
@@ -312,6 +334,27 @@ def launch_int4(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: 
             **common)
     if target is not out2:
         out2.copy_(target)
+
+
+def _launch_cuda(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
+                 levels: Tensor | None, perm: Tensor | None, g_idx: Tensor | None, bias: Tensor | None,
+                 group_size: int, cfg: BlockConfig) -> bool:
+    """Run the call on `lowbit.kernels.cuda`'s kernel if it can take it (True), else leave it (False)."""
+    from lowbit.kernels import cuda
+
+    K = x.shape[-1]
+    group = group_size if scales.shape[0] > 1 else K
+    if cfg.block_n % 16 or cuda.unsupported(x, qweight, scales, zeros, group, levels is not None,
+                                            perm is not None or g_idx is not None) is not None:
+        return False
+    if out.dtype != x.dtype or not out.is_contiguous():
+        raise LowbitError(f"the output must be a contiguous {x.dtype} tensor, got {out.dtype}.")
+    x2 = _as_rows(x)
+    if x2.shape[0]:
+        cuda.launch_w4a16(out.view(x2.shape[0], -1), x2, qweight, scales, zeros,
+                          None if bias is None else bias.to(x.dtype).contiguous(), group, rows=cfg.block_n // 16,
+                          warps=cfg.num_warps, split_k=cfg.split_k)
+    return True
 
 
 @functools.lru_cache(maxsize=8)

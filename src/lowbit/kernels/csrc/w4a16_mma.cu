@@ -1,0 +1,348 @@
+// lowbit W4A16 for few tokens (decode, M <= 32) on NVIDIA tensor cores (sm_80 and newer).
+//
+// y (M, N) = x (M, K) @ W (N, K)^T (+ bias), W the stored 4-bit codes of lowbit's int4 format
+// read in place: qweight (N, K/8) int32, word [n, k/8] holding code (n, k) in bits 4*(k%8)..+4
+// (unsigned: symmetric int4 is offset by 8), scales (G, N), zero points (G, N) uint8 or none.
+// Group sizes that are multiples of 128 (and per-channel), K a multiple of 128, N of 16.
+//
+// The weight is the MMA's left operand (m16n8k16: 16 weight rows by 8 tokens), so one token
+// wastes no weight bandwidth and the decoded codes go from the loaded word straight into the
+// A fragment's registers, never through shared memory (the bottleneck of the Triton kernels,
+// bench/results/gpu_kernels_notes.md). The same trick as Marlin (Frantar et al., 2024,
+// "MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on Large Language Models")
+// turns codes into 16-bit floats: or-ing a nibble into the mantissa of 128.0 (bf16) or 1024.0
+// (fp16) gives 128 + q exactly, and one packed FMA takes 128 + z off, leaving q - z exactly.
+// Unlike Marlin no pre-shuffled copy of the weight is made: the MMA only needs each k slot of
+// A and B to meet the same column, so the kernel permutes K instead of the weight. Thread
+// (g, t) of a warp (g = lane / 4, t = lane % 4) reads, per 128-column block, one 16-byte
+// vector of words of rows g and g + 8 (columns 32t .. 32t + 31), and lane pair slot
+// (2t, 2t + 1) of an MMA step holds nibbles (p, p + 4) of one word — the two that one mask
+// lifts into a packed pair without shifting either — while x's matching pair is assembled
+// with one byte permute. Scales multiply each block's fp32 partial sums (one group per block),
+// so codes are decoded to exact integers and the scale is applied in fp32, not rounded into
+// the weight.
+//
+// Each warp owns R tiles of 16 rows and walks its split's range of 128-column blocks with the
+// next block's words loaded while this one is decoded. Splits of K (gridDim.y > 1) write fp32
+// partials to a workspace; the last block of a column of splits to finish (a counter per
+// blockIdx.x, reset by that block) sums them in split order and writes y: one launch, the
+// same sum every run.
+//
+// No CUDA headers are needed (NVRTC compiles this as is): 16-bit values travel as raw bits
+// and the few instructions used are written as PTX.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+struct U4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+template <int DT> struct Half16;  // DT 0: bfloat16, 1: float16
+template <> struct Half16<0> {
+  static constexpr u32 MAGIC = 0x43004300u;  // 128.0 in each half; 128 + q for q < 16 exactly
+  static constexpr u32 NEG_MAGIC = 0xC300u;  // -128.0
+  static constexpr u32 ONE = 0x3F803F80u;
+};
+template <> struct Half16<1> {
+  static constexpr u32 MAGIC = 0x64006400u;  // 1024.0
+  static constexpr u32 NEG_MAGIC = 0xE400u;
+  static constexpr u32 ONE = 0x3C003C00u;
+};
+
+__device__ __forceinline__ U4 load_stream(const u32* p) {  // read once: keep it out of L1
+  U4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ U4 load_cached(const u32* p) {  // x: read by every warp of the block
+  U4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float bits_float(u32 b) {
+  float f;
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"(b));
+  return f;
+}
+
+template <int DT> __device__ __forceinline__ float half_to_float(u16 h);
+template <> __device__ __forceinline__ float half_to_float<0>(u16 h) { return bits_float((u32)h << 16); }
+template <> __device__ __forceinline__ float half_to_float<1>(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+template <int DT> __device__ __forceinline__ u16 float_to_half(float f);
+template <> __device__ __forceinline__ u16 float_to_half<0>(float f) {
+  u16 h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+template <> __device__ __forceinline__ u16 float_to_half<1>(float f) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+// Scale dtypes (SDT): 0 float32, 1 bfloat16, 2 float16.
+template <int SDT> __device__ __forceinline__ float load_scale(const void* p, long long i);
+template <> __device__ __forceinline__ float load_scale<0>(const void* p, long long i) {
+  return static_cast<const float*>(p)[i];
+}
+template <> __device__ __forceinline__ float load_scale<1>(const void* p, long long i) {
+  return half_to_float<0>(static_cast<const u16*>(p)[i]);
+}
+template <> __device__ __forceinline__ float load_scale<2>(const void* p, long long i) {
+  return half_to_float<1>(static_cast<const u16*>(p)[i]);
+}
+
+template <int DT> __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c);
+template <> __device__ __forceinline__ u32 fma2<0>(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+template <> __device__ __forceinline__ u32 fma2<1>(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Nibbles p and p + 4 of word w as the packed pair (q_p - z, q_{p+4} - z); neg_c = -(MAGIC + z).
+template <int DT, int P> __device__ __forceinline__ u32 decode_pair(u32 w, u32 neg_c) {
+  u32 v, shifted = P ? (w >> (4 * P)) : w;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(shifted), "r"(0x000F000Fu), "r"(Half16<DT>::MAGIC));
+  return fma2<DT>(v, Half16<DT>::ONE, neg_c);
+}
+
+// x's elements (p, p + 4) of one 8-element run held in two words: lo = elements 0..3's word
+// (p even: the pair's own word), hi = elements 4..7's; SEL picks the low (0x5410) or high (0x7632) half of each.
+template <int SEL> __device__ __forceinline__ u32 pair_of(u32 lo, u32 hi) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(lo), "r"(hi), "n"(SEL));
+  return d;
+}
+
+template <int DT>
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  if (DT == 0) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// One 128-column block of one thread: its weight words (rows g and g + 8 of each of R tiles),
+// x's words (token g of each of NT tiles of 8 tokens), scales and the zero points' -(MAGIC + z).
+template <int R, int NT> struct Block {
+  U4 wlo[R], whi[R];
+  U4 x[NT][4];
+  float slo[R], shi[R];
+  u32 clo[R], chi[R];
+};
+
+template <int DT, int SDT, int R, int NT, bool ZP>
+__device__ __forceinline__ void load_block(Block<R, NT>& b, const u32* __restrict__ x, const u32* __restrict__ qw,
+                                           const void* __restrict__ scales, const unsigned char* __restrict__ zeros,
+                                           int kb, int row0, int g, int t, int M, int N, int K, int group) {
+  const int KW = K >> 3;
+  const int grp = (kb << 7) / group;  // a block lies in one group (group % 128 == 0)
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int n = row0 + 16 * r + g;
+    if (row0 + 16 * r < N) {
+      b.wlo[r] = load_stream(qw + (long long)n * KW + (kb << 4) + (t << 2));
+      b.whi[r] = load_stream(qw + (long long)(n + 8) * KW + (kb << 4) + (t << 2));
+      b.slo[r] = load_scale<SDT>(scales, (long long)grp * N + n);
+      b.shi[r] = load_scale<SDT>(scales, (long long)grp * N + n + 8);
+      u32 zlo = 8, zhi = 8;
+      if (ZP) {
+        zlo = zeros[(long long)grp * N + n];
+        zhi = zeros[(long long)grp * N + n + 8];
+      }
+      b.clo[r] = (Half16<DT>::NEG_MAGIC + zlo) * 0x00010001u;
+      b.chi[r] = (Half16<DT>::NEG_MAGIC + zhi) * 0x00010001u;
+    } else {
+      b.wlo[r] = b.whi[r] = U4{0, 0, 0, 0};
+      b.slo[r] = b.shi[r] = 0.f;
+      b.clo[r] = b.chi[r] = Half16<DT>::NEG_MAGIC * 0x00010001u;
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int token = 8 * nt + g;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // x as 32-bit words: row `token` starts at token * K / 2; this thread's 32 columns at (kb * 128 + 32 t) / 2
+      b.x[nt][j] = token < M ? load_cached(x + (long long)token * (K >> 1) + (kb << 6) + (t << 4) + (j << 2))
+                             : U4{0, 0, 0, 0};
+    }
+  }
+}
+
+template <int R, int NT> __device__ __forceinline__ void zero(float (&a)[R][NT][4]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[r][nt][i] = 0.f;
+}
+
+template <int DT, int R, int NT>
+__device__ __forceinline__ void compute_block(const Block<R, NT>& b, float (&acc)[R][NT][4]) {
+  float part[R][NT][4];
+  zero(part);
+
+  // Step s = 2 j + h: word j of the thread's four, nibble pairs (2h, 2h + 4) and (2h + 1, 2h + 5).
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      u32 b0[NT], b1[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const U4& xv = b.x[nt][j];  // x0x1 x2x3 x4x5 x6x7 of the word's 8 columns
+        const u32 lo = h ? xv.y : xv.x, hi = h ? xv.w : xv.z;
+        b0[nt] = pair_of<0x5410>(lo, hi);  // (x_{2h}, x_{2h+4})
+        b1[nt] = pair_of<0x7632>(lo, hi);  // (x_{2h+1}, x_{2h+5})
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const u32 wl = j == 0 ? b.wlo[r].x : j == 1 ? b.wlo[r].y : j == 2 ? b.wlo[r].z : b.wlo[r].w;
+        const u32 wh = j == 0 ? b.whi[r].x : j == 1 ? b.whi[r].y : j == 2 ? b.whi[r].z : b.whi[r].w;
+        u32 a0, a1, a2, a3;
+        if (h == 0) {
+          a0 = decode_pair<DT, 0>(wl, b.clo[r]);
+          a1 = decode_pair<DT, 0>(wh, b.chi[r]);
+          a2 = decode_pair<DT, 1>(wl, b.clo[r]);
+          a3 = decode_pair<DT, 1>(wh, b.chi[r]);
+        } else {
+          a0 = decode_pair<DT, 2>(wl, b.clo[r]);
+          a1 = decode_pair<DT, 2>(wh, b.chi[r]);
+          a2 = decode_pair<DT, 3>(wl, b.clo[r]);
+          a3 = decode_pair<DT, 3>(wh, b.chi[r]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma<DT>(part[r][nt], a0, a1, a2, a3, b0[nt], b1[nt]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      acc[r][nt][0] += b.slo[r] * part[r][nt][0];
+      acc[r][nt][1] += b.slo[r] * part[r][nt][1];
+      acc[r][nt][2] += b.shi[r] * part[r][nt][2];
+      acc[r][nt][3] += b.shi[r] * part[r][nt][3];
+    }
+}
+
+template <int DT, bool BIAS>
+__device__ __forceinline__ void store(u16* __restrict__ y, const u16* __restrict__ bias, float v, int token, int n,
+                                      int N) {
+  if (BIAS) v += half_to_float<DT>(bias[n]);
+  y[(long long)token * N + n] = float_to_half<DT>(v);
+}
+
+// put(value, token, row) for each of the thread's outputs: the C fragment acc[r][nt] holds rows
+// (row0 + 16 r + g, + 8) × tokens (8 nt + 2 t, + 1).
+template <int R, int NT, class Put>
+__device__ __forceinline__ void for_each_output(const float (&acc)[R][NT][4], int row0, int g, int t, int M, int N,
+                                                Put put) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int n = row0 + 16 * r + g;
+    if (row0 + 16 * r >= N) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int token = 8 * nt + 2 * t;
+      if (token < M) {
+        put(acc[r][nt][0], token, n);
+        put(acc[r][nt][2], token, n + 8);
+      }
+      if (token + 1 < M) {
+        put(acc[r][nt][1], token + 1, n);
+        put(acc[r][nt][3], token + 1, n + 8);
+      }
+    }
+  }
+}
+
+// Block: W warps (blockDim.x = 32 W), warp w owning rows row0 = (blockIdx.x * W + w) * 16 R ..;
+// blockIdx.y: the split of K, blocks [split * kb_split, ..).
+template <int DT, int SDT, int R, int NT, bool ZP, bool BIAS>
+__device__ __forceinline__ void w4a16_mma_body(const u32* __restrict__ x, const u32* __restrict__ qw,
+                                               const void* __restrict__ scales,
+                                               const unsigned char* __restrict__ zeros,
+                                               const u16* __restrict__ bias, u16* __restrict__ y,
+                                               float* __restrict__ ws, u32* __restrict__ counters, int M, int N,
+                                               int K, int group, int kb_split) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int rows_per_block = warps * 16 * R;
+  const int row0 = blockIdx.x * rows_per_block + warp * 16 * R;
+  const int splits = gridDim.y;
+  const int kb0 = blockIdx.y * kb_split;
+  const int kb1 = imin(kb0 + kb_split, K >> 7);
+
+  float acc[R][NT][4];
+  zero(acc);
+
+  if (row0 < N && kb0 < kb1) {
+    Block<R, NT> cur, nxt;
+    load_block<DT, SDT, R, NT, ZP>(cur, x, qw, scales, zeros, kb0, row0, g, t, M, N, K, group);
+#pragma unroll 2
+    for (int kb = kb0; kb < kb1; ++kb) {
+      if (kb + 1 < kb1) load_block<DT, SDT, R, NT, ZP>(nxt, x, qw, scales, zeros, kb + 1, row0, g, t, M, N, K, group);
+      compute_block<DT, R, NT>(cur, acc);
+      cur = nxt;
+    }
+  }
+
+  if (splits == 1) {
+    for_each_output<R, NT>(acc, row0, g, t, M, N,
+                           [&](float v, int token, int n) { store<DT, BIAS>(y, bias, v, token, n, N); });
+    return;
+  }
+  float* part = ws + (long long)blockIdx.y * M * N;
+  for_each_output<R, NT>(acc, row0, g, t, M, N,
+                         [&](float v, int token, int n) { part[(long long)token * N + n] = v; });
+  __shared__ u32 last;
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");  // this thread's partials before the count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    u32 arrived;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(arrived) : "l"(counters + blockIdx.x) : "memory");
+    last = arrived == (u32)(splits - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");  // every split's partials are visible from here
+  const int first_row = blockIdx.x * rows_per_block;
+  const int rows = imin(rows_per_block, N - first_row);
+  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+    const int token = i / rows, n = first_row + i % rows;
+    float v = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      float p;
+      asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(p) : "l"(ws + ((long long)s * M + token) * N + n));
+      v += p;
+    }
+    store<DT, BIAS>(y, bias, v, token, n, N);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch on this stream
+}

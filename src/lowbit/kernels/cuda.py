@@ -1,0 +1,301 @@
+"""CUDA C++ kernels, compiled at first use for the device at hand and launched through the driver API.
+
+``csrc/w4a16_mma.cu`` (the W4A16 tensor-core kernel for few tokens; its header says how it
+works) is compiled by NVRTC — the runtime compiler a CUDA build of torch ships with — or, where
+NVRTC cannot be loaded, by ``nvcc`` if it is on the PATH; the binary is loaded with
+``cuModuleLoadData`` and launched with ``cuLaunchKernel`` on torch's current stream (ctypes,
+no compiled extension, nothing to build at install time). One binary per `Variant` and
+compute capability, cached for the process.
+
+The launcher is reached through `lowbit.kernels.triton.ops.launch_int4` with a `BlockConfig`
+whose backend is "cuda"; `unsupported` says when a call cannot take it (the caller then runs
+the Triton kernels). It is not the launcher's default until it has been checked and timed on a
+GPU by ``bench/gpu_kernels.py`` (see bench/results/gpu_kernels_notes.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+
+SOURCE = Path(__file__).parent / "csrc" / "w4a16_mma.cu"
+ENTRY = "lowbit_w4a16_mma"
+MAX_TOKENS = 32  # four tiles of 8 tokens; above, the Triton kernels or dequantise + cuBLAS
+BLOCK_K = 128  # columns per step of a warp: K and the group size must be multiples of it
+_DT = {torch.bfloat16: 0, torch.float16: 1}
+_SDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled specialisation: x's dtype code (0 bf16, 1 fp16), the scales' (0 fp32, 1 bf16,
+    2 fp16), ``rows`` tiles of 16 weight rows per warp, ``token_tiles`` tiles of 8 tokens,
+    asymmetric zero points, a bias, and ``warps`` per block (the launch bound)."""
+
+    dt: int
+    sdt: int
+    rows: int
+    token_tiles: int
+    zero_points: bool
+    bias: bool
+    warps: int = 4
+
+    def entry_point(self, name: str = ENTRY) -> str:
+        """An ``extern "C"`` kernel ``name`` running this specialisation of ``w4a16_mma_body``."""
+        flag = lambda b: "true" if b else "false"  # noqa: E731
+        args = ("const u32* x, const u32* qw, const void* scales, const unsigned char* zeros, const u16* bias, "
+                "u16* y, float* ws, u32* counters, int M, int N, int K, int group, int kb_split")
+        return (f'\nextern "C" __global__ void __launch_bounds__({32 * self.warps}) {name}({args}) {{\n'
+                f"  w4a16_mma_body<{self.dt}, {self.sdt}, {self.rows}, {self.token_tiles}, {flag(self.zero_points)}, "
+                f"{flag(self.bias)}>(x, qw, scales, zeros, bias, y, ws, counters, M, N, K, group, kb_split);\n}}\n")
+
+    def source(self) -> str:
+        """The kernel source with this specialisation's entry point."""
+        return SOURCE.read_text() + self.entry_point()
+
+
+def max_rows(token_tiles: int, rows: int = 4) -> int:
+    """``rows`` capped so that a thread's state fits its registers without spilling (see the compile
+    test): 4 row tiles for one token tile, 2 for two, 1 for four."""
+    return max(1, min(rows, 4 // token_tiles))
+
+
+def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group: int,
+                lut: bool, act_order: bool) -> str | None:
+    """None when `launch_w4a16` can take this call, else why not."""
+    M, K = x.reshape(-1, x.shape[-1]).shape
+    N = qweight.shape[0]
+    if x.device.type != "cuda":
+        return "runs on CUDA devices only"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "needs bfloat16 / float16 tensor cores (compute capability 8.0 or newer)"
+    if x.dtype not in _DT:
+        return f"takes bfloat16 or float16 inputs, got {x.dtype}"
+    if lut or act_order:
+        return "reads int4 codes in stored column order (no NF4, no act-order permutation)"
+    if M > MAX_TOKENS:
+        return f"takes at most {MAX_TOKENS} tokens, got {M}"
+    if K % BLOCK_K or N % 16 or group % BLOCK_K:
+        return (f"needs in_features and the group size in multiples of {BLOCK_K} and out_features in multiples "
+                f"of 16, got {K}, {group} and {N}")
+    if scales.dtype not in _SDT:
+        return f"takes float32, bfloat16 or float16 scales, got {scales.dtype}"
+    dense = [t for t in (qweight, scales, zeros) if t is not None]
+    if not all(t.is_contiguous() for t in dense) or qweight.shape[1] != K // 8:
+        return "needs the row-major qweight, scales and zero points that prepare_w4a16 makes"
+    return None
+
+
+# -- loading the compiler and the driver -------------------------------------------------------
+
+def _load_library(names: list[str], patterns: list[str]) -> ctypes.CDLL | None:
+    """The first of ``names`` that loads (already loaded by torch, or on the loader's path), else the
+    first match of ``patterns`` under site-packages (the nvidia-* wheels a CUDA build of torch uses)."""
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    roots = {os.path.dirname(os.path.dirname(torch.__file__))} | {p for p in sys.path if p.endswith("site-packages")}
+    for root in sorted(roots):
+        for pattern in patterns:
+            for path in sorted(glob.glob(os.path.join(root, pattern))):
+                try:
+                    return ctypes.CDLL(path)
+                except OSError:
+                    continue
+    return None
+
+
+@functools.cache
+def _nvrtc() -> ctypes.CDLL | None:
+    major = (torch.version.cuda or "13").split(".")[0]
+    return _load_library([f"libnvrtc.so.{major}", "libnvrtc.so"],
+                         ["nvidia/cu*/lib/libnvrtc.so*", "nvidia/cuda_nvrtc/lib/libnvrtc.so*"])
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    lib = _load_library(["libcuda.so.1", "libcuda.so"], [])
+    if lib is None:
+        raise LowbitError("the CUDA kernels need the NVIDIA driver's libcuda.so, which could not be loaded.")
+    return lib
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        text = ctypes.c_char_p()
+        _driver().cuGetErrorString(result, ctypes.byref(text))
+        raise LowbitError(f"{what} failed: CUDA error {result} ({(text.value or b'unknown').decode()}).")
+
+
+def _make_current(device_index: int) -> None:
+    """Make the device's primary context (the one torch uses) current on this thread, unless it is:
+    the driver API, unlike torch's runtime calls, does not bind it by itself."""
+    lib, dev = _driver(), ctypes.c_int()
+    if lib.cuCtxGetDevice(ctypes.byref(dev)) == 0 and dev.value == device_index:
+        return
+    ctx = ctypes.c_void_p()
+    _check(lib.cuDeviceGet(ctypes.byref(dev), device_index), "finding the CUDA device")
+    _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "retaining the device's primary context")
+    _check(lib.cuCtxSetCurrent(ctx), "making the device's context current")
+
+
+def compile_nvrtc(source: str, arch: str) -> bytes:
+    """CUBIN of ``source`` for ``arch`` (e.g. "sm_90") by NVRTC."""
+    lib = _nvrtc()
+    if lib is None:
+        raise LowbitError("NVRTC (libnvrtc.so) could not be loaded.")
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"w4a16_mma.cu", 0, None, None):
+        raise LowbitError("NVRTC could not create a program.")
+    try:
+        opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"]
+        status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if status:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise LowbitError(f"NVRTC could not compile {SOURCE.name} for {arch}:\n{log.value.decode()}")
+        size = ctypes.c_size_t()
+        if lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)):
+            raise LowbitError(f"NVRTC made no CUBIN for {arch} (an arch it only knows as PTX?).")
+        image = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, image)
+        return image.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def compile_nvcc(source: str, arch: str, verbose: bool = False) -> tuple[bytes, str]:
+    """CUBIN of ``source`` for ``arch`` by nvcc (``-O3``), and nvcc's messages (ptxas's register and
+    spill report with ``verbose``)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise LowbitError("nvcc is not on the PATH.")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "w4a16_mma.cu", Path(tmp) / "w4a16_mma.cubin"
+        src.write_text(source)
+        cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-o", str(out), str(src)]
+        if verbose:
+            cmd[1:1] = ["-Xptxas", "-v"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            raise LowbitError(f"nvcc could not compile {SOURCE.name} for {arch}:\n{run.stderr.strip()}")
+        return out.read_bytes(), run.stderr
+
+
+def ptxas_reports(messages: str) -> dict[str, dict[str, int]]:
+    """Registers and spill bytes of each entry point in ptxas's ``-v`` report."""
+    out = {}
+    for block in re.split(r"Compiling entry function ", messages)[1:]:
+        name = re.match(r"'(\w+)'", block)
+        regs = re.search(r"Used (\d+) registers", block)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        if name is None or regs is None or spills is None:
+            raise LowbitError(f"no register report in ptxas's output:\n{messages}")
+        out[name.group(1)] = {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)),
+                              "spill_loads": int(spills.group(2))}
+    return out
+
+
+class _Function:
+    """One loaded entry point. Its launch reuses one argument block per thread (the pointers and
+    sizes change per call, the block's layout never does): launches cost a few microseconds of
+    Python, which decoding at one token per step would otherwise wait for."""
+
+    POINTERS, INTS = 8, 5
+
+    def __init__(self, image: bytes):
+        lib = _driver()
+        self.module, self.function = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(lib.cuModuleLoadData(ctypes.byref(self.module), image), "loading the W4A16 kernel")
+        _check(lib.cuModuleGetFunction(ctypes.byref(self.function), self.module, ENTRY.encode()),
+               "finding the W4A16 kernel")
+        self._local = threading.local()
+
+    def _arguments(self):
+        args = getattr(self._local, "args", None)
+        if args is None:
+            values = [ctypes.c_void_p() for _ in range(self.POINTERS)] + [ctypes.c_int() for _ in range(self.INTS)]
+            params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+            args = self._local.args = (values, params)
+        return args
+
+    def launch(self, grid: tuple[int, int], threads: int, stream: int, pointers: list[int], ints: list[int]) -> None:
+        values, params = self._arguments()
+        for slot, value in zip(values, [*pointers, *ints]):
+            slot.value = value
+        _check(_driver().cuLaunchKernel(self.function, grid[0], grid[1], 1, threads, 1, 1, 0,
+                                        ctypes.c_void_p(stream), params, None), "launching the W4A16 kernel")
+
+
+@functools.cache
+def _function(variant: Variant, device_index: int) -> _Function:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    arch = f"sm_{major}{minor}"
+    source = variant.source()
+    try:
+        image = compile_nvrtc(source, arch)
+    except LowbitError as nvrtc_error:
+        try:
+            image = compile_nvcc(source, arch)[0]
+        except LowbitError as nvcc_error:
+            raise LowbitError(f"the CUDA W4A16 kernel could not be compiled: {nvrtc_error} / {nvcc_error}") \
+                from nvcc_error
+    _make_current(device_index)
+    return _Function(image)
+
+
+@functools.cache
+def _counters(device_index: int) -> Tensor:
+    """Zeroed arrival counters of the split-K fix-up; every launch leaves them zero again."""
+    return torch.zeros(1 << 16, dtype=torch.int32, device=torch.device("cuda", device_index))
+
+
+def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
+                 bias: Tensor | None, group: int, rows: int = 2, warps: int = 4, split_k: int = 1) -> None:
+    """out2 (M, N) ← x2 (M, K) @ int4 W (N, K)ᵀ (+ bias), W as `prepare_w4a16` lays it out: ``rows``
+    tiles of 16 weight rows per warp, ``warps`` per block, K split ``split_k`` ways. The caller has
+    checked `unsupported`."""
+    M, K = x2.shape
+    N = qweight.shape[0]
+    x2 = x2.contiguous()
+    if x2.data_ptr() % 16:  # the kernel reads x in 16-byte vectors
+        x2 = x2.clone()
+    device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    token_tiles = 1 if M <= 8 else 2 if M <= 16 else 4
+    variant = Variant(_DT[x2.dtype], _SDT[scales.dtype], max_rows(token_tiles, rows), token_tiles, zeros is not None,
+                      bias is not None, warps)
+    rows = variant.rows
+    blocks_x = -(-N // (16 * rows * warps))
+    k_blocks = K // BLOCK_K
+    split_k = max(1, min(split_k, k_blocks))
+    kb_split = -(-k_blocks // split_k)
+    split_k = -(-k_blocks // kb_split)  # no empty split
+    if split_k > 1 and blocks_x > _counters(device).numel():
+        raise LowbitError(f"{N} output features need more than {_counters(device).numel()} split-K counters.")
+    ws = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device) if split_k > 1 else out2
+    counters = _counters(device) if split_k > 1 else out2
+    pointers = [t.data_ptr() for t in (x2, qweight, scales, zeros if zeros is not None else out2,
+                                       bias if bias is not None else out2, out2, ws, counters)]
+    function = _function(variant, device)
+    _make_current(device)
+    function.launch((blocks_x, split_k), 32 * warps, torch.cuda.current_stream(device).cuda_stream, pointers,
+                    [M, N, K, group, kb_split])

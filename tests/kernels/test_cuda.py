@@ -1,0 +1,263 @@
+"""The CUDA C++ W4A16 kernel (``kernels/csrc/w4a16_mma.cu``).
+
+Without a GPU (as in CI) two things are checked: the kernel's arithmetic, transcribed step for
+step into torch (`emulate`: each thread's loads by its lane, the nibble-pair decode with the
+kernel's magic constants, x's pairs by PTX ``prmt``'s byte selection, the MMA fragment layouts
+of PTX's m16n8k16, scales applied per 128-column block, split K), against the reference —
+exactly in float64 and to the dtype's tolerance in 16 bits; and that every specialisation
+the launcher can pick compiles with nvcc for sm_80 and sm_90a without spilling registers.
+With a GPU the compiled kernel itself is run against the reference on awkward shapes, into
+NaN-poisoned outputs.
+"""
+
+import functools
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.errors import LowbitError
+from lowbit.kernels import cuda
+from lowbit.kernels.reference import quantized_linear
+from lowbit.kernels.triton import prepare_w4a16
+from lowbit.kernels.triton.ops import int4_config
+from lowbit.scheme import QuantSpec
+from lowbit.tensor import QuantizedWeight, quantize_weight
+from reference_check import TOL, check as _check
+
+MAGIC = {torch.bfloat16: 0x4300, torch.float16: 0x6400}  # 128.0 / 1024.0, as in the kernel's Half16
+
+
+def _weight(n: int, k: int, group: int | None, symmetric: bool, scale_dtype: str, seed: int) -> QuantizedWeight:
+    gen = torch.Generator().manual_seed(seed)
+    spec = QuantSpec("int", 4, "channel" if group is None else "group", group, symmetric=symmetric,
+                     scale_dtype=scale_dtype)
+    return quantize_weight(torch.randn(n, k, generator=gen) * 0.05, spec)
+
+
+def _halves(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint16 bit patterns (int64 tensor) → their float values in ``dtype``, as float64."""
+    return ((bits ^ 0x8000) - 0x8000).to(torch.int16).view(dtype).double()
+
+
+def _prmt(a: torch.Tensor, b: torch.Tensor, selector: int) -> torch.Tensor:
+    """PTX prmt.b32 (default mode): byte i of the result is byte ((selector >> 4i) & 7) of b:a."""
+    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(pool[(selector >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+
+def _decode_pair(w: torch.Tensor, p: int, neg_c: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """The kernel's decode_pair: lop3 (w >> 4p) & 0x000F000F | MAGIC, then one packed FMA v·1 + neg_c
+    (exact: both are small integers in ``dtype``). Returns the (low, high) halves' values."""
+    magic = MAGIC[dtype] * 0x00010001
+    v = ((w >> (4 * p)) & 0x000F000F) | magic
+    lo, hi = _halves(v & 0xFFFF, dtype), _halves(v >> 16, dtype)
+    c = _halves(neg_c, dtype)
+    return lo + c, hi + c
+
+
+def emulate(x: torch.Tensor, prepared: dict, group: int, bias: torch.Tensor | None = None, rows: int = 2,
+            warps: int = 4, split_k: int = 1, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What ``w4a16_mma_body`` computes, in float64 (rounded to ``out_dtype`` when given)."""
+    dtype = x.dtype
+    M, K = x.shape
+    qw = prepared["qweight"].to(torch.int64) & 0xFFFFFFFF  # (N, K/8)
+    N = qw.shape[0]
+    scales, zeros = prepared["scales"].double(), prepared.get("zeros")  # (G, N)
+    tiles = 1 if M <= 8 else 2 if M <= 16 else 4
+    mp = 8 * tiles
+    xb = torch.zeros(mp, K, dtype=torch.int64)
+    xb[:M] = x.view(torch.int16).to(torch.int64) & 0xFFFF
+    xw = xb[:, 0::2] | (xb[:, 1::2] << 16)  # (mp, K/2): x as the kernel's 32-bit words
+    k_blocks = K // 128
+    kb_split = -(-k_blocks // split_k)
+    g = torch.arange(8)
+    tiles_n = N // 16
+    n_lo = (torch.arange(tiles_n)[:, None] * 16 + g).reshape(-1)  # row g of every tile
+    n_hi = n_lo + 8
+    partials = []
+    for s in range(-(-k_blocks // kb_split)):
+        acc = torch.zeros(tiles_n, 16, mp, dtype=torch.float64)  # (tile, row in tile, token)
+        for kb in range(s * kb_split, min((s + 1) * kb_split, k_blocks)):
+            grp = kb * 128 // group
+            z_lo = torch.full((tiles_n * 8,), 8, dtype=torch.int64) if zeros is None else zeros[grp, n_lo].long()
+            z_hi = torch.full((tiles_n * 8,), 8, dtype=torch.int64) if zeros is None else zeros[grp, n_hi].long()
+            c_lo = (MAGIC[dtype] | 0x8000) + z_lo  # -(MAGIC + z) as 16 bits
+            c_hi = (MAGIC[dtype] | 0x8000) + z_hi
+            part = torch.zeros(tiles_n, 16, mp, dtype=torch.float64)
+            for j in range(4):
+                for h in range(2):
+                    a = torch.zeros(tiles_n, 16, 16, dtype=torch.float64)  # this step's A: (tile, row, k slot)
+                    b = torch.zeros(16, mp, dtype=torch.float64)  # B: (k slot, token)
+                    for t in range(4):
+                        words = kb * 16 + 4 * t + j
+                        wl, wh = qw[n_lo, words], qw[n_hi, words]
+                        a0 = _decode_pair(wl, 2 * h, c_lo, dtype)
+                        a1 = _decode_pair(wh, 2 * h, c_hi, dtype)
+                        a2 = _decode_pair(wl, 2 * h + 1, c_lo, dtype)
+                        a3 = _decode_pair(wh, 2 * h + 1, c_hi, dtype)
+                        for (vals, row_off, col) in ((a0, 0, 2 * t), (a1, 8, 2 * t), (a2, 0, 2 * t + 8),
+                                                     (a3, 8, 2 * t + 8)):
+                            a[:, row_off:row_off + 8, col] = vals[0].reshape(tiles_n, 8)
+                            a[:, row_off:row_off + 8, col + 1] = vals[1].reshape(tiles_n, 8)
+                        base = kb * 64 + 16 * t + 4 * j  # x word of this thread's word j (every token)
+                        lo, hi = xw[:, base + h], xw[:, base + 2 + h]
+                        b0, b1 = _prmt(lo, hi, 0x5410), _prmt(lo, hi, 0x7632)
+                        b[2 * t], b[2 * t + 1] = _halves(b0 & 0xFFFF, dtype), _halves(b0 >> 16, dtype)
+                        b[2 * t + 8], b[2 * t + 9] = _halves(b1 & 0xFFFF, dtype), _halves(b1 >> 16, dtype)
+                    part += a @ b
+            s_lo = scales[grp, n_lo].reshape(tiles_n, 8, 1)
+            s_hi = scales[grp, n_hi].reshape(tiles_n, 8, 1)
+            acc[:, :8] += s_lo * part[:, :8]
+            acc[:, 8:] += s_hi * part[:, 8:]
+        partials.append(acc)
+    total = functools.reduce(torch.add, partials)  # the fix-up's order: split 0, 1, ...
+    y = total.reshape(N, mp)[:, :M].T
+    if bias is not None:
+        y = y + bias.double()
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def _dense(weight: QuantizedWeight) -> torch.Tensor:
+    """The weight in float64, every product exact ((q - z) · s: a 5-bit integer times a 24-bit scale)."""
+    rows, cols = weight.shape
+    group = weight.group_size if weight.scale_shape[1] > 1 else cols
+    column_group = torch.arange(cols) // group
+    zero = weight.zero_points()
+    codes = weight.codes().double() - (0 if zero is None else zero.double()[:, column_group])
+    return codes * weight.scales().double()[:, column_group]
+
+
+# -- the arithmetic, on the CPU ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m,k,n,group,split", [(1, 256, 48, 128, 1), (7, 384, 32, 128, 2), (16, 512, 16, 256, 3),
+                                                 (23, 256, 64, None, 1)])
+def test_the_kernels_arithmetic_is_the_quantised_product(dtype, symmetric, m, k, n, group, split):
+    weight = _weight(n, k, group, symmetric, "float32", seed=m + k + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    prepared = prepare_w4a16(weight)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    y = emulate(x, prepared, group or k, bias, split_k=split)
+    exact = x.double() @ _dense(weight).T + bias.double()  # float64 throughout: only the sum's order differs
+    assert torch.allclose(y, exact, rtol=1e-12, atol=1e-12)
+    _check(y.to(dtype), quantized_linear(x, weight, bias))
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 32), kb=st.integers(1, 4), tiles=st.integers(1, 5), symmetric=st.booleans(),
+       fp16=st.booleans(), scale_dtype=st.sampled_from(["float16", "bfloat16", "float32"]), seed=st.integers(0, 99))
+def test_the_arithmetic_holds_for_any_shape_and_scale_dtype(m, kb, tiles, symmetric, fp16, scale_dtype, seed):
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    k, n = 128 * kb, 16 * tiles
+    weight = _weight(n, k, 128, symmetric, scale_dtype, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    y = emulate(x, prepare_w4a16(weight), 128, split_k=1 + seed % kb)
+    assert torch.allclose(y, x.double() @ _dense(weight).T, rtol=1e-12, atol=1e-12)
+
+
+def test_the_x_pairs_and_the_decoded_pairs_meet_the_same_columns():
+    """Nibble pair (p, p + 4) of a word and x's pair made by prmt from the same 8 columns."""
+    w = torch.tensor([0x76543210], dtype=torch.int64)  # nibble i = i
+    x = torch.arange(8, dtype=torch.int64) + 0x100  # distinct 16-bit values for columns 0..7
+    words = x[0::2] | (x[1::2] << 16)
+    for h in range(2):
+        lo, hi = words[h], words[2 + h]
+        for p, selector in ((2 * h, 0x5410), (2 * h + 1, 0x7632)):
+            pair = _prmt(lo, hi, selector)
+            codes = ((w >> (4 * p)) & 0x000F000F).item()
+            assert (codes & 0xF, codes >> 16) == (p, p + 4)
+            assert ((pair & 0xFFFF).item(), (pair >> 16).item()) == (0x100 + p, 0x100 + p + 4)
+
+
+@pytest.mark.parametrize("m,tokens,rows", [(1, 8, 32), (8, 8, 32), (9, 16, 32), (16, 16, 32), (17, 32, 16), (32, 32, 16)])
+def test_the_launcher_picks_the_cuda_kernel_only_when_asked_and_where_it_applies(m, tokens, rows):
+    cfg = int4_config(m, 28672, 8192, 128, 64, 132, cuda=True)
+    assert (cfg.backend, cfg.block_m, cfg.block_n, cfg.block_k) == ("cuda", tokens, rows, 128)
+    assert 1 <= cfg.split_k <= 8192 // 128 // 4
+    assert int4_config(m, 28672, 8192, 128, 64, 132).backend != "cuda"  # not by default
+    for refused in (dict(m=33), dict(group_size=64), dict(lut=True), dict(gidx=True), dict(k=8192 + 64)):
+        args = dict(m=m, n=28672, k=8192, group_size=128, n_groups=64, sms=132, cuda=True) | refused
+        assert int4_config(**args).backend != "cuda", refused
+
+
+def test_max_rows_keeps_a_thread_within_four_tiles():
+    assert [cuda.max_rows(t) for t in (1, 2, 4)] == [4, 2, 1]
+    assert cuda.max_rows(1, 2) == 2
+
+
+# -- compiling it ---------------------------------------------------------------------------------
+
+VARIANTS = [cuda.Variant(dt, sdt, rows, tiles, zp, bias)
+            for dt in (0, 1) for tiles in (1, 2, 4) for rows in (1, 2, 4) if rows == cuda.max_rows(tiles, rows)
+            for zp, bias, sdt in ((False, False, 2), (True, True, 0))]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_every_specialisation_compiles_without_spilling(arch):
+    names = [f"k{i}" for i in range(len(VARIANTS))]
+    source = cuda.SOURCE.read_text() + "".join(v.entry_point(name) for v, name in zip(VARIANTS, names))
+    _, messages = cuda.compile_nvcc(source, arch, verbose=True)
+    reports = cuda.ptxas_reports(messages)
+    assert sorted(reports) == sorted(names)
+    for variant, name in zip(VARIANTS, names):
+        report = reports[name]
+        assert report["spill_stores"] == 0 and report["spill_loads"] == 0, (variant, report)
+        assert report["registers"] <= 255
+
+
+@pytest.mark.skipif(cuda._nvrtc() is None, reason="NVRTC is not installed (pip install nvidia-cuda-nvrtc)")
+@pytest.mark.parametrize("variant", VARIANTS[::3], ids=str)
+def test_nvrtc_compiles_it_with_no_cuda_headers(variant):
+    """The path a GPU machine takes at the first call: NVRTC, the source as shipped, a CUBIN for sm_90."""
+    image = cuda.compile_nvrtc(variant.source(), "sm_90")
+    assert image[:4] == b"\x7fELF" and cuda.ENTRY.encode() in image
+
+
+@pytest.mark.parametrize("compiler", ["nvrtc", "nvcc"])
+def test_a_compile_error_names_the_source(compiler):
+    if (cuda._nvrtc() is None) if compiler == "nvrtc" else (shutil.which("nvcc") is None):
+        pytest.skip(f"{compiler} is not installed")
+    compile_ = cuda.compile_nvrtc if compiler == "nvrtc" else lambda src, arch: cuda.compile_nvcc(src, arch)[0]
+    with pytest.raises(LowbitError, match="w4a16_mma.cu"):
+        compile_("this is not CUDA", "sm_90")
+
+
+# -- running it -----------------------------------------------------------------------------------
+
+GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU of compute capability 8.0 or newer")
+
+
+def test_calls_it_cannot_take_say_why():
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    p = prepare_w4a16(_weight(32, 256, 128, True, "float16", 0))
+    assert "CUDA" in cuda.unsupported(x, p["qweight"], p["scales"], None, 128, False, False)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 32])
+@pytest.mark.parametrize("k,n,group,rows,warps,split", [(256, 48, 128, 2, 4, 1), (1152, 80, 128, 1, 4, 3),
+                                                        (640, 4096 + 16, 128, 4, 8, 2), (512, 96, None, 2, 4, 4),
+                                                        (1024, 32, 256, 2, 4, 8)])
+def test_the_kernel_matches_the_reference(dtype, symmetric, m, k, n, group, rows, warps, split):
+    weight = _weight(n, k, group, symmetric, "float16", seed=m * 31 + n)
+    dev = torch.device("cuda")
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dev, dtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dev, dtype) if m % 2 else None
+    p = {key: v.to(dev) for key, v in prepare_w4a16(weight).items()}
+    assert cuda.unsupported(x, p["qweight"], p["scales"], p.get("zeros"), group or k, False, False) is None
+    for _ in range(2):  # twice: the split-K counters must be back at zero
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=dev)
+        cuda.launch_w4a16(out, x, p["qweight"], p["scales"], p.get("zeros"), bias, group or k, rows, warps, split)
+        torch.cuda.synchronize()
+        _check(out, quantized_linear(x, weight.to(dev), bias))
+        ref_emulated = emulate(x.cpu(), {key: v.cpu() for key, v in p.items()}, group or k,
+                               None if bias is None else bias.cpu(), rows, warps, split, dtype)
+        assert (out.cpu().double() - ref_emulated.double()).abs().max() <= 4 * TOL[dtype] * ref_emulated.abs().max()
