@@ -10,8 +10,11 @@ With a GPU the compiled kernel itself is run against the reference on awkward sh
 NaN-poisoned outputs.
 """
 
+import ctypes
 import functools
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +228,70 @@ def test_a_compile_error_names_the_source(compiler):
     compile_ = cuda.compile_nvrtc if compiler == "nvrtc" else lambda src, arch: cuda.compile_nvcc(src, arch)[0]
     with pytest.raises(LowbitError, match="w4a16_mma.cu"):
         compile_("this is not CUDA", "sm_90")
+
+
+# -- its source, run on the CPU ---------------------------------------------------------------
+
+HERE = Path(__file__).parent
+
+
+@functools.cache
+def _host_kernel(variant: cuda.Variant, build_dir: str) -> ctypes.CDLL:
+    """w4a16_mma.cu compiled for the CPU (-DLOWBIT_HOST: w4a16_host.h's primitives, lanes as threads)."""
+    out = Path(build_dir) / f"w4a16_host_{abs(hash(variant))}.so"
+    flags = [f"-DV_{key}={value}" for key, value in (
+        ("DT", variant.dt), ("SDT", variant.sdt), ("R", variant.rows), ("NT", variant.token_tiles),
+        ("ZP", str(variant.zero_points).lower()), ("BIAS", str(variant.bias).lower()), ("WARPS", variant.warps))]
+    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DLOWBIT_HOST", *flags,
+           f"-I{cuda.SOURCE.parent}", f"-I{HERE}", str(HERE / "w4a16_host_run.cpp"), "-o", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(out))
+
+
+def run_on_host(x, prepared, group, bias=None, rows=2, warps=4, split_k=1, build_dir="/tmp") -> torch.Tensor:
+    """`cuda.launch_w4a16`'s call, made by the kernel's own source on the CPU."""
+    M, K = x.shape
+    N = prepared["qweight"].shape[0]
+    zeros = prepared.get("zeros")
+    run = cuda.plan(M, N, K, x.dtype, prepared["scales"].dtype, zeros is not None, bias is not None, rows, warps,
+                    split_k)
+    y = torch.full((M, N), float("nan"), dtype=x.dtype)
+    ws = torch.full((run.splits, M, N), float("nan"))
+    counters = torch.zeros(run.blocks, dtype=torch.int32)
+    tensors = [x.contiguous(), prepared["qweight"], prepared["scales"], zeros if zeros is not None else y,
+               bias if bias is not None else y, y, ws, counters]
+    pointers = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
+    ints = [ctypes.c_int(v) for v in (M, N, K, group, run.kb_split, run.blocks, run.splits)]
+    _host_kernel(run.variant, build_dir).run(*pointers, *ints)
+    assert not counters.any(), "the split-K counters were not left at zero"
+    return y
+
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m,k,n,group,symmetric,scale_dtype,rows,warps,split,bias", [
+    (1, 256, 48, 128, True, "float16", 2, 4, 1, False),
+    (3, 384, 80, 128, False, "float32", 1, 4, 3, True),
+    (8, 512, 64, 256, True, "bfloat16", 4, 8, 2, True),
+    (9, 256, 160, None, False, "float16", 2, 4, 2, False),
+    (16, 640, 32, 128, True, "float32", 2, 8, 5, True),
+    (17, 256, 48, 128, False, "float16", 2, 4, 1, True),
+    (32, 384, 16, 128, True, "bfloat16", 1, 4, 2, False),
+])
+def test_the_kernel_source_computes_the_quantised_product_on_the_cpu(dtype, m, k, n, group, symmetric, scale_dtype,
+                                                                      rows, warps, split, bias, tmp_path_factory):
+    weight = _weight(n, k, group, symmetric, scale_dtype, seed=m * 13 + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) if bias else None
+    prepared = prepare_w4a16(weight)
+    build = str(tmp_path_factory.getbasetemp())
+    y = run_on_host(x, prepared, group or k, b, rows, warps, split, build)
+    _check(y, quantized_linear(x, weight, b))
+    emulated = emulate(x, prepared, group or k, b, split_k=split)  # fp32 MMA sums against float64: a few ulps apart
+    assert torch.allclose(y.double(), emulated.to(dtype).double(), rtol=2 * TOL[dtype] / 4, atol=1e-2)
 
 
 # -- running it -----------------------------------------------------------------------------------

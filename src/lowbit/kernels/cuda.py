@@ -269,6 +269,32 @@ def _counters(device_index: int) -> Tensor:
     return torch.zeros(1 << 16, dtype=torch.int32, device=torch.device("cuda", device_index))
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One call's specialisation and grid: ``blocks`` of ``threads`` × ``splits`` of K, ``kb_split``
+    128-column blocks per split (none empty)."""
+
+    variant: Variant
+    blocks: int
+    splits: int
+    kb_split: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.variant.warps
+
+
+def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, zero_points: bool, bias: bool,
+         rows: int = 2, warps: int = 4, split_k: int = 1) -> Launch:
+    """The `Launch` of `launch_w4a16` for these sizes (``rows`` capped by `max_rows`, ``split_k`` to
+    what K holds)."""
+    token_tiles = 1 if M <= 8 else 2 if M <= 16 else 4
+    variant = Variant(_DT[dtype], _SDT[scale_dtype], max_rows(token_tiles, rows), token_tiles, zero_points, bias, warps)
+    k_blocks = K // BLOCK_K
+    kb_split = -(-k_blocks // max(1, min(split_k, k_blocks)))
+    return Launch(variant, -(-N // (16 * variant.rows * warps)), -(-k_blocks // kb_split), kb_split)
+
+
 def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
                  bias: Tensor | None, group: int, rows: int = 2, warps: int = 4, split_k: int = 1) -> None:
     """out2 (M, N) ← x2 (M, K) @ int4 W (N, K)ᵀ (+ bias), W as `prepare_w4a16` lays it out: ``rows``
@@ -280,22 +306,14 @@ def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zero
     if x2.data_ptr() % 16:  # the kernel reads x in 16-byte vectors
         x2 = x2.clone()
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    token_tiles = 1 if M <= 8 else 2 if M <= 16 else 4
-    variant = Variant(_DT[x2.dtype], _SDT[scales.dtype], max_rows(token_tiles, rows), token_tiles, zeros is not None,
-                      bias is not None, warps)
-    rows = variant.rows
-    blocks_x = -(-N // (16 * rows * warps))
-    k_blocks = K // BLOCK_K
-    split_k = max(1, min(split_k, k_blocks))
-    kb_split = -(-k_blocks // split_k)
-    split_k = -(-k_blocks // kb_split)  # no empty split
-    if split_k > 1 and blocks_x > _counters(device).numel():
+    run = plan(M, N, K, x2.dtype, scales.dtype, zeros is not None, bias is not None, rows, warps, split_k)
+    if run.splits > 1 and run.blocks > _counters(device).numel():
         raise LowbitError(f"{N} output features need more than {_counters(device).numel()} split-K counters.")
-    ws = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device) if split_k > 1 else out2
-    counters = _counters(device) if split_k > 1 else out2
+    ws = torch.empty((run.splits, M, N), dtype=torch.float32, device=x2.device) if run.splits > 1 else out2
+    counters = _counters(device) if run.splits > 1 else out2
     pointers = [t.data_ptr() for t in (x2, qweight, scales, zeros if zeros is not None else out2,
                                        bias if bias is not None else out2, out2, ws, counters)]
-    function = _function(variant, device)
+    function = _function(run.variant, device)
     _make_current(device)
-    function.launch((blocks_x, split_k), 32 * warps, torch.cuda.current_stream(device).cuda_stream, pointers,
-                    [M, N, K, group, kb_split])
+    function.launch((run.blocks, run.splits), run.threads, torch.cuda.current_stream(device).cuda_stream, pointers,
+                    [M, N, K, group, run.kb_split])

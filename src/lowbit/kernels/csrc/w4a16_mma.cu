@@ -36,19 +36,12 @@ typedef unsigned short u16;
 
 struct U4 { u32 x, y, z, w; };
 
-__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
-
-template <int DT> struct Half16;  // DT 0: bfloat16, 1: float16
-template <> struct Half16<0> {
-  static constexpr u32 MAGIC = 0x43004300u;  // 128.0 in each half; 128 + q for q < 16 exactly
-  static constexpr u32 NEG_MAGIC = 0xC300u;  // -128.0
-  static constexpr u32 ONE = 0x3F803F80u;
-};
-template <> struct Half16<1> {
-  static constexpr u32 MAGIC = 0x64006400u;  // 1024.0
-  static constexpr u32 NEG_MAGIC = 0xE400u;
-  static constexpr u32 ONE = 0x3C003C00u;
-};
+#ifdef LOWBIT_HOST
+// The same primitives in C++ on the CPU, each warp's lanes as threads that meet at every MMA: the
+// tests run this source there (tests/kernels/w4a16_host.h). Not part of a GPU build.
+#include "w4a16_host.h"
+#else
+// -- the PTX primitives ---------------------------------------------------------------------------
 
 __device__ __forceinline__ U4 load_stream(const u32* p) {  // read once: keep it out of L1
   U4 v;
@@ -64,71 +57,69 @@ __device__ __forceinline__ U4 load_cached(const u32* p) {  // x: read by every w
   return v;
 }
 
+__device__ __forceinline__ float load_cg(const float* p) {  // another block's partial, past L1
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+__device__ __forceinline__ u32 arrive(u32* counter) {  // the count before this block's arrival
+  u32 old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+  return old;
+}
+
 __device__ __forceinline__ float bits_float(u32 b) {
   float f;
   asm("mov.b32 %0, %1;" : "=f"(f) : "r"(b));
   return f;
 }
 
-template <int DT> __device__ __forceinline__ float half_to_float(u16 h);
-template <> __device__ __forceinline__ float half_to_float<0>(u16 h) { return bits_float((u32)h << 16); }
-template <> __device__ __forceinline__ float half_to_float<1>(u16 h) {
+__device__ __forceinline__ float f16_to_float(u16 h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
 }
 
-template <int DT> __device__ __forceinline__ u16 float_to_half(float f);
-template <> __device__ __forceinline__ u16 float_to_half<0>(float f) {
+__device__ __forceinline__ u16 float_to_bf16(float f) {
   u16 h;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 }
-template <> __device__ __forceinline__ u16 float_to_half<1>(float f) {
+
+__device__ __forceinline__ u16 float_to_f16(float f) {
   u16 h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 }
 
-// Scale dtypes (SDT): 0 float32, 1 bfloat16, 2 float16.
-template <int SDT> __device__ __forceinline__ float load_scale(const void* p, long long i);
-template <> __device__ __forceinline__ float load_scale<0>(const void* p, long long i) {
-  return static_cast<const float*>(p)[i];
-}
-template <> __device__ __forceinline__ float load_scale<1>(const void* p, long long i) {
-  return half_to_float<0>(static_cast<const u16*>(p)[i]);
-}
-template <> __device__ __forceinline__ float load_scale<2>(const void* p, long long i) {
-  return half_to_float<1>(static_cast<const u16*>(p)[i]);
-}
-
-template <int DT> __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c);
-template <> __device__ __forceinline__ u32 fma2<0>(u32 a, u32 b, u32 c) {
+__device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
   u32 d;
   asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
 }
-template <> __device__ __forceinline__ u32 fma2<1>(u32 a, u32 b, u32 c) {
+
+__device__ __forceinline__ u32 fma_f16x2(u32 a, u32 b, u32 c) {
   u32 d;
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
 }
 
-// Nibbles p and p + 4 of word w as the packed pair (q_p - z, q_{p+4} - z); neg_c = -(MAGIC + z).
-template <int DT, int P> __device__ __forceinline__ u32 decode_pair(u32 w, u32 neg_c) {
-  u32 v, shifted = P ? (w >> (4 * P)) : w;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(shifted), "r"(0x000F000Fu), "r"(Half16<DT>::MAGIC));
-  return fma2<DT>(v, Half16<DT>::ONE, neg_c);
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {  // (a & b) | c in one instruction
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 
-// x's elements (p, p + 4) of one 8-element run held in two words: lo = elements 0..3's word
-// (p even: the pair's own word), hi = elements 4..7's; SEL picks the low (0x5410) or high (0x7632) half of each.
-template <int SEL> __device__ __forceinline__ u32 pair_of(u32 lo, u32 hi) {
+template <int SEL> __device__ __forceinline__ u32 byte_perm(u32 lo, u32 hi) {
   u32 d;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(lo), "r"(hi), "n"(SEL));
   return d;
 }
 
+// d = a (16 x 16, row-major fragments) * b (16 x 8, column-major) + d, fp32 accumulation.
 template <int DT>
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
   if (DT == 0) {
@@ -143,6 +134,57 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
 }
+#endif
+
+// -- the kernel -------------------------------------------------------------------------------------
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+template <int DT> struct Half16;  // DT 0: bfloat16, 1: float16
+template <> struct Half16<0> {
+  static constexpr u32 MAGIC = 0x43004300u;  // 128.0 in each half; 128 + q for q < 16 exactly
+  static constexpr u32 NEG_MAGIC = 0xC300u;  // -128.0
+  static constexpr u32 ONE = 0x3F803F80u;
+};
+template <> struct Half16<1> {
+  static constexpr u32 MAGIC = 0x64006400u;  // 1024.0
+  static constexpr u32 NEG_MAGIC = 0xE400u;
+  static constexpr u32 ONE = 0x3C003C00u;
+};
+
+template <int DT> __device__ __forceinline__ float half_to_float(u16 h) {
+  return DT == 0 ? bits_float((u32)h << 16) : f16_to_float(h);
+}
+
+template <int DT> __device__ __forceinline__ u16 float_to_half(float f) {
+  return DT == 0 ? float_to_bf16(f) : float_to_f16(f);
+}
+
+// Scale dtypes (SDT): 0 float32, 1 bfloat16, 2 float16.
+template <int SDT> __device__ __forceinline__ float load_scale(const void* p, long long i);
+template <> __device__ __forceinline__ float load_scale<0>(const void* p, long long i) {
+  return static_cast<const float*>(p)[i];
+}
+template <> __device__ __forceinline__ float load_scale<1>(const void* p, long long i) {
+  return half_to_float<0>(static_cast<const u16*>(p)[i]);
+}
+template <> __device__ __forceinline__ float load_scale<2>(const void* p, long long i) {
+  return half_to_float<1>(static_cast<const u16*>(p)[i]);
+}
+
+template <int DT> __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+  return DT == 0 ? fma_bf16x2(a, b, c) : fma_f16x2(a, b, c);
+}
+
+// Nibbles p and p + 4 of word w as the packed pair (q_p - z, q_{p+4} - z); neg_c = -(MAGIC + z).
+template <int DT, int P> __device__ __forceinline__ u32 decode_pair(u32 w, u32 neg_c) {
+  const u32 v = and_or(P ? (w >> (4 * P)) : w, 0x000F000Fu, Half16<DT>::MAGIC);
+  return fma2<DT>(v, Half16<DT>::ONE, neg_c);
+}
+
+// x's elements (p, p + 4) of one 8-element run held in two words: lo = elements 0..3's word
+// (p even: the pair's own word), hi = elements 4..7's; SEL picks the low (0x5410) or high (0x7632) half of each.
+template <int SEL> __device__ __forceinline__ u32 pair_of(u32 lo, u32 hi) { return byte_perm<SEL>(lo, hi); }
 
 // One 128-column block of one thread: its weight words (rows g and g + 8 of each of R tiles),
 // x's words (token g of each of NT tiles of 8 tokens), scales and the zero points' -(MAGIC + z).
@@ -322,25 +364,19 @@ __device__ __forceinline__ void w4a16_mma_body(const u32* __restrict__ x, const 
   for_each_output<R, NT>(acc, row0, g, t, M, N,
                          [&](float v, int token, int n) { part[(long long)token * N + n] = v; });
   __shared__ u32 last;
-  asm volatile("fence.acq_rel.gpu;" ::: "memory");  // this thread's partials before the count
+  fence_acq_rel();  // this thread's partials before the count
   __syncthreads();
-  if (threadIdx.x == 0) {
-    u32 arrived;
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(arrived) : "l"(counters + blockIdx.x) : "memory");
-    last = arrived == (u32)(splits - 1);
-  }
+  if (threadIdx.x == 0) last = arrive(counters + blockIdx.x) == (u32)(splits - 1);
   __syncthreads();
   if (!last) return;
-  asm volatile("fence.acq_rel.gpu;" ::: "memory");  // every split's partials are visible from here
+  fence_acq_rel();  // every split's partials are visible from here
   const int first_row = blockIdx.x * rows_per_block;
   const int rows = imin(rows_per_block, N - first_row);
   for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
     const int token = i / rows, n = first_row + i % rows;
     float v = 0.f;
     for (int s = 0; s < splits; ++s) {
-      float p;
-      asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(p) : "l"(ws + ((long long)s * M + token) * N + n));
-      v += p;
+      v += load_cg(ws + ((long long)s * M + token) * N + n);
     }
     store<DT, BIAS>(y, bias, v, token, n, N);
   }
