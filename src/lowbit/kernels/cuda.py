@@ -45,7 +45,8 @@ _SDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 class Variant:
     """One compiled specialisation: x's dtype code (0 bf16, 1 fp16), the scales' (0 fp32, 1 bf16,
     2 fp16), ``rows`` tiles of 16 weight rows per warp, ``token_tiles`` tiles of 8 tokens,
-    asymmetric zero points, a bias, and ``warps`` per block (the launch bound)."""
+    asymmetric zero points, a bias, ``warps`` per block (the launch bound), and ``stages`` 128-column
+    blocks of words loaded ahead of the one being decoded."""
 
     dt: int
     sdt: int
@@ -54,6 +55,7 @@ class Variant:
     zero_points: bool
     bias: bool
     warps: int = 4
+    stages: int = 1
 
     def entry_point(self, name: str = ENTRY) -> str:
         """An ``extern "C"`` kernel ``name`` running this specialisation of ``w4a16_mma_body``."""
@@ -62,7 +64,7 @@ class Variant:
                 "u16* y, float* ws, u32* counters, int M, int N, int K, int group, int kb_split")
         return (f'\nextern "C" __global__ void __launch_bounds__({32 * self.warps}) {name}({args}) {{\n'
                 f"  w4a16_mma_body<{self.dt}, {self.sdt}, {self.rows}, {self.token_tiles}, {flag(self.zero_points)}, "
-                f"{flag(self.bias)}>(x, qw, scales, zeros, bias, y, ws, counters, M, N, K, group, kb_split);\n}}\n")
+                f"{flag(self.bias)}, {self.stages}>(x, qw, scales, zeros, bias, y, ws, counters, M, N, K, group, kb_split);\n}}\n")
 
     def source(self) -> str:
         """The kernel source with this specialisation's entry point."""
@@ -73,6 +75,13 @@ def max_rows(token_tiles: int, rows: int = 4) -> int:
     """``rows`` capped so that a thread's state fits its registers without spilling (see the compile
     test): 4 row tiles for one token tile, 2 for two, 1 for four."""
     return max(1, min(rows, 4 // token_tiles))
+
+
+def max_stages(rows: int, token_tiles: int, stages: int = 3) -> int:
+    """``stages`` capped likewise (sm_90a, ptxas 13.0: one row tile × one token tile holds 3 blocks of words
+    ahead in 128-147 registers, two tiles 2 in 157-181, four tiles 1 in 165-201)."""
+    tiles = rows * token_tiles
+    return max(1, min(stages, 3 if tiles == 1 else 2 if tiles == 2 else 1))
 
 
 def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group: int,
@@ -285,28 +294,31 @@ class Launch:
 
 
 def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, zero_points: bool, bias: bool,
-         rows: int = 2, warps: int = 4, split_k: int = 1) -> Launch:
-    """The `Launch` of `launch_w4a16` for these sizes (``rows`` capped by `max_rows`, ``split_k`` to
-    what K holds)."""
+         rows: int = 2, warps: int = 4, split_k: int = 1, stages: int = 1) -> Launch:
+    """The `Launch` of `launch_w4a16` for these sizes (``rows`` and ``stages`` capped by `max_rows` and
+    `max_stages`, ``split_k`` to what K holds)."""
     token_tiles = 1 if M <= 8 else 2 if M <= 16 else 4
-    variant = Variant(_DT[dtype], _SDT[scale_dtype], max_rows(token_tiles, rows), token_tiles, zero_points, bias, warps)
+    rows = max_rows(token_tiles, rows)
+    variant = Variant(_DT[dtype], _SDT[scale_dtype], rows, token_tiles, zero_points, bias, warps,
+                      max_stages(rows, token_tiles, stages))
     k_blocks = K // BLOCK_K
     kb_split = -(-k_blocks // max(1, min(split_k, k_blocks)))
     return Launch(variant, -(-N // (16 * variant.rows * warps)), -(-k_blocks // kb_split), kb_split)
 
 
 def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
-                 bias: Tensor | None, group: int, rows: int = 2, warps: int = 4, split_k: int = 1) -> None:
+                 bias: Tensor | None, group: int, rows: int = 2, warps: int = 4, split_k: int = 1,
+                 stages: int = 1) -> None:
     """out2 (M, N) ← x2 (M, K) @ int4 W (N, K)ᵀ (+ bias), W as `prepare_w4a16` lays it out: ``rows``
-    tiles of 16 weight rows per warp, ``warps`` per block, K split ``split_k`` ways. The caller has
-    checked `unsupported`."""
+    tiles of 16 weight rows per warp, ``warps`` per block, K split ``split_k`` ways, ``stages`` blocks
+    of words in flight. The caller has checked `unsupported`."""
     M, K = x2.shape
     N = qweight.shape[0]
     x2 = x2.contiguous()
     if x2.data_ptr() % 16:  # the kernel reads x in 16-byte vectors
         x2 = x2.clone()
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    run = plan(M, N, K, x2.dtype, scales.dtype, zeros is not None, bias is not None, rows, warps, split_k)
+    run = plan(M, N, K, x2.dtype, scales.dtype, zeros is not None, bias is not None, rows, warps, split_k, stages)
     if run.splits > 1 and run.blocks > _counters(device).numel():
         raise LowbitError(f"{N} output features need more than {_counters(device).numel()} split-K counters.")
     ws = torch.empty((run.splits, M, N), dtype=torch.float32, device=x2.device) if run.splits > 1 else out2

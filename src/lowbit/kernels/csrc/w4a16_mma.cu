@@ -23,7 +23,7 @@
 // the weight.
 //
 // Each warp owns R tiles of 16 rows and walks its split's range of 128-column blocks with the
-// next block's words loaded while this one is decoded. Splits of K (gridDim.y > 1) write fp32
+// words of the S blocks ahead loaded while this one is decoded. Splits of K (gridDim.y > 1) write fp32
 // partials to a workspace; the last block of a column of splits to finish (a counter per
 // blockIdx.x, reset by that block) sums them in split order and writes y: one launch, the
 // same sum every run.
@@ -326,7 +326,7 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[R][NT][4], in
 
 // Block: W warps (blockDim.x = 32 W), warp w owning rows row0 = (blockIdx.x * W + w) * 16 R ..;
 // blockIdx.y: the split of K, blocks [split * kb_split, ..).
-template <int DT, int SDT, int R, int NT, bool ZP, bool BIAS>
+template <int DT, int SDT, int R, int NT, bool ZP, bool BIAS, int S>
 __device__ __forceinline__ void w4a16_mma_body(const u32* __restrict__ x, const u32* __restrict__ qw,
                                                const void* __restrict__ scales,
                                                const unsigned char* __restrict__ zeros,
@@ -345,13 +345,22 @@ __device__ __forceinline__ void w4a16_mma_body(const u32* __restrict__ x, const 
   zero(acc);
 
   if (row0 < N && kb0 < kb1) {
-    Block<R, NT> cur, nxt;
-    load_block<DT, SDT, R, NT, ZP>(cur, x, qw, scales, zeros, kb0, row0, g, t, M, N, K, group);
-#pragma unroll 2
-    for (int kb = kb0; kb < kb1; ++kb) {
-      if (kb + 1 < kb1) load_block<DT, SDT, R, NT, ZP>(nxt, x, qw, scales, zeros, kb + 1, row0, g, t, M, N, K, group);
-      compute_block<DT, R, NT>(cur, acc);
-      cur = nxt;
+    // Block kb lives in buf[(kb - kb0) % (S + 1)]; block kb + S is loaded before block kb is used, into the
+    // buffer block kb - 1 has left (indices are compile-time constants: the buffers stay in registers).
+    Block<R, NT> buf[S + 1];
+#pragma unroll
+    for (int i = 0; i < S; ++i)
+      if (kb0 + i < kb1) load_block<DT, SDT, R, NT, ZP>(buf[i], x, qw, scales, zeros, kb0 + i, row0, g, t, M, N, K, group);
+    for (int kb = kb0; kb < kb1; kb += S + 1) {
+#pragma unroll
+      for (int u = 0; u <= S; ++u) {
+        if (kb + u < kb1) {
+          if (kb + u + S < kb1)
+            load_block<DT, SDT, R, NT, ZP>(buf[(u + S) % (S + 1)], x, qw, scales, zeros, kb + u + S, row0, g, t, M, N,
+                                           K, group);
+          compute_block<DT, R, NT>(buf[u], acc);
+        }
+      }
     }
   }
 

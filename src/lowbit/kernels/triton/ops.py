@@ -50,7 +50,8 @@ class BlockConfig:
       NF4 beyond one token); ``unpack`` picks how its words are unpacked.
     - "cuda": the CUDA C++ tensor-core kernel of `lowbit.kernels.cuda` (int4, 16-bit x, ≤ 32 tokens):
       block_n weight rows (a multiple of 16) per warp, num_warps warps per block, K split
-      split_k ways; calls it cannot take run the general kernel.
+      split_k ways, num_stages blocks of words in flight; calls it cannot take run the launcher's
+      own choice.
     - "dequant": `dequant_nk_kernel` writes the float weight, then one cuBLAS GEMM; with
       ``chunk_n`` the weight is written ``chunk_n`` rows at a time into two reused buffers and
       each chunk's GEMM runs on a second CUDA stream, overlapping the next chunk's dequantisation.
@@ -147,8 +148,9 @@ def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int
     group = group_size if n_groups > 1 else k
     if cuda and not (lut or gidx) and m <= 32 and group % 128 == 0 and k % 128 == 0 and n % 16 == 0:
         tiles = 1 if m <= 8 else 2 if m <= 16 else 4
-        rows = 2 if tiles <= 2 else 1  # 16-row tiles per warp; blocks of 4 warps, K split for 4 blocks per SM
-        return BlockConfig(8 * tiles, 16 * rows, 128, _splits(_cdiv(n, 64 * rows), k // 128, 4 * sms), 4, 1,
+        rows = 2 if tiles == 1 else 1  # 16-row tiles per warp; blocks of 4 warps, K split for 4 blocks per SM
+        stages = 2 if tiles <= 2 else 1  # blocks of words in flight (see lowbit.kernels.cuda.max_stages)
+        return BlockConfig(8 * tiles, 16 * rows, 128, _splits(_cdiv(n, 64 * rows), k // 128, 4 * sms), 4, stages,
                            backend="cuda")
     if m == 1 and not gidx and group % 8 == 0:
         words = 16
@@ -353,7 +355,7 @@ def _launch_cuda(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros:
     if x2.shape[0]:
         cuda.launch_w4a16(out.view(x2.shape[0], -1), x2, qweight, scales, zeros,
                           None if bias is None else bias.to(x.dtype).contiguous(), group, rows=cfg.block_n // 16,
-                          warps=cfg.num_warps, split_k=cfg.split_k)
+                          warps=cfg.num_warps, split_k=cfg.split_k, stages=cfg.num_stages)
     return True
 
 
