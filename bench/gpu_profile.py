@@ -2,17 +2,20 @@
 
 Run under ``ncu --profile-from-start off`` (see bench/gpu_run.sh): every variant is compiled
 and run once first, then each runs once more between cudaProfilerStart/Stop, so ncu sees
-exactly those launches (with the zero-fill and copy of split-K beside them). The sections
+exactly those launches (with the zero-fill and copy of split-K beside them). ``--cuda`` profiles the
+CUDA C++ W4A16 kernel's configs beside the Triton kernels it would replace instead. The sections
 asked for (speed of light, occupancy, warp stall reasons) say whether a kernel is held by
 DRAM, by instruction issue or by latency; bench/results/gpu_kernels_notes.md reads them.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from lowbit.kernels.triton import prepare_w4a16, prepare_w8a8
-from lowbit.kernels.triton.ops import BlockConfig, launch_int4, launch_w8a8
+from lowbit.kernels.triton.ops import BlockConfig, int4_config, launch_int4, launch_w8a8
 from lowbit.scheme import QuantSpec, get_scheme
 from lowbit.tensor import quantize_weight
 
@@ -26,6 +29,14 @@ VARIANTS = [  # (name, M, config)
     ("w4 dequant M=2048", 2048, BlockConfig(16, 64, 128, 1, 4, 1, backend="dequant")),
     ("w8a8 M=2048", 2048, BlockConfig(256, 128, 128, 1, 8, 4)),
 ]
+# ``--cuda``: the CUDA C++ kernel's default configs (lowbit.kernels.cuda) beside the Triton ones it would replace
+CUDA_VARIANTS = [
+    ("w4 gemv M=1", 1, BlockConfig(1, 128, 128, 3, 4, 1, backend="gemv")),
+    ("w4 cuda M=1", 1, int4_config(1, N, K, 128, K // 128, 132, cuda=True)),
+    ("w4 cuda r1 s3 M=1", 1, BlockConfig(8, 16, 128, 4, 4, 3, backend="cuda")),
+    ("w4 mma plain M=16", 16, BlockConfig(16, 64, 128, 1, 4, 4, backend="mma", magic=False)),
+    ("w4 cuda M=16", 16, int4_config(16, N, K, 128, K // 128, 132, cuda=True)),
+]
 
 
 def main() -> None:
@@ -35,7 +46,7 @@ def main() -> None:
     w8 = quantize_weight(W, get_scheme("W8A8").weights)
     p4, p8 = prepare_w4a16(w4), prepare_w8a8(w8)
     calls = []
-    for name, m, cfg in VARIANTS:
+    for name, m, cfg in CUDA_VARIANTS if "--cuda" in sys.argv else VARIANTS:
         x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
         out = torch.empty(m, N, device=dev, dtype=torch.bfloat16)
         if name.startswith("w8a8"):

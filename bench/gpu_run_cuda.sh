@@ -5,8 +5,10 @@
 # 2. bench/gpu_kernels.py, w4a16 alone, on the 70B and two 7B shapes at M = 1, 16, 32: the launchers' configs and the
 #    sweep, whose candidates start with the CUDA kernel's (each checked against the reference, then timed beside
 #    bf16 F.linear in the same run, L2 flushed);
-# 3. ptxas's register report of the compiled variants (nvcc, sm_90a) for the notes.
-# Usage on the GPU machine, from the repository root: OUT=<dir> bash bench/gpu_run_cuda.sh [bench seconds] [test s]
+# 3. Nsight Compute on its default configs beside the Triton kernels (bench/gpu_profile.py --cuda), if time is given.
+# Usage on the GPU machine, from the repository root:
+#   OUT=<dir> bash bench/gpu_run_cuda.sh [bench seconds] [test seconds] [ncu seconds, 0: no profile]
+# (ptxas's register report needs no GPU: the same nvcc 13.0 gives it here, see tests/kernels/test_cuda.py.)
 source bench/gpu_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$OUT/env.txt"
@@ -18,14 +20,12 @@ timeout "${1:-300}" python3 bench/gpu_kernels.py --out "$OUT" --progress "$OUT/p
     --shapes 8192x28672,28672x8192,4096x4096,11008x4096 --tokens 1,16,32 --sweep-tokens 1,16,32 \
     --deadline "$(( ${1:-300} * 2 / 3 ))" --warmup 10 --rep 50 > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/bench.log"
-python3 - > "$OUT/ptxas.txt" 2>&1 <<'PY'
-from lowbit.kernels import cuda
-vs = [cuda.Variant(0, 2, r, t, z, False, w) for t in (1, 2, 4) for r in (1, 2, 4) if r == cuda.max_rows(t, r)
-      for z in (False, True) for w in (4, 8)]
-src = cuda.SOURCE.read_text() + "".join(v.entry_point(f"k{i}") for i, v in enumerate(vs))
-reports = cuda.ptxas_reports(cuda.compile_nvcc(src, "sm_90a", verbose=True)[1])
-for i, v in enumerate(vs):
-    print(v, reports[f"k{i}"])
-PY
-grep -c "cuda" "$OUT/progress.jsonl" 2>/dev/null
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+if [ "${3:-60}" -gt 0 ] && [ -n "$NCU" ]; then
+    timeout "${3:-60}" "$NCU" --profile-from-start off --nvtx --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section LaunchStats --csv --page details python3 bench/gpu_profile.py --cuda \
+        > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+    echo "ncu rc=$?" | tee -a "$OUT/ncu.err"
+fi
+grep -c '"backend": "cuda"' "$OUT/progress.jsonl" 2>/dev/null
 grep -A 200 "^| K × N | M | bf16" "$OUT/bench.log" | grep -v "^$" | tail -n 60
