@@ -14,7 +14,9 @@ import ctypes
 import functools
 import shutil
 import subprocess
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -298,6 +300,55 @@ def test_the_kernel_source_computes_the_quantised_product_on_the_cpu(dtype, m, k
     _check(y, quantized_linear(x, weight, b))
     emulated = emulate(x, prepared, group or k, b, split_k=split)  # fp32 MMA sums against float64: a few ulps apart
     assert torch.allclose(y.double(), emulated.to(dtype).double(), rtol=2 * TOL[dtype] / 4, atol=1e-2)
+
+
+class _HostDriver:
+    """Stands in for libcuda: cuLaunchKernel unpacks the argument block `cuda._Function.launch` built
+    and runs the kernel's source on the CPU with it (see `_host_kernel`)."""
+
+    def __init__(self, variant_of: dict, build_dir: str):
+        self.variant_of, self.build_dir, self.launches = variant_of, build_dir, []
+
+    def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):  # noqa: N802
+        pointers = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_void_p)).contents.value for i in range(8)]
+        ints = [ctypes.cast(params[8 + i], ctypes.POINTER(ctypes.c_int)).contents.value for i in range(5)]
+        variant = self.variant_of[function.value]
+        assert (gz, by, bz, shared, extra) == (1, 1, 1, 0, None) and bx == 32 * variant.warps
+        self.launches.append((gx, gy, ints))
+        _host_kernel(variant, self.build_dir).run(*[ctypes.c_void_p(p) for p in pointers],
+                                                  *[ctypes.c_int(i) for i in (*ints, gx, gy)])
+        return 0
+
+
+@needs_gxx
+def test_the_launcher_passes_the_kernel_its_arguments_in_order(monkeypatch, tmp_path_factory):
+    """`cuda.launch_w4a16` end to end — plan, workspace, counters, the driver call's argument block — with
+    the driver replaced by the kernel's source run on the CPU."""
+    variant_of = {}
+
+    def function(variant, device):
+        f = cuda._Function.__new__(cuda._Function)
+        f.function, f._local = ctypes.c_void_p(1000 + len(variant_of)), threading.local()
+        variant_of[f.function.value] = variant
+        return f
+
+    driver = _HostDriver(variant_of, str(tmp_path_factory.getbasetemp()))
+    counters = torch.zeros(64, dtype=torch.int32)
+    monkeypatch.setattr(cuda, "_driver", lambda: driver)
+    monkeypatch.setattr(cuda, "_function", function)
+    monkeypatch.setattr(cuda, "_counters", lambda device: counters)
+    monkeypatch.setattr(cuda, "_make_current", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    weight = _weight(80, 384, 128, False, "float16", seed=3)
+    p = prepare_w4a16(weight)
+    x = torch.randn(5, 384, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    bias = torch.randn(80, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    out = torch.full((5, 80), float("nan"), dtype=torch.bfloat16)
+    cuda.launch_w4a16(out, x, p["qweight"], p["scales"], p["zeros"], bias, 128, rows=1, warps=4, split_k=3, stages=2)
+    assert driver.launches == [(2, 3, [5, 80, 384, 128, 1])]  # 80 rows / 64 per block, 3 splits of 1 block
+    assert not counters.any()
+    _check(out, quantized_linear(x, weight, bias))
 
 
 # -- running it -----------------------------------------------------------------------------------
