@@ -53,7 +53,7 @@ SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096), (4096, 11008), (11008, 409
 TOKENS = [1, 16, 64, 128, 256, 2048]
 SMOKE_SHAPES = [(256, 96), (192, 160)]
 SMOKE_TOKENS = [1, 16, 33]
-KERNELS = ("w4a16", "nf4", "w8a8", "fp8", "peers")
+KERNELS = ("w4a16", "nf4", "w8a8", "fp8", "peers", "w8a16")
 TOL = 4 * 2.0**-8  # bf16
 
 
@@ -85,6 +85,7 @@ from _timing import median_us  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from lowbit.kernels import cuda as cuda_kernels  # noqa: E402
 from lowbit.kernels.gpu import fp8_linear, fp8_unsupported, prepare_fp8  # noqa: E402
 from lowbit.kernels.reference import quantized_linear  # noqa: E402
 from lowbit.kernels.triton import prepare_nf4, prepare_w4a16, prepare_w8a8  # noqa: E402
@@ -365,6 +366,8 @@ class Shape:
 
         if "w8a8" in RUN:
             self._w8a8_row(row, m, x, tiles)
+        if "w8a16" in RUN:
+            self._w8a16_row(row, m, x)
         if "fp8" in RUN and isinstance(self.pf, str):
             row["skipped"]["fp8 scaled_mm"] = self.pf
         elif "fp8" in RUN:
@@ -382,6 +385,20 @@ class Shape:
         print(f"K={k} N={n} M={m}: " + ", ".join(f"{key} {us:.1f}" for key, us in row["us"].items()
                                                  if us is not None) + " us", flush=True)
         return row
+
+    def _w8a16_row(self, row: dict, m: int, x: torch.Tensor) -> None:
+        """int8 per-channel weight-only: the CUDA kernel up to its token limit (opt-in, enabled for the bench)."""
+        if self.device.type != "cuda" or m > cuda_kernels.MAX_TOKENS:
+            row["skipped"]["w8a16 cuda"] = "CUDA only" if self.device.type != "cuda" else "above its token limit"
+            return
+        p = cuda_kernels.prepare_w8a16(self.w8)
+        ref = quantized_linear(x, self.w8)
+
+        def w8a16(x, out):
+            y = torch.ops.lowbit.w8a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), None, self.w8.group_size)
+            return out.copy_(y) if out is not None else y
+
+        row["us"]["w8a16 cuda"] = self._run("w8a16 cuda", m, w8a16, x, ref)
 
     def _w8a8_row(self, row: dict, m: int, x: torch.Tensor, tiles: dict | None) -> None:
         k, n, dev = self.k, self.n, self.device

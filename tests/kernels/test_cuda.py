@@ -35,9 +35,10 @@ from reference_check import TOL, check as _check
 MAGIC = {torch.bfloat16: 0x4300, torch.float16: 0x6400}  # 128.0 / 1024.0, as in the kernel's Half16
 
 
-def _weight(n: int, k: int, group: int | None, symmetric: bool, scale_dtype: str, seed: int) -> QuantizedWeight:
+def _weight(n: int, k: int, group: int | None, symmetric: bool, scale_dtype: str, seed: int,
+            bits: int = 4) -> QuantizedWeight:
     gen = torch.Generator().manual_seed(seed)
-    spec = QuantSpec("int", 4, "channel" if group is None else "group", group, symmetric=symmetric,
+    spec = QuantSpec("int", bits, "channel" if group is None else "group", group, symmetric=symmetric,
                      scale_dtype=scale_dtype)
     return quantize_weight(torch.randn(n, k, generator=gen) * 0.05, spec)
 
@@ -198,10 +199,11 @@ def test_max_rows_and_stages_keep_a_thread_within_its_registers():
 
 # -- compiling it ---------------------------------------------------------------------------------
 
-VARIANTS = [cuda.Variant(dt, sdt, rows, tiles, zp, bias, stages=stages)
-            for dt in (0, 1) for tiles in (1, 2, 4) for rows in (1, 2, 4) if rows == cuda.max_rows(tiles, rows)
-            for stages in (1, 2, 3) if stages == cuda.max_stages(rows, tiles, stages)
-            for zp, bias, sdt in ((False, False, 2), (True, True, 0))]
+VARIANTS = [cuda.plan(8 * tiles, 4096, 4096, dtype, sdt, zp, bias, rows, 4, 1, stages, bits).variant
+            for bits in (4, 8) for dtype in (torch.bfloat16, torch.float16) for tiles in (1, 2, 4)
+            for rows in (1, 2, 4) for stages in (1, 2, 3)
+            for zp, bias, sdt in ((False, False, torch.float16), (True, True, torch.float32))]
+VARIANTS = sorted(set(VARIANTS), key=str)  # every specialisation plan() can pick
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -238,6 +240,8 @@ def test_a_compile_error_names_the_source(compiler):
 # -- its source, run on the CPU ---------------------------------------------------------------
 
 HERE = Path(__file__).parent
+GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU of compute capability 8.0 or newer")
 
 
 @functools.cache
@@ -247,20 +251,21 @@ def _host_kernel(variant: cuda.Variant, build_dir: str) -> ctypes.CDLL:
     flags = [f"-DV_{key}={value}" for key, value in (
         ("DT", variant.dt), ("SDT", variant.sdt), ("R", variant.rows), ("NT", variant.token_tiles),
         ("ZP", str(variant.zero_points).lower()), ("BIAS", str(variant.bias).lower()), ("WARPS", variant.warps),
-        ("S", variant.stages))]
+        ("S", variant.stages), ("BITS", variant.bits))]
     cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DLOWBIT_HOST", *flags,
            f"-I{cuda.SOURCE.parent}", f"-I{HERE}", str(HERE / "w4a16_host_run.cpp"), "-o", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(out))
 
 
-def run_on_host(x, prepared, group, bias=None, rows=2, warps=4, split_k=1, stages=1, build_dir="/tmp") -> torch.Tensor:
+def run_on_host(x, prepared, group, bias=None, rows=2, warps=4, split_k=1, stages=1, build_dir="/tmp",
+                bits=4) -> torch.Tensor:
     """`cuda.launch_w4a16`'s call, made by the kernel's own source on the CPU."""
     M, K = x.shape
     N = prepared["qweight"].shape[0]
     zeros = prepared.get("zeros")
     run = cuda.plan(M, N, K, x.dtype, prepared["scales"].dtype, zeros is not None, bias is not None, rows, warps,
-                    split_k, stages)
+                    split_k, stages, bits)
     y = torch.full((M, N), float("nan"), dtype=x.dtype)
     ws = torch.full((run.splits, M, N), float("nan"))
     counters = torch.zeros(run.blocks, dtype=torch.int32)
@@ -351,10 +356,40 @@ def test_the_launcher_passes_the_kernel_its_arguments_in_order(monkeypatch, tmp_
     _check(out, quantized_linear(x, weight, bias))
 
 
+@needs_gxx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m,k,n,group,symmetric,scale_dtype,rows,split,stages,bias", [
+    (1, 384, 48, None, True, "float16", 2, 1, 2, False),  # W8A16 as lowbit makes it: symmetric per channel
+    (4, 512, 80, 128, False, "float32", 1, 2, 2, True),  # asymmetric groups: zero points up to 255
+    (12, 256, 32, 256, True, "bfloat16", 2, 1, 1, True),
+    (32, 640, 16, 128, False, "float16", 1, 3, 1, False),
+])
+def test_the_kernel_source_computes_int8_products_on_the_cpu(dtype, m, k, n, group, symmetric, scale_dtype, rows,
+                                                             split, stages, bias, tmp_path_factory):
+    weight = _weight(n, k, group, symmetric, scale_dtype, seed=m + 7 * k, bits=8)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) if bias else None
+    prepared = cuda.prepare_w8a16(weight)
+    assert prepared["qweight"].data_ptr() == weight.qdata.data_ptr()  # the stored bytes, not a copy
+    y = run_on_host(x, prepared, group or k, b, rows, 4, split, stages, str(tmp_path_factory.getbasetemp()), bits=8)
+    _check(y, quantized_linear(x, weight, b))
+
+
+def test_int8_goes_to_the_cuda_kernel_only_when_asked_and_where_it_applies(monkeypatch):
+    weight = _weight(64, 256, None, True, "float16", 0, bits=8)
+    cpu, spec = torch.device("cpu"), weight.spec
+    monkeypatch.delenv("LOWBIT_CUDA_KERNELS", raising=False)
+    assert "opt-in" in cuda.w8a16_unsupported(weight, None, cpu)
+    monkeypatch.setenv("LOWBIT_CUDA_KERNELS", "1")
+    assert cuda.w8a16_unsupported(weight, None, cpu) == "runs on CUDA devices only"
+    assert "weight-only" in cuda.w8a16_unsupported(weight, spec, cpu)
+    assert "int8" in cuda.w8a16_unsupported(_weight(64, 256, 128, True, "float16", 0), None, cpu)
+    assert "multiples of 128" in cuda.w8a16_unsupported(_weight(64, 192, None, True, "float16", 0, bits=8), None,
+                                                        torch.device("cuda")) if GPU else True
+
+
 # -- running it -----------------------------------------------------------------------------------
 
-GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU of compute capability 8.0 or newer")
 
 
 def test_calls_it_cannot_take_say_why():
@@ -383,3 +418,30 @@ def test_the_kernel_matches_the_reference(dtype, symmetric, m, k, n, group, rows
                           stages)
         torch.cuda.synchronize()
         _check(out.cpu(), quantized_linear(x.cpu(), weight, None if bias is None else bias.cpu()))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m", [1, 5, 16, 32, 33])
+@pytest.mark.parametrize("k,n,group,symmetric", [(4096, 4096, None, True), (640, 4096 + 16, 128, False),
+                                                 (1024, 48, 256, True)])
+def test_int8_through_the_dispatcher_matches_the_reference(monkeypatch, dtype, m, k, n, group, symmetric):
+    """W8A16 on the GPU: `lowbit::w8a16_cuda` up to 32 tokens, the reference above, opcheck on the op."""
+    from lowbit.kernels import dispatch
+
+    monkeypatch.setenv("LOWBIT_CUDA_KERNELS", "1")
+    dev = torch.device("cuda")
+    cpu_weight = _weight(n, k, group, symmetric, "float16", seed=m + n, bits=8)
+    weight = QuantizedWeight(cpu_weight.qdata.to(dev), cpu_weight.scale.to(dev),
+                             None if cpu_weight.zero_point is None else cpu_weight.zero_point.to(dev),
+                             cpu_weight.shape, cpu_weight.spec)
+    kernel = dispatch.choose(weight, None, dev, m)
+    assert kernel.name == ("cuda-w8a16" if m <= cuda.MAX_TOKENS else "reference")
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dev, dtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
+    out = kernel.run(x, kernel.prepare(weight), weight, bias, None)
+    _check(out.cpu(), quantized_linear(x.cpu(), cpu_weight, bias.cpu()))
+    if m <= cuda.MAX_TOKENS and m % 16 == 0:
+        p = cuda.prepare_w8a16(weight)
+        torch.library.opcheck(torch.ops.lowbit.w8a16_cuda.default, (x, p["qweight"], p["scales"], p.get("zeros"),
+                                                                     bias, weight.group_size))

@@ -167,7 +167,7 @@ def test_a_cuda_config_the_cuda_kernel_cannot_take_runs_the_launchers_choice():
 
 
 def test_asking_for_the_cuda_kernel_where_it_cannot_run_runs_the_launchers_choice(monkeypatch):
-    monkeypatch.setenv("LOWBIT_W4A16_CUDA", "1")
+    monkeypatch.setenv("LOWBIT_CUDA_KERNELS", "1")
     w = quantize_weight(torch.randn(32, 256, generator=_gen(6)), QuantSpec("int", 4, "group", 128, symmetric=False))
     p = prepare_w4a16(w)
     x, _ = _inputs(2, 256, 32, torch.bfloat16 if not INTERPRET else torch.float32, seed=6, bias=False)

@@ -73,6 +73,7 @@ inline u32 fma_x2(u32 a, u32 b, u32 c, bool bf16) {
   return d;
 }
 inline u32 fma_bf16x2(u32 a, u32 b, u32 c) { return fma_x2(a, b, c, true); }
+inline u32 pack_bf16x2(float lo, float hi) { return float_to_bf16(lo) | (static_cast<u32>(float_to_bf16(hi)) << 16); }
 inline u32 fma_f16x2(u32 a, u32 b, u32 c) { return fma_x2(a, b, c, false); }
 inline u32 and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }
 

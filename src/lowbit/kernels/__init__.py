@@ -1,7 +1,8 @@
 """Quantised matmul kernels; `reference` is the pure-torch truth the others are tested against.
 
 `dispatch.choose` picks the kernel for a call; `ops` holds the reference ``torch.library``
-custom op; `gpu` registers the Triton kernels (CUDA), `cpu` the packed-integer CPU kernel.
+custom op; `gpu` registers the Triton kernels and the CUDA C++ ones of `cuda` (CUDA; the latter opt-in),
+`cpu` the packed-integer CPU kernel.
 """
 
 from lowbit.kernels.reference import quantized_linear

@@ -32,6 +32,9 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.ops import reference_op
+from lowbit.scheme import QuantSpec
+from lowbit.tensor import QuantizedWeight
 
 SOURCE = Path(__file__).parent / "csrc" / "w4a16_mma.cu"
 ENTRY = "lowbit_w4a16_mma"
@@ -56,6 +59,7 @@ class Variant:
     bias: bool
     warps: int = 4
     stages: int = 1
+    bits: int = 4
 
     def entry_point(self, name: str = ENTRY) -> str:
         """An ``extern "C"`` kernel ``name`` running this specialisation of ``w4a16_mma_body``."""
@@ -64,7 +68,8 @@ class Variant:
                 "u16* y, float* ws, u32* counters, int M, int N, int K, int group, int kb_split")
         return (f'\nextern "C" __global__ void __launch_bounds__({32 * self.warps}) {name}({args}) {{\n'
                 f"  w4a16_mma_body<{self.dt}, {self.sdt}, {self.rows}, {self.token_tiles}, {flag(self.zero_points)}, "
-                f"{flag(self.bias)}, {self.stages}>(x, qw, scales, zeros, bias, y, ws, counters, M, N, K, group, kb_split);\n}}\n")
+                f"{flag(self.bias)}, {self.stages}, {self.bits}>(x, qw, scales, zeros, bias, y, ws, counters, M, N, K, group, "
+                "kb_split);\n}\n")
 
     def source(self) -> str:
         """The kernel source with this specialisation's entry point."""
@@ -84,29 +89,50 @@ def max_stages(rows: int, token_tiles: int, stages: int = 3) -> int:
     return max(1, min(stages, 3 if tiles == 1 else 2 if tiles == 2 else 1))
 
 
-def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group: int,
-                lut: bool, act_order: bool) -> str | None:
-    """None when `launch_w4a16` can take this call, else why not."""
-    M, K = x.reshape(-1, x.shape[-1]).shape
-    N = qweight.shape[0]
-    if x.device.type != "cuda":
-        return "runs on CUDA devices only"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "needs bfloat16 / float16 tensor cores (compute capability 8.0 or newer)"
-    if x.dtype not in _DT:
-        return f"takes bfloat16 or float16 inputs, got {x.dtype}"
-    if lut or act_order:
-        return "reads int4 codes in stored column order (no NF4, no act-order permutation)"
-    if M > MAX_TOKENS:
-        return f"takes at most {MAX_TOKENS} tokens, got {M}"
+def enabled() -> bool:
+    """Whether the dispatcher and the 4-bit launcher pick these kernels (LOWBIT_CUDA_KERNELS=1). Off by
+    default until bench/gpu_run_cuda.sh has checked and timed them on a GPU."""
+    return os.environ.get("LOWBIT_CUDA_KERNELS") == "1"
+
+
+def _shape_reason(K: int, N: int, group: int) -> str | None:
     if K % BLOCK_K or N % 16 or group % BLOCK_K:
         return (f"needs in_features and the group size in multiples of {BLOCK_K} and out_features in multiples "
                 f"of 16, got {K}, {group} and {N}")
+    return None
+
+
+def _device_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "runs on CUDA devices only"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "needs bfloat16 / float16 tensor cores (compute capability 8.0 or newer)"
+    return None
+
+
+def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group: int,
+                lut: bool = False, act_order: bool = False, bits: int = 4) -> str | None:
+    """None when `launch_w4a16` can take this call (``bits``-bit codes as `prepare_w4a16` /
+    `prepare_w8a16` lay them out), else why not."""
+    M, K = x.reshape(-1, x.shape[-1]).shape
+    N = qweight.shape[0]
+    reason = _device_reason(x.device)
+    if reason is not None:
+        return reason
+    if x.dtype not in _DT:
+        return f"takes bfloat16 or float16 inputs, got {x.dtype}"
+    if lut or act_order:
+        return "reads integer codes in stored column order (no NF4, no act-order permutation)"
+    if M > MAX_TOKENS:
+        return f"takes at most {MAX_TOKENS} tokens, got {M}"
+    reason = _shape_reason(K, N, group)
+    if reason is not None:
+        return reason
     if scales.dtype not in _SDT:
         return f"takes float32, bfloat16 or float16 scales, got {scales.dtype}"
     dense = [t for t in (qweight, scales, zeros) if t is not None]
-    if not all(t.is_contiguous() for t in dense) or qweight.shape[1] != K // 8:
-        return "needs the row-major qweight, scales and zero points that prepare_w4a16 makes"
+    if not all(t.is_contiguous() for t in dense) or qweight.shape[1] != K * bits // 32:
+        return f"needs the row-major qweight, scales and zero points that prepare_w{bits}a16 makes"
     return None
 
 
@@ -294,13 +320,13 @@ class Launch:
 
 
 def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, zero_points: bool, bias: bool,
-         rows: int = 2, warps: int = 4, split_k: int = 1, stages: int = 1) -> Launch:
+         rows: int = 2, warps: int = 4, split_k: int = 1, stages: int = 1, bits: int = 4) -> Launch:
     """The `Launch` of `launch_w4a16` for these sizes (``rows`` and ``stages`` capped by `max_rows` and
     `max_stages`, ``split_k`` to what K holds)."""
     token_tiles = 1 if M <= 8 else 2 if M <= 16 else 4
-    rows = max_rows(token_tiles, rows)
+    rows = max_rows(token_tiles * bits // 4, rows)  # 8-bit words take twice the registers of 4-bit ones
     variant = Variant(_DT[dtype], _SDT[scale_dtype], rows, token_tiles, zero_points, bias, warps,
-                      max_stages(rows, token_tiles, stages))
+                      max_stages(rows, token_tiles * bits // 4, stages), bits)
     k_blocks = K // BLOCK_K
     kb_split = -(-k_blocks // max(1, min(split_k, k_blocks)))
     return Launch(variant, -(-N // (16 * variant.rows * warps)), -(-k_blocks // kb_split), kb_split)
@@ -308,17 +334,18 @@ def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, z
 
 def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
                  bias: Tensor | None, group: int, rows: int = 2, warps: int = 4, split_k: int = 1,
-                 stages: int = 1) -> None:
-    """out2 (M, N) ← x2 (M, K) @ int4 W (N, K)ᵀ (+ bias), W as `prepare_w4a16` lays it out: ``rows``
-    tiles of 16 weight rows per warp, ``warps`` per block, K split ``split_k`` ways, ``stages`` blocks
-    of words in flight. The caller has checked `unsupported`."""
+                 stages: int = 1, bits: int = 4) -> None:
+    """out2 (M, N) ← x2 (M, K) @ W (N, K)ᵀ (+ bias), W's ``bits``-bit codes (4 or 8) as `prepare_w4a16`
+    / `prepare_w8a16` lay them out: ``rows`` tiles of 16 weight rows per warp, ``warps`` per block, K split
+    ``split_k`` ways, ``stages`` blocks of words in flight. The caller has checked `unsupported`."""
     M, K = x2.shape
     N = qweight.shape[0]
     x2 = x2.contiguous()
     if x2.data_ptr() % 16:  # the kernel reads x in 16-byte vectors
         x2 = x2.clone()
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    run = plan(M, N, K, x2.dtype, scales.dtype, zeros is not None, bias is not None, rows, warps, split_k, stages)
+    run = plan(M, N, K, x2.dtype, scales.dtype, zeros is not None, bias is not None, rows, warps, split_k, stages,
+               bits)
     if run.splits > 1 and run.blocks > _counters(device).numel():
         raise LowbitError(f"{N} output features need more than {_counters(device).numel()} split-K counters.")
     ws = torch.empty((run.splits, M, N), dtype=torch.float32, device=x2.device) if run.splits > 1 else out2
@@ -329,3 +356,77 @@ def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zero
     _make_current(device)
     function.launch((run.blocks, run.splits), run.threads, torch.cuda.current_stream(device).cuda_stream, pointers,
                     [M, N, K, group, run.kb_split])
+
+
+# -- int8 weight-only (W8A16) through the dispatcher ---------------------------------------------
+
+def w8a16_unsupported(weight: QuantizedWeight, activations: QuantSpec | None, device: torch.device) -> str | None:
+    """None when the W8A16 kernel can run this weight on this device, else why not."""
+    if not enabled():
+        return "opt-in until checked on a GPU (LOWBIT_CUDA_KERNELS=1)"
+    spec = weight.spec
+    if activations is not None:
+        return "weight-only kernel; activations must stay in float"
+    if spec.format != "int" or spec.bits != 8 or spec.granularity not in ("group", "channel"):
+        return f"needs int8 weights with per-group or per-channel scales, got {spec.describe()}"
+    if weight.g_idx is not None or weight.scale_scale is not None:
+        return "reads plain per-group scales in column order (no act-order g_idx, no double-quantised scales)"
+    rows, cols = weight.shape
+    return _device_reason(device) or _shape_reason(cols, rows, weight.group_size if weight.scale_shape[1] > 1
+                                                   else cols)
+
+
+def prepare_w8a16(weight: QuantizedWeight) -> dict[str, Tensor]:
+    """int8 codes → ``qweight`` (N, K/4) int32 (a view of the stored bytes, no copy), ``scales`` (G, N) and,
+    when asymmetric, ``zeros`` (G, N) uint8."""
+    out = {"qweight": weight.qdata.contiguous().view(torch.int32),
+           "scales": weight.scale.reshape(weight.scale_shape).T.contiguous()}
+    zeros = weight.zero_points()
+    if zeros is not None:
+        out["zeros"] = zeros.T.to(torch.uint8).contiguous()
+    return out
+
+
+def _group(x: Tensor, scales: Tensor, group_size: int) -> int:
+    return group_size if scales.shape[0] > 1 else x.shape[-1]
+
+
+@torch.library.custom_op("lowbit::w8a16_cuda", mutates_args=())
+def w8a16_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
+               group_size: int) -> Tensor:
+    """x (..., K) @ int8 weight (N, K)ᵀ (+ bias) for up to `MAX_TOKENS` tokens; see `launch_w4a16`."""
+    x2 = x.reshape(-1, x.shape[-1])
+    reason = unsupported(x2, qweight, scales, zeros, _group(x, scales, group_size), bits=8)
+    if reason is not None:
+        raise LowbitError(f"the CUDA W8A16 kernel cannot take this call: {reason}.")
+    out = x.new_empty((x2.shape[0], qweight.shape[0]))
+    if x2.shape[0]:
+        launch_w4a16(out, x2, qweight, scales, zeros, None if bias is None else bias.to(x.dtype).contiguous(),
+                     _group(x, scales, group_size), rows=2, split_k=_w8a16_splits(x2.device, qweight.shape[0],
+                                                                                    x.shape[-1]), stages=2, bits=8)
+    return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@w8a16_cuda.register_fake
+def _(x, qweight, scales, zeros, bias, group_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@functools.cache
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _w8a16_splits(device: torch.device, N: int, K: int) -> int:
+    """Splits of K for about four blocks (of 4 warps × 2 row tiles) per SM, each keeping ≥ 4 blocks of columns."""
+    blocks = -(-N // 128)
+    return max(1, min(-(-4 * _sms(device.index or 0) // blocks), K // BLOCK_K // 4))
+
+
+def w8a16_linear(x: Tensor, prepared: dict[str, Tensor], weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """`lowbit::w8a16_cuda` where the call fits it (16-bit x, ≤ `MAX_TOKENS` tokens), else the reference."""
+    p = prepared
+    group = _group(x, p["scales"], weight.group_size)
+    if unsupported(x, p["qweight"], p["scales"], p.get("zeros"), group, bits=8) is not None:
+        return reference_op(x, weight, bias, None)
+    return torch.ops.lowbit.w8a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), bias, weight.group_size)

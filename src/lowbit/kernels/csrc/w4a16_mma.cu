@@ -1,9 +1,10 @@
-// lowbit W4A16 for few tokens (decode, M <= 32) on NVIDIA tensor cores (sm_80 and newer).
+// lowbit W4A16 / W8A16 for few tokens (decode, M <= 32) on NVIDIA tensor cores (sm_80 and newer).
 //
-// y (M, N) = x (M, K) @ W (N, K)^T (+ bias), W the stored 4-bit codes of lowbit's int4 format
-// read in place: qweight (N, K/8) int32, word [n, k/8] holding code (n, k) in bits 4*(k%8)..+4
-// (unsigned: symmetric int4 is offset by 8), scales (G, N), zero points (G, N) uint8 or none.
-// Group sizes that are multiples of 128 (and per-channel), K a multiple of 128, N of 16.
+// y (M, N) = x (M, K) @ W (N, K)^T (+ bias), W the stored codes of lowbit's int4 or int8 format read in
+// place: qweight (N, K * BITS / 32) int32, word [n, k * BITS / 32] holding code (n, k) in bits
+// BITS * (k % (32 / BITS)).. (unsigned: symmetric codes are offset by 2^(BITS - 1)), scales (G, N), zero
+// points (G, N) uint8 or none. Group sizes that are multiples of 128 (and per-channel), K a multiple of 128,
+// N of 16.
 //
 // The weight is the MMA's left operand (m16n8k16: 16 weight rows by 8 tokens), so one token
 // wastes no weight bandwidth and the decoded codes go from the loaded word straight into the
@@ -20,7 +21,8 @@
 // lifts into a packed pair without shifting either — while x's matching pair is assembled
 // with one byte permute. Scales multiply each block's fp32 partial sums (one group per block),
 // so codes are decoded to exact integers and the scale is applied in fp32, not rounded into
-// the weight.
+// the weight. 8-bit codes take two 16-byte vectors per row and block; each MMA step takes one
+// word's byte pairs (0, 1) and (2, 3), which meet x's words as they are (decode_byte_pair).
 //
 // Each warp owns R tiles of 16 rows and walks its split's range of 128-column blocks with the
 // words of the S blocks ahead loaded while this one is decoded. Splits of K (gridDim.y > 1) write fp32
@@ -95,6 +97,12 @@ __device__ __forceinline__ u16 float_to_f16(float f) {
   return h;
 }
 
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {  // both exact here: no rounding
+  u32 d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
 __device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
   u32 d;
   asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -147,10 +155,12 @@ template <> struct Half16<0> {
   static constexpr u32 ONE = 0x3F803F80u;
 };
 template <> struct Half16<1> {
-  static constexpr u32 MAGIC = 0x64006400u;  // 1024.0
+  static constexpr u32 MAGIC = 0x64006400u;  // 1024.0; 1024 + q for q < 1024 exactly
   static constexpr u32 NEG_MAGIC = 0xE400u;
   static constexpr u32 ONE = 0x3C003C00u;
 };
+constexpr u32 FLOAT_MAGIC = 0x4B000000u;  // 2^23 in float32: 2^23 + q for any byte q exactly
+constexpr u32 NEG_FLOAT_MAGIC = 0xCB000000u;
 
 template <int DT> __device__ __forceinline__ float half_to_float(u16 h) {
   return DT == 0 ? bits_float((u32)h << 16) : f16_to_float(h);
@@ -182,44 +192,69 @@ template <int DT, int P> __device__ __forceinline__ u32 decode_pair(u32 w, u32 n
   return fma2<DT>(v, Half16<DT>::ONE, neg_c);
 }
 
+// Bytes i and i + 1 of word w (8-bit codes) as the packed pair (q_i - z, q_{i+1} - z). fp16: prmt puts
+// each byte under 1024.0's exponent byte, one packed FMA takes 1024 + z off (neg_c). bf16's 8-bit
+// mantissa cannot hold 128 + q for q >= 128, so each byte goes under float32's 2^23 instead, a float
+// add takes 2^23 + z off (neg_c is that float's bits) and the exact pair is packed to bf16.
+template <int DT, int I> __device__ __forceinline__ u32 decode_byte_pair(u32 w, u32 neg_c) {
+  if (DT == 1) {
+    const u32 v = byte_perm<0x7050 | ((I + 1) << 8) | I>(w, Half16<1>::MAGIC);
+    return fma2<1>(v, Half16<1>::ONE, neg_c);
+  }
+  const float c = bits_float(neg_c);
+  const float lo = bits_float(byte_perm<0x7440 | I>(w, FLOAT_MAGIC)) + c;
+  const float hi = bits_float(byte_perm<0x7440 | (I + 1)>(w, FLOAT_MAGIC)) + c;
+  return pack_bf16x2(lo, hi);
+}
+
 // x's elements (p, p + 4) of one 8-element run held in two words: lo = elements 0..3's word
 // (p even: the pair's own word), hi = elements 4..7's; SEL picks the low (0x5410) or high (0x7632) half of each.
 template <int SEL> __device__ __forceinline__ u32 pair_of(u32 lo, u32 hi) { return byte_perm<SEL>(lo, hi); }
 
-// One 128-column block of one thread: its weight words (rows g and g + 8 of each of R tiles),
-// x's words (token g of each of NT tiles of 8 tokens), scales and the zero points' -(MAGIC + z).
-template <int R, int NT> struct Block {
-  U4 wlo[R], whi[R];
+// One 128-column block of one thread: its weight words (rows g and g + 8 of each of R tiles; BITS / 4
+// vectors of 4 words per row), x's words (token g of each of NT tiles of 8 tokens), scales and the
+// zero points' -(MAGIC + z).
+template <int R, int NT, int BITS> struct Block {
+  U4 wlo[R][BITS / 4], whi[R][BITS / 4];
   U4 x[NT][4];
   float slo[R], shi[R];
   u32 clo[R], chi[R];
 };
 
-template <int DT, int SDT, int R, int NT, bool ZP>
-__device__ __forceinline__ void load_block(Block<R, NT>& b, const u32* __restrict__ x, const u32* __restrict__ qw,
+// What the decode adds to a code's magic-number value to leave q - z: -(MAGIC + z) in both halves, or
+// for bf16 with 8-bit codes the float32 -(2^23 + z).
+template <int DT, int BITS> __device__ __forceinline__ u32 neg_offset(u32 z) {
+  if (BITS == 8 && DT == 0) return NEG_FLOAT_MAGIC + z;
+  return (Half16<DT>::NEG_MAGIC + z) * 0x00010001u;
+}
+
+template <int DT, int SDT, int R, int NT, bool ZP, int BITS>
+__device__ __forceinline__ void load_block(Block<R, NT, BITS>& b, const u32* __restrict__ x, const u32* __restrict__ qw,
                                            const void* __restrict__ scales, const unsigned char* __restrict__ zeros,
                                            int kb, int row0, int g, int t, int M, int N, int K, int group) {
-  const int KW = K >> 3;
+  const int KW = K * BITS / 32;
   const int grp = (kb << 7) / group;  // a block lies in one group (group % 128 == 0)
+  const int word0 = kb * 4 * BITS + t * BITS;  // this lane's columns 32 t .. 32 t + 31 of the block
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int n = row0 + 16 * r + g;
     if (row0 + 16 * r < N) {
-      b.wlo[r] = load_stream(qw + (long long)n * KW + (kb << 4) + (t << 2));
-      b.whi[r] = load_stream(qw + (long long)(n + 8) * KW + (kb << 4) + (t << 2));
+#pragma unroll
+      for (int v = 0; v < BITS / 4; ++v) {
+        b.wlo[r][v] = load_stream(qw + (long long)n * KW + word0 + 4 * v);
+        b.whi[r][v] = load_stream(qw + (long long)(n + 8) * KW + word0 + 4 * v);
+      }
       b.slo[r] = load_scale<SDT>(scales, (long long)grp * N + n);
       b.shi[r] = load_scale<SDT>(scales, (long long)grp * N + n + 8);
-      u32 zlo = 8, zhi = 8;
-      if (ZP) {
-        zlo = zeros[(long long)grp * N + n];
-        zhi = zeros[(long long)grp * N + n + 8];
-      }
-      b.clo[r] = (Half16<DT>::NEG_MAGIC + zlo) * 0x00010001u;
-      b.chi[r] = (Half16<DT>::NEG_MAGIC + zhi) * 0x00010001u;
+      const u32 zlo = ZP ? zeros[(long long)grp * N + n] : 1u << (BITS - 1);
+      const u32 zhi = ZP ? zeros[(long long)grp * N + n + 8] : 1u << (BITS - 1);
+      b.clo[r] = neg_offset<DT, BITS>(zlo);
+      b.chi[r] = neg_offset<DT, BITS>(zhi);
     } else {
-      b.wlo[r] = b.whi[r] = U4{0, 0, 0, 0};
+#pragma unroll
+      for (int v = 0; v < BITS / 4; ++v) b.wlo[r][v] = b.whi[r][v] = U4{0, 0, 0, 0};
       b.slo[r] = b.shi[r] = 0.f;
-      b.clo[r] = b.chi[r] = Half16<DT>::NEG_MAGIC * 0x00010001u;
+      b.clo[r] = b.chi[r] = neg_offset<DT, BITS>(0);
     }
   }
 #pragma unroll
@@ -243,43 +278,51 @@ template <int R, int NT> __device__ __forceinline__ void zero(float (&a)[R][NT][
       for (int i = 0; i < 4; ++i) a[r][nt][i] = 0.f;
 }
 
-template <int DT, int R, int NT>
-__device__ __forceinline__ void compute_block(const Block<R, NT>& b, float (&acc)[R][NT][4]) {
+__device__ __forceinline__ u32 word_of(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+template <int DT, int R, int NT, int BITS>
+__device__ __forceinline__ void compute_block(const Block<R, NT, BITS>& b, float (&acc)[R][NT][4]) {
   float part[R][NT][4];
   zero(part);
 
-  // Step s = 2 j + h: word j of the thread's four, nibble pairs (2h, 2h + 4) and (2h + 1, 2h + 5).
+  // 4-bit: step s = 2 j + h takes word j of the lane's four, nibble pairs (2h, 2h + 4) and (2h + 1, 2h + 5),
+  // and x's matching pairs made by prmt. 8-bit: step s takes word s of the lane's eight, byte pairs (0, 1)
+  // and (2, 3), which meet x's words as they are.
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int s = 0; s < 8; ++s) {
+    const int j = s >> 1, h = s & 1;
+    u32 b0[NT], b1[NT];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      u32 b0[NT], b1[NT];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const U4& xv = b.x[nt][j];  // x0x1 x2x3 x4x5 x6x7 of the word's 8 columns
+    for (int nt = 0; nt < NT; ++nt) {
+      const U4& xv = b.x[nt][j];  // x0x1 x2x3 x4x5 x6x7 of 8 columns
+      if (BITS == 4) {
         const u32 lo = h ? xv.y : xv.x, hi = h ? xv.w : xv.z;
         b0[nt] = pair_of<0x5410>(lo, hi);  // (x_{2h}, x_{2h+4})
         b1[nt] = pair_of<0x7632>(lo, hi);  // (x_{2h+1}, x_{2h+5})
+      } else {
+        b0[nt] = h ? xv.z : xv.x;  // word s = columns 4s .. 4s + 3 of the lane's 32
+        b1[nt] = h ? xv.w : xv.y;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      u32 a0, a1, a2, a3;
+      if (BITS == 4) {
+        const u32 wl = word_of(b.wlo[r][0], j), wh = word_of(b.whi[r][0], j);
+        a0 = h ? decode_pair<DT, 2>(wl, b.clo[r]) : decode_pair<DT, 0>(wl, b.clo[r]);
+        a1 = h ? decode_pair<DT, 2>(wh, b.chi[r]) : decode_pair<DT, 0>(wh, b.chi[r]);
+        a2 = h ? decode_pair<DT, 3>(wl, b.clo[r]) : decode_pair<DT, 1>(wl, b.clo[r]);
+        a3 = h ? decode_pair<DT, 3>(wh, b.chi[r]) : decode_pair<DT, 1>(wh, b.chi[r]);
+      } else {
+        const u32 wl = word_of(b.wlo[r][(s >> 2) & (BITS / 4 - 1)], s & 3);
+        const u32 wh = word_of(b.whi[r][(s >> 2) & (BITS / 4 - 1)], s & 3);
+        a0 = decode_byte_pair<DT, 0>(wl, b.clo[r]);
+        a1 = decode_byte_pair<DT, 0>(wh, b.chi[r]);
+        a2 = decode_byte_pair<DT, 2>(wl, b.clo[r]);
+        a3 = decode_byte_pair<DT, 2>(wh, b.chi[r]);
       }
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const u32 wl = j == 0 ? b.wlo[r].x : j == 1 ? b.wlo[r].y : j == 2 ? b.wlo[r].z : b.wlo[r].w;
-        const u32 wh = j == 0 ? b.whi[r].x : j == 1 ? b.whi[r].y : j == 2 ? b.whi[r].z : b.whi[r].w;
-        u32 a0, a1, a2, a3;
-        if (h == 0) {
-          a0 = decode_pair<DT, 0>(wl, b.clo[r]);
-          a1 = decode_pair<DT, 0>(wh, b.chi[r]);
-          a2 = decode_pair<DT, 1>(wl, b.clo[r]);
-          a3 = decode_pair<DT, 1>(wh, b.chi[r]);
-        } else {
-          a0 = decode_pair<DT, 2>(wl, b.clo[r]);
-          a1 = decode_pair<DT, 2>(wh, b.chi[r]);
-          a2 = decode_pair<DT, 3>(wl, b.clo[r]);
-          a3 = decode_pair<DT, 3>(wh, b.chi[r]);
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma<DT>(part[r][nt], a0, a1, a2, a3, b0[nt], b1[nt]);
-      }
+      for (int nt = 0; nt < NT; ++nt) mma<DT>(part[r][nt], a0, a1, a2, a3, b0[nt], b1[nt]);
     }
   }
 #pragma unroll
@@ -326,7 +369,7 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[R][NT][4], in
 
 // Block: W warps (blockDim.x = 32 W), warp w owning rows row0 = (blockIdx.x * W + w) * 16 R ..;
 // blockIdx.y: the split of K, blocks [split * kb_split, ..).
-template <int DT, int SDT, int R, int NT, bool ZP, bool BIAS, int S>
+template <int DT, int SDT, int R, int NT, bool ZP, bool BIAS, int S, int BITS>
 __device__ __forceinline__ void w4a16_mma_body(const u32* __restrict__ x, const u32* __restrict__ qw,
                                                const void* __restrict__ scales,
                                                const unsigned char* __restrict__ zeros,
@@ -347,18 +390,19 @@ __device__ __forceinline__ void w4a16_mma_body(const u32* __restrict__ x, const 
   if (row0 < N && kb0 < kb1) {
     // Block kb lives in buf[(kb - kb0) % (S + 1)]; block kb + S is loaded before block kb is used, into the
     // buffer block kb - 1 has left (indices are compile-time constants: the buffers stay in registers).
-    Block<R, NT> buf[S + 1];
+    Block<R, NT, BITS> buf[S + 1];
 #pragma unroll
     for (int i = 0; i < S; ++i)
-      if (kb0 + i < kb1) load_block<DT, SDT, R, NT, ZP>(buf[i], x, qw, scales, zeros, kb0 + i, row0, g, t, M, N, K, group);
+      if (kb0 + i < kb1)
+        load_block<DT, SDT, R, NT, ZP, BITS>(buf[i], x, qw, scales, zeros, kb0 + i, row0, g, t, M, N, K, group);
     for (int kb = kb0; kb < kb1; kb += S + 1) {
 #pragma unroll
       for (int u = 0; u <= S; ++u) {
         if (kb + u < kb1) {
           if (kb + u + S < kb1)
-            load_block<DT, SDT, R, NT, ZP>(buf[(u + S) % (S + 1)], x, qw, scales, zeros, kb + u + S, row0, g, t, M, N,
-                                           K, group);
-          compute_block<DT, R, NT>(buf[u], acc);
+            load_block<DT, SDT, R, NT, ZP, BITS>(buf[(u + S) % (S + 1)], x, qw, scales, zeros, kb + u + S, row0, g,
+                                                 t, M, N, K, group);
+          compute_block<DT, R, NT, BITS>(buf[u], acc);
         }
       }
     }

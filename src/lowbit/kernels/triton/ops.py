@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import cuda
 from lowbit.kernels.triton.layout import Prepared
 
 _DECODE = {"int_sym": 0, "int_asym": 1, "lut": 2}
@@ -117,12 +118,6 @@ def _splits(tiles: int, k_blocks: int, programs: int, min_blocks: int = 4) -> in
     """Splits of K that bring ``tiles`` output tiles to about ``programs`` programs, each split
     keeping ≥ ``min_blocks`` K blocks."""
     return max(1, min(_cdiv(programs, tiles), k_blocks // min_blocks))
-
-
-def cuda_w4a16_enabled() -> bool:
-    """Whether the launcher picks `lowbit.kernels.cuda`'s kernel for int4 at ≤ 32 tokens (LOWBIT_W4A16_CUDA=1).
-    Off by default until bench/gpu_run_cuda.sh has checked and timed it on a GPU."""
-    return os.environ.get("LOWBIT_W4A16_CUDA") == "1"
 
 
 def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int, lut: bool = False,
@@ -249,7 +244,7 @@ def launch_int4(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: 
     """out (..., N) ← x (..., K) @ decode(qweight)ᵀ (+ bias); see `prepare_w4a16` / `prepare_nf4`.
 
     ``qweight`` is (N, ceil(K/8)) int32 with unit stride along its words."""
-    if config is None and cuda_w4a16_enabled():
+    if config is None and cuda.enabled():
         m, n_groups = x.numel() // max(x.shape[-1], 1), scales.shape[0]
         config = int4_config(m, qweight.shape[0], x.shape[-1], group_size, n_groups, _sm_count(x.device),
                              lut=levels is not None, gidx=g_idx is not None, cuda=True)
@@ -342,8 +337,6 @@ def _launch_cuda(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros:
                  levels: Tensor | None, perm: Tensor | None, g_idx: Tensor | None, bias: Tensor | None,
                  group_size: int, cfg: BlockConfig) -> bool:
     """Run the call on `lowbit.kernels.cuda`'s kernel if it can take it (True), else leave it (False)."""
-    from lowbit.kernels import cuda
-
     K = x.shape[-1]
     group = group_size if scales.shape[0] > 1 else K
     if cfg.block_n % 16 or cuda.unsupported(x, qweight, scales, zeros, group, levels is not None,
