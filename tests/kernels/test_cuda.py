@@ -179,7 +179,8 @@ def test_the_x_pairs_and_the_decoded_pairs_meet_the_same_columns():
             assert ((pair & 0xFFFF).item(), (pair >> 16).item()) == (0x100 + p, 0x100 + p + 4)
 
 
-@pytest.mark.parametrize("m,tokens,rows", [(1, 8, 32), (8, 8, 32), (9, 16, 16), (16, 16, 16), (17, 32, 16), (32, 32, 16)])
+@pytest.mark.parametrize("m,tokens,rows", [(1, 8, 32), (8, 8, 32), (9, 16, 16), (16, 16, 16), (17, 32, 16),
+                                           (32, 32, 16)])
 def test_the_launcher_picks_the_cuda_kernel_only_when_asked_and_where_it_applies(m, tokens, rows):
     cfg = int4_config(m, 28672, 8192, 128, 64, 132, cuda=True)
     assert (cfg.backend, cfg.block_m, cfg.block_n, cfg.block_k) == ("cuda", tokens, rows, 128)

@@ -1,5 +1,6 @@
 // Runs w4a16_mma_body on the CPU (see w4a16_host.h): one block at a time, its threads as std::threads.
-// Compiled by test_cuda.py with -DLOWBIT_HOST and the specialisation's -DV_DT= -DV_SDT= -DV_R= -DV_NT= -DV_ZP= -DV_BIAS= -DV_WARPS= -DV_S= -DV_BITS=.
+// Compiled by test_cuda.py with -DLOWBIT_HOST and the specialisation's template arguments as
+// -DV_DT= -DV_SDT= -DV_R= -DV_NT= -DV_ZP= -DV_BIAS= -DV_WARPS= -DV_S= -DV_BITS=.
 #include <memory>
 #include <thread>
 #include <vector>
@@ -22,8 +23,8 @@ extern "C" void run(const u32* x, const u32* qw, const void* scales, const unsig
         threads.emplace_back([=] {
           threadIdx = Dim3{tid, 0, 0};
           blockIdx = Dim3{static_cast<unsigned>(bx), static_cast<unsigned>(by), 0};
-          w4a16_mma_body<V_DT, V_SDT, V_R, V_NT, V_ZP, V_BIAS, V_S, V_BITS>(x, qw, scales, zeros, bias, y, ws, counters, M, N,
-                                                                   K, group, kb_split);
+          w4a16_mma_body<V_DT, V_SDT, V_R, V_NT, V_ZP, V_BIAS, V_S, V_BITS>(x, qw, scales, zeros, bias, y, ws,
+                                                                            counters, M, N, K, group, kb_split);
         });
       }
       for (auto& thread : threads) thread.join();

@@ -1,16 +1,18 @@
 """CUDA C++ kernels, compiled at first use for the device at hand and launched through the driver API.
 
-``csrc/w4a16_mma.cu`` (the W4A16 tensor-core kernel for few tokens; its header says how it
-works) is compiled by NVRTC — the runtime compiler a CUDA build of torch ships with — or, where
+``csrc/w4a16_mma.cu`` (the tensor-core kernel for int4 and int8 weights at few tokens; its header
+says how it works) is compiled by NVRTC — the runtime compiler a CUDA build of torch ships with — or, where
 NVRTC cannot be loaded, by ``nvcc`` if it is on the PATH; the binary is loaded with
 ``cuModuleLoadData`` and launched with ``cuLaunchKernel`` on torch's current stream (ctypes,
 no compiled extension, nothing to build at install time). One binary per `Variant` and
 compute capability, cached for the process.
 
-The launcher is reached through `lowbit.kernels.triton.ops.launch_int4` with a `BlockConfig`
-whose backend is "cuda"; `unsupported` says when a call cannot take it (the caller then runs
-the Triton kernels). It is not the launcher's default until it has been checked and timed on a
-GPU by ``bench/gpu_kernels.py`` (see bench/results/gpu_kernels_notes.md).
+int4 reaches it through `lowbit.kernels.triton.ops.launch_int4` with a `BlockConfig` whose backend
+is "cuda" (`unsupported` says when a call cannot take it; the launcher then runs its own choice);
+int8 weight-only layers through the dispatcher (`lowbit.kernels.gpu` registers ``cuda-w8a16``, the
+``lowbit::w8a16_cuda`` custom op). Neither is picked by default until the kernel has been checked and
+timed on a GPU by ``bench/gpu_run_cuda.sh``: `enabled` (LOWBIT_CUDA_KERNELS=1) opts in (see
+bench/results/gpu_kernels_notes.md).
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ _SDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 class Variant:
     """One compiled specialisation: x's dtype code (0 bf16, 1 fp16), the scales' (0 fp32, 1 bf16,
     2 fp16), ``rows`` tiles of 16 weight rows per warp, ``token_tiles`` tiles of 8 tokens,
-    asymmetric zero points, a bias, ``warps`` per block (the launch bound), and ``stages`` 128-column
-    blocks of words loaded ahead of the one being decoded."""
+    asymmetric zero points, a bias, ``warps`` per block (the launch bound), ``stages`` 128-column
+    blocks of words loaded ahead of the one being decoded, and the codes' ``bits`` (4 or 8)."""
 
     dt: int
     sdt: int
@@ -66,10 +68,11 @@ class Variant:
         flag = lambda b: "true" if b else "false"  # noqa: E731
         args = ("const u32* x, const u32* qw, const void* scales, const unsigned char* zeros, const u16* bias, "
                 "u16* y, float* ws, u32* counters, int M, int N, int K, int group, int kb_split")
+        params = (f"{self.dt}, {self.sdt}, {self.rows}, {self.token_tiles}, {flag(self.zero_points)}, "
+                  f"{flag(self.bias)}, {self.stages}, {self.bits}")
         return (f'\nextern "C" __global__ void __launch_bounds__({32 * self.warps}) {name}({args}) {{\n'
-                f"  w4a16_mma_body<{self.dt}, {self.sdt}, {self.rows}, {self.token_tiles}, {flag(self.zero_points)}, "
-                f"{flag(self.bias)}, {self.stages}, {self.bits}>(x, qw, scales, zeros, bias, y, ws, counters, M, N, K, group, "
-                "kb_split);\n}\n")
+                f"  w4a16_mma_body<{params}>(x, qw, scales, zeros, bias, y, ws, counters, M, N, K, group, kb_split);\n"
+                "}\n")
 
     def source(self) -> str:
         """The kernel source with this specialisation's entry point."""
