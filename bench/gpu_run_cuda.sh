@@ -12,8 +12,13 @@
 source bench/gpu_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$OUT/env.txt"
-TRITON_INTERPRET=0 timeout "${2:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_cuda.py \
-    > "$OUT/pytest_cuda.log" 2>&1
+# (the CPU-side tests of the same file - host runs, nvcc/NVRTC compiles - run in CI; 8 processes share the NVRTC compiles)
+T=tests/kernels/test_triton.py
+TRITON_INTERPRET=0 timeout "${2:-150}" python3 -m pytest -q -x -n 8 -p no:cacheprovider \
+    "tests/kernels/test_cuda.py::test_the_kernel_matches_the_reference" \
+    "tests/kernels/test_cuda.py::test_int8_through_the_dispatcher_matches_the_reference" \
+    "$T::test_a_cuda_config_the_cuda_kernel_cannot_take_runs_the_launchers_choice" \
+    "$T::test_asking_for_the_cuda_kernel_where_it_cannot_run_runs_the_launchers_choice" > "$OUT/pytest_cuda.log" 2>&1
 echo "pytest rc=$?" | tee -a "$OUT/pytest_cuda.log"
 tail -n 30 "$OUT/pytest_cuda.log"
 timeout "${1:-300}" python3 bench/gpu_kernels.py --out "$OUT" --progress "$OUT/progress.jsonl" --kernels w4a16,w8a16 \
