@@ -136,6 +136,8 @@ def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None
     dense = [t for t in (qweight, scales, zeros) if t is not None]
     if not all(t.is_contiguous() for t in dense) or qweight.shape[1] != K * bits // 32:
         return f"needs the row-major qweight, scales and zero points that prepare_w{bits}a16 makes"
+    if qweight.data_ptr() % 16:
+        return "reads qweight in 16-byte vectors: its first word must be 16-byte aligned"
     return None
 
 
