@@ -53,7 +53,7 @@ SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096), (4096, 11008), (11008, 409
 TOKENS = [1, 16, 64, 128, 256, 2048]
 SMOKE_SHAPES = [(256, 96), (192, 160)]
 SMOKE_TOKENS = [1, 16, 33]
-KERNELS = ("w4a16", "nf4", "w8a8", "fp8", "peers", "w8a16")
+KERNELS = ("w4a16", "nf4", "w8a8", "fp8", "peers", "w8a16", "w3a16")
 TOL = 4 * 2.0**-8  # bf16
 
 
@@ -102,6 +102,7 @@ from lowbit.scheme import QuantSpec, get_scheme  # noqa: E402
 from lowbit.tensor import quantize_weight  # noqa: E402
 
 W4 = QuantSpec("int", 4, "group", 128)
+W3 = QuantSpec("int", 3, "group", 128)
 NF4 = QuantSpec("nf4", 4, "group", 64)
 W8, ACT8 = get_scheme("W8A8").weights, get_scheme("W8A8").activations
 FP8W, ACTF8 = get_scheme("FP8").weights, get_scheme("FP8").activations
@@ -366,8 +367,9 @@ class Shape:
 
         if "w8a8" in RUN:
             self._w8a8_row(row, m, x, tiles)
-        if "w8a16" in RUN:
-            self._w8a16_row(row, m, x)
+        for bits, name in ((8, "w8a16"), (3, "w3a16")):
+            if name in RUN:
+                self._weight_only_row(row, m, x, bits)
         if "fp8" in RUN and isinstance(self.pf, str):
             row["skipped"]["fp8 scaled_mm"] = self.pf
         elif "fp8" in RUN:
@@ -386,19 +388,27 @@ class Shape:
                                                  if us is not None) + " us", flush=True)
         return row
 
-    def _w8a16_row(self, row: dict, m: int, x: torch.Tensor) -> None:
-        """int8 per-channel weight-only: the CUDA kernel up to its token limit (opt-in, enabled for the bench)."""
+    def _weight_only_row(self, row: dict, m: int, x: torch.Tensor, bits: int) -> None:
+        """int8 per-channel / int3 g128 weight-only: the CUDA kernel up to its token limit (opt-in; called directly)."""
+        name = f"w{bits}a16 cuda"
         if self.device.type != "cuda" or m > cuda_kernels.MAX_TOKENS:
-            row["skipped"]["w8a16 cuda"] = "CUDA only" if self.device.type != "cuda" else "above its token limit"
+            row["skipped"][name] = "CUDA only" if self.device.type != "cuda" else "above its token limit"
             return
-        p = cuda_kernels.prepare_w8a16(self.w8)
-        ref = quantized_linear(x, self.w8)
+        weight = self.w8 if bits == 8 else self.weight_w3()
+        p = cuda_kernels.prepare_weight_only(weight)
+        ref = quantized_linear(x, weight)
 
-        def w8a16(x, out):
-            y = torch.ops.lowbit.w8a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), None, self.w8.group_size)
+        def run(x, out):
+            y = torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), None, weight.group_size,
+                                              bits)
             return out.copy_(y) if out is not None else y
 
-        row["us"]["w8a16 cuda"] = self._run("w8a16 cuda", m, w8a16, x, ref)
+        row["us"][name] = self._run(name, m, run, x, ref)
+
+    def weight_w3(self):
+        if getattr(self, "w3", None) is None:
+            self.w3 = quantize_weight(self.w_bf16.float(), W3)
+        return self.w3
 
     def _w8a8_row(self, row: dict, m: int, x: torch.Tensor, tiles: dict | None) -> None:
         k, n, dev = self.k, self.n, self.device

@@ -201,7 +201,7 @@ def test_max_rows_and_stages_keep_a_thread_within_its_registers():
 # -- compiling it ---------------------------------------------------------------------------------
 
 VARIANTS = [cuda.plan(8 * tiles, 4096, 4096, dtype, sdt, zp, bias, rows, 4, 1, stages, bits).variant
-            for bits in (4, 8) for dtype in (torch.bfloat16, torch.float16) for tiles in (1, 2, 4)
+            for bits in (3, 4, 8) for dtype in (torch.bfloat16, torch.float16) for tiles in (1, 2, 4)
             for rows in (1, 2, 4) for stages in (1, 2, 3)
             for zp, bias, sdt in ((False, False, torch.float16), (True, True, torch.float32))]
 VARIANTS = sorted(set(VARIANTS), key=str)  # every specialisation plan() can pick
@@ -255,7 +255,8 @@ def _host_kernel(variant: cuda.Variant, build_dir: str) -> ctypes.CDLL:
         ("S", variant.stages), ("BITS", variant.bits))]
     cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DLOWBIT_HOST", *flags,
            f"-I{cuda.SOURCE.parent}", f"-I{HERE}", str(HERE / "w4a16_host_run.cpp"), "-o", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    assert built.returncode == 0, f"g++ could not build the host kernel:\n{built.stderr[-3000:]}"
     return ctypes.CDLL(str(out))
 
 
@@ -361,32 +362,36 @@ def test_the_launcher_passes_the_kernel_its_arguments_in_order(monkeypatch, tmp_
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("m,k,n,group,symmetric,scale_dtype,rows,split,stages,bias", [
     (1, 384, 48, None, True, "float16", 2, 1, 2, False),  # W8A16 as lowbit makes it: symmetric per channel
-    (4, 512, 80, 128, False, "float32", 1, 2, 2, True),  # asymmetric groups: zero points up to 255
+    (4, 512, 80, 128, False, "float32", 1, 2, 2, True),  # asymmetric groups: zero points up to 2^bits - 1
     (12, 256, 32, 256, True, "bfloat16", 2, 1, 1, True),
     (32, 640, 16, 128, False, "float16", 1, 3, 1, False),
 ])
-def test_the_kernel_source_computes_int8_products_on_the_cpu(dtype, m, k, n, group, symmetric, scale_dtype, rows,
-                                                             split, stages, bias, tmp_path_factory):
-    weight = _weight(n, k, group, symmetric, scale_dtype, seed=m + 7 * k, bits=8)
+@pytest.mark.parametrize("bits", [3, 8])
+def test_the_kernel_source_computes_int3_and_int8_products_on_the_cpu(bits, dtype, m, k, n, group, symmetric,
+                                                                      scale_dtype, rows, split, stages, bias,
+                                                                      tmp_path_factory):
+    weight = _weight(n, k, group, symmetric, scale_dtype, seed=m + 7 * k, bits=bits)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     b = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) if bias else None
-    prepared = cuda.prepare_w8a16(weight)
+    prepared = cuda.prepare_weight_only(weight)
     assert prepared["qweight"].data_ptr() == weight.qdata.data_ptr()  # the stored bytes, not a copy
-    y = run_on_host(x, prepared, group or k, b, rows, 4, split, stages, str(tmp_path_factory.getbasetemp()), bits=8)
+    y = run_on_host(x, prepared, group or k, b, rows, 4, split, stages, str(tmp_path_factory.getbasetemp()),
+                    bits=bits)
     _check(y, quantized_linear(x, weight, b))
 
 
-def test_int8_goes_to_the_cuda_kernel_only_when_asked_and_where_it_applies(monkeypatch):
+def test_int3_and_int8_go_to_the_cuda_kernel_only_when_asked_and_where_it_applies(monkeypatch):
     weight = _weight(64, 256, None, True, "float16", 0, bits=8)
     cpu, spec = torch.device("cpu"), weight.spec
     monkeypatch.delenv("LOWBIT_CUDA_KERNELS", raising=False)
-    assert "opt-in" in cuda.w8a16_unsupported(weight, None, cpu)
+    assert "opt-in" in cuda.weight_only_unsupported(weight, None, cpu)
     monkeypatch.setenv("LOWBIT_CUDA_KERNELS", "1")
-    assert cuda.w8a16_unsupported(weight, None, cpu) == "runs on CUDA devices only"
-    assert "weight-only" in cuda.w8a16_unsupported(weight, spec, cpu)
-    assert "int8" in cuda.w8a16_unsupported(_weight(64, 256, 128, True, "float16", 0), None, cpu)
-    assert "multiples of 128" in cuda.w8a16_unsupported(_weight(64, 192, None, True, "float16", 0, bits=8), None,
-                                                        torch.device("cuda")) if GPU else True
+    assert cuda.weight_only_unsupported(weight, None, cpu) == "runs on CUDA devices only"
+    assert "weight-only" in cuda.weight_only_unsupported(weight, spec, cpu)
+    assert "int3 or int8" in cuda.weight_only_unsupported(_weight(64, 256, 128, True, "float16", 0), None, cpu)
+    if GPU:
+        odd = _weight(64, 192, None, True, "float16", 0, bits=3)
+        assert "multiples of 128" in cuda.weight_only_unsupported(odd, None, torch.device("cuda"))
 
 
 # -- running it -----------------------------------------------------------------------------------
@@ -424,25 +429,27 @@ def test_the_kernel_matches_the_reference(dtype, symmetric, m, k, n, group, rows
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("m", [1, 5, 16, 32, 33])
+@pytest.mark.parametrize("bits", [3, 8])
 @pytest.mark.parametrize("k,n,group,symmetric", [(4096, 4096, None, True), (640, 4096 + 16, 128, False),
                                                  (1024, 48, 256, True)])
-def test_int8_through_the_dispatcher_matches_the_reference(monkeypatch, dtype, m, k, n, group, symmetric):
-    """W8A16 on the GPU: `lowbit::w8a16_cuda` up to 32 tokens, the reference above, opcheck on the op."""
+def test_int3_and_int8_through_the_dispatcher_match_the_reference(monkeypatch, bits, dtype, m, k, n, group,
+                                                                  symmetric):
+    """W3A16 / W8A16 on the GPU: `lowbit::int_a16_cuda` up to 32 tokens, the reference above, opcheck on the op."""
     from lowbit.kernels import dispatch
 
     monkeypatch.setenv("LOWBIT_CUDA_KERNELS", "1")
     dev = torch.device("cuda")
-    cpu_weight = _weight(n, k, group, symmetric, "float16", seed=m + n, bits=8)
+    cpu_weight = _weight(n, k, group, symmetric, "float16", seed=m + n, bits=bits)
     weight = QuantizedWeight(cpu_weight.qdata.to(dev), cpu_weight.scale.to(dev),
                              None if cpu_weight.zero_point is None else cpu_weight.zero_point.to(dev),
                              cpu_weight.shape, cpu_weight.spec)
     kernel = dispatch.choose(weight, None, dev, m)
-    assert kernel.name == ("cuda-w8a16" if m <= cuda.MAX_TOKENS else "reference")
+    assert kernel.name == ("cuda-int-a16" if m <= cuda.MAX_TOKENS else "reference")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dev, dtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
     out = kernel.run(x, kernel.prepare(weight), weight, bias, None)
     _check(out.cpu(), quantized_linear(x.cpu(), cpu_weight, bias.cpu()))
     if m <= cuda.MAX_TOKENS and m % 16 == 0:
-        p = cuda.prepare_w8a16(weight)
-        torch.library.opcheck(torch.ops.lowbit.w8a16_cuda.default, (x, p["qweight"], p["scales"], p.get("zeros"),
-                                                                     bias, weight.group_size))
+        p = cuda.prepare_weight_only(weight)
+        torch.library.opcheck(torch.ops.lowbit.int_a16_cuda.default, (x, p["qweight"], p["scales"], p.get("zeros"),
+                                                                       bias, weight.group_size, bits))

@@ -1,6 +1,6 @@
 """CUDA C++ kernels, compiled at first use for the device at hand and launched through the driver API.
 
-``csrc/w4a16_mma.cu`` (the tensor-core kernel for int4 and int8 weights at few tokens; its header
+``csrc/w4a16_mma.cu`` (the tensor-core kernel for int3, int4 and int8 weights at few tokens; its header
 says how it works) is compiled by NVRTC — the runtime compiler a CUDA build of torch ships with — or, where
 NVRTC cannot be loaded, by ``nvcc`` if it is on the PATH; the binary is loaded with
 ``cuModuleLoadData`` and launched with ``cuLaunchKernel`` on torch's current stream (ctypes,
@@ -9,8 +9,8 @@ compute capability, cached for the process.
 
 int4 reaches it through `lowbit.kernels.triton.ops.launch_int4` with a `BlockConfig` whose backend
 is "cuda" (`unsupported` says when a call cannot take it; the launcher then runs its own choice);
-int8 weight-only layers through the dispatcher (`lowbit.kernels.gpu` registers ``cuda-w8a16``, the
-``lowbit::w8a16_cuda`` custom op). Neither is picked by default until the kernel has been checked and
+int3 and int8 weight-only layers through the dispatcher (`lowbit.kernels.gpu` registers ``cuda-int-a16``,
+the ``lowbit::int_a16_cuda`` custom op). Neither is picked by default until the kernel has been checked and
 timed on a GPU by ``bench/gpu_run_cuda.sh``: `enabled` (LOWBIT_CUDA_KERNELS=1) opts in (see
 bench/results/gpu_kernels_notes.md).
 """
@@ -51,7 +51,7 @@ class Variant:
     """One compiled specialisation: x's dtype code (0 bf16, 1 fp16), the scales' (0 fp32, 1 bf16,
     2 fp16), ``rows`` tiles of 16 weight rows per warp, ``token_tiles`` tiles of 8 tokens,
     asymmetric zero points, a bias, ``warps`` per block (the launch bound), ``stages`` 128-column
-    blocks of words loaded ahead of the one being decoded, and the codes' ``bits`` (4 or 8)."""
+    blocks of words loaded ahead of the one being decoded, and the codes' ``bits`` (3, 4 or 8)."""
 
     dt: int
     sdt: int
@@ -116,7 +116,7 @@ def _device_reason(device: torch.device) -> str | None:
 def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group: int,
                 lut: bool = False, act_order: bool = False, bits: int = 4) -> str | None:
     """None when `launch_w4a16` can take this call (``bits``-bit codes as `prepare_w4a16` /
-    `prepare_w8a16` lay them out), else why not."""
+    `prepare_weight_only` lay them out), else why not."""
     M, K = x.reshape(-1, x.shape[-1]).shape
     N = qweight.shape[0]
     reason = _device_reason(x.device)
@@ -135,7 +135,7 @@ def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None
         return f"takes float32, bfloat16 or float16 scales, got {scales.dtype}"
     dense = [t for t in (qweight, scales, zeros) if t is not None]
     if not all(t.is_contiguous() for t in dense) or qweight.shape[1] != K * bits // 32:
-        return f"needs the row-major qweight, scales and zero points that prepare_w{bits}a16 makes"
+        return "needs the row-major qweight, scales and zero points that prepare_w4a16 / prepare_weight_only make"
     if qweight.data_ptr() % 16:
         return "reads qweight in 16-byte vectors: its first word must be 16-byte aligned"
     return None
@@ -329,9 +329,10 @@ def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, z
     """The `Launch` of `launch_w4a16` for these sizes (``rows`` and ``stages`` capped by `max_rows` and
     `max_stages`, ``split_k`` to what K holds)."""
     token_tiles = 1 if M <= 8 else 2 if M <= 16 else 4
-    rows = max_rows(token_tiles * bits // 4, rows)  # 8-bit words take twice the registers of 4-bit ones
+    words = -(-token_tiles * bits // 4)  # register load in 4-bit token tiles: 8-bit words take twice as many
+    rows = max_rows(words, rows)
     variant = Variant(_DT[dtype], _SDT[scale_dtype], rows, token_tiles, zero_points, bias, warps,
-                      max_stages(rows, token_tiles * bits // 4, stages), bits)
+                      max_stages(rows, words, stages), bits)
     k_blocks = K // BLOCK_K
     kb_split = -(-k_blocks // max(1, min(split_k, k_blocks)))
     return Launch(variant, -(-N // (16 * variant.rows * warps)), -(-k_blocks // kb_split), kb_split)
@@ -340,8 +341,8 @@ def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, z
 def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
                  bias: Tensor | None, group: int, rows: int = 2, warps: int = 4, split_k: int = 1,
                  stages: int = 1, bits: int = 4) -> None:
-    """out2 (M, N) ← x2 (M, K) @ W (N, K)ᵀ (+ bias), W's ``bits``-bit codes (4 or 8) as `prepare_w4a16`
-    / `prepare_w8a16` lay them out: ``rows`` tiles of 16 weight rows per warp, ``warps`` per block, K split
+    """out2 (M, N) ← x2 (M, K) @ W (N, K)ᵀ (+ bias), W's ``bits``-bit codes (3, 4 or 8) as `prepare_w4a16`
+    / `prepare_weight_only` lay them out: ``rows`` tiles of 16 weight rows per warp, ``warps`` per block, K split
     ``split_k`` ways, ``stages`` blocks of words in flight. The caller has checked `unsupported`."""
     M, K = x2.shape
     N = qweight.shape[0]
@@ -363,17 +364,21 @@ def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zero
                     [M, N, K, group, run.kb_split])
 
 
-# -- int8 weight-only (W8A16) through the dispatcher ---------------------------------------------
+# -- int3 and int8 weight-only (W3A16, W8A16) through the dispatcher ------------------------------
 
-def w8a16_unsupported(weight: QuantizedWeight, activations: QuantSpec | None, device: torch.device) -> str | None:
-    """None when the W8A16 kernel can run this weight on this device, else why not."""
+DISPATCHED_BITS = (3, 8)  # int4 goes through the Triton launcher (backend "cuda")
+
+
+def weight_only_unsupported(weight: QuantizedWeight, activations: QuantSpec | None,
+                            device: torch.device) -> str | None:
+    """None when the kernel can run this int3 / int8 weight on this device, else why not."""
     if not enabled():
         return "opt-in until checked on a GPU (LOWBIT_CUDA_KERNELS=1)"
     spec = weight.spec
     if activations is not None:
         return "weight-only kernel; activations must stay in float"
-    if spec.format != "int" or spec.bits != 8 or spec.granularity not in ("group", "channel"):
-        return f"needs int8 weights with per-group or per-channel scales, got {spec.describe()}"
+    if spec.format != "int" or spec.bits not in DISPATCHED_BITS or spec.granularity not in ("group", "channel"):
+        return f"needs int3 or int8 weights with per-group or per-channel scales, got {spec.describe()}"
     if weight.g_idx is not None or weight.scale_scale is not None:
         return "reads plain per-group scales in column order (no act-order g_idx, no double-quantised scales)"
     rows, cols = weight.shape
@@ -381,9 +386,9 @@ def w8a16_unsupported(weight: QuantizedWeight, activations: QuantSpec | None, de
                                                    else cols)
 
 
-def prepare_w8a16(weight: QuantizedWeight) -> dict[str, Tensor]:
-    """int8 codes → ``qweight`` (N, K/4) int32 (a view of the stored bytes, no copy), ``scales`` (G, N) and,
-    when asymmetric, ``zeros`` (G, N) uint8."""
+def prepare_weight_only(weight: QuantizedWeight) -> dict[str, Tensor]:
+    """int3 / int8 codes → ``qweight`` (N, K·bits/32) int32 (a view of the stored bytes, no copy), ``scales``
+    (G, N) and, when asymmetric, ``zeros`` (G, N) uint8."""
     out = {"qweight": weight.qdata.contiguous().view(torch.int32),
            "scales": weight.scale.reshape(weight.scale_shape).T.contiguous()}
     zeros = weight.zero_points()
@@ -396,24 +401,24 @@ def _group(x: Tensor, scales: Tensor, group_size: int) -> int:
     return group_size if scales.shape[0] > 1 else x.shape[-1]
 
 
-@torch.library.custom_op("lowbit::w8a16_cuda", mutates_args=())
-def w8a16_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
-               group_size: int) -> Tensor:
-    """x (..., K) @ int8 weight (N, K)ᵀ (+ bias) for up to `MAX_TOKENS` tokens; see `launch_w4a16`."""
+@torch.library.custom_op("lowbit::int_a16_cuda", mutates_args=())
+def int_a16_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
+                 group_size: int, bits: int) -> Tensor:
+    """x (..., K) @ ``bits``-bit integer weight (N, K)ᵀ (+ bias) for up to `MAX_TOKENS` tokens; see `launch_w4a16`."""
     x2 = x.reshape(-1, x.shape[-1])
-    reason = unsupported(x2, qweight, scales, zeros, _group(x, scales, group_size), bits=8)
+    reason = unsupported(x2, qweight, scales, zeros, _group(x, scales, group_size), bits=bits)
     if reason is not None:
-        raise LowbitError(f"the CUDA W8A16 kernel cannot take this call: {reason}.")
+        raise LowbitError(f"the CUDA {bits}-bit kernel cannot take this call: {reason}.")
     out = x.new_empty((x2.shape[0], qweight.shape[0]))
     if x2.shape[0]:
         launch_w4a16(out, x2, qweight, scales, zeros, None if bias is None else bias.to(x.dtype).contiguous(),
-                     _group(x, scales, group_size), rows=2, split_k=_w8a16_splits(x2.device, qweight.shape[0],
-                                                                                    x.shape[-1]), stages=2, bits=8)
+                     _group(x, scales, group_size), rows=2, split_k=_splits(x2.device, qweight.shape[0], x.shape[-1]),
+                     stages=2, bits=bits)
     return out.reshape(*x.shape[:-1], qweight.shape[0])
 
 
-@w8a16_cuda.register_fake
-def _(x, qweight, scales, zeros, bias, group_size):
+@int_a16_cuda.register_fake
+def _(x, qweight, scales, zeros, bias, group_size, bits):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -422,16 +427,17 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _w8a16_splits(device: torch.device, N: int, K: int) -> int:
+def _splits(device: torch.device, N: int, K: int) -> int:
     """Splits of K for about four blocks (of 4 warps × 2 row tiles) per SM, each keeping ≥ 4 blocks of columns."""
     blocks = -(-N // 128)
     return max(1, min(-(-4 * _sms(device.index or 0) // blocks), K // BLOCK_K // 4))
 
 
-def w8a16_linear(x: Tensor, prepared: dict[str, Tensor], weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
-    """`lowbit::w8a16_cuda` where the call fits it (16-bit x, ≤ `MAX_TOKENS` tokens), else the reference."""
-    p = prepared
+def weight_only_linear(x: Tensor, prepared: dict[str, Tensor], weight: QuantizedWeight,
+                       bias: Tensor | None = None) -> Tensor:
+    """`lowbit::int_a16_cuda` where the call fits it (16-bit x, ≤ `MAX_TOKENS` tokens), else the reference."""
+    p, bits = prepared, weight.spec.bits
     group = _group(x, p["scales"], weight.group_size)
-    if unsupported(x, p["qweight"], p["scales"], p.get("zeros"), group, bits=8) is not None:
+    if unsupported(x, p["qweight"], p["scales"], p.get("zeros"), group, bits=bits) is not None:
         return reference_op(x, weight, bias, None)
-    return torch.ops.lowbit.w8a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), bias, weight.group_size)
+    return torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), bias, weight.group_size, bits)

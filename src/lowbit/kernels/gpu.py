@@ -1,5 +1,5 @@
 """GPU kernels registered with the dispatcher: the Triton ones (`lowbit.kernels.triton`), FP8
-through ``torch._scaled_mm``, and int8 weight-only through the CUDA C++ kernel of `lowbit.kernels.cuda`
+through ``torch._scaled_mm``, and int3 / int8 weight-only through the CUDA C++ kernel of `lowbit.kernels.cuda`
 (opt-in with LOWBIT_CUDA_KERNELS=1 until it has run on a GPU; the same switch lets the int4 launcher
 pick it at ≤ 32 tokens).
 
@@ -40,9 +40,9 @@ register(Kernel("triton-nf4", "cuda", _supports(tk.nf4_unsupported), tk.prepare_
                 lambda x, p, w, b, a: tk.nf4_linear(x, p, w.group_size, b)))
 register(Kernel("triton-w8a8", "cuda", _supports(tk.w8a8_unsupported), tk.prepare_w8a8,
                 lambda x, p, w, b, a: tk.w8a8_linear(x, p, b)))
-# int8 weight-only up to 32 tokens (above: the reference's dequantise + F.linear); opt-in, see lowbit.kernels.cuda
-register(Kernel("cuda-w8a16", "cuda", ck.w8a16_unsupported, ck.prepare_w8a16,
-                lambda x, p, w, b, a: ck.w8a16_linear(x, p, w, b), max_m=ck.MAX_TOKENS))
+# int3 / int8 weight-only up to 32 tokens (above: the reference's dequantise + F.linear); opt-in, see lowbit.kernels.cuda
+register(Kernel("cuda-int-a16", "cuda", ck.weight_only_unsupported, ck.prepare_weight_only,
+                lambda x, p, w, b, a: ck.weight_only_linear(x, p, w, b), max_m=ck.MAX_TOKENS))
 
 
 # -- FP8: e4m3 weights per channel × e4m3 activations per token, on the FP8 tensor cores --------

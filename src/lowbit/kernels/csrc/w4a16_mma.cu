@@ -1,8 +1,8 @@
-// lowbit W4A16 / W8A16 for few tokens (decode, M <= 32) on NVIDIA tensor cores (sm_80 and newer).
+// lowbit W4A16 / W8A16 / W3A16 for few tokens (decode, M <= 32) on NVIDIA tensor cores (sm_80 and newer).
 //
-// y (M, N) = x (M, K) @ W (N, K)^T (+ bias), W the stored codes of lowbit's int4 or int8 format read in
-// place: qweight (N, K * BITS / 32) int32, word [n, k * BITS / 32] holding code (n, k) in bits
-// BITS * (k % (32 / BITS)).. (unsigned: symmetric codes are offset by 2^(BITS - 1)), scales (G, N), zero
+// y (M, N) = x (M, K) @ W (N, K)^T (+ bias), W the stored codes of lowbit's int3, int4 or int8 format read
+// in place: qweight (N, K * BITS / 32) int32, each row an LSB-first bitstream of BITS-bit codes
+// (unsigned: symmetric codes are offset by 2^(BITS - 1); 3-bit codes straddle words), scales (G, N), zero
 // points (G, N) uint8 or none. Group sizes that are multiples of 128 (and per-channel), K a multiple of 128,
 // N of 16.
 //
@@ -22,7 +22,9 @@
 // with one byte permute. Scales multiply each block's fp32 partial sums (one group per block),
 // so codes are decoded to exact integers and the scale is applied in fp32, not rounded into
 // the weight. 8-bit codes take two 16-byte vectors per row and block; each MMA step takes one
-// word's byte pairs (0, 1) and (2, 3), which meet x's words as they are (decode_byte_pair).
+// word's byte pairs (0, 1) and (2, 3), which meet x's words as they are (decode_byte_pair). 3-bit
+// codes take 3 words per row and block, regrouped into four 24-bit groups of 8 codes that stand where
+// int4's words do (decode_pair3).
 //
 // Each warp owns R tiles of 16 rows and walks its split's range of 128-column blocks with the
 // words of the S blocks ahead loaded while this one is decoded. Splits of K (gridDim.y > 1) write fp32
@@ -56,6 +58,12 @@ __device__ __forceinline__ U4 load_cached(const u32* p) {  // x: read by every w
   U4 v;
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ u32 load_word(const u32* p) {  // 3-bit codes: a lane's 3 words share sectors, L1 keeps them
+  u32 v;
+  asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
 
@@ -192,12 +200,27 @@ template <int DT, int P> __device__ __forceinline__ u32 decode_pair(u32 w, u32 n
   return fma2<DT>(v, Half16<DT>::ONE, neg_c);
 }
 
+// 3-bit codes: eight to 24 bits, LSB first; a lane's 32 codes are 96 bits in 3 words, group j (codes
+// 8j .. 8j + 7) bits 24j .. 24j + 23.
+__device__ __forceinline__ u32 group_of3(const u32 (&w)[3], int j) {
+  return j == 0 ? w[0] : j == 1 ? (w[0] >> 24) | (w[1] << 8) : j == 2 ? (w[1] >> 16) | (w[2] << 16) : w[2] >> 8;
+}
+
+// Codes p and p + 4 of a 3-bit group (bits 3p and 3p + 12) as the packed pair (q_p - z, q_{p+4} - z):
+// two shifts bring them to bits 0 and 16, two lop3 mask them into 128.0's (1024.0's) mantissa.
+template <int DT, int P> __device__ __forceinline__ u32 decode_pair3(u32 g, u32 neg_c) {
+  const u32 lo = g >> (3 * P);
+  const u32 hi = 3 * P <= 4 ? g << (4 - 3 * P) : g >> (3 * P - 4);  // code p + 4 to bit 16
+  const u32 v = and_or(hi, 0x00070000u, and_or(lo, 0x7u, Half16<DT>::MAGIC));
+  return fma2<DT>(v, Half16<DT>::ONE, neg_c);
+}
+
 // Bytes i and i + 1 of word w (8-bit codes) as the packed pair (q_i - z, q_{i+1} - z). fp16: prmt puts
 // each byte under 1024.0's exponent byte, one packed FMA takes 1024 + z off (neg_c). bf16's 8-bit
 // mantissa cannot hold 128 + q for q >= 128, so each byte goes under float32's 2^23 instead, a float
 // add takes 2^23 + z off (neg_c is that float's bits) and the exact pair is packed to bf16.
 template <int DT, int I> __device__ __forceinline__ u32 decode_byte_pair(u32 w, u32 neg_c) {
-  if (DT == 1) {
+  if constexpr (DT == 1) {
     const u32 v = byte_perm<0x7050 | ((I + 1) << 8) | I>(w, Half16<1>::MAGIC);
     return fma2<1>(v, Half16<1>::ONE, neg_c);
   }
@@ -215,16 +238,31 @@ template <int SEL> __device__ __forceinline__ u32 pair_of(u32 lo, u32 hi) { retu
 // vectors of 4 words per row), x's words (token g of each of NT tiles of 8 tokens), scales and the
 // zero points' -(MAGIC + z).
 template <int R, int NT, int BITS> struct Block {
-  U4 wlo[R][BITS / 4], whi[R][BITS / 4];
+  u32 wlo[R][BITS], whi[R][BITS];
   U4 x[NT][4];
   float slo[R], shi[R];
   u32 clo[R], chi[R];
 };
 
+// A lane's BITS words of one row and block: 16-byte vectors (4- and 8-bit codes), or 3 words (3-bit codes:
+// 12 bytes, 4-byte aligned).
+template <int BITS> __device__ __forceinline__ void load_words(u32 (&w)[BITS], const u32* p) {
+  if constexpr (BITS % 4 == 0) {
+#pragma unroll
+    for (int v = 0; v < BITS / 4; ++v) {
+      const U4 q = load_stream(p + 4 * v);
+      w[4 * v] = q.x, w[4 * v + 1] = q.y, w[4 * v + 2] = q.z, w[4 * v + 3] = q.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) w[i] = load_word(p + i);
+  }
+}
+
 // What the decode adds to a code's magic-number value to leave q - z: -(MAGIC + z) in both halves, or
 // for bf16 with 8-bit codes the float32 -(2^23 + z).
 template <int DT, int BITS> __device__ __forceinline__ u32 neg_offset(u32 z) {
-  if (BITS == 8 && DT == 0) return NEG_FLOAT_MAGIC + z;
+  if constexpr (BITS == 8 && DT == 0) return NEG_FLOAT_MAGIC + z;
   return (Half16<DT>::NEG_MAGIC + z) * 0x00010001u;
 }
 
@@ -239,11 +277,8 @@ __device__ __forceinline__ void load_block(Block<R, NT, BITS>& b, const u32* __r
   for (int r = 0; r < R; ++r) {
     const int n = row0 + 16 * r + g;
     if (row0 + 16 * r < N) {
-#pragma unroll
-      for (int v = 0; v < BITS / 4; ++v) {
-        b.wlo[r][v] = load_stream(qw + (long long)n * KW + word0 + 4 * v);
-        b.whi[r][v] = load_stream(qw + (long long)(n + 8) * KW + word0 + 4 * v);
-      }
+      load_words<BITS>(b.wlo[r], qw + (long long)n * KW + word0);
+      load_words<BITS>(b.whi[r], qw + (long long)(n + 8) * KW + word0);
       b.slo[r] = load_scale<SDT>(scales, (long long)grp * N + n);
       b.shi[r] = load_scale<SDT>(scales, (long long)grp * N + n + 8);
       const u32 zlo = ZP ? zeros[(long long)grp * N + n] : 1u << (BITS - 1);
@@ -252,7 +287,7 @@ __device__ __forceinline__ void load_block(Block<R, NT, BITS>& b, const u32* __r
       b.chi[r] = neg_offset<DT, BITS>(zhi);
     } else {
 #pragma unroll
-      for (int v = 0; v < BITS / 4; ++v) b.wlo[r][v] = b.whi[r][v] = U4{0, 0, 0, 0};
+      for (int i = 0; i < BITS; ++i) b.wlo[r][i] = b.whi[r][i] = 0;
       b.slo[r] = b.shi[r] = 0.f;
       b.clo[r] = b.chi[r] = neg_offset<DT, BITS>(0);
     }
@@ -278,16 +313,14 @@ template <int R, int NT> __device__ __forceinline__ void zero(float (&a)[R][NT][
       for (int i = 0; i < 4; ++i) a[r][nt][i] = 0.f;
 }
 
-__device__ __forceinline__ u32 word_of(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
-
 template <int DT, int R, int NT, int BITS>
 __device__ __forceinline__ void compute_block(const Block<R, NT, BITS>& b, float (&acc)[R][NT][4]) {
   float part[R][NT][4];
   zero(part);
 
   // 4-bit: step s = 2 j + h takes word j of the lane's four, nibble pairs (2h, 2h + 4) and (2h + 1, 2h + 5),
-  // and x's matching pairs made by prmt. 8-bit: step s takes word s of the lane's eight, byte pairs (0, 1)
-  // and (2, 3), which meet x's words as they are.
+  // and x's matching pairs made by prmt; 3-bit: the same with the 24-bit group j for word j. 8-bit: step s
+  // takes word s of the lane's eight, byte pairs (0, 1) and (2, 3), which meet x's words as they are.
 #pragma unroll
   for (int s = 0; s < 8; ++s) {
     const int j = s >> 1, h = s & 1;
@@ -295,7 +328,7 @@ __device__ __forceinline__ void compute_block(const Block<R, NT, BITS>& b, float
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const U4& xv = b.x[nt][j];  // x0x1 x2x3 x4x5 x6x7 of 8 columns
-      if (BITS == 4) {
+      if constexpr (BITS != 8) {  // 4- and 3-bit: pairs of columns (p, p + 4)
         const u32 lo = h ? xv.y : xv.x, hi = h ? xv.w : xv.z;
         b0[nt] = pair_of<0x5410>(lo, hi);  // (x_{2h}, x_{2h+4})
         b1[nt] = pair_of<0x7632>(lo, hi);  // (x_{2h+1}, x_{2h+5})
@@ -307,19 +340,24 @@ __device__ __forceinline__ void compute_block(const Block<R, NT, BITS>& b, float
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       u32 a0, a1, a2, a3;
-      if (BITS == 4) {
-        const u32 wl = word_of(b.wlo[r][0], j), wh = word_of(b.whi[r][0], j);
-        a0 = h ? decode_pair<DT, 2>(wl, b.clo[r]) : decode_pair<DT, 0>(wl, b.clo[r]);
-        a1 = h ? decode_pair<DT, 2>(wh, b.chi[r]) : decode_pair<DT, 0>(wh, b.chi[r]);
-        a2 = h ? decode_pair<DT, 3>(wl, b.clo[r]) : decode_pair<DT, 1>(wl, b.clo[r]);
-        a3 = h ? decode_pair<DT, 3>(wh, b.chi[r]) : decode_pair<DT, 1>(wh, b.chi[r]);
-      } else {
-        const u32 wl = word_of(b.wlo[r][(s >> 2) & (BITS / 4 - 1)], s & 3);
-        const u32 wh = word_of(b.whi[r][(s >> 2) & (BITS / 4 - 1)], s & 3);
+      if constexpr (BITS == 8) {
+        const u32 wl = b.wlo[r][s], wh = b.whi[r][s];
         a0 = decode_byte_pair<DT, 0>(wl, b.clo[r]);
         a1 = decode_byte_pair<DT, 0>(wh, b.chi[r]);
         a2 = decode_byte_pair<DT, 2>(wl, b.clo[r]);
         a3 = decode_byte_pair<DT, 2>(wh, b.chi[r]);
+      } else if constexpr (BITS == 4) {
+        const u32 wl = b.wlo[r][j], wh = b.whi[r][j];
+        a0 = h ? decode_pair<DT, 2>(wl, b.clo[r]) : decode_pair<DT, 0>(wl, b.clo[r]);
+        a1 = h ? decode_pair<DT, 2>(wh, b.chi[r]) : decode_pair<DT, 0>(wh, b.chi[r]);
+        a2 = h ? decode_pair<DT, 3>(wl, b.clo[r]) : decode_pair<DT, 1>(wl, b.clo[r]);
+        a3 = h ? decode_pair<DT, 3>(wh, b.chi[r]) : decode_pair<DT, 1>(wh, b.chi[r]);
+      } else {  // 3-bit: group j stands where int4's word j does
+        const u32 gl = group_of3(b.wlo[r], j), gh = group_of3(b.whi[r], j);
+        a0 = h ? decode_pair3<DT, 2>(gl, b.clo[r]) : decode_pair3<DT, 0>(gl, b.clo[r]);
+        a1 = h ? decode_pair3<DT, 2>(gh, b.chi[r]) : decode_pair3<DT, 0>(gh, b.chi[r]);
+        a2 = h ? decode_pair3<DT, 3>(gl, b.clo[r]) : decode_pair3<DT, 1>(gl, b.clo[r]);
+        a3 = h ? decode_pair3<DT, 3>(gh, b.chi[r]) : decode_pair3<DT, 1>(gh, b.chi[r]);
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mma<DT>(part[r][nt], a0, a1, a2, a3, b0[nt], b1[nt]);
