@@ -389,18 +389,18 @@ class Shape:
         return row
 
     def _weight_only_row(self, row: dict, m: int, x: torch.Tensor, bits: int) -> None:
-        """int8 per-channel / int3 g128 weight-only: the CUDA kernel up to its token limit (opt-in; called directly)."""
+        """int8 per-channel / int3 g128 weight-only through `lowbit.kernels.cuda` (opt-in; called directly): the
+        tensor-core kernel up to its token limit, one-pass dequantise + cuBLAS above."""
         name = f"w{bits}a16 cuda"
-        if self.device.type != "cuda" or m > cuda_kernels.MAX_TOKENS:
-            row["skipped"][name] = "CUDA only" if self.device.type != "cuda" else "above its token limit"
+        if self.device.type != "cuda":
+            row["skipped"][name] = "CUDA only"
             return
         weight = self.w8 if bits == 8 else self.weight_w3()
         p = cuda_kernels.prepare_weight_only(weight)
         ref = quantized_linear(x, weight)
 
         def run(x, out):
-            y = torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), None, weight.group_size,
-                                              bits)
+            y = cuda_kernels.weight_only_linear(x, p, weight)
             return out.copy_(y) if out is not None else y
 
         row["us"][name] = self._run(name, m, run, x, ref)

@@ -205,6 +205,8 @@ VARIANTS = [cuda.plan(8 * tiles, 4096, 4096, dtype, sdt, zp, bias, rows, 4, 1, s
             for rows in (1, 2, 4) for stages in (1, 2, 3)
             for zp, bias, sdt in ((False, False, torch.float16), (True, True, torch.float32))]
 VARIANTS = sorted(set(VARIANTS), key=str)  # every specialisation plan() can pick
+VARIANTS += [cuda.DequantVariant(dt, sdt, zp, bits) for dt in (0, 1) for sdt in (0, 1, 2) for zp in (False, True)
+             for bits in (3, 4, 8)]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -218,6 +220,8 @@ def test_every_specialisation_compiles_without_spilling(arch):
     for variant, name in zip(VARIANTS, names):
         report = reports[name]
         assert report["spill_stores"] == 0 and report["spill_loads"] == 0, (variant, report)
+        if isinstance(variant, cuda.DequantVariant):  # 256 threads per block: at most 255 registers anyway
+            assert report["registers"] <= 128, (variant, report)
         assert report["registers"] <= 255
 
 
@@ -226,7 +230,7 @@ def test_every_specialisation_compiles_without_spilling(arch):
 def test_nvrtc_compiles_it_with_no_cuda_headers(variant):
     """The path a GPU machine takes at the first call: NVRTC, the source as shipped, a CUBIN for sm_90."""
     image = cuda.compile_nvrtc(variant.source(), "sm_90")
-    assert image[:4] == b"\x7fELF" and cuda.ENTRY.encode() in image
+    assert image[:4] == b"\x7fELF" and variant.ENTRY.encode() in image
 
 
 @pytest.mark.parametrize("compiler", ["nvrtc", "nvcc"])
@@ -246,13 +250,15 @@ needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU of compute capa
 
 
 @functools.cache
-def _host_kernel(variant: cuda.Variant, build_dir: str) -> ctypes.CDLL:
-    """w4a16_mma.cu compiled for the CPU (-DLOWBIT_HOST: w4a16_host.h's primitives, lanes as threads)."""
+def _host_kernel(variant: cuda.Variant | cuda.DequantVariant, build_dir: str) -> ctypes.CDLL:
+    """w4a16_mma.cu compiled for the CPU (-DLOWBIT_HOST: w4a16_host.h's primitives, lanes as threads); a
+    DequantVariant leaves the MMA kernel's other arguments at placeholders."""
     out = Path(build_dir) / f"w4a16_host_{abs(hash(variant))}.so"
+    get = lambda name, default: getattr(variant, name, default)  # noqa: E731
     flags = [f"-DV_{key}={value}" for key, value in (
-        ("DT", variant.dt), ("SDT", variant.sdt), ("R", variant.rows), ("NT", variant.token_tiles),
-        ("ZP", str(variant.zero_points).lower()), ("BIAS", str(variant.bias).lower()), ("WARPS", variant.warps),
-        ("S", variant.stages), ("BITS", variant.bits))]
+        ("DT", variant.dt), ("SDT", variant.sdt), ("R", get("rows", 1)), ("NT", get("token_tiles", 1)),
+        ("ZP", str(variant.zero_points).lower()), ("BIAS", str(get("bias", False)).lower()),
+        ("WARPS", get("warps", 4)), ("S", get("stages", 1)), ("BITS", variant.bits))]
     cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DLOWBIT_HOST", *flags,
            f"-I{cuda.SOURCE.parent}", f"-I{HERE}", str(HERE / "w4a16_host_run.cpp"), "-o", str(out)]
     built = subprocess.run(cmd, capture_output=True, text=True)
@@ -317,81 +323,94 @@ class _HostDriver:
         self.variant_of, self.build_dir, self.launches = variant_of, build_dir, []
 
     def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):  # noqa: N802
-        pointers = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_void_p)).contents.value for i in range(8)]
-        ints = [ctypes.cast(params[8 + i], ctypes.POINTER(ctypes.c_int)).contents.value for i in range(5)]
         variant = self.variant_of[function.value]
-        assert (gz, by, bz, shared, extra) == (1, 1, 1, 0, None) and bx == 32 * variant.warps
-        self.launches.append((gx, gy, ints))
-        _host_kernel(variant, self.build_dir).run(*[ctypes.c_void_p(p) for p in pointers],
-                                                  *[ctypes.c_int(i) for i in (*ints, gx, gy)])
+        n_pointers, n_ints = variant.ARGS
+        pointers = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_void_p)).contents.value for i in range(n_pointers)]
+        ints = [ctypes.cast(params[n_pointers + i], ctypes.POINTER(ctypes.c_int)).contents.value
+                for i in range(n_ints)]
+        assert (gz, by, bz, shared, extra) == (1, 1, 1, 0, None)
+        self.launches.append((variant.ENTRY, gx, gy, ints))
+        library = _host_kernel(variant, self.build_dir)
+        pointers = [ctypes.c_void_p(p) for p in pointers]
+        if isinstance(variant, cuda.DequantVariant):
+            assert gy == 1 and bx == cuda.DEQUANT_THREADS
+            library.run_dequant(*pointers, *[ctypes.c_int(i) for i in (*ints, gx, bx)])
+        else:
+            assert bx == 32 * variant.warps
+            library.run(*pointers, *[ctypes.c_int(i) for i in (*ints, gx, gy)])
         return 0
 
 
-@needs_gxx
-def test_the_launcher_passes_the_kernel_its_arguments_in_order(monkeypatch, tmp_path_factory):
-    """`cuda.launch_w4a16` end to end — plan, workspace, counters, the driver call's argument block — with
-    the driver replaced by the kernel's source run on the CPU."""
+@pytest.fixture
+def host_driver(monkeypatch, tmp_path_factory):
+    """`lowbit.kernels.cuda` with libcuda replaced by `_HostDriver` and torch.cuda's stream and device
+    calls by CPU stand-ins: its launchers run end to end on CPU tensors."""
     variant_of = {}
 
     def function(variant, device):
         f = cuda._Function.__new__(cuda._Function)
         f.function, f._local = ctypes.c_void_p(1000 + len(variant_of)), threading.local()
+        f.entry, (f.pointers, f.ints) = variant.ENTRY, variant.ARGS
         variant_of[f.function.value] = variant
         return f
 
     driver = _HostDriver(variant_of, str(tmp_path_factory.getbasetemp()))
-    counters = torch.zeros(64, dtype=torch.int32)
+    driver.counters = torch.zeros(64, dtype=torch.int32)
     monkeypatch.setattr(cuda, "_driver", lambda: driver)
     monkeypatch.setattr(cuda, "_function", function)
-    monkeypatch.setattr(cuda, "_counters", lambda device: counters)
+    monkeypatch.setattr(cuda, "_counters", lambda device: driver.counters)
     monkeypatch.setattr(cuda, "_make_current", lambda device: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    return driver
+
+
+@needs_gxx
+def test_the_launcher_passes_the_kernel_its_arguments_in_order(host_driver):
+    """`cuda.launch_w4a16` end to end — plan, workspace, counters, the driver call's argument block — with
+    the driver replaced by the kernel's source run on the CPU."""
     weight = _weight(80, 384, 128, False, "float16", seed=3)
     p = prepare_w4a16(weight)
     x = torch.randn(5, 384, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     bias = torch.randn(80, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     out = torch.full((5, 80), float("nan"), dtype=torch.bfloat16)
     cuda.launch_w4a16(out, x, p["qweight"], p["scales"], p["zeros"], bias, 128, rows=1, warps=4, split_k=3, stages=2)
-    assert driver.launches == [(2, 3, [5, 80, 384, 128, 1])]  # 80 rows / 64 per block, 3 splits of 1 block
-    assert not counters.any()
+    # 80 rows / 64 per block, 3 splits of 1 block of columns
+    assert host_driver.launches == [(cuda.ENTRY, 2, 3, [5, 80, 384, 128, 1])]
+    assert not host_driver.counters.any()
     _check(out, quantized_linear(x, weight, bias))
 
 
 @needs_gxx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("m,k,n,group,symmetric,scale_dtype,rows,split,stages,bias", [
-    (1, 384, 48, None, True, "float16", 2, 1, 2, False),  # W8A16 as lowbit makes it: symmetric per channel
-    (4, 512, 80, 128, False, "float32", 1, 2, 2, True),  # asymmetric groups: zero points up to 2^bits - 1
-    (12, 256, 32, 256, True, "bfloat16", 2, 1, 1, True),
-    (32, 640, 16, 128, False, "float16", 1, 3, 1, False),
-])
+@pytest.mark.parametrize("bits,group,symmetric,scale_dtype,dtype", [
+    (3, 128, False, "float16", torch.bfloat16), (3, None, True, "float32", torch.float16),
+    (4, 256, True, "bfloat16", torch.bfloat16), (8, None, True, "float16", torch.bfloat16),
+    (8, 128, False, "float32", torch.float16)])
+def test_the_dequantise_kernel_writes_the_references_weight_bit_for_bit(host_driver, bits, group, symmetric,
+                                                                         scale_dtype, dtype):
+    weight = _weight(48, 384, group, symmetric, scale_dtype, seed=bits, bits=bits)
+    p = cuda.prepare_weight_only(weight) if bits != 4 else prepare_w4a16(weight)
+    ref = weight.dequantize(dtype)
+    w = torch.full((32, 384), float("nan"), dtype=dtype)
+    cuda.dequantize(w, p["qweight"], p["scales"], p.get("zeros"), group or 384, bits, row0=16)  # rows 16 .. 47
+    assert torch.equal(w, ref[16:])
+
+
+@needs_gxx
 @pytest.mark.parametrize("bits", [3, 8])
-def test_the_kernel_source_computes_int3_and_int8_products_on_the_cpu(bits, dtype, m, k, n, group, symmetric,
-                                                                      scale_dtype, rows, split, stages, bias,
-                                                                      tmp_path_factory):
-    weight = _weight(n, k, group, symmetric, scale_dtype, seed=m + 7 * k, bits=bits)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-    b = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) if bias else None
-    prepared = cuda.prepare_weight_only(weight)
-    assert prepared["qweight"].data_ptr() == weight.qdata.data_ptr()  # the stored bytes, not a copy
-    y = run_on_host(x, prepared, group or k, b, rows, 4, split, stages, str(tmp_path_factory.getbasetemp()),
-                    bits=bits)
-    _check(y, quantized_linear(x, weight, b))
-
-
-def test_int3_and_int8_go_to_the_cuda_kernel_only_when_asked_and_where_it_applies(monkeypatch):
-    weight = _weight(64, 256, None, True, "float16", 0, bits=8)
-    cpu, spec = torch.device("cpu"), weight.spec
-    monkeypatch.delenv("LOWBIT_CUDA_KERNELS", raising=False)
-    assert "opt-in" in cuda.weight_only_unsupported(weight, None, cpu)
+def test_many_tokens_take_dequantise_and_a_gemm_in_chunks(host_driver, monkeypatch, bits):
+    """Above 32 tokens: the weight dequantised a chunk of rows at a time (two chunks here), each chunk's GEMM."""
     monkeypatch.setenv("LOWBIT_CUDA_KERNELS", "1")
-    assert cuda.weight_only_unsupported(weight, None, cpu) == "runs on CUDA devices only"
-    assert "weight-only" in cuda.weight_only_unsupported(weight, spec, cpu)
-    assert "int3 or int8" in cuda.weight_only_unsupported(_weight(64, 256, 128, True, "float16", 0), None, cpu)
-    if GPU:
-        odd = _weight(64, 192, None, True, "float16", 0, bits=3)
-        assert "multiples of 128" in cuda.weight_only_unsupported(odd, None, torch.device("cuda"))
+    monkeypatch.setattr(cuda, "DEQUANT_CHUNK", 32)
+    monkeypatch.setattr(cuda, "_device_reason", lambda device: None)  # CPU tensors stand in for the GPU's
+    weight = _weight(48, 256, 128, False, "float16", seed=bits, bits=bits)
+    x = torch.randn(2, 20, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 40 tokens
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    out = cuda.weight_only_linear(x, cuda.prepare_weight_only(weight), weight, bias)
+    assert [launch[0] for launch in host_driver.launches] == ["lowbit_dequant"] * 2
+    assert [launch[3][-1] for launch in host_driver.launches] == [0, 32]  # row0 of each chunk
+    assert out.shape == (2, 20, 48)
+    _check(out.reshape(40, 48), quantized_linear(x.reshape(40, 256), weight, bias))
 
 
 # -- running it -----------------------------------------------------------------------------------
@@ -434,7 +453,8 @@ def test_the_kernel_matches_the_reference(dtype, symmetric, m, k, n, group, rows
                                                  (1024, 48, 256, True)])
 def test_int3_and_int8_through_the_dispatcher_match_the_reference(monkeypatch, bits, dtype, m, k, n, group,
                                                                   symmetric):
-    """W3A16 / W8A16 on the GPU: `lowbit::int_a16_cuda` up to 32 tokens, the reference above, opcheck on the op."""
+    """W3A16 / W8A16 on the GPU: `lowbit::int_a16_cuda` up to 32 tokens, dequantise + cuBLAS above, opcheck on
+    the op."""
     from lowbit.kernels import dispatch
 
     monkeypatch.setenv("LOWBIT_CUDA_KERNELS", "1")
@@ -444,7 +464,7 @@ def test_int3_and_int8_through_the_dispatcher_match_the_reference(monkeypatch, b
                              None if cpu_weight.zero_point is None else cpu_weight.zero_point.to(dev),
                              cpu_weight.shape, cpu_weight.spec)
     kernel = dispatch.choose(weight, None, dev, m)
-    assert kernel.name == ("cuda-int-a16" if m <= cuda.MAX_TOKENS else "reference")
+    assert kernel.name == "cuda-int-a16"
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dev, dtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
     out = kernel.run(x, kernel.prepare(weight), weight, bias, None)
@@ -453,3 +473,16 @@ def test_int3_and_int8_through_the_dispatcher_match_the_reference(monkeypatch, b
         p = cuda.prepare_weight_only(weight)
         torch.library.opcheck(torch.ops.lowbit.int_a16_cuda.default, (x, p["qweight"], p["scales"], p.get("zeros"),
                                                                        bias, weight.group_size, bits))
+
+
+@needs_gpu
+@pytest.mark.parametrize("bits,group,symmetric", [(3, 128, False), (4, 128, True), (8, None, True), (8, 256, False)])
+def test_the_dequantise_kernel_matches_the_reference_bit_for_bit(bits, group, symmetric):
+    dev = torch.device("cuda")
+    cpu_weight = _weight(4096 + 16, 1024, group, symmetric, "float16", seed=bits, bits=bits)
+    p = cuda.prepare_weight_only(cpu_weight) if bits != 4 else prepare_w4a16(cpu_weight)
+    p = {key: v.to(dev) for key, v in p.items()}
+    for dtype in (torch.bfloat16, torch.float16):
+        w = torch.full((4096, 1024), float("nan"), dtype=dtype, device=dev)
+        cuda.dequantize(w, p["qweight"], p["scales"], p.get("zeros"), group or 1024, bits, row0=16)
+        assert torch.equal(w.cpu(), cpu_weight.dequantize(dtype)[16:])

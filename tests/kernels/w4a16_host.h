@@ -36,6 +36,7 @@ inline void __syncthreads() { host::block_barrier->arrive_and_wait(); }
 inline U4 load_stream(const u32* p) { return U4{p[0], p[1], p[2], p[3]}; }
 inline U4 load_cached(const u32* p) { return U4{p[0], p[1], p[2], p[3]}; }
 inline u32 load_word(const u32* p) { return *p; }
+inline void store_u4(u16* p, U4 v) { std::memcpy(p, &v, 16); }
 inline float load_cg(const float* p) { return std::atomic_ref<const float>(*p).load(std::memory_order_relaxed); }
 inline void fence_acq_rel() { std::atomic_thread_fence(std::memory_order_acq_rel); }
 inline u32 arrive(u32* counter) { return std::atomic_ref<u32>(*counter).fetch_add(1, std::memory_order_acq_rel); }

@@ -31,3 +31,17 @@ extern "C" void run(const u32* x, const u32* qw, const void* scales, const unsig
     }
   }
 }
+
+// dequant_body for every (block, thread) in turn: no barrier or MMA, so one host thread runs them all.
+extern "C" void run_dequant(const u32* qw, const void* scales, const unsigned char* zeros, u16* w, int rows, int K,
+                            int group, int n_stride, int row0, int blocks, int threads) {
+  blockDim = Dim3{static_cast<unsigned>(threads), 1, 1};
+  gridDim = Dim3{static_cast<unsigned>(blocks), 1, 1};
+  for (int b = 0; b < blocks; ++b) {
+    for (int tid = 0; tid < threads; ++tid) {
+      threadIdx = Dim3{static_cast<unsigned>(tid), 0, 0};
+      blockIdx = Dim3{static_cast<unsigned>(b), 0, 0};
+      dequant_body<V_DT, V_SDT, V_ZP, V_BITS>(qw, scales, zeros, w, rows, K, group, n_stride, row0);
+    }
+  }
+}

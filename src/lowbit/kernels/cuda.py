@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -42,6 +43,8 @@ SOURCE = Path(__file__).parent / "csrc" / "w4a16_mma.cu"
 ENTRY = "lowbit_w4a16_mma"
 MAX_TOKENS = 32  # four tiles of 8 tokens; above, the Triton kernels or dequantise + cuBLAS
 BLOCK_K = 128  # columns per step of a warp: K and the group size must be multiples of it
+DEQUANT_THREADS = 256
+DEQUANT_CHUNK = 4096  # rows of W dequantised per GEMM above MAX_TOKENS (as lowbit.kernels.triton.ops.DEQUANT_CHUNK)
 _DT = {torch.bfloat16: 0, torch.float16: 1}
 _SDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -62,6 +65,8 @@ class Variant:
     warps: int = 4
     stages: int = 1
     bits: int = 4
+    ENTRY: ClassVar[str] = ENTRY
+    ARGS: ClassVar[tuple[int, int]] = (8, 5)  # pointer and int arguments
 
     def entry_point(self, name: str = ENTRY) -> str:
         """An ``extern "C"`` kernel ``name`` running this specialisation of ``w4a16_mma_body``."""
@@ -76,6 +81,29 @@ class Variant:
 
     def source(self) -> str:
         """The kernel source with this specialisation's entry point."""
+        return SOURCE.read_text() + self.entry_point()
+
+
+@dataclass(frozen=True)
+class DequantVariant:
+    """One specialisation of the dequantise kernel (``dequant_body``): x's dtype code, the scales', zero
+    points, the codes' bits."""
+
+    dt: int
+    sdt: int
+    zero_points: bool
+    bits: int
+    ENTRY: ClassVar[str] = "lowbit_dequant"
+    ARGS: ClassVar[tuple[int, int]] = (4, 5)
+
+    def entry_point(self, name: str = "lowbit_dequant") -> str:
+        args = ("const u32* qw, const void* scales, const unsigned char* zeros, u16* w, int rows, int K, int group, "
+                "int n_stride, int row0")
+        params = f"{self.dt}, {self.sdt}, {'true' if self.zero_points else 'false'}, {self.bits}"
+        return (f'\nextern "C" __global__ void __launch_bounds__({DEQUANT_THREADS}) {name}({args}) {{\n'
+                f"  dequant_body<{params}>(qw, scales, zeros, w, rows, K, group, n_stride, row0);\n}}\n")
+
+    def source(self) -> str:
         return SOURCE.read_text() + self.entry_point()
 
 
@@ -256,38 +284,39 @@ def ptxas_reports(messages: str) -> dict[str, dict[str, int]]:
 
 
 class _Function:
-    """One loaded entry point. Its launch reuses one argument block per thread (the pointers and
-    sizes change per call, the block's layout never does): launches cost a few microseconds of
-    Python, which decoding at one token per step would otherwise wait for."""
+    """One loaded entry point, taking ``pointers`` pointer arguments then ``ints`` int ones. Its launch
+    reuses one argument block per thread (the values change per call, the block's layout never does):
+    launches cost a few microseconds of Python, which decoding at one token per step would otherwise
+    wait for."""
 
-    POINTERS, INTS = 8, 5
-
-    def __init__(self, image: bytes):
+    def __init__(self, image: bytes, entry: str, pointers: int, ints: int):
         lib = _driver()
+        self.entry, self.pointers, self.ints = entry, pointers, ints
         self.module, self.function = ctypes.c_void_p(), ctypes.c_void_p()
-        _check(lib.cuModuleLoadData(ctypes.byref(self.module), image), "loading the W4A16 kernel")
-        _check(lib.cuModuleGetFunction(ctypes.byref(self.function), self.module, ENTRY.encode()),
-               "finding the W4A16 kernel")
+        _check(lib.cuModuleLoadData(ctypes.byref(self.module), image), f"loading the kernel {entry}")
+        _check(lib.cuModuleGetFunction(ctypes.byref(self.function), self.module, entry.encode()),
+               f"finding the kernel {entry}")
         self._local = threading.local()
 
     def _arguments(self):
         args = getattr(self._local, "args", None)
         if args is None:
-            values = [ctypes.c_void_p() for _ in range(self.POINTERS)] + [ctypes.c_int() for _ in range(self.INTS)]
+            values = [ctypes.c_void_p() for _ in range(self.pointers)] + [ctypes.c_int() for _ in range(self.ints)]
             params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
             args = self._local.args = (values, params)
         return args
 
     def launch(self, grid: tuple[int, int], threads: int, stream: int, pointers: list[int], ints: list[int]) -> None:
+        assert len(pointers) == self.pointers and len(ints) == self.ints, "wrong number of kernel arguments"
         values, params = self._arguments()
         for slot, value in zip(values, [*pointers, *ints]):
             slot.value = value
         _check(_driver().cuLaunchKernel(self.function, grid[0], grid[1], 1, threads, 1, 1, 0,
-                                        ctypes.c_void_p(stream), params, None), "launching the W4A16 kernel")
+                                        ctypes.c_void_p(stream), params, None), f"launching the kernel {self.entry}")
 
 
 @functools.cache
-def _function(variant: Variant, device_index: int) -> _Function:
+def _function(variant: Variant | DequantVariant, device_index: int) -> _Function:
     major, minor = torch.cuda.get_device_capability(device_index)
     arch = f"sm_{major}{minor}"
     source = variant.source()
@@ -297,10 +326,10 @@ def _function(variant: Variant, device_index: int) -> _Function:
         try:
             image = compile_nvcc(source, arch)[0]
         except LowbitError as nvcc_error:
-            raise LowbitError(f"the CUDA W4A16 kernel could not be compiled: {nvrtc_error} / {nvcc_error}") \
+            raise LowbitError(f"the CUDA kernel {variant.ENTRY} could not be compiled: {nvrtc_error} / {nvcc_error}") \
                 from nvcc_error
     _make_current(device_index)
-    return _Function(image)
+    return _Function(image, variant.ENTRY, *variant.ARGS)
 
 
 @functools.cache
@@ -433,11 +462,41 @@ def _splits(device: torch.device, N: int, K: int) -> int:
     return max(1, min(-(-4 * _sms(device.index or 0) // blocks), K // BLOCK_K // 4))
 
 
+def dequantize(w: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group: int, bits: int,
+               row0: int = 0) -> None:
+    """w (rows, K) ← rows row0 .. row0 + rows of the weight in w's dtype, as the reference's ``dequantize``
+    computes them ((q − z)·s in float32, rounded once): one pass, 64 bytes written per thread."""
+    rows, K = w.shape
+    device = w.device.index if w.device.index is not None else torch.cuda.current_device()
+    variant = DequantVariant(_DT[w.dtype], _SDT[scales.dtype], zeros is not None, bits)
+    function = _function(variant, device)
+    _make_current(device)
+    blocks = -(-rows * (K // 32) // DEQUANT_THREADS)
+    function.launch((blocks, 1), DEQUANT_THREADS, torch.cuda.current_stream(device).cuda_stream,
+                    [t.data_ptr() for t in (qweight, scales, zeros if zeros is not None else w, w)],
+                    [rows, K, group, qweight.shape[0], row0])
+
+
 def weight_only_linear(x: Tensor, prepared: dict[str, Tensor], weight: QuantizedWeight,
                        bias: Tensor | None = None) -> Tensor:
-    """`lowbit::int_a16_cuda` where the call fits it (16-bit x, ≤ `MAX_TOKENS` tokens), else the reference."""
+    """`lowbit::int_a16_cuda` where the call fits it (16-bit x, ≤ `MAX_TOKENS` tokens); above, the weight
+    dequantised `DEQUANT_CHUNK` rows at a time for cuBLAS GEMMs (each overlapping the next chunk's
+    dequantisation, as the int4 path does); float32 x or odd shapes, the reference."""
     p, bits = prepared, weight.spec.bits
     group = _group(x, p["scales"], weight.group_size)
-    if unsupported(x, p["qweight"], p["scales"], p.get("zeros"), group, bits=bits) is not None:
+    x2 = x.reshape(-1, x.shape[-1])
+    single = x2[:1] if x2.shape[0] > MAX_TOKENS else x2  # the checks but the token count
+    if unsupported(single, p["qweight"], p["scales"], p.get("zeros"), group, bits=bits) is not None:
         return reference_op(x, weight, bias, None)
-    return torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), bias, weight.group_size, bits)
+    if x2.shape[0] <= MAX_TOKENS:
+        return torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), bias, weight.group_size,
+                                             bits)
+    from lowbit.kernels.triton.ops import _dequant_gemm  # (imports this module)
+
+    N, K = p["qweight"].shape[0], x.shape[-1]
+    out = x.new_empty((x2.shape[0], N))
+    _dequant_gemm(x2.contiguous(), out, N, K, DEQUANT_CHUNK,
+                  lambda w, rows: dequantize(w, p["qweight"], p["scales"], p.get("zeros"), group, bits, rows.start))
+    if bias is not None:
+        out.add_(bias.to(out.dtype))
+    return out.reshape(*x.shape[:-1], N)

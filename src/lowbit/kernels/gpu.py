@@ -40,9 +40,10 @@ register(Kernel("triton-nf4", "cuda", _supports(tk.nf4_unsupported), tk.prepare_
                 lambda x, p, w, b, a: tk.nf4_linear(x, p, w.group_size, b)))
 register(Kernel("triton-w8a8", "cuda", _supports(tk.w8a8_unsupported), tk.prepare_w8a8,
                 lambda x, p, w, b, a: tk.w8a8_linear(x, p, b)))
-# int3 / int8 weight-only up to 32 tokens (above: the reference's dequantise + F.linear); opt-in, see lowbit.kernels.cuda
+# int3 / int8 weight-only: the tensor-core kernel up to 32 tokens, one-pass dequantise + cuBLAS above; opt-in,
+# see lowbit.kernels.cuda
 register(Kernel("cuda-int-a16", "cuda", ck.weight_only_unsupported, ck.prepare_weight_only,
-                lambda x, p, w, b, a: ck.weight_only_linear(x, p, w, b), max_m=ck.MAX_TOKENS))
+                lambda x, p, w, b, a: ck.weight_only_linear(x, p, w, b)))
 
 
 # -- FP8: e4m3 weights per channel × e4m3 activations per token, on the FP8 tensor cores --------

@@ -73,6 +73,10 @@ __device__ __forceinline__ float load_cg(const float* p) {  // another block's p
   return v;
 }
 
+__device__ __forceinline__ void store_u4(u16* p, U4 v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
 __device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
 __device__ __forceinline__ u32 arrive(u32* counter) {  // the count before this block's arrival
@@ -472,4 +476,43 @@ __device__ __forceinline__ void w4a16_mma_body(const u32* __restrict__ x, const 
     store<DT, BIAS>(y, bias, v, token, n, N);
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch on this stream
+}
+
+// -- dequantise, for many tokens: W (rows, K) in x's dtype for a cuBLAS GEMM --------------------------------
+
+// Code i (0..31) of a lane's 32 codes in its BITS words (an LSB-first bitstream; 3-bit codes straddle words).
+template <int BITS> __device__ __forceinline__ u32 code_of(const u32 (&w)[BITS], int i) {
+  const int bit = i * BITS, word = bit >> 5, off = bit & 31;
+  u32 q = w[word] >> off;
+  if (off + BITS > 32) q |= w[word + 1] << (32 - off);
+  return q & ((1u << BITS) - 1u);
+}
+
+// Thread i: row row0 + i / (K / 32), columns 32 (i % (K / 32)) .. + 31 of W, as the reference computes them:
+// (q - z) * s in float32, rounded once to x's dtype; written as 64 contiguous bytes. `n_stride` is the
+// scales' and zero points' row stride (all of W's rows), `rows` how many this launch writes.
+template <int DT, int SDT, bool ZP, int BITS>
+__device__ __forceinline__ void dequant_body(const u32* __restrict__ qw, const void* __restrict__ scales,
+                                             const unsigned char* __restrict__ zeros, u16* __restrict__ w, int rows,
+                                             int K, int group, int n_stride, int row0) {
+  const int chunks = K >> 5;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)rows * chunks) return;
+  const int r = (int)(i / chunks), c = (int)(i % chunks), n = row0 + r;
+  u32 words[BITS];
+  load_words<BITS>(words, qw + (long long)n * (K * BITS / 32) + c * BITS);
+  const int grp = (c << 5) / group;
+  const float s = load_scale<SDT>(scales, (long long)grp * n_stride + n);
+  const float z = (float)(ZP ? zeros[(long long)grp * n_stride + n] : 1u << (BITS - 1));
+  u32 packed[16];
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    const u32 lo = float_to_half<DT>(((float)code_of<BITS>(words, 2 * k) - z) * s);
+    const u32 hi = float_to_half<DT>(((float)code_of<BITS>(words, 2 * k + 1) - z) * s);
+    packed[k] = lo | (hi << 16);
+  }
+  u16* out = w + (long long)r * K + (c << 5);
+#pragma unroll
+  for (int v = 0; v < 4; ++v)
+    store_u4(out + 8 * v, U4{packed[4 * v], packed[4 * v + 1], packed[4 * v + 2], packed[4 * v + 3]});
 }
