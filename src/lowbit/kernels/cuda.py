@@ -142,9 +142,10 @@ def _device_reason(device: torch.device) -> str | None:
 
 
 def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group: int,
-                lut: bool = False, act_order: bool = False, bits: int = 4) -> str | None:
-    """None when `launch_w4a16` can take this call (``bits``-bit codes as `prepare_w4a16` /
-    `prepare_weight_only` lay them out), else why not."""
+                lut: bool = False, act_order: bool = False, bits: int = 4,
+                max_tokens: int | None = MAX_TOKENS) -> str | None:
+    """None when `launch_w4a16` (or with ``max_tokens=None``, `int_a16_cuda` at any M) can take this call
+    (``bits``-bit codes as `prepare_w4a16` / `prepare_weight_only` lay them out), else why not."""
     M, K = x.reshape(-1, x.shape[-1]).shape
     N = qweight.shape[0]
     reason = _device_reason(x.device)
@@ -154,8 +155,8 @@ def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None
         return f"takes bfloat16 or float16 inputs, got {x.dtype}"
     if lut or act_order:
         return "reads integer codes in stored column order (no NF4, no act-order permutation)"
-    if M > MAX_TOKENS:
-        return f"takes at most {MAX_TOKENS} tokens, got {M}"
+    if max_tokens is not None and M > max_tokens:
+        return f"takes at most {max_tokens} tokens, got {M}"
     reason = _shape_reason(K, N, group)
     if reason is not None:
         return reason
@@ -433,17 +434,28 @@ def _group(x: Tensor, scales: Tensor, group_size: int) -> int:
 @torch.library.custom_op("lowbit::int_a16_cuda", mutates_args=())
 def int_a16_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
                  group_size: int, bits: int) -> Tensor:
-    """x (..., K) @ ``bits``-bit integer weight (N, K)ᵀ (+ bias) for up to `MAX_TOKENS` tokens; see `launch_w4a16`."""
+    """x (..., K) @ ``bits``-bit integer weight (N, K)ᵀ (+ bias): the tensor-core kernel (`launch_w4a16`) up to
+    `MAX_TOKENS` tokens; above, the weight dequantised `DEQUANT_CHUNK` rows at a time (`dequantize`) for cuBLAS
+    GEMMs, each overlapping the next chunk's dequantisation (as the int4 launcher does)."""
     x2 = x.reshape(-1, x.shape[-1])
-    reason = unsupported(x2, qweight, scales, zeros, _group(x, scales, group_size), bits=bits)
+    group = _group(x, scales, group_size)
+    reason = unsupported(x2, qweight, scales, zeros, group, bits=bits, max_tokens=None)
     if reason is not None:
         raise LowbitError(f"the CUDA {bits}-bit kernel cannot take this call: {reason}.")
-    out = x.new_empty((x2.shape[0], qweight.shape[0]))
-    if x2.shape[0]:
-        launch_w4a16(out, x2, qweight, scales, zeros, None if bias is None else bias.to(x.dtype).contiguous(),
-                     _group(x, scales, group_size), rows=2, split_k=_splits(x2.device, qweight.shape[0], x.shape[-1]),
-                     stages=2, bits=bits)
-    return out.reshape(*x.shape[:-1], qweight.shape[0])
+    M, N, K = x2.shape[0], qweight.shape[0], x.shape[-1]
+    out = x.new_empty((M, N))
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    if 0 < M <= MAX_TOKENS:
+        launch_w4a16(out, x2, qweight, scales, zeros, bias, group, rows=2, split_k=_splits(x2.device, N, K), stages=2,
+                     bits=bits)
+    elif M:
+        from lowbit.kernels.triton.ops import _dequant_gemm  # (that module imports this one)
+
+        _dequant_gemm(x2.contiguous(), out, N, K, DEQUANT_CHUNK,
+                      lambda w, rows: dequantize(w, qweight, scales, zeros, group, bits, rows.start))
+        if bias is not None:
+            out.add_(bias)
+    return out.reshape(*x.shape[:-1], N)
 
 
 @int_a16_cuda.register_fake
@@ -479,24 +491,9 @@ def dequantize(w: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
 
 def weight_only_linear(x: Tensor, prepared: dict[str, Tensor], weight: QuantizedWeight,
                        bias: Tensor | None = None) -> Tensor:
-    """`lowbit::int_a16_cuda` where the call fits it (16-bit x, ≤ `MAX_TOKENS` tokens); above, the weight
-    dequantised `DEQUANT_CHUNK` rows at a time for cuBLAS GEMMs (each overlapping the next chunk's
-    dequantisation, as the int4 path does); float32 x or odd shapes, the reference."""
+    """`lowbit::int_a16_cuda` where the call fits it (16-bit x, any number of tokens), else the reference."""
     p, bits = prepared, weight.spec.bits
     group = _group(x, p["scales"], weight.group_size)
-    x2 = x.reshape(-1, x.shape[-1])
-    single = x2[:1] if x2.shape[0] > MAX_TOKENS else x2  # the checks but the token count
-    if unsupported(single, p["qweight"], p["scales"], p.get("zeros"), group, bits=bits) is not None:
+    if unsupported(x, p["qweight"], p["scales"], p.get("zeros"), group, bits=bits, max_tokens=None) is not None:
         return reference_op(x, weight, bias, None)
-    if x2.shape[0] <= MAX_TOKENS:
-        return torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), bias, weight.group_size,
-                                             bits)
-    from lowbit.kernels.triton.ops import _dequant_gemm  # (imports this module)
-
-    N, K = p["qweight"].shape[0], x.shape[-1]
-    out = x.new_empty((x2.shape[0], N))
-    _dequant_gemm(x2.contiguous(), out, N, K, DEQUANT_CHUNK,
-                  lambda w, rows: dequantize(w, p["qweight"], p["scales"], p.get("zeros"), group, bits, rows.start))
-    if bias is not None:
-        out.add_(bias.to(out.dtype))
-    return out.reshape(*x.shape[:-1], N)
+    return torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), bias, weight.group_size, bits)
