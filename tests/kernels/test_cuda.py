@@ -27,6 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels import cuda
 from lowbit.kernels.reference import quantized_linear
 from lowbit.kernels.triton import prepare_w4a16
+from lowbit.kernels.triton.layout import prepare_int
 from lowbit.kernels.triton.ops import int4_config
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight, quantize_weight
@@ -64,9 +65,10 @@ def _decode_pair(w: torch.Tensor, p: int, neg_c: torch.Tensor, dtype: torch.dtyp
     return lo + c, hi + c
 
 
-def emulate(x: torch.Tensor, prepared: dict, group: int, bias: torch.Tensor | None = None, rows: int = 2,
-            warps: int = 4, split_k: int = 1, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """What ``w4a16_mma_body`` computes, in float64 (rounded to ``out_dtype`` when given)."""
+def emulate(x: torch.Tensor, prepared: dict, group: int, bias: torch.Tensor | None = None,
+            split_k: int = 1) -> torch.Tensor:
+    """What ``w4a16_mma_body`` computes for int4 codes, in float64 (rows per warp, warps and stages change
+    only which thread does what, not the sums)."""
     dtype = x.dtype
     M, K = x.shape
     qw = prepared["qweight"].to(torch.int64) & 0xFFFFFFFF  # (N, K/8)
@@ -123,7 +125,7 @@ def emulate(x: torch.Tensor, prepared: dict, group: int, bias: torch.Tensor | No
     y = total.reshape(N, mp)[:, :M].T
     if bias is not None:
         y = y + bias.double()
-    return y if out_dtype is None else y.to(out_dtype)
+    return y
 
 
 def _dense(weight: QuantizedWeight) -> torch.Tensor:
@@ -189,6 +191,12 @@ def test_the_launcher_picks_the_cuda_kernel_only_when_asked_and_where_it_applies
     for refused in (dict(m=33), dict(group_size=64), dict(lut=True), dict(gidx=True), dict(k=8192 + 64)):
         args = dict(m=m, n=28672, k=8192, group_size=128, n_groups=64, sms=132, cuda=True) | refused
         assert int4_config(**args).backend != "cuda", refused
+
+
+def test_prepare_int_refuses_what_it_would_misread():
+    nf4 = quantize_weight(torch.randn(16, 128), QuantSpec("nf4", 4, "group", 64))
+    with pytest.raises(LowbitError, match="integer codes in column order"):
+        prepare_int(nf4)
 
 
 def test_max_rows_and_stages_keep_a_thread_within_its_registers():
@@ -268,7 +276,7 @@ def _host_kernel(variant: cuda.Variant | cuda.DequantVariant, build_dir: str) ->
 
 def run_on_host(x, prepared, group, bias=None, rows=2, warps=4, split_k=1, stages=1, build_dir="/tmp",
                 bits=4) -> torch.Tensor:
-    """`cuda.launch_w4a16`'s call, made by the kernel's own source on the CPU."""
+    """`cuda.launch_mma`'s call, made by the kernel's own source on the CPU."""
     M, K = x.shape
     N = prepared["qweight"].shape[0]
     zeros = prepared.get("zeros")
@@ -367,14 +375,14 @@ def host_driver(monkeypatch, tmp_path_factory):
 
 @needs_gxx
 def test_the_launcher_passes_the_kernel_its_arguments_in_order(host_driver):
-    """`cuda.launch_w4a16` end to end — plan, workspace, counters, the driver call's argument block — with
+    """`cuda.launch_mma` end to end — plan, workspace, counters, the driver call's argument block — with
     the driver replaced by the kernel's source run on the CPU."""
     weight = _weight(80, 384, 128, False, "float16", seed=3)
     p = prepare_w4a16(weight)
     x = torch.randn(5, 384, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     bias = torch.randn(80, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     out = torch.full((5, 80), float("nan"), dtype=torch.bfloat16)
-    cuda.launch_w4a16(out, x, p["qweight"], p["scales"], p["zeros"], bias, 128, rows=1, warps=4, split_k=3, stages=2)
+    cuda.launch_mma(out, x, p["qweight"], p["scales"], p["zeros"], bias, 128, rows=1, warps=4, split_k=3, stages=2)
     # 80 rows / 64 per block, 3 splits of 1 block of columns
     assert host_driver.launches == [(cuda.ENTRY, 2, 3, [5, 80, 384, 128, 1])]
     assert not host_driver.counters.any()
@@ -389,7 +397,7 @@ def test_the_launcher_passes_the_kernel_its_arguments_in_order(host_driver):
 def test_the_dequantise_kernel_writes_the_references_weight_bit_for_bit(host_driver, bits, group, symmetric,
                                                                          scale_dtype, dtype):
     weight = _weight(48, 384, group, symmetric, scale_dtype, seed=bits, bits=bits)
-    p = cuda.prepare_weight_only(weight) if bits != 4 else prepare_w4a16(weight)
+    p = prepare_int(weight)
     ref = weight.dequantize(dtype)
     w = torch.full((32, 384), float("nan"), dtype=dtype)
     cuda.dequantize(w, p["qweight"], p["scales"], p.get("zeros"), group or 384, bits, row0=16)  # rows 16 .. 47
@@ -406,7 +414,8 @@ def test_many_tokens_take_dequantise_and_a_gemm_in_chunks(host_driver, monkeypat
     weight = _weight(48, 256, 128, False, "float16", seed=bits, bits=bits)
     x = torch.randn(2, 20, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 40 tokens
     bias = torch.randn(48, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    out = cuda.weight_only_linear(x, cuda.prepare_weight_only(weight), weight, bias)
+    p = prepare_int(weight)
+    out = torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p["zeros"], bias, weight.group_size, bits)
     assert [launch[0] for launch in host_driver.launches] == ["lowbit_dequant"] * 2
     assert [launch[3][-1] for launch in host_driver.launches] == [0, 32]  # row0 of each chunk
     assert out.shape == (2, 20, 48)
@@ -439,7 +448,7 @@ def test_the_kernel_matches_the_reference(dtype, symmetric, m, k, n, group, rows
     assert cuda.unsupported(x, p["qweight"], p["scales"], p.get("zeros"), group or k, False, False) is None
     for _ in range(2):  # twice: the split-K counters must be back at zero
         out = torch.full((m, n), float("nan"), dtype=dtype, device=dev)
-        cuda.launch_w4a16(out, x, p["qweight"], p["scales"], p.get("zeros"), bias, group or k, rows, warps, split,
+        cuda.launch_mma(out, x, p["qweight"], p["scales"], p.get("zeros"), bias, group or k, rows, warps, split,
                           stages)
         torch.cuda.synchronize()
         _check(out.cpu(), quantized_linear(x.cpu(), weight, None if bias is None else bias.cpu()))
@@ -470,7 +479,7 @@ def test_int3_and_int8_through_the_dispatcher_match_the_reference(monkeypatch, b
     out = kernel.run(x, kernel.prepare(weight), weight, bias, None)
     _check(out.cpu(), quantized_linear(x.cpu(), cpu_weight, bias.cpu()))
     if m <= cuda.MAX_TOKENS and m % 16 == 0:
-        p = cuda.prepare_weight_only(weight)
+        p = prepare_int(weight)
         torch.library.opcheck(torch.ops.lowbit.int_a16_cuda.default, (x, p["qweight"], p["scales"], p.get("zeros"),
                                                                        bias, weight.group_size, bits))
 
@@ -480,7 +489,7 @@ def test_int3_and_int8_through_the_dispatcher_match_the_reference(monkeypatch, b
 def test_the_dequantise_kernel_matches_the_reference_bit_for_bit(bits, group, symmetric):
     dev = torch.device("cuda")
     cpu_weight = _weight(4096 + 16, 1024, group, symmetric, "float16", seed=bits, bits=bits)
-    p = cuda.prepare_weight_only(cpu_weight) if bits != 4 else prepare_w4a16(cpu_weight)
+    p = prepare_int(cpu_weight)
     p = {key: v.to(dev) for key, v in p.items()}
     for dtype in (torch.bfloat16, torch.float16):
         w = torch.full((4096, 1024), float("nan"), dtype=dtype, device=dev)

@@ -120,13 +120,26 @@ def max_stages(rows: int, token_tiles: int, stages: int = 3) -> int:
     return max(1, min(stages, 3 if tiles == 1 else 2 if tiles == 2 else 1))
 
 
+def default_args(m: int, n: int, k: int, sms: int) -> dict[str, int]:
+    """The launch arguments `launch_mma` takes by default for m tokens through an (n, k) weight on a device
+    with ``sms`` SMs: 2 row tiles per warp for one token tile (1 above), 2 stages of words in flight up to two
+    token tiles, blocks of 4 warps, K split for about four blocks per SM (each split ≥ 4 blocks of columns).
+    A guess until bench/gpu_run_cuda.sh's sweep has timed the alternatives."""
+    tiles = 1 if m <= 8 else 2 if m <= 16 else 4
+    rows, warps = (2 if tiles == 1 else 1), 4
+    blocks = -(-n // (16 * rows * warps))
+    split = max(1, min(-(-4 * sms // blocks), k // BLOCK_K // 4))
+    return {"rows": rows, "warps": warps, "split_k": split, "stages": 2 if tiles <= 2 else 1}
+
+
 def enabled() -> bool:
     """Whether the dispatcher and the 4-bit launcher pick these kernels (LOWBIT_CUDA_KERNELS=1). Off by
     default until bench/gpu_run_cuda.sh has checked and timed them on a GPU."""
     return os.environ.get("LOWBIT_CUDA_KERNELS") == "1"
 
 
-def _shape_reason(K: int, N: int, group: int) -> str | None:
+def shape_reason(K: int, N: int, group: int) -> str | None:
+    """None when the kernels take an (N, K) weight in groups of ``group``, else why not."""
     if K % BLOCK_K or N % 16 or group % BLOCK_K:
         return (f"needs in_features and the group size in multiples of {BLOCK_K} and out_features in multiples "
                 f"of 16, got {K}, {group} and {N}")
@@ -144,8 +157,9 @@ def _device_reason(device: torch.device) -> str | None:
 def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group: int,
                 lut: bool = False, act_order: bool = False, bits: int = 4,
                 max_tokens: int | None = MAX_TOKENS) -> str | None:
-    """None when `launch_w4a16` (or with ``max_tokens=None``, `int_a16_cuda` at any M) can take this call
-    (``bits``-bit codes as `prepare_w4a16` / `prepare_weight_only` lay them out), else why not."""
+    """None when `launch_mma` (or with ``max_tokens=None``, `int_a16_cuda` at any M) can take this call
+    (``bits``-bit codes as `prepare_w4a16` / `lowbit.kernels.triton.layout.prepare_int` lay them
+    out), else why not."""
     M, K = x.reshape(-1, x.shape[-1]).shape
     N = qweight.shape[0]
     reason = _device_reason(x.device)
@@ -157,14 +171,14 @@ def unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None
         return "reads integer codes in stored column order (no NF4, no act-order permutation)"
     if max_tokens is not None and M > max_tokens:
         return f"takes at most {max_tokens} tokens, got {M}"
-    reason = _shape_reason(K, N, group)
+    reason = shape_reason(K, N, group)
     if reason is not None:
         return reason
     if scales.dtype not in _SDT:
         return f"takes float32, bfloat16 or float16 scales, got {scales.dtype}"
     dense = [t for t in (qweight, scales, zeros) if t is not None]
     if not all(t.is_contiguous() for t in dense) or qweight.shape[1] != K * bits // 32:
-        return "needs the row-major qweight, scales and zero points that prepare_w4a16 / prepare_weight_only make"
+        return "needs the row-major qweight, scales and zero points that prepare_w4a16 / prepare_int make"
     if qweight.data_ptr() % 16:
         return "reads qweight in 16-byte vectors: its first word must be 16-byte aligned"
     return None
@@ -356,7 +370,7 @@ class Launch:
 
 def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, zero_points: bool, bias: bool,
          rows: int = 2, warps: int = 4, split_k: int = 1, stages: int = 1, bits: int = 4) -> Launch:
-    """The `Launch` of `launch_w4a16` for these sizes (``rows`` and ``stages`` capped by `max_rows` and
+    """The `Launch` of `launch_mma` for these sizes (``rows`` and ``stages`` capped by `max_rows` and
     `max_stages`, ``split_k`` to what K holds)."""
     token_tiles = 1 if M <= 8 else 2 if M <= 16 else 4
     words = -(-token_tiles * bits // 4)  # register load in 4-bit token tiles: 8-bit words take twice as many
@@ -368,11 +382,11 @@ def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, z
     return Launch(variant, -(-N // (16 * variant.rows * warps)), -(-k_blocks // kb_split), kb_split)
 
 
-def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
+def launch_mma(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
                  bias: Tensor | None, group: int, rows: int = 2, warps: int = 4, split_k: int = 1,
                  stages: int = 1, bits: int = 4) -> None:
     """out2 (M, N) ← x2 (M, K) @ W (N, K)ᵀ (+ bias), W's ``bits``-bit codes (3, 4 or 8) as `prepare_w4a16`
-    / `prepare_weight_only` lay them out: ``rows`` tiles of 16 weight rows per warp, ``warps`` per block, K split
+    / `prepare_int` lay them out: ``rows`` tiles of 16 weight rows per warp, ``warps`` per block, K split
     ``split_k`` ways, ``stages`` blocks of words in flight. The caller has checked `unsupported`."""
     M, K = x2.shape
     N = qweight.shape[0]
@@ -382,10 +396,12 @@ def launch_w4a16(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zero
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     run = plan(M, N, K, x2.dtype, scales.dtype, zeros is not None, bias is not None, rows, warps, split_k, stages,
                bits)
-    if run.splits > 1 and run.blocks > _counters(device).numel():
-        raise LowbitError(f"{N} output features need more than {_counters(device).numel()} split-K counters.")
-    ws = torch.empty((run.splits, M, N), dtype=torch.float32, device=x2.device) if run.splits > 1 else out2
-    counters = _counters(device) if run.splits > 1 else out2
+    ws = counters = out2  # placeholders the kernel does not touch without splits
+    if run.splits > 1:
+        counters = _counters(device)
+        if run.blocks > counters.numel():
+            raise LowbitError(f"{N} output features need more than {counters.numel()} split-K counters.")
+        ws = torch.empty((run.splits, M, N), dtype=torch.float32, device=x2.device)
     pointers = [t.data_ptr() for t in (x2, qweight, scales, zeros if zeros is not None else out2,
                                        bias if bias is not None else out2, out2, ws, counters)]
     function = _function(run.variant, device)
@@ -412,19 +428,8 @@ def weight_only_unsupported(weight: QuantizedWeight, activations: QuantSpec | No
     if weight.g_idx is not None or weight.scale_scale is not None:
         return "reads plain per-group scales in column order (no act-order g_idx, no double-quantised scales)"
     rows, cols = weight.shape
-    return _device_reason(device) or _shape_reason(cols, rows, weight.group_size if weight.scale_shape[1] > 1
-                                                   else cols)
-
-
-def prepare_weight_only(weight: QuantizedWeight) -> dict[str, Tensor]:
-    """int3 / int8 codes → ``qweight`` (N, K·bits/32) int32 (a view of the stored bytes, no copy), ``scales``
-    (G, N) and, when asymmetric, ``zeros`` (G, N) uint8."""
-    out = {"qweight": weight.qdata.contiguous().view(torch.int32),
-           "scales": weight.scale.reshape(weight.scale_shape).T.contiguous()}
-    zeros = weight.zero_points()
-    if zeros is not None:
-        out["zeros"] = zeros.T.to(torch.uint8).contiguous()
-    return out
+    return _device_reason(device) or shape_reason(cols, rows, weight.group_size if weight.scale_shape[1] > 1
+                                                  else cols)
 
 
 def _group(x: Tensor, scales: Tensor, group_size: int) -> int:
@@ -434,7 +439,7 @@ def _group(x: Tensor, scales: Tensor, group_size: int) -> int:
 @torch.library.custom_op("lowbit::int_a16_cuda", mutates_args=())
 def int_a16_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
                  group_size: int, bits: int) -> Tensor:
-    """x (..., K) @ ``bits``-bit integer weight (N, K)ᵀ (+ bias): the tensor-core kernel (`launch_w4a16`) up to
+    """x (..., K) @ ``bits``-bit integer weight (N, K)ᵀ (+ bias): the tensor-core kernel (`launch_mma`) up to
     `MAX_TOKENS` tokens; above, the weight dequantised `DEQUANT_CHUNK` rows at a time (`dequantize`) for cuBLAS
     GEMMs, each overlapping the next chunk's dequantisation (as the int4 launcher does)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -446,8 +451,8 @@ def int_a16_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
     out = x.new_empty((M, N))
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     if 0 < M <= MAX_TOKENS:
-        launch_w4a16(out, x2, qweight, scales, zeros, bias, group, rows=2, split_k=_splits(x2.device, N, K), stages=2,
-                     bits=bits)
+        launch_mma(out, x2, qweight, scales, zeros, bias, group, bits=bits,
+                   **default_args(M, N, K, _sms(x2.device.index or 0)))
     elif M:
         from lowbit.kernels.triton.ops import _dequant_gemm  # (that module imports this one)
 
@@ -468,12 +473,6 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _splits(device: torch.device, N: int, K: int) -> int:
-    """Splits of K for about four blocks (of 4 warps × 2 row tiles) per SM, each keeping ≥ 4 blocks of columns."""
-    blocks = -(-N // 128)
-    return max(1, min(-(-4 * _sms(device.index or 0) // blocks), K // BLOCK_K // 4))
-
-
 def dequantize(w: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, group: int, bits: int,
                row0: int = 0) -> None:
     """w (rows, K) ← rows row0 .. row0 + rows of the weight in w's dtype, as the reference's ``dequantize``
@@ -491,9 +490,10 @@ def dequantize(w: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
 
 def weight_only_linear(x: Tensor, prepared: dict[str, Tensor], weight: QuantizedWeight,
                        bias: Tensor | None = None) -> Tensor:
-    """`lowbit::int_a16_cuda` where the call fits it (16-bit x, any number of tokens), else the reference."""
-    p, bits = prepared, weight.spec.bits
-    group = _group(x, p["scales"], weight.group_size)
-    if unsupported(x, p["qweight"], p["scales"], p.get("zeros"), group, bits=bits, max_tokens=None) is not None:
+    """`lowbit::int_a16_cuda` (the dispatcher has checked the weight with `weight_only_unsupported`); x that is
+    not 16-bit floats on the GPU goes to the reference."""
+    if x.dtype not in _DT or x.device.type != "cuda":
         return reference_op(x, weight, bias, None)
-    return torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), bias, weight.group_size, bits)
+    p = prepared
+    return torch.ops.lowbit.int_a16_cuda(x, p["qweight"], p["scales"], p.get("zeros"), bias, weight.group_size,
+                                         weight.spec.bits)

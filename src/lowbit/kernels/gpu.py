@@ -19,6 +19,7 @@ from torch import Tensor
 from lowbit.kernels import cuda as ck
 from lowbit.kernels import triton as tk
 from lowbit.kernels.dispatch import Kernel, Prepared, register
+from lowbit.kernels.triton.layout import prepare_int
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight
 
@@ -42,7 +43,7 @@ register(Kernel("triton-w8a8", "cuda", _supports(tk.w8a8_unsupported), tk.prepar
                 lambda x, p, w, b, a: tk.w8a8_linear(x, p, b)))
 # int3 / int8 weight-only: the tensor-core kernel up to 32 tokens, one-pass dequantise + cuBLAS above; opt-in,
 # see lowbit.kernels.cuda
-register(Kernel("cuda-int-a16", "cuda", ck.weight_only_unsupported, ck.prepare_weight_only,
+register(Kernel("cuda-int-a16", "cuda", ck.weight_only_unsupported, prepare_int,
                 lambda x, p, w, b, a: ck.weight_only_linear(x, p, w, b)))
 
 

@@ -100,7 +100,7 @@ def _check(reason: str | None, kernel: str) -> None:
 
 
 def _words(weight: QuantizedWeight, perm: Tensor | None) -> Tensor:
-    """(N, ceil(K/2)) uint8 nibbles → (N, ceil(K/8)) int32 words, columns in ``perm`` order.
+    """(N, ceil(K·bits/8)) uint8 codes → (N, words) int32 words, columns in ``perm`` order (4-bit only).
 
     Without a permutation the stored bytes themselves, viewed as little-endian words (nibble i
     of word w is code 8w + i, as `pack` lays them), when each row is a whole number of words;
@@ -141,15 +141,29 @@ def _prepare_4bit(weight: QuantizedWeight, scales: Tensor) -> Prepared:
     return out
 
 
-def prepare_w4a16(weight: QuantizedWeight) -> Prepared:
-    """int4 (sym or asym, per group or per channel, optional act-order) → ``qweight``, ``scales``
-    [, ``zeros``, ``perm``, ``g_idx``]; see the module docstring."""
-    _check(w4a16_unsupported(weight, None), "W4A16")
-    out = _prepare_4bit(weight, weight.scale.reshape(weight.scale_shape))
+def _with_zeros(weight: QuantizedWeight, out: Prepared) -> Prepared:
     zeros = weight.zero_points()  # (N, G) int32 or None
     if zeros is not None:
         out["zeros"] = zeros.T.to(torch.uint8).contiguous()  # (G, N)
     return out
+
+
+def prepare_w4a16(weight: QuantizedWeight) -> Prepared:
+    """int4 (sym or asym, per group or per channel, optional act-order) → ``qweight``, ``scales``
+    [, ``zeros``, ``perm``, ``g_idx``]; see the module docstring."""
+    _check(w4a16_unsupported(weight, None), "W4A16")
+    return _with_zeros(weight, _prepare_4bit(weight, weight.scale.reshape(weight.scale_shape)))
+
+
+def prepare_int(weight: QuantizedWeight) -> Prepared:
+    """Integer codes of any width in stored column order (what `lowbit.kernels.cuda` reads for int3 and
+    int8) → ``qweight`` (N, ceil(K·bits/32)) int32 — the stored bytes viewed as words when each row is a
+    whole number of them, as `_words` gives int4 — ``scales`` (G, N) [, ``zeros`` (G, N) uint8]."""
+    if weight.spec.format != "int" or weight.g_idx is not None:
+        raise LowbitError(f"prepare_int takes integer codes in column order, got {weight.spec.describe()}"
+                          f"{' with act-order g_idx' if weight.g_idx is not None else ''}.")
+    return _with_zeros(weight, {"qweight": _words(weight, None),
+                                "scales": weight.scale.reshape(weight.scale_shape).T.contiguous()})
 
 
 def prepare_nf4(weight: QuantizedWeight) -> Prepared:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.kernels import cuda
+from lowbit.kernels import cuda as cuda_kernels
 from lowbit.kernels.triton.layout import Prepared
 
 _DECODE = {"int_sym": 0, "int_asym": 1, "lut": 2}
@@ -123,7 +123,8 @@ def _splits(tiles: int, k_blocks: int, programs: int, min_blocks: int = 4) -> in
 def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int, lut: bool = False,
                 gidx: bool = False, cuda: bool = False) -> BlockConfig:
     """Block config for the 4-bit kernels on a device with ``sms`` SMs (``lut``: NF4; ``gidx``:
-    act-order groups that are not runs of ``group_size`` columns after the permutation).
+    act-order groups that are not runs of ``group_size`` columns after the permutation; ``cuda``: the
+    CUDA C++ kernel's config where it can take the call, `lowbit.kernels.cuda.default_args`).
 
     The fastest configs of ``bench/gpu_kernels.py``'s sweep on an H100 (2026-11-27, bench/results/
     gpu_kernels_notes.md): one token takes the CUDA-core GEMV kernel (128 rows × 128 columns per
@@ -141,12 +142,10 @@ def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int
     and faster on 28672 × 8192 in run 12 (within the spread on 8192 × 28672), and it bounds the
     transient weight to two chunks (128 MiB instead of 448 MiB for 8192 × 28672)."""
     group = group_size if n_groups > 1 else k
-    if cuda and not (lut or gidx) and m <= 32 and group % 128 == 0 and k % 128 == 0 and n % 16 == 0:
-        tiles = 1 if m <= 8 else 2 if m <= 16 else 4
-        rows = 2 if tiles == 1 else 1  # 16-row tiles per warp; blocks of 4 warps, K split for 4 blocks per SM
-        stages = 2 if tiles <= 2 else 1  # blocks of words in flight (see lowbit.kernels.cuda.max_stages)
-        return BlockConfig(8 * tiles, 16 * rows, 128, _splits(_cdiv(n, 64 * rows), k // 128, 4 * sms), 4, stages,
-                           backend="cuda")
+    if cuda and not (lut or gidx) and m <= cuda_kernels.MAX_TOKENS and cuda_kernels.shape_reason(k, n, group) is None:
+        a = cuda_kernels.default_args(m, n, k, sms)
+        return BlockConfig(8 if m <= 8 else 16 if m <= 16 else 32, 16 * a["rows"], cuda_kernels.BLOCK_K, a["split_k"],
+                           a["warps"], a["stages"], backend="cuda")
     if m == 1 and not gidx and group % 8 == 0:
         words = 16
         while group % (8 * words) and (8 * words) % group:
@@ -244,7 +243,7 @@ def launch_int4(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: 
     """out (..., N) ← x (..., K) @ decode(qweight)ᵀ (+ bias); see `prepare_w4a16` / `prepare_nf4`.
 
     ``qweight`` is (N, ceil(K/8)) int32 with unit stride along its words."""
-    if config is None and cuda.enabled():
+    if config is None and cuda_kernels.enabled():
         m, n_groups = x.numel() // max(x.shape[-1], 1), scales.shape[0]
         config = int4_config(m, qweight.shape[0], x.shape[-1], group_size, n_groups, _sm_count(x.device),
                              lut=levels is not None, gidx=g_idx is not None, cuda=True)
@@ -339,16 +338,16 @@ def _launch_cuda(out: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros:
     """Run the call on `lowbit.kernels.cuda`'s kernel if it can take it (True), else leave it (False)."""
     K = x.shape[-1]
     group = group_size if scales.shape[0] > 1 else K
-    if cfg.block_n % 16 or cuda.unsupported(x, qweight, scales, zeros, group, levels is not None,
-                                            perm is not None or g_idx is not None) is not None:
+    if cfg.block_n % 16 or cuda_kernels.unsupported(x, qweight, scales, zeros, group, levels is not None,
+                                                    perm is not None or g_idx is not None) is not None:
         return False
-    if out.dtype != x.dtype or not out.is_contiguous():
-        raise LowbitError(f"the output must be a contiguous {x.dtype} tensor, got {out.dtype}.")
+    _check_operands(x, out)
     x2 = _as_rows(x)
     if x2.shape[0]:
-        cuda.launch_w4a16(out.view(x2.shape[0], -1), x2, qweight, scales, zeros,
-                          None if bias is None else bias.to(x.dtype).contiguous(), group, rows=cfg.block_n // 16,
-                          warps=cfg.num_warps, split_k=cfg.split_k, stages=cfg.num_stages)
+        cuda_kernels.launch_mma(out.view(x2.shape[0], -1), x2, qweight, scales, zeros,
+                                None if bias is None else bias.to(x.dtype).contiguous(), group,
+                                rows=cfg.block_n // 16, warps=cfg.num_warps, split_k=cfg.split_k,
+                                stages=cfg.num_stages)
     return True
 
 
