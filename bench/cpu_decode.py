@@ -7,7 +7,9 @@ the same float model; its text is compared with the same quantised weights run t
 the reference kernel (dequantise + F.linear), which must give the same greedy tokens.
 Besides the presets, the planner's mixed-precision scheme of a bench/results/planner.json row
 (``--planned``, by default its 3.5 bits-per-weight plan with the planner's defaults: int3 and
-int4 in groups of 32 to 128) is quantised with RTN and timed the same way.
+int4 in groups of 32 to 128) is quantised with RTN and timed the same way. So is W4A16 by GPTQ
+with act-order and no static groups (``--act-order-samples`` calibration sequences): its weights
+carry a g_idx, as GPTQ checkpoints written with desc_act do.
 
     python bench/cpu_decode.py [--repeats 3] [--schemes W4A16,...] [--planned LABEL]
 """
@@ -22,7 +24,9 @@ import torch
 from _cpu_results import RESULTS, Stamp, write
 
 import lowbit
+from lowbit.algorithms.gptq import GPTQ
 from lowbit.calibration import load_text, tokenize
+from lowbit.calibration.text import calibration_set
 from lowbit.kernels import dispatch
 from lowbit.scheme import Scheme
 
@@ -50,6 +54,9 @@ def main() -> None:
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="Comma-separated presets to time.")
     parser.add_argument("--planned", default=PLANNED,
                         help="Label of the bench/results/planner.json row whose mixed scheme to time too ('' for none).")
+    parser.add_argument("--act-order-samples", type=int, default=16,
+                        help="Calibration sequences (512 tokens of pydoc-calib) for the GPTQ act-order row, whose "
+                             "weights carry a g_idx as desc_act checkpoints do (0: no such row).")
     args = parser.parse_args()
     torch.set_num_threads(2)
     stamp = Stamp()  # the machine is shared: say how busy it was
@@ -60,14 +67,18 @@ def main() -> None:
     rows = [{"setting": "FP32", "tokens_per_s": fp_speed, "speedup": 1.0, "kernel": "F.linear",
              "prefill_kernel": "F.linear", "same_text_as_reference": True, "same_text_as_fp32": True}]
     print(f"FP32: {fp_speed:.2f} tokens/s", flush=True)
-    settings: list[tuple[str, str | Scheme]] = [(name, name) for name in args.schemes.split(",") if name]
+    settings: list[tuple[str, str | Scheme, dict]] = [(name, name, {}) for name in args.schemes.split(",") if name]
     if args.planned:
         rows_by_label = {r["label"]: r for r in json.loads((RESULTS / "planner.json").read_text())}
         if args.planned not in rows_by_label:
             raise SystemExit(f"bench/results/planner.json has no row labelled {args.planned!r}.")
-        settings.append((f"{args.planned} (planner.json)", Scheme.from_dict(rows_by_label[args.planned]["scheme"])))
-    for name, scheme in settings:
-        q = lowbit.quantize(fp, scheme, progress=False)
+        settings.append((f"{args.planned} (planner.json)", Scheme.from_dict(rows_by_label[args.planned]["scheme"]), {}))
+    if args.act_order_samples:
+        calib = calibration_set(n=args.act_order_samples, seqlen=512, tokenizer=tok)
+        settings.append((f"W4A16 GPTQ act-order, g_idx ({args.act_order_samples} × 512 calibration tokens)", "W4A16",
+                         {"method": GPTQ(act_order=True, static_groups=False), "calib": calib}))
+    for name, scheme, method in settings:
+        q = lowbit.quantize(fp, scheme, progress=False, **method)
         layers = [m for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear)]
 
         def kernels(m: int) -> str:  # every kernel the layers take for m tokens (a mixed scheme may take several)
@@ -87,8 +98,8 @@ def main() -> None:
               f"text equal to reference kernel's: {rows[-1]['same_text_as_reference']}", flush=True)
     env = stamp.finish()
     lines = [f"# Greedy decoding on CPU (SmolLM2-135M-Instruct, prompt 64, {args.new_tokens} new tokens, batch 1)",
-             "", f"Measured {env['date']} on {env['machine']} ({env['load']}); best of {args.repeats} after a warm-up; RTN weights; "
-             "lm_head and embeddings stay float32 (tied).", "",
+             "", f"Measured {env['date']} on {env['machine']} ({env['load']}); best of {args.repeats} after a warm-up; "
+             "RTN weights unless the row says otherwise; lm_head and embeddings stay float32 (tied).", "",
              f"| weights | kernel at M=1 | at M={prompt.shape[1]} (prompt) | tokens/s | × FP32 | "
              "reference kernel tokens/s (one run) | greedy text = reference kernel's | = FP32's |",
              "|---|---|---|---:|---:|---:|---|---|"]

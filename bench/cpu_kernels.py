@@ -1,7 +1,7 @@
 """Per-layer times of the CPU kernels on the default model's linear shapes: bench/results/cpu_kernels.{json,md}.
 
 For each weight format (every integer width and group size the presets and the planner use, NF4,
-FP4) and each of the default model's two linear shapes (1536 × 576 and 576 × 1536), the decode
+FP4, and GPTQ act-order's scattered groups, a g_idx, at 3, 4 and 8 bits) and each of the default model's two linear shapes (1536 × 576 and 576 × 1536), the decode
 kernel (`cpu-int-gemv`) is timed at M = 1 and 4 tokens beside float32 ``F.linear`` and the
 reference kernel (dequantise + ``F.linear``). Each figure is the best of ``--repeats`` passes over
 60 distinct weights of the shape (so they come from DRAM, as a model's layers do), per layer.
@@ -13,6 +13,7 @@ The kernel's output is checked against the reference's on every weight before ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -23,7 +24,7 @@ from _cpu_results import Stamp, write
 from lowbit.kernels import quantized_linear
 from lowbit.kernels.cpu import INT_GEMV
 from lowbit.scheme import QuantSpec
-from lowbit.tensor import quantize_weight
+from lowbit.tensor import QuantizedWeight, quantize_weight
 
 SHAPES = [(1536, 576), (576, 1536)]  # (out, in): the default model's MLP up/gate and down projections
 LAYERS = 60
@@ -41,6 +42,19 @@ FORMATS = {
     "nf4 g64 double-quant": QuantSpec("nf4", 4, "group", 64, double_quant=True),
     "fp4 g32": QuantSpec("fp4", 4, "group", 32),
 }
+ACT_ORDER = {  # GPTQ desc_act layers: codes whose groups lie scattered over the columns, placed by a g_idx
+    "int4 g128 act-order (g_idx)": QuantSpec("int", 4, "group", 128),
+    "int4 asym g32 act-order (g_idx)": QuantSpec("int", 4, "group", 32, symmetric=False),
+    "int3 asym g128 act-order (g_idx)": QuantSpec("int", 3, "group", 128, symmetric=False),
+    "int8 g128 act-order (g_idx)": QuantSpec("int", 8, "group", 128),
+}
+
+
+def act_order(weight: QuantizedWeight, gen: torch.Generator) -> QuantizedWeight:
+    """The weight's codes with GPTQ act-order's g_idx: group i is the i-th run of ``group_size`` columns of a
+    random column order (GPTQ's is by decreasing Hessian diagonal), so every group's columns lie scattered."""
+    order = torch.randperm(weight.shape[1], generator=gen)
+    return dataclasses.replace(weight, g_idx=(torch.argsort(order) // weight.group_size).to(torch.int32))
 
 
 def best_per_layer(run: Callable[[int], object], repeats: int) -> float:
@@ -70,8 +84,10 @@ def main() -> None:
         floats = [torch.randn(out_f, in_f, generator=gen) for _ in range(LAYERS)]
         xs = {m: torch.randn(m, in_f, generator=gen) for m in (1, 4)}
         fp = {m: best_per_layer(lambda i, m=m: F.linear(xs[m], floats[i]), args.repeats) for m in xs}
-        for name, spec in FORMATS.items():
+        for name, spec in {**FORMATS, **ACT_ORDER}.items():
             weights = [quantize_weight(w, spec) for w in floats]
+            if name in ACT_ORDER:
+                weights = [act_order(w, gen) for w in weights]
             prepared = [INT_GEMV.prepare(w) for w in weights]
             reason = INT_GEMV.supports(weights[0], None, torch.device("cpu"))
             if reason is not None:
@@ -87,7 +103,7 @@ def main() -> None:
                 rows.append({"shape": [out_f, in_f], "format": name, "tokens": m,
                              "bits_per_weight": weights[0].bits_per_weight, "kernel_us": kernel,
                              "reference_us": reference, "fp32_us": fp[m]})
-                print(f"{out_f}×{in_f} {name:22s} M={m}: kernel {kernel:7.1f} µs, reference {reference:8.1f} µs, "
+                print(f"{out_f}×{in_f} {name:32s} M={m}: kernel {kernel:7.1f} µs, reference {reference:8.1f} µs, "
                       f"FP32 F.linear {fp[m]:6.1f} µs", flush=True)
     env = stamp.finish()
     lines = ["# CPU decode kernels per layer (the default model's linear shapes)", "",

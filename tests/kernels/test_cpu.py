@@ -1,6 +1,7 @@
 """The packed-integer CPU kernels against the reference, on awkward shapes, and their dispatch."""
 
 import copy
+import dataclasses
 import os
 import platform
 import subprocess
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.kernels import dispatch, quantized_linear
-from lowbit.kernels.cpu import DEQUANT_GEMM, INT_GEMV, MAX_M, extension
+from lowbit.kernels.cpu import DEQUANT_GEMM, INT_GEMV, MAX_M, _operands, extension
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight, quantize_weight
@@ -113,6 +114,63 @@ def test_dequant_is_the_reference_weight_exactly(fmt, per_channel, group_bytes, 
     w = torch.ops.lowbit.dequant_cpu(weight.qdata, scale, weight.zero_point, weight.spec.bits, weight.group_size,
                                      weight.shape[1], **extra)
     assert torch.equal(w, weight.dequantize())
+
+
+def with_g_idx(weight: QuantizedWeight, seed: int, uneven: bool) -> QuantizedWeight:
+    """The same codes and scales, their groups scattered over the columns: GPTQ act-order's g_idx (each group
+    ``group_size`` columns in a random column order) or, ``uneven``, any group for any column."""
+    groups, cols = weight.scale_shape[1], weight.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    if uneven:
+        g_idx = torch.randint(0, groups, (cols,), generator=gen)
+    else:
+        g_idx = torch.argsort(torch.randperm(cols, generator=gen)) // weight.group_size
+    return dataclasses.replace(weight, g_idx=g_idx.to(torch.int32))
+
+
+@settings(max_examples=150, deadline=None)
+@given(M=st.integers(1, 16), uneven=st.booleans(), **{k: v for k, v in WEIGHTS.items() if k != "per_channel"})
+def test_act_order_weights_on_random_shapes(M, uneven, fmt, group_bytes, symmetric, scale_dtype, N, K, seed):
+    """Scattered groups (g_idx): the GEMV against the exact product, the dequantise bit for bit; any number of
+    groups (up to 150 here: two-register permutes to 32, a gather above), rows in 16-row blocks and a tail."""
+    weight = with_g_idx(random_weight(fmt, False, group_bytes, symmetric, scale_dtype, N, K, seed), seed, uneven)
+    assert INT_GEMV.supports(weight, None, torch.device("cpu")) is None
+    x = torch.randn(M, weight.shape[1], generator=torch.Generator().manual_seed(seed + 1))
+    check_close_to_exact(INT_GEMV.run(x, INT_GEMV.prepare(weight), weight, None, None), x, weight)
+    packed, extra = _operands(weight, INT_GEMV.prepare(weight))
+    assert torch.equal(torch.ops.lowbit.dequant_cpu(*packed, weight.shape[1], **extra), weight.dequantize())
+
+
+def test_act_order_layers_run_on_the_packed_kernels_not_the_reference(caplog):
+    """A GPTQ act-order layer (g_idx) is served by the GEMV for decode and dequantise + GEMM for prefill
+    (the reference's logits bit for bit), with nothing logged about a fallback."""
+    weight = with_g_idx(quantize_weight(torch.randn(72, 1100), QuantSpec("int", 4, "group", 32, symmetric=False)), 0,
+                        uneven=False)
+    layer = QuantLinear(weight, torch.randn(72))
+    cpu = torch.device("cpu")
+    with caplog.at_level("WARNING"):
+        assert dispatch.choose(weight, None, cpu, 1) is INT_GEMV
+        assert dispatch.choose(weight, None, cpu, 64) is DEQUANT_GEMM
+        x = torch.randn(3, 1100)
+        ref = quantized_linear(x, weight, layer.bias)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+        x = torch.randn(1, 64, 1100)
+        assert torch.equal(layer(x), quantized_linear(x, weight, layer.bias))
+    assert "reference" not in caplog.text
+
+
+def test_act_order_ops_check_their_g_idx():
+    weight = with_g_idx(quantize_weight(torch.randn(24, 96), QuantSpec("int", 4, "group", 32)), 1, uneven=False)
+    packed = (weight.qdata, weight.scale, None, 4, 32)
+    torch.library.opcheck(torch.ops.lowbit.int_gemv_cpu.default, (torch.randn(2, 96), *packed, 24),
+                          {"g_idx": weight.g_idx})
+    torch.library.opcheck(torch.ops.lowbit.dequant_cpu.default, (*packed, 96), {"g_idx": weight.g_idx})
+    with pytest.raises(RuntimeError, match="g_idx names a group outside"):
+        torch.ops.lowbit.int_gemv_cpu(torch.randn(1, 96), *packed, 24, g_idx=torch.full((96,), 3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"g_idx must be \(K,\) int32"):
+        torch.ops.lowbit.dequant_cpu(*packed, 96, g_idx=weight.g_idx.long())
+    int3 = with_g_idx(quantize_weight(torch.randn(8, 100), QuantSpec("int", 3, "group", 20)), 2, uneven=False)
+    assert "multiple of 8" in INT_GEMV.supports(int3, None, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -218,8 +276,9 @@ def test_lookup_weights_keep_no_decoded_copy():
 
 
 PORTABLE_CHECK = textwrap.dedent("""
+    import dataclasses
     import torch
-    from lowbit.kernels.cpu import INT_GEMV, extension
+    from lowbit.kernels.cpu import DEQUANT_GEMM, INT_GEMV, extension
     from lowbit.kernels.reference import quantized_linear
     from lowbit.scheme import QuantSpec
     from lowbit.tensor import quantize_weight
@@ -228,11 +287,16 @@ PORTABLE_CHECK = textwrap.dedent("""
                        (QuantSpec("int", 2, "group", 64, symmetric=False), 9, 162),
                        (QuantSpec("int", 3, "group", 32, symmetric=False), 21, 200), (QuantSpec("nf4", 4, "group", 64), 9, 160)]:
         w = quantize_weight(torch.randn(N, K), spec)
-        for M in (1, 5):
-            x = torch.randn(M, K)
-            ref = quantized_linear(x, w)
-            y = INT_GEMV.run(x, INT_GEMV.prepare(w), w, None, None)
-            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+        g_idx = (torch.argsort(torch.randperm(K)) // w.group_size).to(torch.int32)
+        for weight in (w, dataclasses.replace(w, g_idx=g_idx)):  # and act-order's scattered groups
+            for M in (1, 5):
+                x = torch.randn(M, K)
+                ref = quantized_linear(x, weight)
+                y = INT_GEMV.run(x, INT_GEMV.prepare(weight), weight, None, None)
+                torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+            x = torch.randn(12, K)
+            assert torch.equal(DEQUANT_GEMM.run(x, DEQUANT_GEMM.prepare(weight), weight, None, None),
+                               quantized_linear(x, weight))
 """)
 
 

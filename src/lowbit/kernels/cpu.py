@@ -15,6 +15,10 @@ memory is its packed size:
   arithmetic, so prefill logits are the reference's bit for bit; only its dequantise is faster
   (one pass instead of torch's unpack, cast, expand and multiply).
 
+Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) are read in column
+order, each column's scale fetched from its group: both ops take the ``g_idx`` as it is stored,
+whatever the group size or width, and the prefill weight is again the reference's bit for bit.
+
 Where the extension cannot be built, `supports` says why and the dispatcher falls back to
 the reference kernel.
 
@@ -92,16 +96,18 @@ def _define(name: str, schema: str, fake) -> None:
 
 # x (..., K) float32 @ dequant(W).T from the packed codes, no float weight written; ``levels`` (16,) float32
 # for a 4-bit lookup format (NF4, FP4: w = levels[c] * s), else the codes are affine ((c - z) * s); int8 ``scale``
-# codes with ``scale_scale`` and ``scale_offset`` for double-quantised scales (decoded as the kernels read them)
+# codes with ``scale_scale`` and ``scale_offset`` for double-quantised scales (decoded as the kernels read them);
+# ``g_idx`` (K,) int32 for act-order weights, the group of each column
 _define("int_gemv_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, "
-        "int out_features, Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None) -> Tensor",
+        "int out_features, Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None, "
+        "Tensor? g_idx=None) -> Tensor",
         lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None, scale_scale=None,
-        scale_offset=None: x.new_empty((*x.shape[:-1], out_features)))
+        scale_offset=None, g_idx=None: x.new_empty((*x.shape[:-1], out_features)))
 # the float32 weight (N, K) the codes stand for, equal to the reference's dequantise()
 _define("dequant_cpu", "(Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, int in_features, "
-        "Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None) -> Tensor",
-        lambda qdata, scale, zero_point, bits, group, in_features, levels=None, scale_scale=None, scale_offset=None:
-        qdata.new_empty((qdata.shape[0], in_features), dtype=torch.float32))
+        "Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None, Tensor? g_idx=None) -> Tensor",
+        lambda qdata, scale, zero_point, bits, group, in_features, levels=None, scale_scale=None, scale_offset=None,
+        g_idx=None: qdata.new_empty((qdata.shape[0], in_features), dtype=torch.float32))
 _INT_GEMV_OP = torch.ops.lowbit.int_gemv_cpu.default
 _DEQUANT_OP = torch.ops.lowbit.dequant_cpu.default
 
@@ -113,9 +119,13 @@ def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: to
     lookup = spec.format in LOOKUP_FORMATS
     if not (spec.format == "int" and spec.bits in (2, 3, 4, 8) or lookup):
         return f"integer 2/3/4/8-bit, NF4 or FP4 weights only, not {spec.describe()}"
-    if spec.granularity == "tensor" or weight.g_idx is not None:
-        return "per-group or per-channel scales in column order only (no g_idx)"
+    if spec.granularity == "tensor":
+        return "per-group or per-channel scales only, not one per tensor"
     group, cols = weight.group_size, weight.shape[1]
+    if weight.g_idx is not None:  # act-order: g_idx places every column's group, of any size
+        if spec.bits == 3 and cols % 8:  # whole 3-byte words of 8 codes
+            return f"3-bit codes need in_features to be a multiple of 8, not {cols}"
+        return extension()
     if spec.bits == 3 and (group % 8 or cols % 8):  # whole 3-byte words of 8 codes per group
         return f"3-bit codes need the group size and in_features to be multiples of 8, not {group} and {cols}"
     if group % (8 // spec.bits) and group < cols:  # groups start on a byte
@@ -130,8 +140,8 @@ def _prepare(weight: QuantizedWeight) -> dict:
 
 def _operands(weight: QuantizedWeight, prepared: dict) -> tuple[tuple, dict]:
     """The packed weight's positional arguments of the C++ ops (qdata, scale, zero_point, bits, group) and
-    their keyword arguments (levels, and double-quantised scales' block scales and offset)."""
-    extra = {}
+    their keyword arguments (levels, double-quantised scales' block scales and offset, act-order's g_idx)."""
+    extra = {} if weight.g_idx is None else {"g_idx": weight.g_idx}
     if weight.spec.format in LOOKUP_FORMATS:  # `_prepare`'s dict, as the dispatcher passes it
         extra["levels"] = prepared["levels"]
     scale = weight.scale

@@ -22,6 +22,15 @@
 //
 // 3-bit codes need K and the group to be multiples of 8 (whole triples per group).
 //
+// Act-order weights (GPTQ's desc_act) carry g_idx, the group of each column, so a group's
+// columns lie anywhere in the row: g = g_idx[k]. Both ops take it:
+//   y = sum_k value(c) s[g_idx[k]] x[k],  value(c) = c - z[g_idx[k]] or levels[c].
+// The GEMV puts 16 rows in the 16 lanes (a block of rows' words loaded and transposed in
+// registers), so a column's zero points and scales for those rows are a load each from the
+// block's tables transposed to (G, 16), whatever G is, and x[k] is a broadcast. The
+// dequantise reads codes in column order with byte permutes (AVX-512 VBMI) and fetches each
+// column's scale by a permute of two registers up to 32 groups, a gather above.
+//
 // dequant_cpu writes w itself (N, K) in one pass, bit for bit the reference's dequantise(),
 // for prefill, where a GEMM on the float weight wins.
 //
@@ -41,6 +50,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define LOWBIT_AVX512 1
+#if defined(__AVX512VBMI__)
+#define LOWBIT_VBMI 1  // byte permutes: act-order's column-order decode
+#endif
 #endif
 
 namespace lowbit {
@@ -58,6 +70,7 @@ struct Packed {
   int64_t K, G, group;
   int bits;
   const float* levels;   // 16 levels of a lookup format (4 bits, no zero point), or null: affine codes
+  const int32_t* g_idx;  // (K,) the group of each column (act-order), or null: g = k / group
 
   int zero_code(int64_t n, int64_t g) const {
     if (!zero) return 1 << (bits - 1);
@@ -128,6 +141,13 @@ struct Words {
   const float* word_sum(int64_t m) const { return word_sums.data() + m * D; }
 };
 
+// Code k of a row of any width (2, 3, 4 or 8 bits, LSB first), reading no byte past the row.
+inline int code_at(const uint8_t* row, int64_t row_bytes, int64_t k, int bits) {
+  const int64_t bit = k * bits, byte = bit >> 3;
+  const int pair = row[byte] | (byte + 1 < row_bytes ? row[byte + 1] << 8 : 0);
+  return (pair >> (bit & 7)) & ((1 << bits) - 1);
+}
+
 template <typename S>
 inline float scale_at(const Packed<S>& w, int64_t n, int64_t g) {
   const int64_t i = n * w.G + g;
@@ -196,6 +216,29 @@ void rows_portable_tri(const Packed<S>& w, const Words& xw, int64_t M, float* y,
           for (int q = 0; q < 8; ++q) acc += xw.at(m, q)[d] * static_cast<float>((v >> (3 * q)) & 7);
         }
         total += scale_at(w, n, g) * (acc - static_cast<float>(w.zero_code(n, g)) * xw.group_sum(m, g));
+      }
+      y[m * N + n] = total;
+    }
+  }
+}
+
+// Portable act-order path: sum_k (c - z[g]) s[g] x[k] (or levels[c] s[g] x[k]), g = g_idx[k].
+template <typename S>
+void rows_portable_scattered(const Packed<S>& w, const float* x, int64_t M, float* y, int64_t N, int64_t n0,
+                             int64_t n1) {
+  std::vector<float> s(w.G), z(w.G);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qrow = w.q + n * w.row_bytes;
+    for (int64_t g = 0; g < w.G; ++g) {
+      s[g] = scale_at(w, n, g);
+      z[g] = w.levels ? 0.0f : static_cast<float>(w.zero_code(n, g));
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float total = 0.0f;
+      for (int64_t k = 0; k < w.K; ++k) {
+        const int c = code_at(qrow, w.row_bytes, k, w.bits);
+        const int64_t g = w.g_idx[k];
+        total += (w.levels ? w.levels[c] : static_cast<float>(c) - z[g]) * s[g] * x[m * w.K + k];
       }
       y[m * N + n] = total;
     }
@@ -464,6 +507,153 @@ void block_word_spans(const Packed<S>& w, const Words& xw, int64_t m0, float* y,
 #undef LOWBIT_WORD_LANES
 #undef LOWBIT_WORD_LANE
 
+#ifdef LOWBIT_VBMI
+// Where code i of 16 in column order sits (BITS = 2, 3, 4, 8): its two bytes (code i's first bit
+// is bit i·BITS of the 16 codes' bytes, byte (i·BITS)/8) and its shift within them.
+template <int BITS>
+struct CodeSpread {
+  alignas(64) uint8_t index[64];
+  alignas(64) int32_t shift[16];
+  constexpr CodeSpread() : index{}, shift{} {
+    for (int i = 0; i < 16; ++i) {
+      const int bit = i * BITS;
+      index[4 * i] = static_cast<uint8_t>(bit >> 3);
+      index[4 * i + 1] = static_cast<uint8_t>((bit >> 3) + 1);
+      shift[i] = bit & 7;
+    }
+  }
+};
+template <int BITS>
+inline constexpr CodeSpread<BITS> kSpread{};
+
+// Codes k0 .. k0 + 15 of a row (k0 a multiple of 16, so they start on a byte), code i in 32-bit
+// lane i: a byte permute puts each code's two bytes in its lane, a variable shift and a mask
+// isolate it. No byte past the row is read.
+template <int BITS>
+inline __m512i load_codes(const uint8_t* row, int64_t row_bytes, int64_t k0) {
+  const int64_t byte0 = k0 * BITS / 8;
+  const __m128i raw = _mm_maskz_loadu_epi8(tail_mask(row_bytes - byte0), row + byte0);
+  const __m512i spread = _mm512_maskz_permutexvar_epi8(0x3333333333333333ull, _mm512_load_si512(kSpread<BITS>.index),
+                                                       _mm512_zextsi128_si512(raw));
+  return _mm512_and_si512(_mm512_srlv_epi32(spread, _mm512_load_si512(kSpread<BITS>.shift)),
+                          _mm512_set1_epi32((1 << BITS) - 1));
+}
+#endif
+
+// Transposes 16 × 16 32-bit words in place (v[i] lane j ↔ v[j] lane i): four stages that swap
+// the off-diagonal blocks of 8, 4, 2 and 1, one in-register shuffle per vector each.
+inline void transpose16(__m512i v[16]) {
+  for (int i = 0; i < 8; ++i) {  // blocks of 8: 256-bit halves
+    const __m512i a = v[i], b = v[i + 8];
+    v[i] = _mm512_shuffle_i64x2(a, b, 0x44);
+    v[i + 8] = _mm512_shuffle_i64x2(a, b, 0xEE);
+  }
+  for (int i = 0; i < 16; ++i) {  // blocks of 4: 128-bit lanes
+    if (i & 4) continue;
+    const __m512i a = v[i], b = v[i + 4];
+    v[i] = _mm512_mask_shuffle_i32x4(a, 0xF0F0, b, b, 0x80);
+    v[i + 4] = _mm512_mask_shuffle_i32x4(b, 0x0F0F, a, a, 0x31);
+  }
+  for (int i = 0; i < 16; ++i) {  // blocks of 2: 64-bit pairs
+    if (i & 2) continue;
+    const __m512i a = v[i], b = v[i + 2];
+    v[i] = _mm512_unpacklo_epi64(a, b);
+    v[i + 2] = _mm512_unpackhi_epi64(a, b);
+  }
+  for (int i = 0; i < 16; i += 2) {  // single words
+    const __m512i a = v[i], b = v[i + 1];
+    v[i] = _mm512_mask_shuffle_epi32(a, 0xAAAA, b, _MM_PERM_CDAB);
+    v[i + 1] = _mm512_mask_shuffle_epi32(b, 0x5555, a, _MM_PERM_CDAB);
+  }
+}
+
+// Act-order weights, 16 rows in the 16 lanes (rows n .. n + 15, fewer at the end), T tokens: the rows'
+// next 16 words are loaded and transposed, so that one vector holds a word of every row; code q of
+// word d is column k = d·CPW + q, whose 16 rows' zero points and scales are one load each from the
+// block's tables transposed to (G, 16), at row g_idx[k] — no per-lane lookup, whatever G is. The
+// weights (c - z) s are the reference's exactly, each times x[k] broadcast.
+template <int T, int BITS, bool LUT, typename S>
+void rows16_scattered(const Packed<S>& w, const float* xm, int64_t m0, float* y, int64_t N, int64_t n) {
+  constexpr int CPW = BITS == 3 ? 8 : 32 / BITS;  // codes per word (3 bits: a 3-byte word)
+  const int rows = static_cast<int>(std::min<int64_t>(16, N - n));
+  thread_local std::vector<float> block;  // (G, 16) scales, then (G, 16) zero points
+  block.assign(2 * w.G * 16, 0.0f);
+  float* st = block.data();
+  float* zt = st + w.G * 16;
+  for (int r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < w.G; ++g) {
+      st[g * 16 + r] = scale_at(w, n + r, g);
+      zt[g * 16 + r] = LUT ? 0.0f : static_cast<float>(w.zero_code(n + r, g));
+    }
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  const __m512 levels = LUT ? _mm512_loadu_ps(w.levels) : _mm512_setzero_ps();
+  const __m512i field = _mm512_set1_epi32((1 << BITS) - 1);
+  const int64_t words = BITS == 3 ? w.K / 8 : (w.row_bytes + 3) / 4;
+  const float* x[T];
+  for (int t = 0; t < T; ++t) x[t] = xm + (m0 + t) * w.K;
+  for (int64_t d = 0; d < words; d += 16) {
+    __m512i v[16];
+    for (int r = 0; r < 16; ++r) {
+      if (r >= rows) {
+        v[r] = _mm512_setzero_si512();
+        continue;
+      }
+      const uint8_t* row = w.q + (n + r) * w.row_bytes;
+      if constexpr (BITS == 3) {
+        prefetch(row + 3 * d);
+        v[r] = load_words<3>(row, d, words - d);
+      } else {
+        prefetch(row + 4 * d);
+        const int64_t left = std::min<int64_t>(64, w.row_bytes - 4 * d);
+        v[r] = _mm512_maskz_loadu_epi8(~0ull >> (64 - left), row + 4 * d);
+      }
+    }
+    transpose16(v);
+    const int64_t count = std::min<int64_t>(16, words - d);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t k0 = (d + i) * CPW;
+      const int last = static_cast<int>(std::min<int64_t>(CPW, w.K - k0));
+      for (int q = 0; q < last; ++q) {
+        __m512i c = q ? _mm512_srli_epi32(v[i], q * BITS) : v[i];
+        if (q < CPW - 1) c = _mm512_and_si512(c, field);
+        const int64_t k = k0 + q, g = w.g_idx[k] * 16;
+        const __m512 val = LUT ? _mm512_permutexvar_ps(c, levels)
+                               : _mm512_sub_ps(_mm512_cvtepi32_ps(c), _mm512_loadu_ps(zt + g));
+        const __m512 wv = _mm512_mul_ps(val, _mm512_loadu_ps(st + g));
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t][k]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(y + (m0 + t) * N + n, tail_mask(rows), acc[t]);
+}
+
+template <int T, typename S>
+void rows16_by_bits(const Packed<S>& w, const float* x, int64_t m0, float* y, int64_t N, int64_t n) {
+  switch (w.bits) {
+    case 2: rows16_scattered<T, 2, false>(w, x, m0, y, N, n); break;
+    case 3: rows16_scattered<T, 3, false>(w, x, m0, y, N, n); break;
+    case 4:
+      w.levels ? rows16_scattered<T, 4, true>(w, x, m0, y, N, n) : rows16_scattered<T, 4, false>(w, x, m0, y, N, n);
+      break;
+    default: rows16_scattered<T, 8, false>(w, x, m0, y, N, n);
+  }
+}
+
+// blocks of 16 rows [n0, n1) for all M tokens, up to 4 at a time
+template <typename S>
+void rows16_all(const Packed<S>& w, const float* x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 16) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows16_by_bits<4>(w, x, m, y, N, n);
+    switch (M - m) {
+      case 3: rows16_by_bits<3>(w, x, m, y, N, n); break;
+      case 2: rows16_by_bits<2>(w, x, m, y, N, n); break;
+      case 1: rows16_by_bits<1>(w, x, m, y, N, n); break;
+    }
+  }
+}
+
 // The two ways to do R rows × T tokens, by the layout x was rearranged into (`Lanes` or `Words`).
 struct ByteBlocks {
   template <int R, int T, typename S>
@@ -528,6 +718,16 @@ void gemv_words(const Packed<S>& w, const Words& xw, int64_t M, float* y, int64_
 #endif
 }
 
+// the same for act-order weights, x as it is
+template <typename S>
+void gemv_scattered(const Packed<S>& w, const float* x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+#ifdef LOWBIT_AVX512
+  rows16_all(w, x, M, y, N, n0, n1);
+#else
+  rows_portable_scattered(w, x, M, y, N, n0, n1);
+#endif
+}
+
 
 // w[n, :] = value(c) * s for rows [n0, n1), written to out (N, K): the reference's float weights
 template <int BITS, typename S>
@@ -579,8 +779,76 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
   }
 }
 
+#ifdef LOWBIT_VBMI
+// One row's G scales (or zero points) fetched for 16 columns from their groups g: up to 32 groups a
+// two-table permute of two registers, above a gather.
+template <bool GATHER>
+struct RowScales {
+  __m512 lo, hi;
+  const float* all;
+  RowScales(const float* s, int64_t G) : all(s) {
+    if constexpr (!GATHER) {
+      lo = _mm512_maskz_loadu_ps(tail_mask(G), s);
+      hi = G > 16 ? _mm512_maskz_loadu_ps(tail_mask(G - 16), s + 16) : _mm512_setzero_ps();
+    }
+  }
+  __m512 at(__m512i g) const {
+    if constexpr (GATHER) return _mm512_i32gather_ps(g, all, 4);
+    else return _mm512_permutex2var_ps(lo, g, hi);
+  }
+};
+
+// One act-order row in column order, 16 columns at a time (the whole row: masked at its end).
+template <int BITS, bool GATHER, typename S>
+void dequant_row_scattered(const Packed<S>& w, const uint8_t* qrow, float* orow, const float* s, const float* z) {
+  const RowScales<GATHER> sv(s, w.G), zv(z, w.G);
+  const __m512 levels = w.levels ? _mm512_loadu_ps(w.levels) : _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < w.K; k0 += 16) {
+    const __mmask16 k = tail_mask(w.K - k0);
+    const __m512i g = _mm512_maskz_loadu_epi32(k, w.g_idx + k0);
+    const __m512i c = load_codes<BITS>(qrow, w.row_bytes, k0);
+    const __m512 v = w.levels ? _mm512_permutexvar_ps(c, levels) : _mm512_sub_ps(_mm512_cvtepi32_ps(c), zv.at(g));
+    _mm512_mask_storeu_ps(orow + k0, k, _mm512_mul_ps(v, sv.at(g)));
+  }
+}
+#endif
+
+// Act-order weights: w[n, k] = value(c) * s[g_idx[k]], value(c) = c - z[g_idx[k]] or levels[c], the
+// reference's arithmetic (subtract, then multiply).
+template <int BITS, typename S>
+void dequant_rows_scattered(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
+  std::vector<float> s(w.G), z(w.G);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qrow = w.q + n * w.row_bytes;
+    float* orow = out + n * w.K;
+    for (int64_t g = 0; g < w.G; ++g) {
+      s[g] = scale_at(w, n, g);
+      z[g] = w.levels ? 0.0f : static_cast<float>(w.zero_code(n, g));
+    }
+#ifdef LOWBIT_VBMI
+    w.G > 32 ? dequant_row_scattered<BITS, true>(w, qrow, orow, s.data(), z.data())
+             : dequant_row_scattered<BITS, false>(w, qrow, orow, s.data(), z.data());
+#else
+    for (int64_t k = 0; k < w.K; ++k) {
+      const int c = code_at(qrow, w.row_bytes, k, BITS);
+      const int64_t g = w.g_idx[k];
+      orow[k] = (w.levels ? w.levels[c] : static_cast<float>(c) - z[g]) * s[g];
+    }
+#endif
+  }
+}
+
 template <typename S>
 void dequant_rows(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
+  if (w.g_idx) {
+    switch (w.bits) {
+      case 2: dequant_rows_scattered<2>(w, out, n0, n1); break;
+      case 3: dequant_rows_scattered<3>(w, out, n0, n1); break;
+      case 4: dequant_rows_scattered<4>(w, out, n0, n1); break;
+      default: dequant_rows_scattered<8>(w, out, n0, n1);
+    }
+    return;
+  }
   switch (w.bits) {
     case 2: dequant_rows_bits<2>(w, out, n0, n1); break;
     case 3: dequant_rows_bits<3>(w, out, n0, n1); break;
@@ -606,6 +874,7 @@ struct Weight {
   float scale_offset = 0.0f;
   int64_t N, K, G, group;
   int bits;
+  at::Tensor g_idx;  // act-order weights only: (K,) int32, the group of each column
 
   template <typename S>
   lowbit::Packed<S> packed() const {
@@ -613,7 +882,8 @@ struct Weight {
     return {q.data_ptr<uint8_t>(), q.size(1), scale.data_ptr<S>(),
             block_scale.defined() ? block_scale.data_ptr<float>() : nullptr, scale_offset,
             asym ? zero.data_ptr<uint8_t>() : nullptr, asym ? zero.size(1) : 0, K, G, group, bits,
-            levels.defined() ? levels.data_ptr<float>() : nullptr};
+            levels.defined() ? levels.data_ptr<float>() : nullptr,
+            g_idx.defined() ? g_idx.data_ptr<int32_t>() : nullptr};
   }
   // fn(S{}) with S the scales' element type: float16, bfloat16, float32, or int8 (double-quantised)
   template <typename Fn>
@@ -637,13 +907,18 @@ struct Weight {
 // qdata (N, ceil(K * bits / 8)) uint8; scale (N, G) float16/bfloat16/float32, G = ceil(K / group),
 // or int8 codes of double-quantised scales with scale_scale (ceil(N G / 256),) and scale_offset ()
 // float32; zero_point (N, ceil(G * bits / 8)) uint8 packed at `bits`, or none for symmetric codes;
-// levels (16,) float32 for a 4-bit lookup format (then no zero point), or none.
+// levels (16,) float32 for a 4-bit lookup format (then no zero point), or none; g_idx (K,) int32 with
+// values in [0, G) for act-order weights (any group; 3-bit codes still in whole words of 8), or none.
 Weight check_weight(const at::Tensor& qdata, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                     const std::optional<at::Tensor>& levels, const std::optional<at::Tensor>& scale_scale,
-                    const std::optional<at::Tensor>& scale_offset, int64_t bits, int64_t group, int64_t K,
-                    int64_t N) {
+                    const std::optional<at::Tensor>& scale_offset, const std::optional<at::Tensor>& g_idx,
+                    int64_t bits, int64_t group, int64_t K, int64_t N) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "lowbit CPU kernels: bits must be 2, 3, 4 or 8");
-  if (bits == 3) {
+  const bool scattered = g_idx.has_value() && g_idx->defined();
+  if (scattered) {  // any group: g_idx says where each column's is
+    TORCH_CHECK(group > 0 && (bits != 3 || K % 8 == 0),
+                "lowbit CPU kernels: 3-bit codes need K to be a multiple of 8");
+  } else if (bits == 3) {
     TORCH_CHECK(group > 0 && group % 8 == 0 && K % 8 == 0,
                 "lowbit CPU kernels: 3-bit codes need K and the group size to be multiples of 8");
   } else {
@@ -681,6 +956,15 @@ Weight check_weight(const at::Tensor& qdata, const at::Tensor& scale, const std:
     w.block_scale = b.contiguous();
     w.scale_offset = o.item<float>();
   }
+  if (scattered) {
+    const at::Tensor& g = *g_idx;
+    TORCH_CHECK(g.dim() == 1 && g.scalar_type() == at::kInt && g.size(0) == K,
+                "lowbit CPU kernels: g_idx must be (K,) int32");
+    w.g_idx = g.contiguous();
+    const int32_t* p = w.g_idx.data_ptr<int32_t>();
+    TORCH_CHECK(std::all_of(p, p + K, [G](int32_t v) { return v >= 0 && v < G; }),
+                "lowbit CPU kernels: g_idx names a group outside [0, ceil(K / group))");
+  }
   return w;
 }
 
@@ -688,10 +972,12 @@ Weight check_weight(const at::Tensor& qdata, const at::Tensor& scale, const std:
 at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                         const std::optional<at::Tensor>& zero_point, int64_t bits, int64_t group,
                         int64_t out_features, const std::optional<at::Tensor>& levels,
-                        const std::optional<at::Tensor>& scale_scale, const std::optional<at::Tensor>& scale_offset) {
+                        const std::optional<at::Tensor>& scale_scale, const std::optional<at::Tensor>& scale_offset,
+                        const std::optional<at::Tensor>& g_idx) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "int_gemv_cpu: x must be float32 (..., K)");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = out_features;
-  const Weight wt = check_weight(qdata, scale, zero_point, levels, scale_scale, scale_offset, bits, group, K, N);
+  const Weight wt =
+      check_weight(qdata, scale, zero_point, levels, scale_scale, scale_offset, g_idx, bits, group, K, N);
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options());
@@ -699,6 +985,15 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
   const at::Tensor xc = x.contiguous();
   float* out = y.data_ptr<float>();
   const int64_t grain = grain_rows(wt.q.size(1), M);
+  if (wt.g_idx.defined()) {
+    wt.with_scale_type([&](auto s) {
+      const auto w = wt.packed<decltype(s)>();
+      at::parallel_for(0, (N + 15) / 16, (grain + 15) / 16, [&](int64_t b0, int64_t b1) {
+        lowbit::gemv_scattered(w, xc.data_ptr<float>(), M, out, N, 16 * b0, std::min(N, 16 * b1));
+      });
+    });
+    return y;
+  }
   if (wt.by_words()) {
     const lowbit::Words words(xc.data_ptr<float>(), M, K, wt.group);
     wt.with_scale_type([&](auto s) {
@@ -718,9 +1013,10 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
 // The float weight (N, K) that the packed codes stand for, as the reference dequantises it.
 at::Tensor dequant_cpu(const at::Tensor& qdata, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                        int64_t bits, int64_t group, int64_t in_features, const std::optional<at::Tensor>& levels,
-                       const std::optional<at::Tensor>& scale_scale, const std::optional<at::Tensor>& scale_offset) {
-  const Weight wt = check_weight(qdata, scale, zero_point, levels, scale_scale, scale_offset, bits, group, in_features,
-                                 qdata.size(0));
+                       const std::optional<at::Tensor>& scale_scale, const std::optional<at::Tensor>& scale_offset,
+                       const std::optional<at::Tensor>& g_idx) {
+  const Weight wt = check_weight(qdata, scale, zero_point, levels, scale_scale, scale_offset, g_idx, bits, group,
+                                 in_features, qdata.size(0));
   at::Tensor out = at::empty({wt.N, wt.K}, qdata.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   wt.with_scale_type([&](auto s) {
