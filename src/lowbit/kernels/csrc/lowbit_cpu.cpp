@@ -45,6 +45,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <optional>
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -576,17 +577,19 @@ template <int T, int BITS, bool LUT, typename S>
 void rows16_scattered(const Packed<S>& w, const float* xm, int64_t m0, float* y, int64_t N, int64_t n) {
   constexpr int CPW = BITS == 3 ? 8 : 32 / BITS;  // codes per word (3 bits: a 3-byte word)
   const int rows = static_cast<int>(std::min<int64_t>(16, N - n));
-  thread_local std::vector<float> block;  // (G, 16) scales, then (G, 16) zero points
-  block.assign(2 * w.G * 16, 0.0f);
-  float* st = block.data();
-  float* zt = st + w.G * 16;
+  thread_local std::vector<float> block;  // per group, the 16 rows' scales s, then their z s
+  block.assign(w.G * 32, 0.0f);
+  float* table = block.data();
   for (int r = 0; r < rows; ++r)
     for (int64_t g = 0; g < w.G; ++g) {
-      st[g * 16 + r] = scale_at(w, n + r, g);
-      zt[g * 16 + r] = LUT ? 0.0f : static_cast<float>(w.zero_code(n + r, g));
+      const float sc = scale_at(w, n + r, g);
+      table[g * 32 + r] = sc;
+      table[g * 32 + 16 + r] = LUT ? 0.0f : static_cast<float>(w.zero_code(n + r, g)) * sc;
     }
-  __m512 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  constexpr int A = T >= 4 ? 1 : 4 / T;  // sums per token: at least 4 chains of multiply-adds in flight
+  __m512 acc[T][A];
+  for (int t = 0; t < T; ++t)
+    for (int a = 0; a < A; ++a) acc[t][a] = _mm512_setzero_ps();
   const __m512 levels = LUT ? _mm512_loadu_ps(w.levels) : _mm512_setzero_ps();
   const __m512i field = _mm512_set1_epi32((1 << BITS) - 1);
   const int64_t words = BITS == 3 ? w.K / 8 : (w.row_bytes + 3) / 4;
@@ -614,18 +617,26 @@ void rows16_scattered(const Packed<S>& w, const float* xm, int64_t m0, float* y,
     for (int64_t i = 0; i < count; ++i) {
       const int64_t k0 = (d + i) * CPW;
       const int last = static_cast<int>(std::min<int64_t>(CPW, w.K - k0));
-      for (int q = 0; q < last; ++q) {
+      // code q of the 16 rows' word: column k0 + q, weights (c - z) s = c s - z s, times x[k0 + q]
+      auto code = [&](auto q) {
+        if (q >= last) return;
         __m512i c = q ? _mm512_srli_epi32(v[i], q * BITS) : v[i];
-        if (q < CPW - 1) c = _mm512_and_si512(c, field);
-        const int64_t k = k0 + q, g = w.g_idx[k] * 16;
-        const __m512 val = LUT ? _mm512_permutexvar_ps(c, levels)
-                               : _mm512_sub_ps(_mm512_cvtepi32_ps(c), _mm512_loadu_ps(zt + g));
-        const __m512 wv = _mm512_mul_ps(val, _mm512_loadu_ps(st + g));
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t][k]), acc[t]);
-      }
+        if constexpr (q < CPW - 1) c = _mm512_and_si512(c, field);
+        const float* sz = table + w.g_idx[k0 + q] * 32;
+        const __m512 wv = LUT ? _mm512_mul_ps(_mm512_permutexvar_ps(c, levels), _mm512_loadu_ps(sz))
+                              : _mm512_fmsub_ps(_mm512_cvtepi32_ps(c), _mm512_loadu_ps(sz), _mm512_loadu_ps(sz + 16));
+        for (int t = 0; t < T; ++t)
+          acc[t][q % A] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t][k0 + q]), acc[t][q % A]);
+      };
+      [&]<int... Q>(std::integer_sequence<int, Q...>) {
+        (code(std::integral_constant<int, Q>{}), ...);
+      }(std::make_integer_sequence<int, CPW>{});
     }
   }
-  for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(y + (m0 + t) * N + n, tail_mask(rows), acc[t]);
+  for (int t = 0; t < T; ++t) {
+    for (int a = 1; a < A; ++a) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][a]);
+    _mm512_mask_storeu_ps(y + (m0 + t) * N + n, tail_mask(rows), acc[t][0]);
+  }
 }
 
 template <int T, typename S>
