@@ -25,8 +25,7 @@ from _cpu_results import RESULTS, Stamp, write
 
 import lowbit
 from lowbit.algorithms.gptq import GPTQ
-from lowbit.calibration import load_text, tokenize
-from lowbit.calibration.text import calibration_set
+from lowbit.calibration import calibration_set, load_text, tokenize
 from lowbit.kernels import dispatch
 from lowbit.scheme import Scheme
 

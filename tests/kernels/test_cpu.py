@@ -131,8 +131,9 @@ def with_g_idx(weight: QuantizedWeight, seed: int, uneven: bool) -> QuantizedWei
 @settings(max_examples=150, deadline=None)
 @given(M=st.integers(1, 16), uneven=st.booleans(), **{k: v for k, v in WEIGHTS.items() if k != "per_channel"})
 def test_act_order_weights_on_random_shapes(M, uneven, fmt, group_bytes, symmetric, scale_dtype, N, K, seed):
-    """Scattered groups (g_idx): the GEMV against the exact product, the dequantise bit for bit; any number of
-    groups (up to 150 here: two-register permutes to 32, a gather above), rows in 16-row blocks and a tail."""
+    """Scattered groups (g_idx): the GEMV (16-row blocks and a tail) against the exact product, the dequantise
+    bit for bit; any number of groups (up to 150 here: the dequantise's two-register permutes to 32, a gather
+    above)."""
     weight = with_g_idx(random_weight(fmt, False, group_bytes, symmetric, scale_dtype, N, K, seed), seed, uneven)
     assert INT_GEMV.supports(weight, None, torch.device("cpu")) is None
     x = torch.randn(M, weight.shape[1], generator=torch.Generator().manual_seed(seed + 1))

@@ -58,6 +58,14 @@
 
 namespace lowbit {
 
+// Code k of a row of any width (2, 3, 4 or 8 bits, LSB first; a 3-bit code may straddle two bytes),
+// reading no byte past the row.
+inline int code_at(const uint8_t* row, int64_t row_bytes, int64_t k, int bits) {
+  const int64_t bit = k * bits, byte = bit >> 3;
+  const int pair = row[byte] | (byte + 1 < row_bytes ? row[byte + 1] << 8 : 0);
+  return (pair >> (bit & 7)) & ((1 << bits) - 1);
+}
+
 // One packed weight: N rows of row_bytes codes, G groups of `group` columns per row.
 template <typename S>
 struct Packed {
@@ -73,17 +81,8 @@ struct Packed {
   const float* levels;   // 16 levels of a lookup format (4 bits, no zero point), or null: affine codes
   const int32_t* g_idx;  // (K,) the group of each column (act-order), or null: g = k / group
 
-  int zero_code(int64_t n, int64_t g) const {
-    if (!zero) return 1 << (bits - 1);
-    const uint8_t* z = zero + n * zero_row_bytes;
-    if (bits == 8) return z[g];
-    if (bits == 4) return (z[g >> 1] >> ((g & 1) * 4)) & 15;
-    if (bits == 3) {  // may straddle two bytes; the row's last byte has no successor
-      const int64_t bit = 3 * g, byte = bit >> 3;
-      const int pair = z[byte] | (byte + 1 < zero_row_bytes ? z[byte + 1] << 8 : 0);
-      return (pair >> (bit & 7)) & 7;
-    }
-    return (z[g >> 2] >> ((g & 3) * 2)) & 3;
+  int zero_code(int64_t n, int64_t g) const {  // zero points are packed as the codes are
+    return zero ? code_at(zero + n * zero_row_bytes, zero_row_bytes, g, bits) : 1 << (bits - 1);
   }
   // table[c] = value(c) * s for the 2^bits codes (bits <= 4) of group g of row n, where value(c) is c - z
   // or levels[c]: the weights a group's codes stand for, the zero point read once
@@ -142,13 +141,6 @@ struct Words {
   const float* word_sum(int64_t m) const { return word_sums.data() + m * D; }
 };
 
-// Code k of a row of any width (2, 3, 4 or 8 bits, LSB first), reading no byte past the row.
-inline int code_at(const uint8_t* row, int64_t row_bytes, int64_t k, int bits) {
-  const int64_t bit = k * bits, byte = bit >> 3;
-  const int pair = row[byte] | (byte + 1 < row_bytes ? row[byte + 1] << 8 : 0);
-  return (pair >> (bit & 7)) & ((1 << bits) - 1);
-}
-
 template <typename S>
 inline float scale_at(const Packed<S>& w, int64_t n, int64_t g) {
   const int64_t i = n * w.G + g;
@@ -159,6 +151,25 @@ inline float scale_at(const Packed<S>& w, int64_t n, int64_t g) {
   } else {
     return static_cast<float>(w.scale[i]);
   }
+}
+
+// Row n's G scales as float32 into s and its zero points into z (0 for a lookup format), for act-order's
+// lookups by column.
+template <typename S>
+void row_tables(const Packed<S>& w, int64_t n, float* s, float* z) {
+  for (int64_t g = 0; g < w.G; ++g) {
+    s[g] = scale_at(w, n, g);
+    z[g] = w.levels ? 0.0f : static_cast<float>(w.zero_code(n, g));
+  }
+}
+
+// The weight of column k of an act-order row (scalar): (c - z) s or levels[c] s, g = g_idx[k], from the
+// row's `row_tables`, as the reference computes it.
+template <typename S>
+inline float scattered_weight(const Packed<S>& w, const uint8_t* qrow, int64_t k, const float* s, const float* z) {
+  const int c = code_at(qrow, w.row_bytes, k, w.bits);
+  const int64_t g = w.g_idx[k];
+  return (w.levels ? w.levels[c] : static_cast<float>(c) - z[g]) * s[g];
 }
 
 // Portable path: per group and lane of a byte, sum value(c) x, then scale by s.
@@ -230,17 +241,10 @@ void rows_portable_scattered(const Packed<S>& w, const float* x, int64_t M, floa
   std::vector<float> s(w.G), z(w.G);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qrow = w.q + n * w.row_bytes;
-    for (int64_t g = 0; g < w.G; ++g) {
-      s[g] = scale_at(w, n, g);
-      z[g] = w.levels ? 0.0f : static_cast<float>(w.zero_code(n, g));
-    }
+    row_tables(w, n, s.data(), z.data());
     for (int64_t m = 0; m < M; ++m) {
       float total = 0.0f;
-      for (int64_t k = 0; k < w.K; ++k) {
-        const int c = code_at(qrow, w.row_bytes, k, w.bits);
-        const int64_t g = w.g_idx[k];
-        total += (w.levels ? w.levels[c] : static_cast<float>(c) - z[g]) * s[g] * x[m * w.K + k];
-      }
+      for (int64_t k = 0; k < w.K; ++k) total += scattered_weight(w, qrow, k, s.data(), z.data()) * x[m * w.K + k];
       y[m * N + n] = total;
     }
   }
@@ -739,10 +743,62 @@ void gemv_scattered(const Packed<S>& w, const float* x, int64_t M, float* y, int
 #endif
 }
 
+#ifdef LOWBIT_VBMI
+// One row's G scales (or zero points) fetched for 16 columns from their groups g: up to 32 groups a
+// two-table permute of two registers, above a gather.
+template <bool GATHER>
+struct RowScales {
+  __m512 lo, hi;
+  const float* all;
+  RowScales(const float* s, int64_t G) : all(s) {
+    if constexpr (!GATHER) {
+      lo = _mm512_maskz_loadu_ps(tail_mask(G), s);
+      hi = G > 16 ? _mm512_maskz_loadu_ps(tail_mask(G - 16), s + 16) : _mm512_setzero_ps();
+    }
+  }
+  __m512 at(__m512i g) const {
+    if constexpr (GATHER) return _mm512_i32gather_ps(g, all, 4);
+    else return _mm512_permutex2var_ps(lo, g, hi);
+  }
+};
+
+// One act-order row in column order, 16 columns at a time (the whole row: masked at its end).
+template <int BITS, bool GATHER, typename S>
+void dequant_row_scattered(const Packed<S>& w, const uint8_t* qrow, float* orow, const float* s, const float* z) {
+  const RowScales<GATHER> sv(s, w.G), zv(z, w.G);
+  const __m512 levels = w.levels ? _mm512_loadu_ps(w.levels) : _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < w.K; k0 += 16) {
+    const __mmask16 k = tail_mask(w.K - k0);
+    const __m512i g = _mm512_maskz_loadu_epi32(k, w.g_idx + k0);
+    const __m512i c = load_codes<BITS>(qrow, w.row_bytes, k0);
+    const __m512 v = w.levels ? _mm512_permutexvar_ps(c, levels) : _mm512_sub_ps(_mm512_cvtepi32_ps(c), zv.at(g));
+    _mm512_mask_storeu_ps(orow + k0, k, _mm512_mul_ps(v, sv.at(g)));
+  }
+}
+#endif
+
+// Act-order weights: w[n, k] = value(c) * s[g_idx[k]], value(c) = c - z[g_idx[k]] or levels[c], the
+// reference's arithmetic (subtract, then multiply).
+template <int BITS, typename S>
+void dequant_rows_scattered(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
+  std::vector<float> s(w.G), z(w.G);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qrow = w.q + n * w.row_bytes;
+    float* orow = out + n * w.K;
+    row_tables(w, n, s.data(), z.data());
+#ifdef LOWBIT_VBMI
+    w.G > 32 ? dequant_row_scattered<BITS, true>(w, qrow, orow, s.data(), z.data())
+             : dequant_row_scattered<BITS, false>(w, qrow, orow, s.data(), z.data());
+#else
+    for (int64_t k = 0; k < w.K; ++k) orow[k] = scattered_weight(w, qrow, k, s.data(), z.data());
+#endif
+  }
+}
 
 // w[n, :] = value(c) * s for rows [n0, n1), written to out (N, K): the reference's float weights
 template <int BITS, typename S>
 void dequant_rows_bits(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
+  if (w.g_idx) return dequant_rows_scattered<BITS>(w, out, n0, n1);
   constexpr int PER = BITS == 3 ? 1 : 8 / BITS, MASK = (1 << BITS) - 1;  // PER: codes per byte (2, 4, 8 bits)
   float lut[MASK + 1];
   for (int64_t n = n0; n < n1; ++n) {
@@ -790,76 +846,8 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
   }
 }
 
-#ifdef LOWBIT_VBMI
-// One row's G scales (or zero points) fetched for 16 columns from their groups g: up to 32 groups a
-// two-table permute of two registers, above a gather.
-template <bool GATHER>
-struct RowScales {
-  __m512 lo, hi;
-  const float* all;
-  RowScales(const float* s, int64_t G) : all(s) {
-    if constexpr (!GATHER) {
-      lo = _mm512_maskz_loadu_ps(tail_mask(G), s);
-      hi = G > 16 ? _mm512_maskz_loadu_ps(tail_mask(G - 16), s + 16) : _mm512_setzero_ps();
-    }
-  }
-  __m512 at(__m512i g) const {
-    if constexpr (GATHER) return _mm512_i32gather_ps(g, all, 4);
-    else return _mm512_permutex2var_ps(lo, g, hi);
-  }
-};
-
-// One act-order row in column order, 16 columns at a time (the whole row: masked at its end).
-template <int BITS, bool GATHER, typename S>
-void dequant_row_scattered(const Packed<S>& w, const uint8_t* qrow, float* orow, const float* s, const float* z) {
-  const RowScales<GATHER> sv(s, w.G), zv(z, w.G);
-  const __m512 levels = w.levels ? _mm512_loadu_ps(w.levels) : _mm512_setzero_ps();
-  for (int64_t k0 = 0; k0 < w.K; k0 += 16) {
-    const __mmask16 k = tail_mask(w.K - k0);
-    const __m512i g = _mm512_maskz_loadu_epi32(k, w.g_idx + k0);
-    const __m512i c = load_codes<BITS>(qrow, w.row_bytes, k0);
-    const __m512 v = w.levels ? _mm512_permutexvar_ps(c, levels) : _mm512_sub_ps(_mm512_cvtepi32_ps(c), zv.at(g));
-    _mm512_mask_storeu_ps(orow + k0, k, _mm512_mul_ps(v, sv.at(g)));
-  }
-}
-#endif
-
-// Act-order weights: w[n, k] = value(c) * s[g_idx[k]], value(c) = c - z[g_idx[k]] or levels[c], the
-// reference's arithmetic (subtract, then multiply).
-template <int BITS, typename S>
-void dequant_rows_scattered(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
-  std::vector<float> s(w.G), z(w.G);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* qrow = w.q + n * w.row_bytes;
-    float* orow = out + n * w.K;
-    for (int64_t g = 0; g < w.G; ++g) {
-      s[g] = scale_at(w, n, g);
-      z[g] = w.levels ? 0.0f : static_cast<float>(w.zero_code(n, g));
-    }
-#ifdef LOWBIT_VBMI
-    w.G > 32 ? dequant_row_scattered<BITS, true>(w, qrow, orow, s.data(), z.data())
-             : dequant_row_scattered<BITS, false>(w, qrow, orow, s.data(), z.data());
-#else
-    for (int64_t k = 0; k < w.K; ++k) {
-      const int c = code_at(qrow, w.row_bytes, k, BITS);
-      const int64_t g = w.g_idx[k];
-      orow[k] = (w.levels ? w.levels[c] : static_cast<float>(c) - z[g]) * s[g];
-    }
-#endif
-  }
-}
-
 template <typename S>
 void dequant_rows(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
-  if (w.g_idx) {
-    switch (w.bits) {
-      case 2: dequant_rows_scattered<2>(w, out, n0, n1); break;
-      case 3: dequant_rows_scattered<3>(w, out, n0, n1); break;
-      case 4: dequant_rows_scattered<4>(w, out, n0, n1); break;
-      default: dequant_rows_scattered<8>(w, out, n0, n1);
-    }
-    return;
-  }
   switch (w.bits) {
     case 2: dequant_rows_bits<2>(w, out, n0, n1); break;
     case 3: dequant_rows_bits<3>(w, out, n0, n1); break;
