@@ -120,12 +120,17 @@ def max_stages(rows: int, token_tiles: int, stages: int = 3) -> int:
     return max(1, min(stages, 3 if tiles == 1 else 2 if tiles == 2 else 1))
 
 
+def token_tiles(m: int) -> int:
+    """Tiles of 8 tokens a launch for m tokens (≤ `MAX_TOKENS`) computes: 1, 2 or 4."""
+    return 1 if m <= 8 else 2 if m <= 16 else 4
+
+
 def default_args(m: int, n: int, k: int, sms: int) -> dict[str, int]:
     """The launch arguments `launch_mma` takes by default for m tokens through an (n, k) weight on a device
     with ``sms`` SMs: 2 row tiles per warp for one token tile (1 above), 2 stages of words in flight up to two
     token tiles, blocks of 4 warps, K split for about four blocks per SM (each split ≥ 4 blocks of columns).
     A guess until bench/gpu_run_cuda.sh's sweep has timed the alternatives."""
-    tiles = 1 if m <= 8 else 2 if m <= 16 else 4
+    tiles = token_tiles(m)
     rows, warps = (2 if tiles == 1 else 1), 4
     blocks = -(-n // (16 * rows * warps))
     split = max(1, min(-(-4 * sms // blocks), k // BLOCK_K // 4))
@@ -372,10 +377,10 @@ def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, z
          rows: int = 2, warps: int = 4, split_k: int = 1, stages: int = 1, bits: int = 4) -> Launch:
     """The `Launch` of `launch_mma` for these sizes (``rows`` and ``stages`` capped by `max_rows` and
     `max_stages`, ``split_k`` to what K holds)."""
-    token_tiles = 1 if M <= 8 else 2 if M <= 16 else 4
-    words = -(-token_tiles * bits // 4)  # register load in 4-bit token tiles: 8-bit words take twice as many
+    tiles = token_tiles(M)
+    words = -(-tiles * bits // 4)  # register load in 4-bit token tiles: 8-bit words take twice as many
     rows = max_rows(words, rows)
-    variant = Variant(_DT[dtype], _SDT[scale_dtype], rows, token_tiles, zero_points, bias, warps,
+    variant = Variant(_DT[dtype], _SDT[scale_dtype], rows, tiles, zero_points, bias, warps,
                       max_stages(rows, words, stages), bits)
     k_blocks = K // BLOCK_K
     kb_split = -(-k_blocks // max(1, min(split_k, k_blocks)))
@@ -383,8 +388,8 @@ def plan(M: int, N: int, K: int, dtype: torch.dtype, scale_dtype: torch.dtype, z
 
 
 def launch_mma(out2: Tensor, x2: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
-                 bias: Tensor | None, group: int, rows: int = 2, warps: int = 4, split_k: int = 1,
-                 stages: int = 1, bits: int = 4) -> None:
+               bias: Tensor | None, group: int, rows: int = 2, warps: int = 4, split_k: int = 1,
+               stages: int = 1, bits: int = 4) -> None:
     """out2 (M, N) ← x2 (M, K) @ W (N, K)ᵀ (+ bias), W's ``bits``-bit codes (3, 4 or 8) as `prepare_w4a16`
     / `prepare_int` lay them out: ``rows`` tiles of 16 weight rows per warp, ``warps`` per block, K split
     ``split_k`` ways, ``stages`` blocks of words in flight. The caller has checked `unsupported`."""

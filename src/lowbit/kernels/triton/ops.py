@@ -144,7 +144,7 @@ def int4_config(m: int, n: int, k: int, group_size: int, n_groups: int, sms: int
     group = group_size if n_groups > 1 else k
     if cuda and not (lut or gidx) and m <= cuda_kernels.MAX_TOKENS and cuda_kernels.shape_reason(k, n, group) is None:
         a = cuda_kernels.default_args(m, n, k, sms)
-        return BlockConfig(8 if m <= 8 else 16 if m <= 16 else 32, 16 * a["rows"], cuda_kernels.BLOCK_K, a["split_k"],
+        return BlockConfig(8 * cuda_kernels.token_tiles(m), 16 * a["rows"], cuda_kernels.BLOCK_K, a["split_k"],
                            a["warps"], a["stages"], backend="cuda")
     if m == 1 and not gidx and group % 8 == 0:
         words = 16
