@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.kernels import dispatch, quantized_linear
-from lowbit.kernels.cpu import DEQUANT_GEMM, INT_GEMV, MAX_M, _operands, extension
+from lowbit.kernels import cpu as cpu_kernels
+from lowbit.kernels.cpu import DEQUANT_GEMM, INT_GEMV, _operands, block_rows, extension, gemv_max_m
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight, quantize_weight
@@ -132,8 +133,7 @@ def with_g_idx(weight: QuantizedWeight, seed: int, uneven: bool) -> QuantizedWei
 @given(M=st.integers(1, 16), uneven=st.booleans(), **{k: v for k, v in WEIGHTS.items() if k != "per_channel"})
 def test_act_order_weights_on_random_shapes(M, uneven, fmt, group_bytes, symmetric, scale_dtype, N, K, seed):
     """Scattered groups (g_idx): the GEMV (16-row blocks and a tail) against the exact product, the dequantise
-    bit for bit; any number of groups (up to 150 here: the dequantise's two-register permutes to 32, a gather
-    above)."""
+    bit for bit; any number of groups (up to 150 here)."""
     weight = with_g_idx(random_weight(fmt, False, group_bytes, symmetric, scale_dtype, N, K, seed), seed, uneven)
     assert INT_GEMV.supports(weight, None, torch.device("cpu")) is None
     x = torch.randn(M, weight.shape[1], generator=torch.Generator().manual_seed(seed + 1))
@@ -142,9 +142,22 @@ def test_act_order_weights_on_random_shapes(M, uneven, fmt, group_bytes, symmetr
     assert torch.equal(torch.ops.lowbit.dequant_cpu(*packed, weight.shape[1], **extra), weight.dequantize())
 
 
+@pytest.mark.parametrize("groups", [7, 32, 33, 64, 65, 86, 128, 129, 200])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order_dequantise_with_any_number_of_groups(groups, symmetric):
+    """The act-order dequantise holds a row's scales in 2, 4 or 8 registers (up to 32, 64, 128 groups) and
+    gathers above: every size and both edges of each, bit for bit."""
+    spec = QuantSpec("int", 4, "group", 8, symmetric=symmetric)
+    weight = quantize_weight(torch.randn(19, 8 * groups, generator=torch.Generator().manual_seed(groups)), spec)
+    for uneven in (False, True):
+        scattered = with_g_idx(weight, groups, uneven)
+        packed, extra = _operands(scattered, {})
+        assert torch.equal(torch.ops.lowbit.dequant_cpu(*packed, scattered.shape[1], **extra), scattered.dequantize())
+
+
 def test_act_order_layers_run_on_the_packed_kernels_not_the_reference(caplog):
     """A GPTQ act-order layer (g_idx) is served by the GEMV for decode and dequantise + GEMM for prefill
-    (the reference's logits bit for bit), with nothing logged about a fallback."""
+    (the reference's sums, split by rows of the weight), with nothing logged about a fallback."""
     weight = with_g_idx(quantize_weight(torch.randn(72, 1100), QuantSpec("int", 4, "group", 32, symmetric=False)), 0,
                         uneven=False)
     layer = QuantLinear(weight, torch.randn(72))
@@ -156,7 +169,7 @@ def test_act_order_layers_run_on_the_packed_kernels_not_the_reference(caplog):
         ref = quantized_linear(x, weight, layer.bias)
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
         x = torch.randn(1, 64, 1100)
-        assert torch.equal(layer(x), quantized_linear(x, weight, layer.bias))
+        check_prefill(layer(x), x, weight, layer.bias)
     assert "reference" not in caplog.text
 
 
@@ -177,12 +190,90 @@ def test_act_order_ops_check_their_g_idx():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spec,N,K", [*CASES[:4], *(c for c in CASES if c[0].bits == 3 or c[0].format != "int")],
                          ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
-def test_prefill_kernel_is_the_reference_bit_for_bit(spec, N, K, dtype):
+def test_prefill_kernel_matches_the_reference(spec, N, K, dtype):
     gen = torch.Generator().manual_seed(N + K)
     weight = quantize_weight(torch.randn(N, K, generator=gen), spec)
     x, bias = torch.randn(2, 40, K, generator=gen).to(dtype), torch.randn(N, generator=gen)
     y = DEQUANT_GEMM.run(x, DEQUANT_GEMM.prepare(weight), weight, bias, None)
-    assert y.dtype == dtype and torch.equal(y, quantized_linear(x, weight, bias))
+    assert y.dtype == dtype
+    check_prefill(y, x, weight, bias)
+
+
+def check_prefill(y, x, weight, bias=None):
+    """The prefill kernel's output: the reference's sums split by rows of the weight (blocks GEMMed on worker
+    threads, where torch's GEMM may order a sum differently), so within float rounding of the exact product."""
+    if x.dtype == torch.float32:
+        check_close_to_exact(y, x, weight, bias)
+    else:
+        ref = quantized_linear(x, weight, bias).float()
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * scale)
+
+
+@settings(max_examples=120, deadline=None)
+@given(M=st.integers(0, 40), rows=st.integers(1, 48), bf16=st.booleans(), with_bias=st.booleans(),
+       act_order=st.booleans(), **WEIGHTS)
+def test_prefill_in_blocks_on_random_shapes(M, rows, bf16, with_bias, act_order, fmt, per_channel, group_bytes,
+                                            symmetric, scale_dtype, N, K, seed):
+    """Prefill dequantises `rows` rows at a time into the threads' workspaces: within float rounding of the
+    exact product, and one block (rows >= N) is the reference's own call, bit for bit."""
+    weight = random_weight(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed)
+    if act_order and not per_channel:
+        weight = with_g_idx(weight, seed, uneven=False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, M, weight.shape[1], generator=gen).to(torch.bfloat16 if bf16 else torch.float32)
+    bias = torch.randn(N, generator=gen) if with_bias else None
+    packed, extra = _operands(weight, DEQUANT_GEMM.prepare(weight))
+    y = torch.ops.lowbit.dequant_linear_cpu(x, *packed, N, **extra, bias=bias, block_rows=rows)
+    assert y.shape == (2, M, N) and y.dtype == x.dtype
+    if rows >= N:
+        assert torch.equal(y, quantized_linear(x, weight, bias))
+    else:
+        check_prefill(y, x, weight, bias)
+
+
+def test_prefill_blocks_are_at_least_a_few_megabytes_or_m_rows_and_shared_evenly(monkeypatch):
+    """Blocks of BLOCK_BYTES of float32, or of M rows when x is the larger read, but no more than an even share
+    of BLOCKS_PER_THREAD per thread; whole 16-row steps, never fewer than 16."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    share = cpu_kernels.BLOCKS_PER_THREAD * 2
+    assert block_rows(11008, 4096, 1) == cpu_kernels.BLOCK_BYTES // (4 * 4096) // 16 * 16
+    assert block_rows(11008, 4096, 600) == 592  # M rows
+    assert block_rows(576, 1536, 64) == 576 // share // 16 * 16  # the share: 8 blocks of 64 + 2 of 32 rows... in 16s
+    assert block_rows(40, 10**6, 64) == 16  # never below one step
+    for n, k, m in [(1536, 576, 64), (4096, 11008, 16), (28672, 8192, 2048)]:
+        rows = block_rows(n, k, m)
+        assert rows % 16 == 0 and -(-n // rows) >= min(share, n // 16)
+
+
+def test_prefill_in_blocks_through_the_kernel(monkeypatch):
+    """A layer larger than a block through the prefill kernel: within float rounding of the exact product, also
+    under inference mode (the blocks' GEMMs run on worker threads, which take the caller's mode)."""
+    monkeypatch.setattr(cpu_kernels, "BLOCK_BYTES", 64 * 1100 * 4)  # 64 rows of this layer at a time
+    weight = with_g_idx(quantize_weight(torch.randn(2000, 1100), QuantSpec("int", 4, "group", 32, symmetric=False)),
+                        3, uneven=False)
+    x, bias = torch.randn(1, 37, 1100), torch.randn(2000)
+    assert block_rows(2000, 1100, 37) == 64
+    y = DEQUANT_GEMM.run(x, DEQUANT_GEMM.prepare(weight), weight, bias, None)
+    check_prefill(y, x, weight, bias)
+    with torch.inference_mode():
+        assert torch.equal(DEQUANT_GEMM.run(x, DEQUANT_GEMM.prepare(weight), weight, bias, None), y)
+
+
+def test_prefill_op_checks_its_arguments():
+    weight = quantize_weight(torch.randn(40, 160), QuantSpec("int", 4, "group", 64, symmetric=False))
+    packed = (weight.qdata, weight.scale, weight.zero_point, 4, 64)
+    for rows in (16, 64):  # blocks, and one block
+        torch.library.opcheck(torch.ops.lowbit.dequant_linear_cpu.default, (torch.randn(2, 9, 160), *packed, 40),
+                              {"bias": torch.randn(40), "block_rows": rows})
+    torch.library.opcheck(torch.ops.lowbit.dequant_linear_cpu.default,
+                          (torch.randn(9, 160, dtype=torch.bfloat16), *packed, 40), {"block_rows": 16})
+    with pytest.raises(RuntimeError, match="block_rows must be positive"):
+        torch.ops.lowbit.dequant_linear_cpu(torch.randn(9, 160), *packed, 40, block_rows=0)
+    with pytest.raises(RuntimeError, match=r"bias must be \(N,\)"):
+        torch.ops.lowbit.dequant_linear_cpu(torch.randn(9, 160), *packed, 40, bias=torch.randn(41), block_rows=16)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        torch.ops.lowbit.dequant_linear_cpu(torch.randn(9, 160).double(), *packed, 40, block_rows=16)
 
 
 @pytest.mark.parametrize("zero_point", [False, True])
@@ -226,8 +317,8 @@ def test_quant_linear_uses_the_gemv_for_decode_and_dequant_gemm_for_prefill(monk
     layer = QuantLinear(quantize_weight(torch.randn(72, 576), QuantSpec("int", 4, "group", 128)))
     cpu = torch.device("cpu")
     assert dispatch.choose(layer.weight, None, cpu, 1) is INT_GEMV
-    assert dispatch.choose(layer.weight, None, cpu, MAX_M) is INT_GEMV
-    assert dispatch.choose(layer.weight, None, cpu, MAX_M + 1) is DEQUANT_GEMM
+    assert dispatch.choose(layer.weight, None, cpu, gemv_max_m(layer.weight)) is INT_GEMV
+    assert dispatch.choose(layer.weight, None, cpu, gemv_max_m(layer.weight) + 1) is DEQUANT_GEMM
     calls = []
 
     def counted(kernel):
@@ -238,8 +329,29 @@ def test_quant_linear_uses_the_gemv_for_decode_and_dequant_gemm_for_prefill(monk
     x = torch.randn(2, 3, 576)  # leading dimensions are tokens too
     torch.testing.assert_close(layer(x), quantized_linear(x, layer.weight), rtol=1e-5, atol=1e-4)
     x = torch.randn(1, 64, 576)
-    assert torch.equal(layer(x), quantized_linear(x, layer.weight))
+    check_prefill(layer(x), x, layer.weight)
     assert calls == [INT_GEMV.name, DEQUANT_GEMM.name]
+
+
+@pytest.mark.parametrize("spec,act_order,last_gemv_m", [
+    (QuantSpec("int", 8, "channel"), False, 8),
+    (QuantSpec("nf4", 4, "group", 64), False, 8),
+    (QuantSpec("int", 4, "group", 128), False, 12),
+    (QuantSpec("int", 3, "group", 64, symmetric=False), False, 16),
+    (QuantSpec("int", 2, "group", 64, symmetric=False), False, 8),
+    (QuantSpec("int", 4, "group", 64), True, 32),
+], ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
+def test_the_decode_kernels_range_of_tokens_depends_on_the_format(spec, act_order, last_gemv_m):
+    """Where the GEMV hands over to dequantise + GEMM: early for int8, int2 and NF4, later for 3/4-bit codes,
+    late for act-order weights (a slow, scattered dequantise)."""
+    weight = quantize_weight(torch.randn(40, 256), spec)
+    if act_order:
+        weight = with_g_idx(weight, 0, uneven=False)
+    cpu = torch.device("cpu")
+    assert gemv_max_m(weight) == last_gemv_m
+    assert dispatch.choose(weight, None, cpu, 1) is INT_GEMV
+    assert dispatch.choose(weight, None, cpu, last_gemv_m) is INT_GEMV
+    assert dispatch.choose(weight, None, cpu, last_gemv_m + 1) is DEQUANT_GEMM
 
 
 @pytest.mark.parametrize("spec,K,reason", [
@@ -295,9 +407,9 @@ PORTABLE_CHECK = textwrap.dedent("""
                 ref = quantized_linear(x, weight)
                 y = INT_GEMV.run(x, INT_GEMV.prepare(weight), weight, None, None)
                 torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
-            x = torch.randn(12, K)
-            assert torch.equal(DEQUANT_GEMM.run(x, DEQUANT_GEMM.prepare(weight), weight, None, None),
-                               quantized_linear(x, weight))
+            x = torch.randn(40, K)
+            y, ref = DEQUANT_GEMM.run(x, DEQUANT_GEMM.prepare(weight), weight, None, None), quantized_linear(x, weight)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 """)
 
 

@@ -8,16 +8,22 @@ target is its own build). Its kernels need no prepared copy of the weight — th
 double-quantised scales are decoded where they are read) — so a quantised model's weight
 memory is its packed size:
 
-- ``lowbit::int_gemv_cpu`` (M ≤ 8 tokens, decode): each code is turned into its float
+- ``lowbit::int_gemv_cpu`` (decode: up to 8–32 tokens by format, ``gemv_max_m``): each code is turned into its float
   weight in registers and multiplied with x at once; no float weight is written.
-- ``lowbit::dequant_cpu`` (M > 8, prefill): the float weight of one layer, written in one
-  pass and equal to the reference's ``dequantize()``, for ``F.linear`` — the reference's own
-  arithmetic, so prefill logits are the reference's bit for bit; only its dequantise is faster
-  (one pass instead of torch's unpack, cast, expand and multiply).
+- ``lowbit::dequant_linear_cpu`` (prefill, more tokens): the reference's arithmetic, ``F.linear`` on
+  the float weight, but never on a whole float copy of the layer: the weight is written a block
+  of rows at a time (``block_rows``), each thread dequantising its own blocks into a workspace it
+  keeps (at most the larger of ``BLOCK_BYTES`` and x itself) and multiplying each while it is in
+  cache. These are the reference's sums split by rows of the weight, within float rounding of
+  the reference's (torch's GEMM, single-threaded on a worker thread, may order a sum differently
+  from one call on the whole weight; on the default model the prefill logits of W4A16, W8A16 and
+  NF4 came out equal to the reference's all the same).
+- ``lowbit::dequant_cpu``: the float weight (N, K) of a layer in one pass, equal to the
+  reference's ``dequantize()``.
 
 Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) are read in column
-order, each column's scale fetched from its group: both ops take the ``g_idx`` as it is stored,
-whatever the group size or width, and the prefill weight is again the reference's bit for bit.
+order, each column's scale fetched from its group: the ops take the ``g_idx`` as it is stored,
+whatever the group size or width, and the dequantised weight is again the reference's bit for bit.
 
 Where the extension cannot be built, `supports` says why and the dispatcher falls back to
 the reference kernel.
@@ -37,7 +43,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit.errors import LowbitError
@@ -50,10 +55,33 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
 NAME = "lowbit_cpu"
 LOOKUP_FORMATS = ("nf4", "fp4")  # 4-bit codes that index a table of 16 levels
-# The GEMV's range. Above it dequantise + GEMM is faster: per 1536×576 weight from DRAM, one
-# thread (2026-11-27), int4 g128 314 vs 355 µs at M = 8, 610 vs 475 at M = 16; int8 452 vs 401
-# at M = 8, 229 vs 350 at M = 4.
-MAX_M = 8
+# The GEMV's range of tokens, by format: above it, dequantise + GEMM (in blocks) is faster. The GEMV's
+# cost grows with M, the dequantise's does not, so the crossover is where the GEMV's decode of the codes
+# stops paying for itself: early for int8 (one code per byte, a cheap dequantise), int2, NF4 and FP4, later
+# for 3/4-bit codes, and late for act-order weights, whose scattered groups make the dequantise slow.
+# From bench/results/cpu_prefill.md (2026-11-28, 2 threads, the default model's and LLaMA-7B's shapes).
+MAX_M = 8  # int8, int2, NF4, FP4
+MAX_M_BY_BITS = {3: 16, 4: 12}  # affine codes of these widths
+MAX_M_ACT_ORDER = 32
+# Prefill dequantises a block of rows at a time, each thread its own blocks, each block's GEMM right after
+# it is written, while it is in cache: at least BLOCK_BYTES of float32 (or M rows, so that x, read once per
+# block, is not read more than the weight), and at most an even share of BLOCKS_PER_THREAD blocks per thread
+# (so that the threads finish together). One-off sweeps of block sizes on this project's machine (int4 g128,
+# 2 threads, 2026-11-28; bench/results/cpu_prefill.md times the rule as it stands): at 64 tokens 4096 × 4096
+# took 22.1 / 17.6 / 16.4 / 16.8 ms in blocks of 16 / 64 / 128 / 512 rows (F.linear on the float weight
+# 26.1), 576 × 1536 took 0.80 / 0.68 / 0.67 / 0.85 ms in blocks of 64 / 144 / 288 / all 576 rows (F.linear
+# 0.77), and 1536 × 576 0.71 / 0.68 / 0.69 / 0.88 ms in blocks of 192 / 384 / 768 / 1536 (F.linear 0.86).
+BLOCK_BYTES = 2 << 20
+BLOCKS_PER_THREAD = 2
+
+
+def gemv_max_m(weight: QuantizedWeight) -> int:
+    """The most tokens the GEMV runs for this weight; the prefill kernel takes more."""
+    if weight.g_idx is not None:
+        return MAX_M_ACT_ORDER
+    if weight.spec.format in LOOKUP_FORMATS:
+        return MAX_M
+    return MAX_M_BY_BITS.get(weight.spec.bits, MAX_M)
 
 
 @functools.cache
@@ -108,8 +136,16 @@ _define("dequant_cpu", "(Tensor qdata, Tensor scale, Tensor? zero_point, int bit
         "Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None, Tensor? g_idx=None) -> Tensor",
         lambda qdata, scale, zero_point, bits, group, in_features, levels=None, scale_scale=None, scale_offset=None,
         g_idx=None: qdata.new_empty((qdata.shape[0], in_features), dtype=torch.float32))
+# F.linear(x, dequant(W), bias) for float32 / bfloat16 / float16 x, the weight dequantised ``block_rows`` rows at a
+# time (<= 0: all at once, the reference's own call)
+_define("dequant_linear_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, "
+        "int out_features, Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None, "
+        "Tensor? g_idx=None, Tensor? bias=None, int block_rows=0) -> Tensor",
+        lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None, scale_scale=None,
+        scale_offset=None, g_idx=None, bias=None, block_rows=0: x.new_empty((*x.shape[:-1], out_features)))
 _INT_GEMV_OP = torch.ops.lowbit.int_gemv_cpu.default
 _DEQUANT_OP = torch.ops.lowbit.dequant_cpu.default
+_DEQUANT_LINEAR_OP = torch.ops.lowbit.dequant_linear_cpu.default
 
 
 def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: torch.device) -> str | None:
@@ -161,17 +197,25 @@ def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def block_rows(out_features: int, in_features: int, tokens: int) -> int:
+    """Rows of float weight dequantised at a time for prefill (module comment at ``BLOCK_BYTES``), in whole
+    16-row steps."""
+    rows = max(BLOCK_BYTES // (4 * in_features), tokens)
+    share = -(-out_features // (BLOCKS_PER_THREAD * torch.get_num_threads()))
+    return max(16, min(rows, share) // 16 * 16)
+
+
 def _run_dequant(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None, activations) -> Tensor:
-    # the reference's arithmetic (dequantise, then F.linear) with a one-pass dequantise
+    # the reference's arithmetic (dequantise, then F.linear), a block of rows at a time
     if activations is not None:
         x = fake_quantize(x, activations)
     packed, extra = _operands(weight, prepared)
-    w = _DEQUANT_OP(*packed, weight.shape[1], **extra)
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    rows = block_rows(*weight.shape, x.numel() // max(1, weight.shape[1]))
+    return _DEQUANT_LINEAR_OP(x, *packed, weight.shape[0], **extra, bias=bias, block_rows=rows)
 
 
-INT_GEMV = Kernel("cpu-int-gemv", "cpu", supports=_supports, prepare=_prepare, run=_run, max_m=MAX_M)
+INT_GEMV = Kernel("cpu-int-gemv", "cpu", supports=_supports, prepare=_prepare, run=_run, max_m=gemv_max_m)
 DEQUANT_GEMM = Kernel("cpu-dequant-gemm", "cpu", supports=_supports, prepare=_prepare, run=_run_dequant,
-                      min_m=MAX_M + 1)
+                      min_m=lambda weight: gemv_max_m(weight) + 1)
 register(INT_GEMV)
 register(DEQUANT_GEMM)

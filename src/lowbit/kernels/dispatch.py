@@ -39,11 +39,14 @@ class Kernel:
     supports: Callable[[QuantizedWeight, QuantSpec | None, torch.device], str | None]
     prepare: Callable[[QuantizedWeight], Prepared]
     run: Callable[[Tensor, Prepared, QuantizedWeight, Tensor | None, QuantSpec | None], Tensor]
-    min_m: int = 1
-    max_m: int | None = None
+    # the kernel's range of tokens M, fixed or (a function of the weight) where it depends on the format
+    min_m: int | Callable[[QuantizedWeight], int] = 1
+    max_m: int | Callable[[QuantizedWeight], int] | None = None
 
-    def covers(self, m: int) -> bool:
-        return m >= self.min_m and (self.max_m is None or m <= self.max_m)
+    def covers(self, m: int, weight: QuantizedWeight) -> bool:
+        low = self.min_m(weight) if callable(self.min_m) else self.min_m
+        high = self.max_m(weight) if callable(self.max_m) else self.max_m
+        return m >= low and (high is None or m <= high)
 
 
 REFERENCE = Kernel("reference", "any", supports=lambda w, a, d: None, prepare=lambda w: {},
@@ -95,7 +98,7 @@ def choose(weight: QuantizedWeight, activations: QuantSpec | None, device: torch
         candidates += 1
         reason = kernel.supports(weight, activations, device)
         if reason is None:
-            if kernel.covers(m):
+            if kernel.covers(m, weight):
                 return kernel
         else:
             reasons.append(f"{kernel.name}: {reason}")

@@ -29,20 +29,28 @@
 // registers), so a column's zero points and scales for those rows are a load each from the
 // block's tables transposed to (G, 16), whatever G is, and x[k] is a broadcast. The
 // dequantise reads codes in column order with byte permutes (AVX-512 VBMI) and fetches each
-// column's scale by a permute of two registers up to 32 groups, a gather above.
+// column's scale by permutes of the row's table held in registers up to 128 groups, a gather above.
 //
-// dequant_cpu writes w itself (N, K) in one pass, bit for bit the reference's dequantise(),
-// for prefill, where a GEMM on the float weight wins.
+// dequant_cpu writes w itself (N, K) in one pass, bit for bit the reference's dequantise().
+// dequant_linear_cpu is prefill, where a GEMM on float weights wins: F.linear on the weight
+// dequantised a block of rows at a time, the blocks shared out between the threads, each thread
+// dequantising its own into a workspace it keeps and multiplying it while it is in cache (for
+// one block, the whole weight: the reference's own call).
 //
 // Rows are split between threads with at::parallel_for.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -744,28 +752,37 @@ void gemv_scattered(const Packed<S>& w, const float* x, int64_t M, float* y, int
 }
 
 #ifdef LOWBIT_VBMI
-// One row's G scales (or zero points) fetched for 16 columns from their groups g: up to 32 groups a
-// two-table permute of two registers, above a gather.
-template <bool GATHER>
+// One row's G scales (or zero points) fetched for 16 columns from their groups g. Up to 128 groups the
+// row's table is held in REGS registers of 16 and looked up with two-register permutes, the pairs'
+// results chosen by bits 5 and 6 of g (REGS = 2: up to 32 groups, 4: 64, 8: 128); above, a gather.
+template <int REGS>
 struct RowScales {
-  __m512 lo, hi;
+  __m512 t[REGS > 0 ? REGS : 1];
   const float* all;
   RowScales(const float* s, int64_t G) : all(s) {
-    if constexpr (!GATHER) {
-      lo = _mm512_maskz_loadu_ps(tail_mask(G), s);
-      hi = G > 16 ? _mm512_maskz_loadu_ps(tail_mask(G - 16), s + 16) : _mm512_setzero_ps();
-    }
+    for (int r = 0; r < REGS; ++r) t[r] = 16 * r < G ? _mm512_maskz_loadu_ps(tail_mask(G - 16 * r), s + 16 * r)
+                                                     : _mm512_setzero_ps();
   }
   __m512 at(__m512i g) const {
-    if constexpr (GATHER) return _mm512_i32gather_ps(g, all, 4);
-    else return _mm512_permutex2var_ps(lo, g, hi);
+    if constexpr (REGS == 0) {
+      return _mm512_i32gather_ps(g, all, 4);
+    } else {
+      const __m512 low = _mm512_permutex2var_ps(t[0], g, t[1]);
+      if constexpr (REGS == 2) return low;
+      const __mmask16 bit5 = _mm512_test_epi32_mask(g, _mm512_set1_epi32(32));
+      const __m512 to64 = _mm512_mask_blend_ps(bit5, low, _mm512_permutex2var_ps(t[2], g, t[3]));
+      if constexpr (REGS == 4) return to64;
+      const __m512 high = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(t[4], g, t[5]),
+                                               _mm512_permutex2var_ps(t[6], g, t[7]));
+      return _mm512_mask_blend_ps(_mm512_test_epi32_mask(g, _mm512_set1_epi32(64)), to64, high);
+    }
   }
 };
 
 // One act-order row in column order, 16 columns at a time (the whole row: masked at its end).
-template <int BITS, bool GATHER, typename S>
+template <int BITS, int REGS, typename S>
 void dequant_row_scattered(const Packed<S>& w, const uint8_t* qrow, float* orow, const float* s, const float* z) {
-  const RowScales<GATHER> sv(s, w.G), zv(z, w.G);
+  const RowScales<REGS> sv(s, w.G), zv(z, w.G);
   const __m512 levels = w.levels ? _mm512_loadu_ps(w.levels) : _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < w.K; k0 += 16) {
     const __mmask16 k = tail_mask(w.K - k0);
@@ -780,30 +797,33 @@ void dequant_row_scattered(const Packed<S>& w, const uint8_t* qrow, float* orow,
 // Act-order weights: w[n, k] = value(c) * s[g_idx[k]], value(c) = c - z[g_idx[k]] or levels[c], the
 // reference's arithmetic (subtract, then multiply).
 template <int BITS, typename S>
-void dequant_rows_scattered(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
+void dequant_rows_scattered(const Packed<S>& w, float* out, int64_t first, int64_t n0, int64_t n1) {
   std::vector<float> s(w.G), z(w.G);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qrow = w.q + n * w.row_bytes;
-    float* orow = out + n * w.K;
+    float* orow = out + (n - first) * w.K;
     row_tables(w, n, s.data(), z.data());
 #ifdef LOWBIT_VBMI
-    w.G > 32 ? dequant_row_scattered<BITS, true>(w, qrow, orow, s.data(), z.data())
-             : dequant_row_scattered<BITS, false>(w, qrow, orow, s.data(), z.data());
+    if (w.G <= 32) dequant_row_scattered<BITS, 2>(w, qrow, orow, s.data(), z.data());
+    else if (w.G <= 64) dequant_row_scattered<BITS, 4>(w, qrow, orow, s.data(), z.data());
+    else if (w.G <= 128) dequant_row_scattered<BITS, 8>(w, qrow, orow, s.data(), z.data());
+    else dequant_row_scattered<BITS, 0>(w, qrow, orow, s.data(), z.data());
 #else
     for (int64_t k = 0; k < w.K; ++k) orow[k] = scattered_weight(w, qrow, k, s.data(), z.data());
 #endif
   }
 }
 
-// w[n, :] = value(c) * s for rows [n0, n1), written to out (N, K): the reference's float weights
+// w[n, :] = value(c) * s for rows [n0, n1), written to row n - first of out (rows from `first` on, K
+// wide): the reference's float weights
 template <int BITS, typename S>
-void dequant_rows_bits(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
-  if (w.g_idx) return dequant_rows_scattered<BITS>(w, out, n0, n1);
+void dequant_rows_bits(const Packed<S>& w, float* out, int64_t first, int64_t n0, int64_t n1) {
+  if (w.g_idx) return dequant_rows_scattered<BITS>(w, out, first, n0, n1);
   constexpr int PER = BITS == 3 ? 1 : 8 / BITS, MASK = (1 << BITS) - 1;  // PER: codes per byte (2, 4, 8 bits)
   float lut[MASK + 1];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qrow = w.q + n * w.row_bytes;
-    float* orow = out + n * w.K;
+    float* orow = out + (n - first) * w.K;
     for (int64_t g = 0; g < w.G; ++g) {
       const int64_t k0 = g * w.group, k1 = std::min(w.K, k0 + w.group);
       const float s = scale_at(w, n, g);
@@ -812,7 +832,20 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
         for (int64_t k = k0; k < k1; ++k) orow[k] = (static_cast<float>(qrow[k]) - z) * s;
       } else if constexpr (BITS == 3) {  // whole triples (K and the group are multiples of 8)
         w.fill_table(n, g, s, lut);
-        for (int64_t k = k0; k < k1; k += 8) {
+        int64_t k = k0;
+#ifdef LOWBIT_AVX512
+        {  // two triples, 16 codes: lanes 0-7 hold the first, 8-15 the second, each lane shifts its code down
+          const __m512 table = _mm512_maskz_loadu_ps(0xFF, lut);
+          const __m512i shifts = _mm512_set_epi32(21, 18, 15, 12, 9, 6, 3, 0, 21, 18, 15, 12, 9, 6, 3, 0);
+          for (; k + 16 <= k1; k += 16) {
+            const __m512i v = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(triple(qrow, k / 8))),
+                                                     0xFF00, static_cast<int>(triple(qrow, k / 8 + 1)));
+            const __m512i c = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32(7));
+            _mm512_storeu_ps(orow + k, _mm512_permutexvar_ps(c, table));
+          }
+        }
+#endif
+        for (; k < k1; k += 8) {
           const uint32_t v = triple(qrow, k / 8);
           for (int q = 0; q < 8; ++q) orow[k + q] = lut[(v >> (3 * q)) & 7];
         }
@@ -820,6 +853,17 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
         w.fill_table(n, g, s, lut);
         int64_t k = k0;
 #ifdef LOWBIT_AVX512
+        if constexpr (BITS == 2) {  // 16 codes in 4 bytes (a group starts on a byte): each lane shifts its own down
+          const __m512 table = _mm512_maskz_loadu_ps(0xF, lut);
+          const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+          for (; k + 16 <= k1; k += 16) {
+            uint32_t word;
+            std::memcpy(&word, qrow + k / 4, sizeof word);
+            const __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts),
+                                               _mm512_set1_epi32(3));
+            _mm512_storeu_ps(orow + k, _mm512_permutexvar_ps(c, table));
+          }
+        }
         if constexpr (BITS == 4) {  // 16 bytes: low and high nibbles looked up, then interleaved
           const __m512 table = _mm512_loadu_ps(lut);
           const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -847,12 +891,12 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
 }
 
 template <typename S>
-void dequant_rows(const Packed<S>& w, float* out, int64_t n0, int64_t n1) {
+void dequant_rows(const Packed<S>& w, float* out, int64_t first, int64_t n0, int64_t n1) {
   switch (w.bits) {
-    case 2: dequant_rows_bits<2>(w, out, n0, n1); break;
-    case 3: dequant_rows_bits<3>(w, out, n0, n1); break;
-    case 4: dequant_rows_bits<4>(w, out, n0, n1); break;
-    default: dequant_rows_bits<8>(w, out, n0, n1);
+    case 2: dequant_rows_bits<2>(w, out, first, n0, n1); break;
+    case 3: dequant_rows_bits<3>(w, out, first, n0, n1); break;
+    case 4: dequant_rows_bits<4>(w, out, first, n0, n1); break;
+    default: dequant_rows_bits<8>(w, out, first, n0, n1);
   }
 }
 
@@ -1009,6 +1053,15 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
   return y;
 }
 
+// Rows [r0, r1) of the float weight, written to o (r1 - r0 rows of K), the rows split between threads.
+void dequant_into(const Weight& wt, float* o, int64_t r0, int64_t r1) {
+  wt.with_scale_type([&](auto s) {
+    const auto w = wt.packed<decltype(s)>();
+    at::parallel_for(r0, r1, grain_rows(wt.q.size(1), 1),
+                     [&](int64_t n0, int64_t n1) { lowbit::dequant_rows(w, o, r0, n0, n1); });
+  });
+}
+
 // The float weight (N, K) that the packed codes stand for, as the reference dequantises it.
 at::Tensor dequant_cpu(const at::Tensor& qdata, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                        int64_t bits, int64_t group, int64_t in_features, const std::optional<at::Tensor>& levels,
@@ -1017,13 +1070,80 @@ at::Tensor dequant_cpu(const at::Tensor& qdata, const at::Tensor& scale, const s
   const Weight wt = check_weight(qdata, scale, zero_point, levels, scale_scale, scale_offset, g_idx, bits, group,
                                  in_features, qdata.size(0));
   at::Tensor out = at::empty({wt.N, wt.K}, qdata.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  wt.with_scale_type([&](auto s) {
-    const auto w = wt.packed<decltype(s)>();
-    at::parallel_for(0, wt.N, grain_rows(wt.q.size(1), 1),
-                     [&](int64_t n0, int64_t n1) { lowbit::dequant_rows(w, o, n0, n1); });
-  });
+  dequant_into(wt, out.data_ptr<float>(), 0, wt.N);
   return out;
+}
+
+// This thread's workspace of at least n floats, kept for its next call and grown when asked for more;
+// 64-byte aligned as torch's own CPU tensors are (a GEMM's sums can depend on its operand's alignment).
+float* workspace(int64_t n) {
+  struct Space {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Space() { std::free(p); }
+  };
+  thread_local Space space;
+  if (n > space.n) {
+    std::free(space.p);
+    space.p = static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64));
+    TORCH_CHECK(space.p != nullptr, "lowbit CPU kernels: out of memory for a ", n * sizeof(float), "-byte workspace");
+    space.n = n;
+  }
+  return space.p;
+}
+
+// y (..., N) = F.linear(x, dequant(W), bias) for x (..., K) float32, bfloat16 or float16 (prefill).
+// With one block (block_rows >= N) it is the reference's own call, F.linear on the whole float
+// weight. Otherwise the weight is dequantised block_rows rows at a time into a workspace kept by
+// each thread, and each block's GEMM runs while the block is fresh in cache. No float copy of the
+// layer is made: a large layer's (N, K) float weight would be freshly mapped memory on every call,
+// faulted in page by page and then read back from DRAM, which cost more than the GEMM itself at
+// tens of tokens.
+at::Tensor dequant_linear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                              const std::optional<at::Tensor>& zero_point, int64_t bits, int64_t group,
+                              int64_t out_features, const std::optional<at::Tensor>& levels,
+                              const std::optional<at::Tensor>& scale_scale,
+                              const std::optional<at::Tensor>& scale_offset, const std::optional<at::Tensor>& g_idx,
+                              const std::optional<at::Tensor>& bias, int64_t block_rows) {
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()) && x.scalar_type() != at::kDouble,
+              "dequant_linear_cpu: x must be float32, bfloat16 or float16 (..., K)");
+  TORCH_CHECK(block_rows > 0, "dequant_linear_cpu: block_rows must be positive");
+  const int64_t K = x.size(-1), N = out_features;
+  const Weight wt =
+      check_weight(qdata, scale, zero_point, levels, scale_scale, scale_offset, g_idx, bits, group, K, N);
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->size(0) == N),
+              "dequant_linear_cpu: bias must be (N,)");
+  const at::ScalarType dtype = x.scalar_type();
+  const std::optional<at::Tensor> b =
+      bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->to(dtype)) : std::nullopt;
+  auto as_x = [&](const at::Tensor& w) { return dtype == at::kFloat ? w : w.to(dtype); };
+  const int64_t rows = std::min(N, block_rows);
+  if (rows == N) {  // one block: the reference's call, on all threads
+    at::Tensor w = at::empty({N, K}, qdata.options().dtype(at::kFloat));
+    dequant_into(wt, w.data_ptr<float>(), 0, N);
+    return at::linear(x, as_x(w), b);
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options());
+  const at::Tensor x2 = x.reshape({-1, K}), y2 = y.view({-1, N});
+  // Blocks are shared out between the threads, each dequantising and multiplying its own in its own
+  // workspace (the GEMM single-threaded inside the parallel region): one parallel region per call, not
+  // two per block, so threads are not woken and parked tens of times per layer.
+  const at::ThreadLocalState caller;  // inference mode and the rest, for the ATen calls on worker threads
+  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
+    const at::ThreadLocalStateGuard as_caller(caller);
+    float* space = workspace(rows * K);
+    for (int64_t r0 = b0 * rows; r0 < std::min(N, b1 * rows); r0 += rows) {
+      const int64_t r1 = std::min(N, r0 + rows);
+      dequant_into(wt, space, r0, r1);  // serial here: nested in this region
+      const at::Tensor w = at::from_blob(space, {r1 - r0, K}, at::TensorOptions().dtype(at::kFloat));
+      const std::optional<at::Tensor> part =
+          b.has_value() ? std::optional<at::Tensor>(b->narrow(0, r0, r1 - r0)) : std::nullopt;
+      y2.narrow(1, r0, r1 - r0).copy_(at::linear(x2, as_x(w), part));
+    }
+  });
+  return y;
 }
 
 }  // namespace
@@ -1032,4 +1152,5 @@ at::Tensor dequant_cpu(const at::Tensor& qdata, const at::Tensor& scale, const s
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("int_gemv_cpu", &int_gemv_cpu);
   m.impl("dequant_cpu", &dequant_cpu);
+  m.impl("dequant_linear_cpu", &dequant_linear_cpu);
 }
