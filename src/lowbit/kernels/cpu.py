@@ -144,7 +144,6 @@ _define("dequant_linear_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? ze
         lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None, scale_scale=None,
         scale_offset=None, g_idx=None, bias=None, block_rows=0: x.new_empty((*x.shape[:-1], out_features)))
 _INT_GEMV_OP = torch.ops.lowbit.int_gemv_cpu.default
-_DEQUANT_OP = torch.ops.lowbit.dequant_cpu.default
 _DEQUANT_LINEAR_OP = torch.ops.lowbit.dequant_linear_cpu.default
 
 
