@@ -46,6 +46,17 @@ def test_a_format_without_a_fast_kernel_runs_on_the_reference_with_one_warning(c
     assert torch.equal(y1, quantized_linear(x, layer.weight)) and torch.equal(y1, y2)
 
 
+def test_reference_only_runs_the_reference_without_a_fallback_warning(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "_warned", set())
+    layer = QuantLinear(quantize_weight(torch.randn(24, 64), QuantSpec("int", 2, "group", 32, symmetric=False)))
+    x = torch.randn(3, 64)
+    with caplog.at_level(logging.WARNING, logger="lowbit.kernels.dispatch"), dispatch.reference_only():
+        assert dispatch.choose(layer.weight, None, torch.device("cpu"), 3) is dispatch.REFERENCE
+        assert torch.equal(layer(x), quantized_linear(x, layer.weight))
+    assert not caplog.records
+    assert dispatch._asked_for_reference is False  # restored on leaving
+
+
 def test_a_kernel_is_prepared_once_per_device_and_chosen_by_m(monkeypatch):
     prepared = []
     small = dispatch.Kernel("small-m", "cpu", supports=lambda w, a, d: None,

@@ -54,6 +54,7 @@ REFERENCE = Kernel("reference", "any", supports=lambda w, a, d: None, prepare=la
 
 _KERNELS: list[Kernel] = []
 _warned: set[tuple] = set()
+_asked_for_reference = False  # within `reference_only`: the reference is the caller's choice, not a fallback
 _generation = 0  # bumped by every change made through this module
 
 
@@ -72,14 +73,14 @@ def registry_state() -> tuple[int, int, int]:
 
 @contextlib.contextmanager
 def reference_only() -> Iterator[None]:
-    """Within the block, every quantised linear runs on the reference kernel."""
-    global _KERNELS, _generation
-    saved = _KERNELS
-    _KERNELS, _generation = [], _generation + 1
+    """Within the block, every quantised linear runs on the reference kernel, as asked: no fallback warning."""
+    global _KERNELS, _generation, _asked_for_reference
+    saved, asked = _KERNELS, _asked_for_reference
+    _KERNELS, _generation, _asked_for_reference = [], _generation + 1, True
     try:
         yield
     finally:
-        _KERNELS, _generation = saved, _generation + 1
+        _KERNELS, _generation, _asked_for_reference = saved, _generation + 1, asked
 
 
 def kernels() -> list[Kernel]:
@@ -103,7 +104,7 @@ def choose(weight: QuantizedWeight, activations: QuantSpec | None, device: torch
         else:
             reasons.append(f"{kernel.name}: {reason}")
     key = (weight.spec, activations, device_type)
-    if len(reasons) == candidates and key not in _warned:  # no kernel here runs it at any M
+    if len(reasons) == candidates and key not in _warned and not _asked_for_reference:  # no kernel runs it at any M
         _warned.add(key)
         log.warning("%s (%s) runs on the reference kernel on %s%s", name, weight.spec.describe(), device.type,
                     f" ({'; '.join(reasons)})" if reasons else "")
