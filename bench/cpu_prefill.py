@@ -27,7 +27,6 @@ threads' blocks.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import math
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _cpu_results import Stamp, write
+from cpu_kernels import act_order
 
 from lowbit.kernels import dispatch, quantized_linear
 from lowbit.kernels.cpu import _DEQUANT_LINEAR_OP, BLOCK_BYTES, DEQUANT_GEMM, INT_GEMV, _operands, block_rows
@@ -58,13 +58,6 @@ TOKENS = (1, 4, 8, 12, 16, 24, 32, 64, 256)
 GEMV_MAX_TOKENS = 64  # beyond this the GEMV is far behind; not timed
 DRAM_BYTES = 128 << 20  # float32 bytes of distinct weights cycled through per shape
 PEAK_WEIGHTS = 4096 * 4096  # the 7B shapes: their peak memory per call is measured too
-
-
-def act_order(weight: QuantizedWeight, gen: torch.Generator) -> QuantizedWeight:
-    """GPTQ act-order's g_idx on the same codes: group i is the i-th run of ``group_size`` columns of a random
-    column order."""
-    order = torch.randperm(weight.shape[1], generator=gen)
-    return dataclasses.replace(weight, g_idx=(torch.argsort(order) // weight.group_size).to(torch.int32))
 
 
 def whole(x: torch.Tensor, weight: QuantizedWeight, prepared: dict) -> torch.Tensor:

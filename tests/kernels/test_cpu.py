@@ -233,13 +233,14 @@ def test_prefill_in_blocks_on_random_shapes(M, rows, bf16, with_bias, act_order,
 
 
 def test_prefill_blocks_are_at_least_a_few_megabytes_or_m_rows_and_shared_evenly(monkeypatch):
-    """Blocks of BLOCK_BYTES of float32, or of M rows when x is the larger read, but no more than an even share
-    of BLOCKS_PER_THREAD per thread; whole 16-row steps, never fewer than 16."""
+    """Blocks of BLOCK_BYTES of float32, or of M rows when x is the larger read (up to MAX_BLOCK_BYTES), but no
+    more than an even share of BLOCKS_PER_THREAD per thread; whole 16-row steps, never fewer than 16."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     share = cpu_kernels.BLOCKS_PER_THREAD * 2
     assert block_rows(11008, 4096, 1) == cpu_kernels.BLOCK_BYTES // (4 * 4096) // 16 * 16
     assert block_rows(11008, 4096, 600) == 592  # M rows
-    assert block_rows(576, 1536, 64) == 576 // share // 16 * 16  # the share: 8 blocks of 64 + 2 of 32 rows... in 16s
+    assert block_rows(576, 1536, 64) == 576 // share // 16 * 16  # the share: 144 rows, 4 blocks for 2 threads
+    assert block_rows(28672, 8192, 2048) == cpu_kernels.MAX_BLOCK_BYTES // (4 * 8192)  # not 2048 rows: 64 MB
     assert block_rows(40, 10**6, 64) == 16  # never below one step
     for n, k, m in [(1536, 576, 64), (4096, 11008, 16), (28672, 8192, 2048)]:
         rows = block_rows(n, k, m)

@@ -13,7 +13,7 @@ memory is its packed size:
 - ``lowbit::dequant_linear_cpu`` (prefill, more tokens): the reference's arithmetic, ``F.linear`` on
   the float weight, but never on a whole float copy of the layer: the weight is written a block
   of rows at a time (``block_rows``), each thread dequantising its own blocks into a workspace it
-  keeps (at most the larger of ``BLOCK_BYTES`` and x itself) and multiplying each while it is in
+  keeps (``BLOCK_BYTES`` to ``MAX_BLOCK_BYTES``) and multiplying each while it is in
   cache. These are the reference's sums split by rows of the weight, within float rounding of
   the reference's (torch's GEMM, single-threaded on a worker thread, may order a sum differently
   from one call on the whole weight; on the default model the prefill logits of W4A16, W8A16 and
@@ -65,13 +65,14 @@ MAX_M_BY_BITS = {3: 16, 4: 12}  # affine codes of these widths
 MAX_M_ACT_ORDER = 32
 # Prefill dequantises a block of rows at a time, each thread its own blocks, each block's GEMM right after
 # it is written, while it is in cache: at least BLOCK_BYTES of float32 (or M rows, so that x, read once per
-# block, is not read more than the weight), and at most an even share of BLOCKS_PER_THREAD blocks per thread
-# (so that the threads finish together). One-off sweeps of block sizes on this project's machine (int4 g128,
+# block, is not read more than the weight, up to MAX_BLOCK_BYTES: each thread keeps its workspace), and at
+# most an even share of BLOCKS_PER_THREAD blocks per thread (so that the threads finish together). One-off sweeps of block sizes on this project's machine (int4 g128,
 # 2 threads, 2026-11-28; bench/results/cpu_prefill.md times the rule as it stands): at 64 tokens 4096 × 4096
 # took 22.1 / 17.6 / 16.4 / 16.8 ms in blocks of 16 / 64 / 128 / 512 rows (F.linear on the float weight
 # 26.1), 576 × 1536 took 0.80 / 0.68 / 0.67 / 0.85 ms in blocks of 64 / 144 / 288 / all 576 rows (F.linear
 # 0.77), and 1536 × 576 0.71 / 0.68 / 0.69 / 0.88 ms in blocks of 192 / 384 / 768 / 1536 (F.linear 0.86).
 BLOCK_BYTES = 2 << 20
+MAX_BLOCK_BYTES = 16 << 20
 BLOCKS_PER_THREAD = 2
 
 
@@ -111,13 +112,13 @@ def _define(name: str, schema: str, fake) -> None:
     torch.library.define(qualname, schema)
     torch.library.register_fake(qualname, fake)
 
-    def load_then_call(*args):
+    def load_then_call(*args, **kwargs):
         reason = extension()
         if reason is not None:
             raise LowbitError(f"{qualname} cannot run: {reason}")
         if args[0].device.type != "cpu":
             raise LowbitError(f"{qualname} runs on CPU tensors, not {args[0].device.type}")
-        return getattr(torch.ops.lowbit, name).default(*args)
+        return getattr(torch.ops.lowbit, name).default(*args, **kwargs)
 
     torch.library.impl(qualname, "default", load_then_call)
 
@@ -136,13 +137,13 @@ _define("dequant_cpu", "(Tensor qdata, Tensor scale, Tensor? zero_point, int bit
         "Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None, Tensor? g_idx=None) -> Tensor",
         lambda qdata, scale, zero_point, bits, group, in_features, levels=None, scale_scale=None, scale_offset=None,
         g_idx=None: qdata.new_empty((qdata.shape[0], in_features), dtype=torch.float32))
-# F.linear(x, dequant(W), bias) for float32 / bfloat16 / float16 x, the weight dequantised ``block_rows`` rows at a
-# time (<= 0: all at once, the reference's own call)
+# F.linear(x, dequant(W), bias) for float32 / bfloat16 / float16 x, the weight dequantised ``block_rows`` (> 0) rows
+# at a time (>= out_features: all at once, the reference's own call)
 _define("dequant_linear_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, "
         "int out_features, Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None, "
-        "Tensor? g_idx=None, Tensor? bias=None, int block_rows=0) -> Tensor",
+        "Tensor? g_idx=None, Tensor? bias=None, *, int block_rows) -> Tensor",
         lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None, scale_scale=None,
-        scale_offset=None, g_idx=None, bias=None, block_rows=0: x.new_empty((*x.shape[:-1], out_features)))
+        scale_offset=None, g_idx=None, bias=None, *, block_rows: x.new_empty((*x.shape[:-1], out_features)))
 _INT_GEMV_OP = torch.ops.lowbit.int_gemv_cpu.default
 _DEQUANT_LINEAR_OP = torch.ops.lowbit.dequant_linear_cpu.default
 
@@ -199,7 +200,7 @@ def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None
 def block_rows(out_features: int, in_features: int, tokens: int) -> int:
     """Rows of float weight dequantised at a time for prefill (module comment at ``BLOCK_BYTES``), in whole
     16-row steps."""
-    rows = max(BLOCK_BYTES // (4 * in_features), tokens)
+    rows = min(max(BLOCK_BYTES // (4 * in_features), tokens), MAX_BLOCK_BYTES // (4 * in_features))
     share = -(-out_features // (BLOCKS_PER_THREAD * torch.get_num_threads()))
     return max(16, min(rows, share) // 16 * 16)
 
