@@ -5,13 +5,15 @@ PROTOCOL.md: torch with 2 threads, batch 1, a 64-token prompt (the start of pydo
 included), best of ``--repeats`` runs after one warm-up. Each quantised model is RTN of
 the same float model; its text is compared with the same quantised weights run through
 the reference kernel (dequantise + F.linear), which must give the same greedy tokens.
-Besides the presets, the planner's mixed-precision scheme of a bench/results/planner.json row
+The presets in ``--int8-head`` are timed again with their output projection quantised too
+(``--lm-head int8``: per-channel int8, untied from the float embedding). Besides the presets,
+the planner's mixed-precision scheme of a bench/results/planner.json row
 (``--planned``, by default its 3.5 bits-per-weight plan with the planner's defaults: int3 and
 int4 in groups of 32 to 128) is quantised with RTN and timed the same way. So is W4A16 by GPTQ
 with act-order and no static groups (``--act-order-samples`` calibration sequences): its weights
 carry a g_idx, as GPTQ checkpoints written with desc_act do.
 
-    python bench/cpu_decode.py [--repeats 3] [--schemes W4A16,...] [--planned LABEL]
+    python bench/cpu_decode.py [--repeats 3] [--schemes W4A16,...] [--int8-head W4A16,...] [--planned LABEL]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import lowbit
 from lowbit.algorithms.gptq import GPTQ
 from lowbit.calibration import calibration_set, load_text, tokenize
 from lowbit.kernels import dispatch
-from lowbit.scheme import Scheme
+from lowbit.scheme import Scheme, get_scheme, with_lm_head
 
 PLANNED = "rtn plan 3.5 bpw, defaults"
 SCHEMES = ("W8A16", "W4A16", "W4A16_ASYM", "W8A8", "W3A16", "NF4", "W2A16", "Q4_0")
@@ -51,6 +53,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="Comma-separated presets to time.")
+    parser.add_argument("--int8-head", default="W4A16,W8A16",
+                        help="Comma-separated presets to time again with lm_head int8 ('' for none).")
     parser.add_argument("--planned", default=PLANNED,
                         help="Label of the bench/results/planner.json row whose mixed scheme to time too ('' for none).")
     parser.add_argument("--act-order-samples", type=int, default=16,
@@ -67,6 +71,8 @@ def main() -> None:
              "prefill_kernel": "F.linear", "same_text_as_reference": True, "same_text_as_fp32": True}]
     print(f"FP32: {fp_speed:.2f} tokens/s", flush=True)
     settings: list[tuple[str, str | Scheme, dict]] = [(name, name, {}) for name in args.schemes.split(",") if name]
+    settings += [(f"{name} + lm_head int8", with_lm_head(get_scheme(name), "int8"), {})
+                 for name in args.int8_head.split(",") if name]
     if args.planned:
         rows_by_label = {r["label"]: r for r in json.loads((RESULTS / "planner.json").read_text())}
         if args.planned not in rows_by_label:
@@ -98,7 +104,8 @@ def main() -> None:
     env = stamp.finish()
     lines = [f"# Greedy decoding on CPU (SmolLM2-135M-Instruct, prompt 64, {args.new_tokens} new tokens, batch 1)",
              "", f"Measured {env['date']} on {env['machine']} ({env['load']}); best of {args.repeats} after a warm-up; "
-             "RTN weights unless the row says otherwise; lm_head and embeddings stay float32 (tied).", "",
+             "RTN weights unless the row says otherwise; lm_head and embeddings stay float32 (tied) unless the row "
+             "says lm_head int8 (then the head is int8 per channel and the embedding float32).", "",
              f"| weights | kernel at M=1 | at M={prompt.shape[1]} (prompt) | tokens/s | × FP32 | "
              "reference kernel tokens/s (one run) | greedy text = reference kernel's | = FP32's |",
              "|---|---|---|---:|---:|---:|---|---|"]

@@ -7,7 +7,9 @@ from _runner import main
 
 SETTINGS: list[tuple[str, list[str]]] = [
     ("W8A16 int8 per-channel sym", ["--scheme", "W8A16"]),
+    ("W8A16+lm_head-int8 int8 per-channel sym, lm_head too (untied)", ["--scheme", "W8A16", "--lm-head", "int8"]),
     ("W4A16 int4 g128 sym", ["--scheme", "W4A16"]),
+    ("W4A16+lm_head-int8 int4 g128 sym, lm_head int8 per-channel (untied)", ["--scheme", "W4A16", "--lm-head", "int8"]),
     ("W4A16_ASYM int4 g128 asym", ["--scheme", "W4A16_ASYM"]),
     ("W4A16_ASYM+mse int4 g128 asym, MSE clipping", ["--scheme", "W4A16_ASYM", "--observer", "mse"]),
     ("W3A16 int3 g128 asym", ["--scheme", "W3A16"]),

@@ -50,6 +50,10 @@ def _one_error_line(output: str) -> str:
          "--propagate does not apply to --method awq+gptq"),
         (["quantize", "default", "--method", "gptq", "--propagate", "quantized", "--json", "x.json"],
          "--propagate does not apply to --method gptq"),
+        (["quantize", "default", "--lm-head", "int8", "--stream", "--out", "q"],
+         "--lm-head int8 is not combined with --stream yet"),
+        (["quantize", "default", "--lm-head", "same", "--target-bpw", "4", "--json", "x.json"],
+         "--lm-head same is not combined with a bit plan yet"),
     ],
 )
 def test_bad_input_is_one_sentence_and_nonzero(args, message, tmp_path, monkeypatch):
@@ -172,3 +176,29 @@ def test_smoothquant_from_the_command_line_then_eval(tmp_path):
     data = json.loads(report.read_text())
     assert data["method"]["name"] == "smoothquant" and data["method"]["alpha"] == 0.6
     assert data["scheme"]["name"] == "W8A8" and 0 < data["kl"] < 0.1
+
+
+def test_size_counts_a_quantised_lm_head_on_top_of_the_tied_embedding(tmp_path):
+    config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "vocab_size": 32000, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    sizes = {}
+    for head in ("float", "int8"):
+        code, output = run("size", str(tmp_path / "config.json"), "--scheme", "W4A16", "--lm-head", head,
+                           "--json", str(tmp_path / f"{head}.json"))
+        assert code == 0, output
+        sizes[head] = json.loads((tmp_path / f"{head}.json").read_text())["weight_bytes"]
+    # untied: 32000 × 4096 int8 codes plus one float16 scale per row, the float embedding kept
+    assert sizes["int8"] - sizes["float"] == 32000 * 4096 + 32000 * 2
+
+
+def test_quantize_with_an_int8_lm_head(tmp_path):
+    out, report = tmp_path / "q", tmp_path / "r.json"
+    code, output = run("quantize", "default", "--lm-head", "int8", "--out", str(out), "--no-eval",
+                       "--json", str(report))
+    assert code == 0, output
+    data = json.loads(report.read_text())
+    assert data["quantized_params"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536) + 49152 * 576
+    saved = json.loads((out / "lowbit.json").read_text())
+    assert saved["scheme"]["lm_head"]["bits"] == 8 and saved["scheme"]["lm_head"]["granularity"] == "channel"
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False

@@ -186,3 +186,23 @@ def test_cli_generate_from_a_saved_checkpoint(default_model, default_tokenizer, 
                          text=True)
     assert out.stdout.startswith("The capital of France is") and len(out.stdout) > len("The capital of France is")
     assert "tokens/s" in out.stderr
+
+
+def test_an_int8_lm_head_costs_little_and_decodes_as_the_reference_kernel(default_model, default_tokenizer,
+                                                                           eval_tokens, fp_stats):
+    from lowbit.kernels import dispatch
+    from lowbit.scheme import scheme_with
+
+    body = evaluate_tokens(lowbit.quantize(default_model, lowbit.W4A16, progress=False), eval_tokens, fp_stats, SHORT)
+    q = lowbit.quantize(default_model, scheme_with(lowbit.W4A16, lm_head="int8"), progress=False)
+    headed = evaluate_tokens(q, eval_tokens, fp_stats, SHORT)
+    assert abs(headed.ppl / body.ppl - 1) < 0.01 and headed.kl < body.kl + 0.02
+    cpu = torch.device("cpu")
+    assert dispatch.choose(q.lm_head.weight, None, cpu, 1).name != dispatch.REFERENCE.name  # a fast kernel decodes
+    prompt = default_tokenizer("The capital of France is", return_tensors="pt").input_ids
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        fast = q.generate(prompt, **kwargs)
+        with dispatch.reference_only():
+            reference = q.generate(prompt, **kwargs)
+    assert torch.equal(fast, reference)

@@ -75,3 +75,18 @@ def test_group_size_for_ragged_and_tensor():
 def test_unknown_spec_field_is_refused():
     with pytest.raises(LowbitError, match="unknown QuantSpec field"):
         QuantSpec.from_dict({"format": "int", "bitz": 4})
+
+
+def test_lm_head_setting_round_trips_and_leaves_other_dicts_as_they_were():
+    s = scheme_with(lowbit.W4A16, group_size=64, lm_head="int8")
+    assert s.lm_head == QuantSpec("int", 8, "channel") and s.weights.group_size == 64
+    assert Scheme.from_dict(s.to_dict()) == s
+    assert "lm_head int8 sym per-channel" in s.describe()
+    assert scheme_with(lowbit.NF4, lm_head="same").lm_head == lowbit.NF4.weights
+    assert scheme_with(s, group_size=32).lm_head == s.lm_head  # None keeps it
+    assert scheme_with(s, lm_head="float").lm_head is None
+    assert "lm_head" not in lowbit.W4A16.to_dict()  # checkpoints written before the field read the same
+    with pytest.raises(LowbitError, match="unknown lm_head setting 'int3'; choose float, same or int8"):
+        scheme_with(lowbit.W4A16, lm_head="int3")
+    with pytest.raises(LowbitError, match="lm_head spec is a weight spec"):
+        lowbit.W4A16.replace(lm_head=QuantSpec("int", 8, "token", dynamic=True))

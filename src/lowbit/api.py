@@ -49,7 +49,7 @@ from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE
 from lowbit.models import load_pretrained, load_pretrained_tokenizer, select_linears, set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.planner import BitPlan
-from lowbit.scheme import Scheme, get_scheme
+from lowbit.scheme import QuantSpec, Scheme, get_scheme
 from lowbit.sequential import quantize_layerwise
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,10 @@ def quantize(model: nn.Module, scheme: Scheme | BitPlan | str, method: Any = Non
     linears = select_linears(target, scheme.targets, scheme.ignore)
     if not linears:
         raise LowbitError(f"scheme {scheme.name} selects no linear layer of {type(model).__name__}.")
+    head = output_projection(target, scheme) if scheme.lm_head is not None else None
+    if head is not None and head in linears:
+        raise LowbitError(f"scheme {scheme.name} selects {head} among its linear layers and also sets lm_head; "
+                          "leave it in ignore or drop the lm_head setting.")
     start = time.perf_counter()
     details: dict[str, Any] = {}
     if not isinstance(method, RTN):
@@ -143,12 +147,38 @@ def quantize(model: nn.Module, scheme: Scheme | BitPlan | str, method: Any = Non
                                  disable=None if progress else True, leave=False):
             qweight = rtn_quantize(linear.weight.detach(), scheme.spec_for(name), name=f"{name}.weight")
             set_submodule(target, name, QuantLinear(qweight, linear.bias, scheme.activations))
+    if head is not None:
+        quantize_output_projection(target, head, scheme.lm_head)  # type: ignore[arg-type]
     seconds = time.perf_counter() - start
     if plan is not None:
         details["bit_plan"] = plan.to_dict()
     target.lowbit_info = QuantInfo(scheme, method.to_dict(), seconds, getattr(model, "lowbit_source", "unknown"),
                                    details)
     return target
+
+
+def output_projection(model: nn.Module, scheme: Scheme) -> str:
+    """The module name of ``model``'s output projection (``lm_head``), which ``scheme`` quantises; or one
+    LowbitError saying why it cannot."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if name is None or not isinstance(head, nn.Linear):
+        raise LowbitError(f"scheme {scheme.name} quantises lm_head, but {type(model).__name__} has no linear "
+                          "output projection (get_output_embeddings) to quantise.")
+    return name
+
+
+def quantize_output_projection(model: nn.Module, name: str, spec: QuantSpec) -> None:
+    """Round the output projection ``name`` of ``model`` to ``spec`` (weight-only: its input is the final
+    hidden state, whose float precision matters most). A head tied to the input embedding is untied: the
+    embedding keeps the float weight and the config says so, so that checkpoints are loaded untied."""
+    head = model.get_submodule(name)
+    qweight = rtn_quantize(head.weight.detach(), spec, name=f"{name}.weight")
+    set_submodule(model, name, QuantLinear(qweight, head.bias, None))
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def check_method(scheme: Scheme, method: Any, has_calibration: bool) -> None:

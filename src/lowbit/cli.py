@@ -55,7 +55,8 @@ def write_json(path: str | None, report: dict[str, Any]) -> None:
 
 
 def build_scheme(name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
-                 observer: str | None, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Scheme:
+                 observer: str | None, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                 lm_head: str = "float") -> Scheme:
     scheme = get_scheme(name)
     if include:
         scheme = scheme.replace(targets=tuple(include))
@@ -66,7 +67,8 @@ def build_scheme(name: str, group_size: int | None, per_channel: bool, symmetric
     if group_size is not None and group_size <= 0:
         raise LowbitError(f"group size must be a positive integer, got {group_size}.")
     size: int | None | str = group_size if group_size is not None else (None if per_channel else "keep")
-    return scheme_with(scheme, group_size=size, symmetric=symmetric, observer=observer)  # type: ignore[arg-type]
+    return scheme_with(scheme, group_size=size, symmetric=symmetric, observer=observer,  # type: ignore[arg-type]
+                       lm_head=lm_head)
 
 
 def method_options(func):  # GPTQ's knobs, shared by quantize and demo
@@ -139,7 +141,12 @@ def _eval_config(window: int, max_windows: int, kl_windows: int):  # -> EvalConf
     return EvalConfig(window=window, max_windows=max_windows, kl_windows=kl_windows)
 
 
-def scheme_options(func):  # shared by quantize, demo and size
+def scheme_options(func):  # shared by quantize, demo, size and train-qat
+    func = click.option("--lm-head", "lm_head", type=click.Choice(["float", "int8", "same"]), default="float",
+                        show_default=True,
+                        help="Quantise the output projection too (round-to-nearest, weight-only; a tied one is "
+                             "untied): int8 per channel, or the scheme's own weight format. On a small model it "
+                             "is a large share of each decoded token's reads.")(func)
     func = click.option("--exclude", multiple=True, metavar="REGEX",
                         help="Also leave linear layers whose name matches this alone (lm_head always is).")(func)
     func = click.option("--include", multiple=True, metavar="REGEX",
@@ -191,7 +198,7 @@ def cli(verbose: bool) -> None:
 @eval_options
 @click.option("--json", "json_path", default=None, help="Also write the figures to this JSON file.")
 def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
-         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], method: str,
+         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], lm_head: str, method: str,
          act_order: bool | None, static_groups: bool | None, damp: float | None, block_size: int | None,
          true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...], calib_samples: int, calib_seqlen: int,
          alpha: float | None, search_alpha: bool | None, clip: bool | None, propagate: str | None,
@@ -201,7 +208,7 @@ def demo(scheme_name: str, group_size: int | None, per_channel: bool, symmetric:
     from lowbit.footprint import model_footprint
     from lowbit.report import print_demo_table
 
-    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude, lm_head)
     method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
                             block_size=block_size, true_sequential=true_sequential,
                             calib_dtype=calib_dtype, alpha=alpha, search_alpha=search_alpha or None, clip=clip,
@@ -349,6 +356,7 @@ def _plan(model: Any, scheme: Scheme, method_config: Any, planning: _Planning, s
               "evaluation: run lowbit eval on the result).")
 def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool,
                  symmetric: bool | None, observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+                 lm_head: str,
                  method: str, act_order: bool | None, static_groups: bool | None, damp: float | None,
                  block_size: int | None, true_sequential: bool | None, calib_dtype: str | None, calib: tuple[str, ...],
                  calib_samples: int, alpha: float | None, search_alpha: bool | None, clip: bool | None, propagate: str | None,
@@ -361,13 +369,16 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     from lowbit.api import check_method, evaluate, load_model, load_tokenizer, quantize, save
     from lowbit.nn import quantized_modules
 
-    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude, lm_head)
     method_config = _method(method, act_order=act_order, static_groups=static_groups, damp=damp,
                             block_size=block_size, true_sequential=true_sequential,
                             calib_dtype=calib_dtype, alpha=alpha, search_alpha=search_alpha or None, clip=clip,
                             propagate=propagate)
     config = _eval_config(window, max_windows, kl_windows)
     check_method(scheme, method_config, has_calibration=True)
+    if scheme.lm_head is not None and (stream or target_bpw is not None or budget is not None):
+        raise LowbitError(f"--lm-head {lm_head} is not combined with {'--stream' if stream else 'a bit plan'} yet; "
+                          "leave lm_head float there.")
     if out is None and json_path is None:
         raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
     _check_out(out, fmt, overwrite)
@@ -586,7 +597,7 @@ def export(checkpoint: str, fmt: str, out: str, gguf_type: str | None, overwrite
                    "A planned native checkpoint given as MODEL, with no scheme option, uses its own plan.")
 @click.option("--json", "json_path", default=None, help="Write the figures to this JSON file.")
 def size(model: str, scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
-         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], plan_path: str | None,
+         observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], lm_head: str, plan_path: str | None,
          json_path: str | None) -> None:
     """Weight memory of MODEL (config.json, model directory, GGUF file or 'default') under a scheme."""
     from click.core import ParameterSource
@@ -597,7 +608,7 @@ def size(model: str, scheme_name: str, group_size: int | None, per_channel: bool
 
     ctx = click.get_current_context()
     scheme_given = any(ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE for name in (
-        "scheme_name", "group_size", "per_channel", "symmetric", "observer", "include", "exclude"))
+        "scheme_name", "group_size", "per_channel", "symmetric", "observer", "include", "exclude", "lm_head"))
     if plan_path is None and not scheme_given and (Path(model) / "lowbit.json").is_file():
         try:  # a checkpoint quantised with --target-bpw / --budget: its own allocation
             read_plan(model)
@@ -607,7 +618,7 @@ def size(model: str, scheme_name: str, group_size: int | None, per_channel: bool
     if plan_path is not None:
         scheme = read_plan(plan_path).scheme
     else:
-        scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
+        scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude, lm_head)
     config = read_config(model)
     full = config_footprint(config, None)
     quant = config_footprint(config, scheme)
@@ -695,7 +706,8 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
 @eval_options
 @click.option("--json", "json_path", default=None, help="Write a JSON report to this file.")
 def train_qat_cmd(model: str, scheme_name: str, group_size: int | None, per_channel: bool, symmetric: bool | None,
-                  observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], calib_seqlen: int,
+                  observer: str | None, include: tuple[str, ...], exclude: tuple[str, ...], lm_head: str,
+                  calib_seqlen: int,
                   calib_samples: int, calib: tuple[str, ...], init: str,
                   text: str, loss: str, steps: int | None, tokens: int | None, batch_size: int, seqlen: int,
                   grad_accum: int, lr: float, scale_lr: float, scale_grad: str, train_what: str, weight_decay: float,
@@ -728,7 +740,7 @@ def train_qat_cmd(model: str, scheme_name: str, group_size: int | None, per_chan
     if out is None and json_path is None:
         raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
     _check_out(out, "native", overwrite)
-    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude)
+    scheme = build_scheme(scheme_name, group_size, per_channel, symmetric, observer, include, exclude, lm_head)
     init_method = None
     if not qlora:
         from lowbit.api import check_method

@@ -144,12 +144,20 @@ def config_tensors(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def config_footprint(config: dict[str, Any], scheme: Scheme | None, float_bytes: int = 2) -> Footprint:
-    """Weight bytes of the model a config describes, quantised with ``scheme`` (None: float)."""
+    """Weight bytes of the model a config describes, quantised with ``scheme`` (None: float). A scheme that
+    quantises lm_head unties a tied one: its codes come on top of the float embedding."""
     chosen = name_filter(scheme.targets, scheme.ignore) if scheme else None
+    head = scheme.lm_head if scheme is not None else None
+    tensors = config_tensors(config)
+    if head is not None and all(name != "lm_head" for name, _ in tensors):
+        tensors.append(("lm_head", tensors[0][1]))  # tied: the shape of the input embedding
     q_bytes = q_params = f_params = 0
-    for name, shape in config_tensors(config):
+    for name, shape in tensors:
         linear = len(shape) == 2 and not name.endswith(".weight")
-        if scheme is not None and chosen is not None and linear and chosen(name):
+        if head is not None and name == "lm_head":
+            q_bytes += storage_bytes(head, (shape[0], shape[1]))
+            q_params += math.prod(shape)
+        elif scheme is not None and chosen is not None and linear and chosen(name):
             q_bytes += storage_bytes(scheme.spec_for(name), (shape[0], shape[1]))  # per module in a mixed scheme
             q_params += math.prod(shape)
         else:

@@ -642,6 +642,8 @@ def plan_bits(model: nn.Module, scheme: Scheme, calib: Tensor, target_bpw: float
     act-order without static groups stores is counted in the budget.
     """
     target = SizeTarget(target_bpw, None if budget is None else parse_budget(budget))
+    if scheme.lm_head is not None:  # its bytes would be left out of the budget
+        raise LowbitError(f"the bit planner leaves lm_head float; scheme {scheme.name} quantises it.")
     specs = candidate_specs(scheme.weights, bits, group_sizes)
     gptq = method if isinstance(method, GPTQ) else None
     measure = measure or ("gptq" if gptq is not None else "rtn")

@@ -140,6 +140,12 @@ class Scheme:
     module names such as ``model.layers.3.mlp.down_proj``; a linear layer is quantised
     when some target matches and no ignore pattern does. Embeddings are never linear
     layers, and ``lm_head`` is ignored by default, as in every serving format.
+
+    ``lm_head`` (None: float) quantises the output projection too, weight-only and by
+    round-to-nearest whatever the method, after the decoder layers; a tied one is untied
+    (the input embedding stays float). Decoding a small model reads the head once per token,
+    so it is a large share of the time: on the default model its float32 GEMV is a third of
+    W4A16's decode step. See `LM_HEAD_SPECS` for the names the CLI takes.
     """
 
     weights: QuantSpec
@@ -150,6 +156,7 @@ class Scheme:
     # A mixed scheme (`lowbit.planner`): (module name, weight spec) pairs that replace ``weights``
     # for those exact modules; every other selected module keeps ``weights``.
     per_module: tuple[tuple[str, QuantSpec], ...] = ()
+    lm_head: QuantSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -159,6 +166,9 @@ class Scheme:
             raise LowbitError("activations can be quantised to int or fp8 formats only.")
         if self.activations is not None and not self.activations.symmetric:
             raise LowbitError("asymmetric activation quantisation is not supported; use symmetric.")
+        if self.lm_head is not None and (self.lm_head.dynamic or self.lm_head.granularity == "token"):
+            raise LowbitError("a scheme's lm_head spec is a weight spec; per-token / dynamic specs are for "
+                              "activations.")
 
     def replace(self, **changes: Any) -> Scheme:
         return dataclasses.replace(self, **changes)
@@ -172,6 +182,8 @@ class Scheme:
 
     def describe(self) -> str:
         act = f", activations {self.activations.describe()}" if self.activations else ""
+        if self.lm_head is not None:
+            act += f", lm_head {self.lm_head.describe()}"
         if self.per_module:
             kinds = sorted({s.describe() for _, s in self.per_module})
             return f"{self.name}: mixed weights ({', '.join(kinds)}; {len(self.per_module)} modules set){act}"
@@ -187,11 +199,14 @@ class Scheme:
         }
         if self.per_module:  # only mixed schemes carry it: uniform schemes' dicts stay as they were
             out["per_module"] = {name: spec.to_dict() for name, spec in self.per_module}
+        if self.lm_head is not None:  # likewise only where set
+            out["lm_head"] = self.lm_head.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Scheme:
         act = data.get("activations")
+        head = data.get("lm_head")
         per_module = data.get("per_module") or {}
         if not isinstance(per_module, dict):
             raise LowbitError("a scheme's per_module must map module names to weight specs.")
@@ -202,6 +217,7 @@ class Scheme:
             ignore=tuple(data.get("ignore", ())),
             name=data.get("name", "custom"),
             per_module=tuple((name, QuantSpec.from_dict(spec)) for name, spec in per_module.items()),
+            lm_head=QuantSpec.from_dict(head) if head else None,
         )
 
 
@@ -231,6 +247,10 @@ Q8_0 = Scheme(_int(8, 32), name="Q8_0")
 Q4_0 = Scheme(_int(4, 32), name="Q4_0")
 Q4_1 = Scheme(_int(4, 32, symmetric=False), name="Q4_1")
 
+# What `--lm-head` names: int8 per output channel (on the default model KL 0.0015 to FP on its own,
+# bench/results/rtn.md), or the body's own weight spec.
+LM_HEAD_SPECS: dict[str, QuantSpec] = {"int8": _int(8, None)}
+
 PRESETS: dict[str, Scheme] = {
     s.name: s for s in (W4A16, W4A16_ASYM, W8A16, W8A8, W8A8_STATIC, FP8, NF4, W3A16, W2A16, Q8_0, Q4_0, Q4_1)
 }
@@ -251,9 +271,27 @@ def scheme_with(
     symmetric: bool | None = None,
     bits: int | None = None,
     observer: str | None = None,
+    lm_head: str | None = None,
 ) -> Scheme:
     """A preset with the weight spec adjusted (CLI overrides). ``group_size=0`` is refused;
-    ``group_size=None`` means per channel."""
+    ``group_size=None`` means per channel. ``lm_head`` (None: as in ``base``): see `with_lm_head`."""
+    scheme = _with_weights(base, group_size, symmetric, bits, observer)
+    return scheme if lm_head is None else with_lm_head(scheme, lm_head)
+
+
+def with_lm_head(base: Scheme, lm_head: str) -> Scheme:
+    """``base`` with its output projection float ('float'), at ``base``'s weight spec ('same'), or at a
+    spec of `LM_HEAD_SPECS` ('int8')."""
+    if lm_head not in ("float", "same", *LM_HEAD_SPECS):
+        raise LowbitError(f"unknown lm_head setting {lm_head!r}; choose float, same or {', '.join(LM_HEAD_SPECS)}.")
+    if lm_head == "float":
+        return base.replace(lm_head=None) if base.lm_head is not None else base
+    spec = base.weights if lm_head == "same" else LM_HEAD_SPECS[lm_head]
+    return base.replace(lm_head=spec, name=f"{base.name}+lm_head-{lm_head}")
+
+
+def _with_weights(base: Scheme, group_size: int | None | Literal["keep"], symmetric: bool | None,
+                  bits: int | None, observer: str | None) -> Scheme:
     spec = base.weights
     changes: dict[str, Any] = {}
     if group_size != "keep":

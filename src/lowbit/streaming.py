@@ -257,6 +257,8 @@ def quantize_streaming(model: str | os.PathLike[str] | None, out: str | os.PathL
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     method = RTN() if method is None else method
     check_method(scheme, method, calib is not None)
+    if scheme.lm_head is not None:
+        raise LowbitError(f"streaming quantises decoder layers only; scheme {scheme.name} also quantises lm_head.")
     out = Path(out)
     check_directory_target(out, overwrite)
     parse_size(max_shard_size)

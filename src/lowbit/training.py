@@ -79,6 +79,9 @@ def prepare_qat(model: nn.Module, scheme: Scheme | str | None = None, init: Any 
         scheme, method = (info.scheme, info.method) if info is not None else (None, {"name": "loaded"})
     else:
         scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+        if scheme.lm_head is not None:
+            raise LowbitError(f"QAT trains the decoder layers' linears and leaves lm_head float; scheme {scheme.name} "
+                              "quantises it.")
         if scheme.activations is not None and not scheme.activations.dynamic and isinstance(init, RTN):
             log.info("static activation scales start from the first batch's absmax")
         method = init.to_dict()

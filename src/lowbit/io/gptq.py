@@ -128,8 +128,10 @@ def save_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrit
         yield from (_layer_tensors(name, layer) for name, layer in layers.items())
         yield from ({key: t} for key, t in float_tensors(model, quantized).items())
 
+    head = model.get_output_embeddings()
     quantize_config = {**first, "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
-                       "checkpoint_format": "gptq", "quant_method": "gptq", "model_file_base_name": "model"}
+                       "checkpoint_format": "gptq", "quant_method": "gptq", "model_file_base_name": "model",
+                       "lm_head": any(layer is head for layer in layers.values())}  # GPTQModel's flag for it
     with atomic_directory(out, overwrite) as tmp:
         config_dict = model.config.to_dict()
         config_dict["quantization_config"] = quantize_config
