@@ -338,3 +338,23 @@ def test_cli_quantizes_the_default_model_to_gguf_and_evaluates_the_file(tmp_path
     result = runner.invoke(cli, ["eval", str(out), "--max-windows", "1", "--json", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     assert 10 < json.loads((tmp_path / "e.json").read_text())["ppl"]["pydoc-eval"] < 40
+
+
+def test_a_quantised_lm_head_is_written_as_output_weight(model, tok, tmp_path, monkeypatch):
+    """--lm-head same with Q4_0: the untied head is the file's own output.weight, in Q4_0, and transformers'
+    model computes our logits from it."""
+    from lowbit.scheme import get_scheme, with_lm_head
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    q = lowbit.quantize(model, with_lm_head(get_scheme("Q4_0"), "same"), progress=False)
+    path = save_gguf(q, tmp_path / "h.gguf", tokenizer=tok)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    out = tensors["output.weight"]
+    assert out.tensor_type.name == "Q4_0"
+    theirs = torch.from_numpy(dequantize(np.asarray(out.data), out.tensor_type))
+    assert torch.equal(theirs, q.lm_head.weight.dequantize())
+    emb = q.get_input_embeddings().weight
+    emb.data = ggml_decode(ggml_encode(emb, "Q8_0"), "Q8_0")  # what the file holds for it
+    ids = _ids(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(_transformers_model(path)(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
