@@ -454,3 +454,23 @@ def test_forward_remembers_its_kernel_until_the_registry_or_the_buffers_change(m
     torch.testing.assert_close(layer(x), x @ other.dequantize().T)  # prepared again from the new codes
     assert calls[-2:] == ["prepare", "run"] and len(calls) == 6
     assert copy.deepcopy(layer)._memo is None and layer._memo is not None
+
+
+FIRST_CALL_IS_PREFILL = textwrap.dedent("""
+    import torch
+    from lowbit.kernels.cpu import DEQUANT_GEMM
+    from lowbit.kernels.reference import quantized_linear
+    from lowbit.scheme import QuantSpec
+    from lowbit.tensor import quantize_weight
+    weight = quantize_weight(torch.randn(96, 576), QuantSpec("int", 4, "group", 128))
+    x = torch.randn(40, 576)
+    y = DEQUANT_GEMM.run(x, DEQUANT_GEMM.prepare(weight), weight, None, None)  # the op's first call loads it
+    ref = quantized_linear(x, weight)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+""")
+
+
+def test_the_prefill_op_can_be_the_first_call_in_a_process():
+    # the first call goes through the loader that builds the extension; it must pass block_rows (a keyword) on
+    done = subprocess.run([sys.executable, "-c", FIRST_CALL_IS_PREFILL], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
