@@ -41,6 +41,7 @@ from lowbit.tensor import QuantizedWeight
 
 SOURCE = Path(__file__).parent / "csrc" / "w4a16_mma.cu"
 ENTRY = "lowbit_w4a16_mma"
+DEQUANT_ENTRY = "lowbit_dequant"
 MAX_TOKENS = 32  # four tiles of 8 tokens; above, the Triton kernels or dequantise + cuBLAS
 BLOCK_K = 128  # columns per step of a warp: K and the group size must be multiples of it
 DEQUANT_THREADS = 256
@@ -93,10 +94,10 @@ class DequantVariant:
     sdt: int
     zero_points: bool
     bits: int
-    ENTRY: ClassVar[str] = "lowbit_dequant"
+    ENTRY: ClassVar[str] = DEQUANT_ENTRY
     ARGS: ClassVar[tuple[int, int]] = (4, 5)
 
-    def entry_point(self, name: str = "lowbit_dequant") -> str:
+    def entry_point(self, name: str = DEQUANT_ENTRY) -> str:
         args = ("const u32* qw, const void* scales, const unsigned char* zeros, u16* w, int rows, int K, int group, "
                 "int n_stride, int row0")
         params = f"{self.dt}, {self.sdt}, {'true' if self.zero_points else 'false'}, {self.bits}"
