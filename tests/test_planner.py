@@ -171,6 +171,9 @@ def test_planned_model_meets_the_target_exactly_and_reloads(two_layers, calib, m
     back = lowbit.load(tmp_path / "native")
     assert {n: m.spec for n, m in quantized_modules(back).items()} == specs
     assert planner.read_plan(tmp_path / "native").rows == plan.rows
+    assert planner.read_plan(tmp_path / "native").scheme == q.lowbit_info.scheme
+    stored = json.loads((tmp_path / "native" / "lowbit.json").read_text())
+    assert "scheme" not in stored["details"]["bit_plan"]  # the mixed scheme is kept once, beside the plan
     ids = torch.arange(20)[None]
     with torch.inference_mode():
         torch.testing.assert_close(back(ids).logits, q(ids).logits)

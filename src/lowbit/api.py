@@ -69,7 +69,15 @@ class QuantInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme.to_dict(), "method": self.method, "quantize_seconds": self.seconds,
-                "model": self.source, "details": self.details}
+                "model": self.source, "details": self.stored_details()}
+
+    def stored_details(self) -> dict[str, Any]:
+        """``details`` as files keep them beside ``scheme``: a bit plan without its own copy of the scheme
+        (a mixed scheme names every module's spec; `lowbit.planner.read_plan` takes it from beside the plan)."""
+        plan = self.details.get("bit_plan")
+        if not isinstance(plan, dict) or plan.get("scheme") != self.scheme.to_dict():
+            return self.details
+        return {**self.details, "bit_plan": {k: v for k, v in plan.items() if k != "scheme"}}
 
 
 FORMATS = ("native", "compressed-tensors", "gptq", "gguf")

@@ -418,7 +418,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     report.update(quantize_seconds=info.seconds, peak_rss_bytes=peak_rss_bytes(),
                   peak_rss_quantize_bytes=peak_quantize, versions=versions(), out=out,
                   calibration={"source": list(calib), "samples": calib_samples, "seqlen": calib_seqlen}
-                  if calibration is not None else None, details=info.details)
+                  if calibration is not None else None, details=info.stored_details())
     write_json(json_path, report)
 
 

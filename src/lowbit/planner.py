@@ -676,6 +676,8 @@ def read_plan(path: str | Path) -> BitPlan:
         plan = data
     if not isinstance(plan, dict):
         raise LowbitError(f"'{file}' holds no bit plan (a checkpoint or report of a --target-bpw / --budget run).")
+    if "scheme" not in plan and isinstance(data.get("scheme"), dict):  # kept once, beside the plan
+        plan = {**plan, "scheme": data["scheme"]}
     try:
         return BitPlan.from_dict(plan)
     except LowbitError as err:
