@@ -73,7 +73,7 @@ def settings(method: str, calib_samples: int | None = None) -> list[tuple[str, l
 
 def _compact(row: dict) -> dict:
     """The row without its plan's copy of the mixed scheme (the report's own ``scheme``, 2,500 lines each),
-    which reports written before 2026-11-28 carried (`QuantInfo.stored_details` now leaves it out)."""
+    which reports written before 2026-11-28 carried (`lowbit.quantize` now keeps the plan without it)."""
     plan = row.get("details", {}).get("bit_plan")
     if plan is not None and plan.get("scheme") == row.get("scheme"):
         plan.pop("scheme")

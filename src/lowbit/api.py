@@ -46,7 +46,8 @@ from lowbit.io import (
     save_native,
 )
 from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE
-from lowbit.models import load_pretrained, load_pretrained_tokenizer, select_linears, set_submodule
+from lowbit.models import (load_pretrained, load_pretrained_tokenizer, output_embedding_name, select_linears,
+                           set_submodule)
 from lowbit.nn import QuantLinear
 from lowbit.planner import BitPlan
 from lowbit.scheme import QuantSpec, Scheme, get_scheme
@@ -69,15 +70,7 @@ class QuantInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme.to_dict(), "method": self.method, "quantize_seconds": self.seconds,
-                "model": self.source, "details": self.stored_details()}
-
-    def stored_details(self) -> dict[str, Any]:
-        """``details`` as files keep them beside ``scheme``: a bit plan without its own copy of the scheme
-        (a mixed scheme names every module's spec; `lowbit.planner.read_plan` takes it from beside the plan)."""
-        plan = self.details.get("bit_plan")
-        if not isinstance(plan, dict) or plan.get("scheme") != self.scheme.to_dict():
-            return self.details
-        return {**self.details, "bit_plan": {k: v for k, v in plan.items() if k != "scheme"}}
+                "model": self.source, "details": self.details}
 
 
 FORMATS = ("native", "compressed-tensors", "gptq", "gguf")
@@ -159,7 +152,7 @@ def quantize(model: nn.Module, scheme: Scheme | BitPlan | str, method: Any = Non
         quantize_output_projection(target, head, scheme.lm_head)  # type: ignore[arg-type]
     seconds = time.perf_counter() - start
     if plan is not None:
-        details["bit_plan"] = plan.to_dict()
+        details["bit_plan"] = plan.to_dict(scheme=False)  # the scheme is the info's own: kept once, beside it
     target.lowbit_info = QuantInfo(scheme, method.to_dict(), seconds, getattr(model, "lowbit_source", "unknown"),
                                    details)
     return target
@@ -168,10 +161,8 @@ def quantize(model: nn.Module, scheme: Scheme | BitPlan | str, method: Any = Non
 def output_projection(model: nn.Module, scheme: Scheme) -> str:
     """The module name of ``model``'s output projection (``lm_head``), which ``scheme`` quantises; or one
     LowbitError saying why it cannot."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-    if name is None or not isinstance(head, nn.Linear):
+    name = output_embedding_name(model)
+    if name is None or not isinstance(model.get_submodule(name), nn.Linear):
         raise LowbitError(f"scheme {scheme.name} quantises lm_head, but {type(model).__name__} has no linear "
                           "output projection (get_output_embeddings) to quantise.")
     return name

@@ -376,9 +376,8 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
                             propagate=propagate)
     config = _eval_config(window, max_windows, kl_windows)
     check_method(scheme, method_config, has_calibration=True)
-    if scheme.lm_head is not None and (stream or target_bpw is not None or budget is not None):
-        raise LowbitError(f"--lm-head {lm_head} is not combined with {'--stream' if stream else 'a bit plan'} yet; "
-                          "leave lm_head float there.")
+    if scheme.lm_head is not None and (target_bpw is not None or budget is not None):  # before the model loads
+        raise LowbitError(f"--lm-head {lm_head} is not combined with a bit plan yet; leave lm_head float there.")
     if out is None and json_path is None:
         raise LowbitError("nothing would be kept: pass --out DIR to save the model and/or --json FILE for a report.")
     _check_out(out, fmt, overwrite)
@@ -418,7 +417,7 @@ def quantize_cmd(model: str, scheme_name: str, group_size: int | None, per_chann
     report.update(quantize_seconds=info.seconds, peak_rss_bytes=peak_rss_bytes(),
                   peak_rss_quantize_bytes=peak_quantize, versions=versions(), out=out,
                   calibration={"source": list(calib), "samples": calib_samples, "seqlen": calib_seqlen}
-                  if calibration is not None else None, details=info.stored_details())
+                  if calibration is not None else None, details=info.details)
     write_json(json_path, report)
 
 

@@ -150,7 +150,7 @@ def config_footprint(config: dict[str, Any], scheme: Scheme | None, float_bytes:
     head = scheme.lm_head if scheme is not None else None
     tensors = config_tensors(config)
     if head is not None and all(name != "lm_head" for name, _ in tensors):
-        tensors.append(("lm_head", tensors[0][1]))  # tied: the shape of the input embedding
+        tensors.append(("lm_head", dict(tensors)["model.embed_tokens.weight"]))  # tied: the embedding's shape
     q_bytes = q_params = f_params = 0
     for name, shape in tensors:
         linear = len(shape) == 2 and not name.endswith(".weight")

@@ -565,15 +565,18 @@ class BitPlan:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"target_bpw": self.target.bits_per_weight, "budget_bytes": self.target.total_bytes,
+    def to_dict(self, scheme: bool = True) -> dict[str, Any]:
+        """The plan as JSON; without its mixed scheme where that is stored beside it (``scheme=False``:
+        `lowbit.quantize`'s details, whose info holds the scheme; `read_plan` takes it from there)."""
+        out = {"target_bpw": self.target.bits_per_weight, "budget_bytes": self.target.total_bytes,
                 "linear_budget_bytes": self.linear_budget, "bits_per_weight": self.bits_per_weight,
                 "quantized_bytes": self.quantized_bytes, "quantized_params": self.quantized_params,
                 "float_bytes": self.float_bytes, "weight_bytes": self.total_bytes, "total_error": self.total_error,
                 "bits_histogram": {str(k): v for k, v in self.bits_histogram().items()},
                 "spec_histogram": self.spec_histogram(),
                 "measured_with": self.measured_with, "calibration_tokens": self.calibration_tokens,
-                "seconds": self.seconds, "scheme": self.scheme.to_dict(), "modules": [r.to_dict() for r in self.rows]}
+                "seconds": self.seconds, "modules": [r.to_dict() for r in self.rows]}
+        return {**out, "scheme": self.scheme.to_dict()} if scheme else out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BitPlan:

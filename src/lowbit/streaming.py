@@ -44,7 +44,7 @@ from lowbit.io.native import FORMAT_NAME, FORMAT_VERSION, MANIFEST, atomic_direc
 from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE, layer_units, load_tensors, parse_size, save_tensors
 from lowbit.io.skeleton import build_model, read_config, tied_output_key
 from lowbit.memory import drop_file_pages, trim_heap
-from lowbit.models import decoder_layers, select_linears, set_submodule
+from lowbit.models import decoder_layers, output_embedding_name, select_linears, set_submodule
 from lowbit.nn import QuantLinear, quantized_modules
 from lowbit.scheme import Scheme, get_scheme
 
@@ -314,8 +314,8 @@ def _materialise_outside_layers(model: nn.Module, stored: dict[str, Tensor], pre
     """The tensors outside the decoder layers that the calibration pass runs through (embeddings, rotary
     buffers are real already), from the checkpoint; the output head stays on meta when it is not tied."""
     tied = tied_output_key(model)
-    head = None if tied else next((f"{n}.weight" for n, m in model.named_modules()
-                                   if m is model.get_output_embeddings()), None)
+    name = None if tied else output_embedding_name(model)
+    head = None if name is None else f"{name}.weight"
     state = {k: stored[k].to(dtype) for k, t in model.state_dict().items()
              if not k.startswith(prefix) and k != head and k != tied and t.is_meta and k in stored}
     model.load_state_dict(state, strict=False, assign=True)

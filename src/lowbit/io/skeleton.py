@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.layers import output_embedding_name
 from lowbit.nn import QuantLinear, quantized_modules
 
 
@@ -94,10 +95,7 @@ def json_object(text: str, file: Path) -> dict:
 
 def tied_output_key(model: nn.Module) -> str | None:
     """State-dict key of the output embedding when it is tied to the input one (checkpoints store it once)."""
-    out = model.get_output_embeddings()
-    if not getattr(model.config, "tie_word_embeddings", False) or out is None:
-        return None
-    name = next((n for n, m in model.named_modules() if m is out), None)
+    name = output_embedding_name(model) if getattr(model.config, "tie_word_embeddings", False) else None
     return None if name is None else f"{name}.weight"
 
 

@@ -66,8 +66,9 @@ MAX_M_ACT_ORDER = 32
 # Prefill dequantises a block of rows at a time, each thread its own blocks, each block's GEMM right after
 # it is written, while it is in cache: at least BLOCK_BYTES of float32 (or M rows, so that x, read once per
 # block, is not read more than the weight, up to MAX_BLOCK_BYTES: each thread keeps its workspace), and at
-# most an even share of BLOCKS_PER_THREAD blocks per thread (so that the threads finish together). One-off sweeps of block sizes on this project's machine (int4 g128,
-# 2 threads, 2026-11-28; bench/results/cpu_prefill.md times the rule as it stands): at 64 tokens 4096 × 4096
+# most an even share of BLOCKS_PER_THREAD blocks per thread (so that the threads finish together). One-off
+# sweeps of block sizes on this project's machine (int4 g128, 2 threads, 2026-11-28;
+# bench/results/cpu_prefill.md times the rule as it stands): at 64 tokens 4096 × 4096
 # took 22.1 / 17.6 / 16.4 / 16.8 ms in blocks of 16 / 64 / 128 / 512 rows (F.linear on the float weight
 # 26.1), 576 × 1536 took 0.80 / 0.68 / 0.67 / 0.85 ms in blocks of 64 / 144 / 288 / all 576 rows (F.linear
 # 0.77), and 1536 × 576 0.71 / 0.68 / 0.69 / 0.88 ms in blocks of 192 / 384 / 768 / 1536 (F.linear 0.86).

@@ -39,6 +39,13 @@ def select_linears(model: nn.Module, targets: Iterable[str], ignore: Iterable[st
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and chosen(name)}
 
 
+def output_embedding_name(model: nn.Module) -> str | None:
+    """The module name of the model's output projection (``get_output_embeddings``), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return None if head is None else next((n for n, m in model.named_modules() if m is head), None)
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The qualified name and the ``ModuleList`` of the model's decoder layers."""
     best: tuple[str, nn.ModuleList] | None = None
