@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from lowbit.io.shards import load_tensors
 from test_streaming import _tiny_llama  # tests/ is on sys.path (pytest's prepend import mode)
 
 SCRIPT = """
-import sys, torch
+import json, sys, torch
 sys.path.insert(0, {src!r})
 from lowbit import api, sequential
 from lowbit.algorithms.gptq import GPTQ
@@ -32,9 +33,17 @@ model = api.quantize(api.load_model({model!r}), "W4A16", GPTQ(), calib, progress
 api.save(model, {out!r})
 from lowbit import distributed
 details = model.lowbit_info.details
-print("rank", distributed.rank(), "of", distributed.world_size(), "tokens", details["calibration_tokens"],
-      "solved rows", sum(solved_rows))
+# one file per rank: two processes printing to one pipe interleave their words
+with open({reports!r} + f"/rank{{distributed.rank()}}.json", "w") as f:
+    json.dump(dict(rank=distributed.rank(), world=distributed.world_size(), tokens=details["calibration_tokens"],
+                   solved_rows=sum(solved_rows)), f)
 """
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_torchrun_processes_give_the_single_process_model(tmp_path):
@@ -42,19 +51,22 @@ def test_two_torchrun_processes_give_the_single_process_model(tmp_path):
     out = tmp_path / "distributed"
     script = tmp_path / "run.py"
     src = str(Path(__file__).parent.parent / "src")
-    script.write_text(SCRIPT.format(src=src, model=str(source), out=str(out)))
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    script.write_text(SCRIPT.format(src=src, model=str(source), out=str(out), reports=str(reports)))
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", str(script)],
+    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), str(script)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 of 2 tokens 192" in done.stdout and "rank 1 of 2 tokens 192" in done.stdout  # all 8 × 24 tokens
+    ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world"], r["tokens"]) for r in ranks] == [(0, 2, 192), (1, 2, 192)]  # all 8 × 24 tokens
 
     calib = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(1))
     model = api.load_model(source)
     rows = sum(m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n)
     # the solves are divided: each rank solved a block of every weight's rows, the two blocks all of them
-    solved = [int(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines() if "solved rows" in line]
+    solved = [r["solved_rows"] for r in ranks]
     assert len(solved) == 2 and sum(solved) == rows and max(solved) <= rows // 2 + 16, (solved, rows)
     single = api.quantize(model, "W4A16", GPTQ(), calib, progress=False)
     api.save(single, tmp_path / "single")
