@@ -73,6 +73,86 @@ def test_gemv_matches_the_reference(spec, N, K, M):
     check_close_to_exact(y, x, weight, bias)
 
 
+def zero_point_allowance(x, weight):
+    """Both decode paths sum (c + const) x in float and take off z s sum x, as s (sum c x - z sum x): rounding
+    of order 2^-24 z s sum |x| that a large activation makes larger than float32's error on sum |x w| (the
+    reference, dequantise then F.linear, has no such term). Bounded by 2^-20 sum_k s_k 2^bits |x_k|."""
+    K = x.shape[-1]
+    scales = weight.scales().double().repeat_interleave(weight.group_size, 1)[:, :K] * 2**weight.spec.bits
+    return 2.0**-20 * x.double().abs() @ scales.T
+
+
+def block_float_allowance(x, weight):
+    """x rounded to block floating point on the integer path: each value within 2^-22 of its 128-column
+    block's largest magnitude, so 2^-22 sum_k |w_k| max_b(k)."""
+    K = x.shape[-1]
+    blocks = torch.nn.functional.pad(x.double().abs(), (0, (-K) % 128)).reshape(*x.shape[:-1], -1, 128)
+    block_max = blocks.amax(-1).repeat_interleave(128, -1)[..., :K]
+    return 2.0**-22 * block_max @ weight.dequantize().double().abs().T
+
+
+def check_one_token_integer_path(weight, x):
+    """M = 1 on the 4-bit path in integers (where the build has AVX-512 VNNI) against float64: within float32's
+    error on sum |x w| plus the two allowances above; and with LOWBIT_CPU_FLOAT_GEMV=1 on the float path, within
+    float32's error plus `zero_point_allowance` alone."""
+    exact = x.double() @ weight.dequantize().double().T
+    floats = 1e-5 * (x.double().abs() @ weight.dequantize().double().abs().T) + zero_point_allowance(x, weight)
+    ys = {}
+    for path, allowed in (("integers", floats + block_float_allowance(x, weight)), ("float", floats)):
+        if path == "float":
+            os.environ["LOWBIT_CPU_FLOAT_GEMV"] = "1"
+        try:
+            ys[path] = INT_GEMV.run(x, {}, weight, None, None)
+        finally:
+            os.environ.pop("LOWBIT_CPU_FLOAT_GEMV", None)
+        err = (ys[path].double() - exact).abs()
+        assert (err <= allowed + 1e-30).all(), f"{path}: worst error {(err / (allowed + 1e-30)).max().item():.3g}"
+    return ys
+
+
+@settings(max_examples=150, deadline=None)
+@given(group=st.sampled_from([128, 256, None]), symmetric=st.booleans(),
+       scale_dtype=st.sampled_from(["float16", "bfloat16", "float32"]), N=st.integers(1, 41), K=st.integers(1, 700),
+       spread=st.floats(0, 12), seed=st.integers(0, 2**31 - 1))
+def test_one_token_4_bit_gemv_in_integers_on_random_shapes(group, symmetric, scale_dtype, N, K, spread, seed):
+    """x's magnitudes spread over up to 10^12 (whole blocks of tiny values beside large ones, outliers in a block),
+    ragged last blocks, groups of one or two blocks or the whole row."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = QuantSpec("int", 4, "channel" if group is None else "group", group, symmetric, scale_dtype=scale_dtype)
+    weight = quantize_weight(torch.randn(N, K, generator=gen), spec)
+    x = torch.randn(1, K, generator=gen) * 10 ** (spread * (torch.rand(1, K, generator=gen) - 0.5))
+    check_one_token_integer_path(weight, x)
+
+
+def test_one_token_integer_path_on_blocks_of_zeros_outliers_and_extreme_magnitudes():
+    gen = torch.Generator().manual_seed(7)
+    for spec, K in [(QuantSpec("int", 4, "group", 128), 576), (QuantSpec("int", 4, "group", 256, False), 1096),
+                    (QuantSpec("int", 4, "channel"), 201)]:
+        weight = quantize_weight(torch.randn(37, K, generator=gen), spec)
+        x = torch.randn(1, K, generator=gen)
+        x[0, :128] = 0  # a block of zeros
+        x[0, 130] = 3e4  # a massive activation among ordinary ones
+        x[0, K - 1] = 1e-40  # a subnormal beside them: its block keeps ordinary values
+        ys = check_one_token_integer_path(weight, x)
+        assert not torch.equal(ys["integers"], ys["float"])  # two paths, not one run twice
+        for scale in (1e-42, 1e-30, 1e30):  # blocks of subnormals, tiny and huge values: no overflow, no NaN
+            check_one_token_integer_path(weight, torch.randn(1, K, generator=gen) * scale)
+
+
+def test_one_token_integer_path_gives_the_float_paths_answer_for_non_finite_x(monkeypatch):
+    """An inf or NaN has no block floating point form: such an x takes the float path (whose inf - inf in the
+    zero point's sum makes NaN where the reference has ±inf: non-finite either way, never a finite number)."""
+    weight = quantize_weight(torch.randn(16, 256), QuantSpec("int", 4, "group", 128, symmetric=False))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(1, 256)
+        x[0, 200] = bad
+        y = INT_GEMV.run(x, {}, weight, None, None)
+        with monkeypatch.context() as m:
+            m.setenv("LOWBIT_CPU_FLOAT_GEMV", "1")
+            torch.testing.assert_close(y, INT_GEMV.run(x, {}, weight, None, None), rtol=0, atol=0, equal_nan=True)
+        assert not torch.isfinite(y).any() and not torch.isfinite(quantized_linear(x, weight)).any()
+
+
 def random_weight(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed) -> QuantizedWeight:
     """A random weight the CPU kernels run: groups of whole bytes (of whole 3-byte words of 8 codes at 3
     bits, with K a multiple of 8 there too)."""
