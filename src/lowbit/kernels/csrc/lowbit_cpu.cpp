@@ -18,10 +18,10 @@
 // weights exactly); 8-bit ones are converted as (c - z) and the group's sum scaled once.
 // Several rows and tokens are done per pass, so each x vector and each converted weight
 // vector is reused from registers, and the weight bytes are prefetched ahead. Elsewhere a
-// portable loop computes the same sums. At one token, 4-bit affine codes in groups of whole
-// 128-column blocks (or per channel) are multiplied in integers where AVX-512 VNNI is built in:
-// x as block floating point (23 bits and a sign), split into three byte planes, against the codes by vpdpbusd
-// (`Planes`, `block_vnni`; LOWBIT_CPU_FLOAT_GEMV=1 keeps the float path).
+// portable loop computes the same sums. At one token, 4-bit affine codes in groups of 32, 64 or
+// a multiple of 128 columns (or per channel) are multiplied in integers where AVX-512 VNNI is
+// built in: x as block floating point (23 bits and a sign) in three byte planes, against the
+// codes by vpdpbusd (`Planes`, `block_vnni`; LOWBIT_CPU_FLOAT_GEMV=1 keeps the float path).
 //
 // 3-bit codes need K and the group to be multiples of 8 (whole triples per group).
 //
@@ -372,28 +372,16 @@ inline __m512i load_words(const uint8_t* row, int64_t d, int64_t left) {
   }
 }
 
-// Code Q of each 32-bit word (bits BITS·Q .. BITS·Q + BITS − 1), c, as the float 1 + c·2^−BITS:
-// one shift puts it in the mantissa's top BITS bits, and one ternary-logic op keeps it and sets
-// 1.0's exponent around it — no mask then int→float convert, which competed with the multiply-adds
-// for the floating-point pipes. The sums this gives are 2^−BITS (sum c x) + sum x, so the callers
-// scale by s·2^BITS and take off (2^BITS + z) s sum x.
-template <int BITS, int Q>
-inline __m512 code_as_float(__m512i v) {
-  constexpr int kShift = BITS * Q - (23 - BITS);
-  if constexpr (kShift > 0) v = _mm512_srli_epi32(v, kShift);
-  if constexpr (kShift < 0) v = _mm512_slli_epi32(v, -kShift);
-  const __m512i field = _mm512_set1_epi32(((1 << BITS) - 1) << (23 - BITS));
-  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, field, _mm512_set1_epi32(0x3F800000), 0xEA));  // v & f | 1.0
-}
-
-// Code Q of 16 words v[r] as 1 + c·2^−BITS, times x lane Q of words d.., summed into part[r][t].
-// The body of `block_words` and `block_word_spans`.
+// Code q of 16 words v[r] (bits BITS·q ..) times x lane q of words d.., summed into part[r][t]:
+// shift, mask, convert, multiply-add. The body of `block_words` and `block_word_spans`.
 #define LOWBIT_WORD_LANE(Q)                                                                         \
   {                                                                                                \
     __m512 xv[T];                                                                                  \
     for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(k, xw.at(m0 + t, Q) + d);           \
     for (int r = 0; r < R; ++r) {                                                                  \
-      const __m512 wv = code_as_float<BITS, Q>(v[r]);                                              \
+      __m512i c = (Q) ? _mm512_srli_epi32(v[r], BITS * (Q)) : v[r];                                \
+      if ((Q) < 7) c = _mm512_and_si512(c, field);                                                 \
+      const __m512 wv = _mm512_cvtepi32_ps(c);                                                     \
       for (int t = 0; t < T; ++t) part[r][t] = _mm512_fmadd_ps(wv, xv[t], part[r][t]);             \
     }                                                                                              \
   }
@@ -420,17 +408,17 @@ struct WordSums {
 // 3 and 4 bits, groups of a multiple of 8 columns (so every group starts on a word of 8 codes:
 // 32 bits at 4 bits, a 3-byte triple at 3): the codes are read 16 words (128 codes) at a time
 // and code q of each word (bits BITS·q .. BITS·q + BITS − 1, column 8d + q of word d) is
-// made a float by `code_as_float` and multiplied with x8 lane q (x[8d + q]): no shuffle, which
-// this loop is otherwise bound by. The sum runs over 1 + c·2^−BITS; the group's zero point (and
-// the 1) come off once per group as (2^BITS + z) sum(x over the group), then the group's scale
-// multiplies:
-//   sum_k (c - z) s x = s 2^BITS (sum_k (1 + c 2^−BITS) x − (1 + z 2^−BITS) sum_k x).
+// isolated with a shift and a mask, converted, and multiplied with x8 lane q (x[8d + q]): no
+// shuffle, which this loop is otherwise bound by. The sum runs over the raw codes c; the
+// group's zero point comes off once per group as z * sum(x over the group), then the group's
+// scale multiplies:
+//   sum_k (c - z) s x = s (sum_k c x - z sum_k x).
 // Groups under 128 columns that divide 128 leave most of a 16-word step's lanes idle here:
 // see `block_word_spans`.
 template <int R, int T, int BITS, typename S>
 void block_words(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
   WordSums<R, T> total;
-  constexpr float kLevels = 1 << BITS;
+  const __m512i field = _mm512_set1_epi32((1 << BITS) - 1);
   for (int64_t g = 0; g < w.G; ++g) {
     const int64_t d0 = g * w.group / 8, d1 = std::min(w.K, (g + 1) * w.group) / 8;
     __m512 part[R][T];
@@ -447,8 +435,8 @@ void block_words(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int6
       LOWBIT_WORD_LANES
     }
     for (int r = 0; r < R; ++r) {
-      const float s = scale_at(w, n + r, g), sz = s * (kLevels + static_cast<float>(w.zero_code(n + r, g)));
-      const __m512 sv = _mm512_set1_ps(s * kLevels);
+      const float s = scale_at(w, n + r, g), sz = s * static_cast<float>(w.zero_code(n + r, g));
+      const __m512 sv = _mm512_set1_ps(s);
       for (int t = 0; t < T; ++t) {
         total.acc[r][t] = _mm512_fmadd_ps(part[r][t], sv, total.acc[r][t]);
         total.corr[r][t] += sz * xw.group_sum(m0 + t, g);
@@ -509,7 +497,7 @@ inline __m512 load_zeros(const Packed<S>& w, int64_t n, int64_t g0, int64_t coun
 template <int R, int T, int BITS, typename S>
 void block_word_spans(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
   WordSums<R, T> total;
-  const __m512 levels = _mm512_set1_ps(1 << BITS), step = _mm512_set1_ps(1.0f / (1 << BITS)), one = _mm512_set1_ps(1);
+  const __m512i field = _mm512_set1_epi32((1 << BITS) - 1);
   const int64_t words = w.K / 8, shift = __builtin_ctzll(w.group / 8);  // log2 of words per group
   const __m512i lane_group =
       _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), shift);
@@ -528,10 +516,8 @@ void block_word_spans(const Packed<S>& w, const Words& xw, int64_t m0, float* y,
     __m512 xsum[T];
     for (int t = 0; t < T; ++t) xsum[t] = _mm512_maskz_loadu_ps(k, xw.word_sum(m0 + t) + d);
     for (int r = 0; r < R; ++r) {
-      // (part − (1 + z 2^−BITS) sum x) s 2^BITS: see `block_words`
-      const __m512 sv = _mm512_mul_ps(_mm512_permutexvar_ps(lane_group, load_scales(w, n + r, g0, groups)), levels);
-      const __m512 zv =
-          _mm512_fmadd_ps(_mm512_permutexvar_ps(lane_group, load_zeros<BITS>(w, n + r, g0, groups)), step, one);
+      const __m512 sv = _mm512_permutexvar_ps(lane_group, load_scales(w, n + r, g0, groups));
+      const __m512 zv = _mm512_permutexvar_ps(lane_group, load_zeros<BITS>(w, n + r, g0, groups));
       for (int t = 0; t < T; ++t)
         total.acc[r][t] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zv, xsum[t], part[r][t]), sv, total.acc[r][t]);
     }
@@ -713,7 +699,7 @@ struct Planes {
   int64_t blocks, steps;           // steps: blocks per group
   bool finite = true;  // false: x holds an inf or NaN, which this integer form cannot carry
   Planes(const float* x, int64_t K, int64_t group)
-      : blocks((K + kCols - 1) / kCols), steps(group >= K ? blocks : group / kCols) {
+      : blocks((K + kCols - 1) / kCols), steps(group >= K ? blocks : std::max<int64_t>(1, group / kCols)) {
     bytes.assign(blocks * 6 * 64, 0);
     unit.assign(blocks, 0.0f);
     sums.assign(((K + group - 1) / group + 15) / 16 * 16, 0.0f);
@@ -739,12 +725,13 @@ struct Planes {
       std::frexp(most, &exponent);  // most < 2^exponent
       const int e = std::min(22 - exponent, 126);  // tiny blocks: multiples of 2^−126 (2^±126 are floats)
       const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, e));  // a power of two: x 2^e is exact
-      __m512i total = _mm512_setzero_si512();
+      const float unit = std::ldexp(1.0f, -e);
+      const int64_t span = std::min(group, K);  // the group's columns (groups are 32 columns or more)
       uint8_t* p = bytes.data() + b * 6 * 64;
       for (int i = 0; i < 8; i += 2) {  // 32 columns: 16 even, 16 odd, 16 bytes of each plane's halves
         const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], up));
         const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(v[i + 1], up));
-        total = _mm512_add_epi32(total, _mm512_add_epi32(a, c));
+        sums[(k0 + 16 * i) / span] += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(a, c))) * unit;
         const __m512i halves[2] = {_mm512_permutex2var_epi32(a, even, c), _mm512_permutex2var_epi32(a, odd, c)};
         for (int h = 0; h < 2; ++h) {
           const __m128i planes[3] = {_mm512_cvtepi32_epi8(_mm512_srai_epi32(halves[h], 16)),
@@ -754,8 +741,7 @@ struct Planes {
             _mm_storeu_si128(reinterpret_cast<__m128i*>(p + (2 * q + h) * 64 + 8 * i), planes[q]);
         }
       }
-      unit[b] = std::ldexp(1.0f, -e);
-      sums[b / steps] += static_cast<float>(_mm512_reduce_add_epi32(total)) * unit[b];
+      this->unit[b] = unit;
     }
   }
   const uint8_t* at(int64_t b) const { return bytes.data() + b * 6 * 64; }
@@ -766,13 +752,44 @@ struct Planes {
 // the three byte planes of `Planes` by vpdpbusd, 64 products a step where a float multiply-add
 // does 16, and the plane sums are joined as 65536 P_t + 256 P_m + P_l (each below 2^24, exact as
 // floats) and scaled by 2^−e_b. So y = sum_g s (sum_k c x − z sum_k x) with the products exact
-// in integers. Groups of a multiple of 128 columns, or one group per row (per-channel scales).
-template <int R, typename S>
+// in integers; lane j of a step holds columns 8j .. 8j + 7.
+template <int R>
+struct VnniStep {
+  __m512i xv[6];
+  __mmask64 k;
+  __m512 unit;
+  VnniStep(const Planes& xp, int64_t b, int64_t row_bytes) {
+    for (int i = 0; i < 6; ++i) xv[i] = _mm512_loadu_si512(xp.at(b) + 64 * i);
+    const int64_t left = row_bytes - 64 * b;
+    k = left >= 64 ? ~0ull : (~0ull) >> (64 - left);
+    unit = _mm512_set1_ps(xp.unit[b]);
+  }
+  // sum over each lane's 8 columns of c x_i 2^−e_b, for the row at p (the block's first byte)
+  __m512 row(const uint8_t* p) const {
+    prefetch(p);
+    const __m512i nibble = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i codes = _mm512_maskz_loadu_epi8(k, p);
+    const __m512i lo = _mm512_and_si512(codes, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
+    const __m512i pt = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xv[0]), hi, xv[1]);  // t signed
+    const __m512i pm = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, xv[2], lo), xv[3], hi);  // m, l unsigned
+    const __m512i pl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, xv[4], lo), xv[5], hi);
+    const __m512 byte = _mm512_set1_ps(256.0f);
+    const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(pt), byte, _mm512_cvtepi32_ps(pm)), byte,
+                                     _mm512_cvtepi32_ps(pl));
+    return _mm512_mul_ps(v, unit);
+  }
+};
+
+// R rows of `VnniStep`s. Groups of a multiple of 128 columns, or one group per row (per-channel
+// scales): each group's sum, then its scale. Groups of 32 or 64 columns (SPANS): a step holds 4
+// or 2 groups, and each lane is scaled by its own group's scale as it is added.
+template <int R, bool SPANS, typename S>
 void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512 byte = _mm512_set1_ps(256.0f);
   __m512 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  const int64_t per = SPANS ? Planes::kCols / w.group : 1;  // groups per block
+  const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               SPANS ? __builtin_ctzll(w.group / 8) : 0);
   for (int64_t g0 = 0; g0 < w.G; g0 += 16) {  // 16 groups' scales and zero points a vector per row
     const int64_t count = std::min<int64_t>(16, w.G - g0);
     __m512 scales[R];
@@ -781,33 +798,27 @@ void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
       scales[r] = load_scales(w, n + r, g0, count);  // s z sum_k x off the total at once (lanes: groups)
       total[r] = _mm512_fnmadd_ps(_mm512_mul_ps(scales[r], load_zeros<4>(w, n + r, g0, count)), xsum, total[r]);
     }
-    for (int64_t g = g0; g < g0 + count; ++g) {
-      __m512 part[R];
-      for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
-      const int64_t b1 = std::min(xp.blocks, (g + 1) * xp.steps);
-      for (int64_t b = g * xp.steps; b < b1; ++b) {
-        const uint8_t* planes = xp.at(b);
-        __m512i xv[6];
-        for (int i = 0; i < 6; ++i) xv[i] = _mm512_loadu_si512(planes + 64 * i);
-        const __mmask64 k = w.row_bytes - 64 * b >= 64 ? ~0ull : (~0ull) >> (64 - (w.row_bytes - 64 * b));
-        const __m512 unit = _mm512_set1_ps(xp.unit[b]);
-        for (int r = 0; r < R; ++r) {
-          const uint8_t* p = w.q + (n + r) * w.row_bytes + 64 * b;
-          prefetch(p);
-          const __m512i codes = _mm512_maskz_loadu_epi8(k, p);
-          const __m512i lo = _mm512_and_si512(codes, nibble);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
-          const __m512i zero = _mm512_setzero_si512();
-          const __m512i pt = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xv[0]), hi, xv[1]);  // t signed
-          const __m512i pm = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, xv[2], lo), xv[3], hi);  // m, l unsigned
-          const __m512i pl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, xv[4], lo), xv[5], hi);
-          const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(pt), byte, _mm512_cvtepi32_ps(pm)),
-                                           byte, _mm512_cvtepi32_ps(pl));
-          part[r] = _mm512_fmadd_ps(v, unit, part[r]);
-        }
+    if constexpr (SPANS) {
+      for (int64_t b = g0 / per; b < std::min(xp.blocks, (g0 + count + per - 1) / per); ++b) {
+        const VnniStep<R> step(xp, b, w.row_bytes);
+        const __m512i lane = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int32_t>(b * per - g0)));
+        for (int r = 0; r < R; ++r)
+          total[r] = _mm512_fmadd_ps(step.row(w.q + (n + r) * w.row_bytes + 64 * b),
+                                     _mm512_permutexvar_ps(lane, scales[r]), total[r]);
       }
-      const __m512i lane = _mm512_set1_epi32(static_cast<int32_t>(g - g0));
-      for (int r = 0; r < R; ++r) total[r] = _mm512_fmadd_ps(part[r], _mm512_permutexvar_ps(lane, scales[r]), total[r]);
+    } else {
+      for (int64_t g = g0; g < g0 + count; ++g) {
+        __m512 part[R];
+        for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
+        for (int64_t b = g * xp.steps; b < std::min(xp.blocks, (g + 1) * xp.steps); ++b) {
+          const VnniStep<R> step(xp, b, w.row_bytes);
+          for (int r = 0; r < R; ++r)
+            part[r] = _mm512_add_ps(step.row(w.q + (n + r) * w.row_bytes + 64 * b), part[r]);
+        }
+        const __m512i lane = _mm512_set1_epi32(static_cast<int32_t>(g - g0));
+        for (int r = 0; r < R; ++r)
+          total[r] = _mm512_fmadd_ps(part[r], _mm512_permutexvar_ps(lane, scales[r]), total[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(total[r]);
@@ -816,8 +827,13 @@ void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
 template <typename S>
 void gemv_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block_vnni<4>(w, xp, y, n);
-  for (; n < n1; ++n) block_vnni<1>(w, xp, y, n);
+  if (w.group < Planes::kCols && w.group < w.K) {
+    for (; n + 4 <= n1; n += 4) block_vnni<4, true>(w, xp, y, n);
+    for (; n < n1; ++n) block_vnni<1, true>(w, xp, y, n);
+  } else {
+    for (; n + 4 <= n1; n += 4) block_vnni<4, false>(w, xp, y, n);
+    for (; n < n1; ++n) block_vnni<1, false>(w, xp, y, n);
+  }
 }
 #endif
 
@@ -1089,9 +1105,10 @@ struct Weight {
 #endif
     return bits == 3;
   }
-  // 4-bit affine codes at one token with AVX-512 VNNI, in groups of whole 128-column blocks (or one per row)
+  // 4-bit affine codes at one token with AVX-512 VNNI: groups of whole 128-column blocks, of 32 or 64 columns,
+  // or one per row
   bool by_vnni() const {
-    return bits == 4 && !levels.defined() && (group % 128 == 0 || group >= K);
+    return bits == 4 && !levels.defined() && (group % 128 == 0 || group == 32 || group == 64 || group >= K);
   }
 };
 
