@@ -215,7 +215,7 @@ def markdown(rows: list[dict], plot: dict | None, note: str) -> str:
     v = next((r["versions"] for r in rows if "versions" in r), None) or versions()
     fp = rows[0]["reference_ppl"]["pydoc-eval"]
     llmc = next((r["version"] for r in rows if "version" in r), None)
-    lines = [f"# Outliers: AWQ and SmoothQuant (SmolLM2-135M-Instruct, pydoc-eval)", "",
+    lines = ["# Outliers: AWQ and SmoothQuant (SmolLM2-135M-Instruct, pydoc-eval)", "",
              f"Measured on {v['machine']} (each row's date in its last column), torch {v['torch']} ({v['torch_threads']} threads), lowbit "
              f"{v['lowbit']}; calibration 128 × 512 tokens of pydoc-calib (random.Random(0) offsets) for every "
              f"calibrated row unless its label says fewer, llm-compressor's included. FP perplexity {fp:.4f}. "

@@ -58,7 +58,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     v = meta["versions"]
     cfg = meta["config"]
     lines = [
-        f"# QAT vs post-training quantisation (SmolLM2-135M-Instruct"
+        "# QAT vs post-training quantisation (SmolLM2-135M-Instruct"
         + (f" CUT TO ITS FIRST {meta['first_layers']} DECODER LAYERS" if meta.get("first_layers") else "")
         + f", pydoc-eval, {rows[0]['tokens']:,} predicted tokens)",
         "",

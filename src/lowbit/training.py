@@ -38,7 +38,7 @@ from lowbit.algorithms.qat import QAT, distillation_loss, lr_factor, next_token_
 from lowbit.errors import LowbitError
 from lowbit.memory import peak_rss_bytes
 from lowbit.models import select_linears, set_submodule
-from lowbit.nn import FakeQuantLinear, LoRALinear, QuantLinear, fake_quant_modules, lora_modules, quantized_modules
+from lowbit.nn import FakeQuantLinear, LoRALinear, fake_quant_modules, lora_modules, quantized_modules
 from lowbit.scheme import NF4, Scheme, get_scheme
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.eval.scoring import (DEFAULT_BATCH_TOKENS, encode_pair, loglikelihoods, max_length, model_device,
+from lowbit.eval.scoring import (DEFAULT_BATCH_TOKENS, loglikelihoods, max_length, model_device,
                                  prefix_token, score_token_pairs)
 from lowbit.eval.tasks import BUILTIN_TASKS, Task, check_yaml, resolve_task, write_task_dir
 

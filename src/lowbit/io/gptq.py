@@ -91,7 +91,7 @@ def _layer_config(name: str, layer: QuantLinear) -> dict[str, Any]:
 
 def _layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
     w = layer.weight
-    bits, (rows, cols) = w.spec.bits, w.shape
+    bits, cols = w.spec.bits, w.shape[1]
     codes = unpack(w.qdata, bits, cols)  # (N, K) stored, unsigned codes (symmetric ones offset by 2^(b−1))
     zeros = w.zero_points()  # (N, G) or None
     if zeros is None:

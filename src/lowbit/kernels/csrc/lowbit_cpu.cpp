@@ -685,16 +685,17 @@ void rows16_all(const Packed<S>& w, const float* x, int64_t M, float* y, int64_t
 }
 
 #ifdef LOWBIT_VNNI
-// One token's x for `block_vnni`, per block of 128 columns b (64 bytes of a 4-bit row): the block
-// as 23-bit integers, x_i = round(x[k] 2^e_b) with e_b the block's own exponent (|x_i| <= 2^22), split
-// into a signed top byte t and unsigned bytes m, l (x_i = 65536 t + 256 m + l), each plane in two
-// halves of 64 bytes: the even columns (the codes in the packed bytes' low nibbles) and the odd
-// ones (the high nibbles). Also 2^−e_b and each group's sum of x_i 2^−e_b. This is block floating
-// point: each value is rounded to a multiple of 2^−e_b, within 2^−22 of the block's largest magnitude
-// (which keeps 22 or 23 of float32's 24 significant bits); the products are then exact.
+// One token's x for `block_vnni`, per block of 128 columns b: the block as integers x_i = round(x[k] 2^e_b)
+// with e_b the block's own exponent (|x_i| <= 2^22), written in three signed base-256 digits,
+// x_i = 65536 t + 256 m + l with t, m, l in [−128, 127] (t in [−64, 64]), each digit plane two runs
+// of 64 bytes: the even columns (the codes in the packed bytes' low nibbles) and the odd ones (the
+// high nibbles). Also
+// 2^−e_b and each group's sum of x_i 2^−e_b. This is block floating point: each value is rounded to a
+// multiple of 2^−e_b, within 2^−22 of the block's largest magnitude (which keeps 22 or 23 of float32's
+// 24 significant bits); the products are then exact.
 struct Planes {
   static constexpr int64_t kCols = 128;
-  std::vector<uint8_t> bytes;  // (blocks, 6, 64): t even, t odd, m even, m odd, l even, l odd
+  std::vector<uint8_t> bytes;  // (blocks, 3 digits, 2 runs, 64): t, m, l
   std::vector<float> unit, sums;  // per block; sums: per group, zero to a multiple of 16 groups
   int64_t blocks, steps;           // steps: blocks per group
   bool finite = true;  // false: x holds an inf or NaN, which this integer form cannot carry
@@ -728,17 +729,19 @@ struct Planes {
       const float unit = std::ldexp(1.0f, -e);
       const int64_t span = std::min(group, K);  // the group's columns (groups are 32 columns or more)
       uint8_t* p = bytes.data() + b * 6 * 64;
-      for (int i = 0; i < 8; i += 2) {  // 32 columns: 16 even, 16 odd, 16 bytes of each plane's halves
+      for (int i = 0; i < 8; i += 2) {  // 32 columns a pass, 16 bytes of each digit's two runs
         const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], up));
         const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(v[i + 1], up));
         sums[(k0 + 16 * i) / span] += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(a, c))) * unit;
-        const __m512i halves[2] = {_mm512_permutex2var_epi32(a, even, c), _mm512_permutex2var_epi32(a, odd, c)};
-        for (int h = 0; h < 2; ++h) {
-          const __m128i planes[3] = {_mm512_cvtepi32_epi8(_mm512_srai_epi32(halves[h], 16)),
-                                     _mm512_cvtepi32_epi8(_mm512_srli_epi32(halves[h], 8)),
-                                     _mm512_cvtepi32_epi8(halves[h])};
+        const __m512i runs[2] = {_mm512_permutex2var_epi32(a, even, c), _mm512_permutex2var_epi32(a, odd, c)};
+        for (int h = 0; h < 2; ++h) {  // run h: columns 16 i + 2 j + h, j = 0 .. 15
+          const __m512i l = _mm512_srai_epi32(_mm512_slli_epi32(runs[h], 24), 24);  // low byte, signed
+          const __m512i rest = _mm512_srai_epi32(_mm512_sub_epi32(runs[h], l), 8);
+          const __m512i m = _mm512_srai_epi32(_mm512_slli_epi32(rest, 24), 24);
+          const __m512i t = _mm512_srai_epi32(_mm512_sub_epi32(rest, m), 8);
+          const __m512i digits[3] = {t, m, l};
           for (int q = 0; q < 3; ++q)
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(p + (2 * q + h) * 64 + 8 * i), planes[q]);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(p + (2 * q + h) * 64 + 8 * i), _mm512_cvtepi32_epi8(digits[q]));
         }
       }
       this->unit[b] = unit;
@@ -747,13 +750,12 @@ struct Planes {
   const uint8_t* at(int64_t b) const { return bytes.data() + b * 6 * 64; }
 };
 
-// 4-bit codes at one token, in integers: per block of 128 columns, a row's 64 packed bytes split
-// into their low and high nibbles (the even and odd columns' codes, 0 .. 15) are multiplied with
-// the three byte planes of `Planes` by vpdpbusd, 64 products a step where a float multiply-add
-// does 16, and the plane sums are joined as 65536 P_t + 256 P_m + P_l (each below 2^24, exact as
-// floats) and scaled by 2^−e_b. So y = sum_g s (sum_k c x − z sum_k x) with the products exact
-// in integers; lane j of a step holds columns 8j .. 8j + 7.
-template <int R>
+// A row's 4-bit codes for one block of 128 columns (64 bytes) against `Planes`, in integers: the
+// bytes split into low and high nibbles (the even and odd columns' codes, 0 .. 15), vpdpbusd
+// multiplies them with each signed digit plane, 64 products an instruction where a float
+// multiply-add does 16, and the digit sums are joined as 65536 P_t + 256 P_m + P_l (each below
+// 2^24, exact as floats) and scaled by 2^−e_b. So y = sum_g s (sum_k c x − z sum_k x) with the
+// products exact in integers. Lane j of the result holds columns 8j .. 8j + 7.
 struct VnniStep {
   __m512i xv[6];
   __mmask64 k;
@@ -761,21 +763,21 @@ struct VnniStep {
   VnniStep(const Planes& xp, int64_t b, int64_t row_bytes) {
     for (int i = 0; i < 6; ++i) xv[i] = _mm512_loadu_si512(xp.at(b) + 64 * i);
     const int64_t left = row_bytes - 64 * b;
-    k = left >= 64 ? ~0ull : (~0ull) >> (64 - left);
+    k = left >= 64 ? ~0ull : (1ull << left) - 1;
     unit = _mm512_set1_ps(xp.unit[b]);
   }
-  // sum over each lane's 8 columns of c x_i 2^−e_b, for the row at p (the block's first byte)
   __m512 row(const uint8_t* p) const {
     prefetch(p);
-    const __m512i nibble = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-    const __m512i codes = _mm512_maskz_loadu_epi8(k, p);
-    const __m512i lo = _mm512_and_si512(codes, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
-    const __m512i pt = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xv[0]), hi, xv[1]);  // t signed
-    const __m512i pm = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, xv[2], lo), xv[3], hi);  // m, l unsigned
-    const __m512i pl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, xv[4], lo), xv[5], hi);
+    const __m512i nibble = _mm512_set1_epi8(0x0F), packed = _mm512_maskz_loadu_epi8(k, p);
+    const __m512i codes[2] = {_mm512_and_si512(packed, nibble),
+                              _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble)};
+    __m512i sum[3];
+    for (int q = 0; q < 3; ++q)
+      sum[q] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], xv[2 * q]), codes[1],
+                                   xv[2 * q + 1]);
     const __m512 byte = _mm512_set1_ps(256.0f);
-    const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(pt), byte, _mm512_cvtepi32_ps(pm)), byte,
-                                     _mm512_cvtepi32_ps(pl));
+    const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[0]), byte, _mm512_cvtepi32_ps(sum[1])),
+                                     byte, _mm512_cvtepi32_ps(sum[2]));
     return _mm512_mul_ps(v, unit);
   }
 };
@@ -800,7 +802,7 @@ void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
     }
     if constexpr (SPANS) {
       for (int64_t b = g0 / per; b < std::min(xp.blocks, (g0 + count + per - 1) / per); ++b) {
-        const VnniStep<R> step(xp, b, w.row_bytes);
+        const VnniStep step(xp, b, w.row_bytes);
         const __m512i lane = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int32_t>(b * per - g0)));
         for (int r = 0; r < R; ++r)
           total[r] = _mm512_fmadd_ps(step.row(w.q + (n + r) * w.row_bytes + 64 * b),
@@ -811,7 +813,7 @@ void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
         __m512 part[R];
         for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
         for (int64_t b = g * xp.steps; b < std::min(xp.blocks, (g + 1) * xp.steps); ++b) {
-          const VnniStep<R> step(xp, b, w.row_bytes);
+          const VnniStep step(xp, b, w.row_bytes);
           for (int r = 0; r < R; ++r)
             part[r] = _mm512_add_ps(step.row(w.q + (n + r) * w.row_bytes + 64 * b), part[r]);
         }
