@@ -3,7 +3,9 @@
 For each weight format (every integer width and group size the presets and the planner use, NF4,
 FP4, and GPTQ act-order's scattered groups, a g_idx, at 3, 4 and 8 bits) and each of the default model's two linear shapes (1536 × 576 and 576 × 1536), the decode
 kernel (`cpu-int-gemv`) is timed at M = 1 and 4 tokens beside float32 ``F.linear`` and the
-reference kernel (dequantise + ``F.linear``). Each figure is the best of ``--repeats`` passes over
+reference kernel (dequantise + ``F.linear``); at M = 1 also on the float path
+(``LOWBIT_CPU_FLOAT_GEMV=1``), which the integer path for 4-bit codes replaces where the CPU has AVX-512 VNNI
+(other formats take the float path either way). Each figure is the best of ``--repeats`` passes over
 60 distinct weights of the shape (so they come from DRAM, as a model's layers do), per layer.
 The kernel's output is checked against the reference's on every weight before timing.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 
@@ -100,23 +103,36 @@ def main() -> None:
                 kernel = best_per_layer(lambda i, m=m: INT_GEMV.run(xs[m], prepared[i], weights[i], None, None),
                                         args.repeats)
                 reference = best_per_layer(lambda i, m=m: quantized_linear(xs[m], weights[i]), args.reference_repeats)
+                float_path = None
+                if m == 1:
+                    os.environ["LOWBIT_CPU_FLOAT_GEMV"] = "1"
+                    try:
+                        float_path = best_per_layer(lambda i: INT_GEMV.run(xs[1], prepared[i], weights[i], None, None),
+                                                    args.repeats)
+                    finally:
+                        del os.environ["LOWBIT_CPU_FLOAT_GEMV"]
                 rows.append({"shape": [out_f, in_f], "format": name, "tokens": m,
                              "bits_per_weight": weights[0].bits_per_weight, "kernel_us": kernel,
-                             "reference_us": reference, "fp32_us": fp[m]})
+                             "float_path_us": float_path, "reference_us": reference, "fp32_us": fp[m]})
                 print(f"{out_f}×{in_f} {name:32s} M={m}: kernel {kernel:7.1f} µs, reference {reference:8.1f} µs, "
-                      f"FP32 F.linear {fp[m]:6.1f} µs", flush=True)
+                      f"FP32 F.linear {fp[m]:6.1f} µs" + (f", float path {float_path:7.1f} µs" if float_path else ""),
+                      flush=True)
     env = stamp.finish()
     lines = ["# CPU decode kernels per layer (the default model's linear shapes)", "",
              f"Measured {env['date']} on {env['machine']} ({env['load']}). µs per layer, best of {args.repeats} passes over {LAYERS} "
              "distinct weights (the reference kernel: best of "
-             f"{args.reference_repeats}); every kernel output checked against the reference's first.", "",
+             f"{args.reference_repeats}); every kernel output checked against the reference's first. The last column "
+             "times M = 1 again with LOWBIT_CPU_FLOAT_GEMV=1: only 4-bit affine codes (not act-order) have another path "
+             "(integers, with AVX-512 VNNI); for the rest both columns run the same code, and differ by this machine's "
+             "noise.", "",
              "| shape (out × in) | weights | bits/weight | M | kernel µs | × FP32 F.linear | reference µs | "
-             "kernel × reference |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "kernel × reference | float path µs (M = 1) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        float_path = "–" if r["float_path_us"] is None else f"{r['float_path_us']:.1f}"
         lines.append(f"| {r['shape'][0]} × {r['shape'][1]} | {r['format']} | {r['bits_per_weight']:.3f} | "
                      f"{r['tokens']} | {r['kernel_us']:.1f} | {r['fp32_us'] / r['kernel_us']:.2f} | "
-                     f"{r['reference_us']:.0f} | {r['reference_us'] / r['kernel_us']:.0f} |")
+                     f"{r['reference_us']:.0f} | {r['reference_us'] / r['kernel_us']:.0f} | {float_path} |")
     write("cpu_kernels", env, rows, lines)
 
 
