@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from _cpu_results import Stamp, write
 
 from lowbit.kernels import quantized_linear
-from lowbit.kernels.cpu import INT_GEMV
+from lowbit.kernels.cpu import INT_GEMV, build_features
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight, quantize_weight
 
@@ -123,8 +123,8 @@ def main() -> None:
              "distinct weights (the reference kernel: best of "
              f"{args.reference_repeats}); every kernel output checked against the reference's first. The last column "
              "times M = 1 again with LOWBIT_CPU_FLOAT_GEMV=1: only 4-bit affine codes (not act-order) have another path "
-             "(integers, with AVX-512 VNNI); for the rest both columns run the same code, and differ by this machine's "
-             "noise.", "",
+             f"(integers, with AVX-512 VNNI: {'in' if 'vnni' in build_features() else 'not in'} this build); for the "
+             "rest both columns run the same code, and differ by this machine's noise.", "",
              "| shape (out × in) | weights | bits/weight | M | kernel µs | × FP32 F.linear | reference µs | "
              "kernel × reference | float path µs (M = 1) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

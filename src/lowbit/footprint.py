@@ -103,6 +103,9 @@ def _get(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
     raise LowbitError(f"the model config has none of the fields {', '.join(keys)}.")
 
 
+EMBEDDING = "model.embed_tokens.weight"  # the input embedding in `config_tensors`
+
+
 def config_tensors(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every weight of a LLaMA-style decoder (dense or mixture of experts)."""
     if "text_config" in config:  # multimodal wrappers keep the language model here
@@ -117,7 +120,7 @@ def config_tensors(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
     moe_inter = int(config.get("moe_intermediate_size") or inter)
 
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
+    out: list[tuple[str, tuple[int, ...]]] = [(EMBEDDING, (vocab, h))]
     for i in range(layers):
         p = f"model.layers.{i}"
         out += [
@@ -150,7 +153,7 @@ def config_footprint(config: dict[str, Any], scheme: Scheme | None, float_bytes:
     head = scheme.lm_head if scheme is not None else None
     tensors = config_tensors(config)
     if head is not None and all(name != "lm_head" for name, _ in tensors):
-        tensors.append(("lm_head", dict(tensors)["model.embed_tokens.weight"]))  # tied: the embedding's shape
+        tensors.append(("lm_head", dict(tensors)[EMBEDDING]))  # tied: the embedding's shape
     q_bytes = q_params = f_params = 0
     for name, shape in tensors:
         linear = len(shape) == 2 and not name.endswith(".weight")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from lowbit.kernels import dispatch, quantized_linear
 from lowbit.kernels import cpu as cpu_kernels
-from lowbit.kernels.cpu import DEQUANT_GEMM, INT_GEMV, _operands, block_rows, extension, gemv_max_m
+from lowbit.kernels.cpu import DEQUANT_GEMM, INT_GEMV, _operands, block_rows, build_features, extension, gemv_max_m
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight, quantize_weight
@@ -82,23 +82,24 @@ def zero_point_allowance(x, weight):
     return 2.0**-20 * x.double().abs() @ scales.T
 
 
-def block_float_allowance(x, weight):
+def block_float_allowance(x, w):
     """x rounded to block floating point on the integer path: each value within 2^-22 of its 128-column
-    block's largest magnitude, so 2^-22 sum_k |w_k| max_b(k)."""
+    block's largest magnitude, so 2^-22 sum_k |w_k| max_b(k) (w: the float64 weight)."""
     K = x.shape[-1]
     blocks = torch.nn.functional.pad(x.double().abs(), (0, (-K) % 128)).reshape(*x.shape[:-1], -1, 128)
     block_max = blocks.amax(-1).repeat_interleave(128, -1)[..., :K]
-    return 2.0**-22 * block_max @ weight.dequantize().double().abs().T
+    return 2.0**-22 * block_max @ w.abs().T
 
 
 def check_one_token_integer_path(weight, x):
     """M = 1 on the 4-bit path in integers (where the build has AVX-512 VNNI) against float64: within float32's
     error on sum |x w| plus the two allowances above; and with LOWBIT_CPU_FLOAT_GEMV=1 on the float path, within
     float32's error plus `zero_point_allowance` alone."""
-    exact = x.double() @ weight.dequantize().double().T
-    floats = 1e-5 * (x.double().abs() @ weight.dequantize().double().abs().T) + zero_point_allowance(x, weight)
+    w = weight.dequantize().double()
+    exact = x.double() @ w.T
+    floats = 1e-5 * (x.double().abs() @ w.abs().T) + zero_point_allowance(x, weight)
     ys = {}
-    for path, allowed in (("integers", floats + block_float_allowance(x, weight)), ("float", floats)):
+    for path, allowed in (("integers", floats + block_float_allowance(x, w)), ("float", floats)):
         if path == "float":
             os.environ["LOWBIT_CPU_FLOAT_GEMV"] = "1"
         try:
@@ -108,6 +109,14 @@ def check_one_token_integer_path(weight, x):
         err = (ys[path].double() - exact).abs()
         assert (err <= allowed + 1e-30).all(), f"{path}: worst error {(err / (allowed + 1e-30)).max().item():.3g}"
     return ys
+
+
+def test_the_build_names_the_instruction_sets_it_was_compiled_for():
+    features = build_features()
+    assert features <= set(cpu_kernels.BUILD_FEATURES) and features
+    if platform.machine() == "x86_64" and "LOWBIT_CPU_MARCH" not in os.environ and os.path.exists("/proc/cpuinfo"):
+        flags = set(open("/proc/cpuinfo").read().split())  # -march=native: what this CPU has
+        assert ("vnni" in features) == ("avx512_vnni" in flags) and ("vbmi" in features) == ("avx512vbmi" in flags)
 
 
 @settings(max_examples=150, deadline=None)
@@ -135,7 +144,8 @@ def test_one_token_integer_path_on_blocks_of_zeros_outliers_and_extreme_magnitud
         x[0, 130] = 3e4  # a massive activation among ordinary ones
         x[0, K - 1] = 1e-40  # a subnormal beside them: its block keeps ordinary values
         ys = check_one_token_integer_path(weight, x)
-        assert not torch.equal(ys["integers"], ys["float"])  # two paths, not one run twice
+        # two paths where the build has the integer one, not one run twice; one path, the same answer, elsewhere
+        assert torch.equal(ys["integers"], ys["float"]) == ("vnni" not in build_features())
         for scale in (1e-42, 1e-30, 1e30):  # blocks of subnormals, tiny and huge values: no overflow, no NaN
             check_one_token_integer_path(weight, torch.randn(1, K, generator=gen) * scale)
 

@@ -151,6 +151,18 @@ _define("dequant_linear_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? ze
         "Tensor? g_idx=None, Tensor? bias=None, *, int block_rows) -> Tensor",
         lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None, scale_scale=None,
         scale_offset=None, g_idx=None, bias=None, *, block_rows: x.new_empty((*x.shape[:-1], out_features)))
+# what the build was compiled with, 0/1 each: AVX-512, VBMI, VNNI (the anchor only routes the call to the CPU kernel)
+_define("build_features_cpu", "(Tensor anchor) -> int[]", lambda anchor: [0, 0, 0])
+BUILD_FEATURES = ("avx512", "vbmi", "vnni")
+
+
+def build_features() -> frozenset[str]:
+    """The instruction sets the C++ kernels were built for (``vnni``: the one-token 4-bit path in integers is
+    there); empty where they could not be built."""
+    if extension() is not None:
+        return frozenset()
+    flags = torch.ops.lowbit.build_features_cpu(torch.empty(0))
+    return frozenset(name for name, on in zip(BUILD_FEATURES, flags, strict=True) if on)
 _INT_GEMV_OP = torch.ops.lowbit.int_gemv_cpu.default
 _DEQUANT_LINEAR_OP = torch.ops.lowbit.dequant_linear_cpu.default
 

@@ -268,6 +268,11 @@ void rows_portable_scattered(const Packed<S>& w, const float* x, int64_t M, floa
 #ifdef LOWBIT_AVX512
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
 
+// lane j holds j >> shift: the group of word j in a 16-word step whose groups are 2^shift words each
+inline __m512i lane_groups(int shift) {
+  return _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), shift);
+}
+
 // The hardware prefetchers stop at 4 KiB pages and the weights stream from DRAM once per
 // token: ask for the bytes this far ahead (a cache line per 64 bytes read); on this
 // project's 2-core machine this doubled the GEMV's speed at M = 1.
@@ -499,8 +504,7 @@ void block_word_spans(const Packed<S>& w, const Words& xw, int64_t m0, float* y,
   WordSums<R, T> total;
   const __m512i field = _mm512_set1_epi32((1 << BITS) - 1);
   const int64_t words = w.K / 8, shift = __builtin_ctzll(w.group / 8);  // log2 of words per group
-  const __m512i lane_group =
-      _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), shift);
+  const __m512i lane_group = lane_groups(static_cast<int>(shift));
   for (int64_t d = 0; d < words; d += 16) {
     const __mmask16 k = tail_mask(words - d);
     __m512i v[R];
@@ -706,6 +710,7 @@ struct Planes {
     sums.assign(((K + group - 1) / group + 15) / 16 * 16, 0.0f);
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const int64_t span = std::min(group, K);  // a group's columns (32 or more)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t k0 = b * kCols, cols = std::min(K - k0, kCols);
       __m512 v[8];
@@ -726,13 +731,12 @@ struct Planes {
       std::frexp(most, &exponent);  // most < 2^exponent
       const int e = std::min(22 - exponent, 126);  // tiny blocks: multiples of 2^−126 (2^±126 are floats)
       const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, e));  // a power of two: x 2^e is exact
-      const float unit = std::ldexp(1.0f, -e);
-      const int64_t span = std::min(group, K);  // the group's columns (groups are 32 columns or more)
+      unit[b] = std::ldexp(1.0f, -e);
       uint8_t* p = bytes.data() + b * 6 * 64;
       for (int i = 0; i < 8; i += 2) {  // 32 columns a pass, 16 bytes of each digit's two runs
         const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], up));
         const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(v[i + 1], up));
-        sums[(k0 + 16 * i) / span] += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(a, c))) * unit;
+        sums[(k0 + 16 * i) / span] += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(a, c))) * unit[b];
         const __m512i runs[2] = {_mm512_permutex2var_epi32(a, even, c), _mm512_permutex2var_epi32(a, odd, c)};
         for (int h = 0; h < 2; ++h) {  // run h: columns 16 i + 2 j + h, j = 0 .. 15
           const __m512i l = _mm512_srai_epi32(_mm512_slli_epi32(runs[h], 24), 24);  // low byte, signed
@@ -744,7 +748,6 @@ struct Planes {
             _mm_storeu_si128(reinterpret_cast<__m128i*>(p + (2 * q + h) * 64 + 8 * i), _mm512_cvtepi32_epi8(digits[q]));
         }
       }
-      this->unit[b] = unit;
     }
   }
   const uint8_t* at(int64_t b) const { return bytes.data() + b * 6 * 64; }
@@ -760,13 +763,16 @@ struct VnniStep {
   __m512i xv[6];
   __mmask64 k;
   __m512 unit;
-  VnniStep(const Planes& xp, int64_t b, int64_t row_bytes) {
+  int64_t offset;  // the block's first byte in a row
+  VnniStep(const Planes& xp, int64_t b, int64_t row_bytes) : offset(64 * b) {
     for (int i = 0; i < 6; ++i) xv[i] = _mm512_loadu_si512(xp.at(b) + 64 * i);
-    const int64_t left = row_bytes - 64 * b;
+    const int64_t left = row_bytes - offset;
     k = left >= 64 ? ~0ull : (1ull << left) - 1;
     unit = _mm512_set1_ps(xp.unit[b]);
   }
-  __m512 row(const uint8_t* p) const {
+  // the block's sums for the row starting at `row`
+  __m512 row(const uint8_t* row) const {
+    const uint8_t* p = row + offset;
     prefetch(p);
     const __m512i nibble = _mm512_set1_epi8(0x0F), packed = _mm512_maskz_loadu_epi8(k, p);
     const __m512i codes[2] = {_mm512_and_si512(packed, nibble),
@@ -790,8 +796,7 @@ void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
   __m512 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   const int64_t per = SPANS ? Planes::kCols / w.group : 1;  // groups per block
-  const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               SPANS ? __builtin_ctzll(w.group / 8) : 0);
+  const __m512i lane_group = lane_groups(SPANS ? __builtin_ctzll(w.group / 8) : 0);
   for (int64_t g0 = 0; g0 < w.G; g0 += 16) {  // 16 groups' scales and zero points a vector per row
     const int64_t count = std::min<int64_t>(16, w.G - g0);
     __m512 scales[R];
@@ -805,7 +810,7 @@ void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
         const VnniStep step(xp, b, w.row_bytes);
         const __m512i lane = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int32_t>(b * per - g0)));
         for (int r = 0; r < R; ++r)
-          total[r] = _mm512_fmadd_ps(step.row(w.q + (n + r) * w.row_bytes + 64 * b),
+          total[r] = _mm512_fmadd_ps(step.row(w.q + (n + r) * w.row_bytes),
                                      _mm512_permutexvar_ps(lane, scales[r]), total[r]);
       }
     } else {
@@ -815,7 +820,7 @@ void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
         for (int64_t b = g * xp.steps; b < std::min(xp.blocks, (g + 1) * xp.steps); ++b) {
           const VnniStep step(xp, b, w.row_bytes);
           for (int r = 0; r < R; ++r)
-            part[r] = _mm512_add_ps(step.row(w.q + (n + r) * w.row_bytes + 64 * b), part[r]);
+            part[r] = _mm512_add_ps(step.row(w.q + (n + r) * w.row_bytes), part[r]);
         }
         const __m512i lane = _mm512_set1_epi32(static_cast<int32_t>(g - g0));
         for (int r = 0; r < R; ++r)
@@ -1178,6 +1183,21 @@ Weight check_weight(const at::Tensor& qdata, const at::Tensor& scale, const std:
   return w;
 }
 
+// What this build was compiled with, as 0/1: AVX-512 (F, BW, VL), VBMI, VNNI (the integer decode path).
+std::vector<int64_t> build_features_cpu(const at::Tensor&) {
+  bool avx512 = false, vbmi = false, vnni = false;
+#ifdef LOWBIT_AVX512
+  avx512 = true;
+#endif
+#ifdef LOWBIT_VBMI
+  vbmi = true;
+#endif
+#ifdef LOWBIT_VNNI
+  vnni = true;
+#endif
+  return {avx512, vbmi, vnni};
+}
+
 // LOWBIT_CPU_FLOAT_GEMV=1: the decode GEMV in float32 arithmetic throughout, never `block_vnni`'s integers
 bool integer_dot() {
   const char* v = std::getenv("LOWBIT_CPU_FLOAT_GEMV");
@@ -1337,4 +1357,5 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("int_gemv_cpu", &int_gemv_cpu);
   m.impl("dequant_cpu", &dequant_cpu);
   m.impl("dequant_linear_cpu", &dequant_linear_cpu);
+  m.impl("build_features_cpu", &build_features_cpu);
 }
