@@ -48,7 +48,7 @@ from lowbit.io import (
 from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE
 from lowbit.models import (load_pretrained, load_pretrained_tokenizer, output_embedding_name, select_linears,
                            set_submodule)
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantLinear, use_float_gemv
 from lowbit.planner import BitPlan
 from lowbit.scheme import QuantSpec, Scheme, get_scheme
 from lowbit.sequential import quantize_layerwise
@@ -150,6 +150,7 @@ def quantize(model: nn.Module, scheme: Scheme | BitPlan | str, method: Any = Non
             set_submodule(target, name, QuantLinear(qweight, linear.bias, scheme.activations))
     if head is not None:
         quantize_output_projection(target, head, scheme.lm_head)  # type: ignore[arg-type]
+    use_float_gemv(target)  # the layers left in float (the tied head above all): lowbit's GEMV when decoding on CPU
     seconds = time.perf_counter() - start
     if plan is not None:
         details["bit_plan"] = plan.to_dict(scheme=False)  # the scheme is the info's own: kept once, beside it
@@ -300,7 +301,7 @@ def load(path: PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     loaders = {"native": load_native, "compressed-tensors": load_compressed_tensors, "gptq": load_gptq}
     if fmt in loaders:
         try:
-            return loaders[fmt](path, dtype=dtype)
+            model = loaders[fmt](path, dtype=dtype)
         except LowbitError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
@@ -308,6 +309,8 @@ def load(path: PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
             # still the file's fault, and still one sentence.
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise LowbitError(f"'{path}' is not a valid {fmt} checkpoint ({type(err).__name__}: {first}).") from err
+        use_float_gemv(model)  # as `quantize` leaves it
+        return model
     if Path(path).suffix.lower() == ".gguf" and Path(path).is_file():  # llama.cpp's format: read as a float model
         return load_model(path, dtype=dtype)
     raise LowbitError(f"'{path}' is not a quantised checkpoint lowbit reads (no lowbit.json, no gptq "

@@ -631,14 +631,16 @@ def size(model: str, scheme_name: str, group_size: int | None, per_channel: bool
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 def generate(model: str, prompt: str, max_new_tokens: int) -> None:
-    """Greedy continuation of PROMPT by MODEL (any model lowbit can load)."""
+    """Greedy continuation of PROMPT by MODEL (any model lowbit can load), on lowbit's kernels."""
     import torch
 
     from lowbit.api import load_model, load_tokenizer
+    from lowbit.nn import use_float_gemv
 
     if max_new_tokens <= 0:
         raise LowbitError(f"--max-new-tokens must be positive, got {max_new_tokens}.")
     lm, tokenizer = load_model(model), load_tokenizer(model)
+    use_float_gemv(lm)  # float layers (all of a float model's) on lowbit's GEMV on CPU, as quantize leaves them
     ids = tokenizer(prompt, return_tensors="pt")
     start = time.perf_counter()
     with torch.inference_mode():

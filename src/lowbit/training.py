@@ -38,7 +38,8 @@ from lowbit.algorithms.qat import QAT, distillation_loss, lr_factor, next_token_
 from lowbit.errors import LowbitError
 from lowbit.memory import peak_rss_bytes
 from lowbit.models import select_linears, set_submodule
-from lowbit.nn import FakeQuantLinear, LoRALinear, fake_quant_modules, lora_modules, quantized_modules
+from lowbit.nn import (FakeQuantLinear, LoRALinear, fake_quant_modules, lora_modules, quantized_modules,
+                       use_float_gemv)
 from lowbit.scheme import NF4, Scheme, get_scheme
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def convert(model: nn.Module, inplace: bool = False, merge: bool = True) -> nn.M
     if merge:
         for name, module in lora_modules(target).items():
             set_submodule(target, name, module.merged())
+    use_float_gemv(target)  # as `lowbit.quantize` leaves a model
     meta = getattr(target, "lowbit_qat", None) or {}
     scheme_dict = meta.get("scheme")
     if scheme_dict is None:

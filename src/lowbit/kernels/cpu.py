@@ -26,6 +26,10 @@ memory is its packed size:
   NF4 came out equal to the reference's all the same).
 - ``lowbit::dequant_cpu``: the float weight (N, K) of a layer in one pass, equal to the
   reference's ``dequantize()``.
+- ``lowbit::float_gemv_cpu``: ``x @ W.T`` for a float32, bfloat16 or float16 weight and a few tokens, float32
+  sums: the layers a quantised model keeps in float (`lowbit.nn.FloatLinear`, the tied head above all), which
+  torch's own GEMV read at a fraction of the memory bandwidth on this project's machine
+  (bench/results/cpu_float_gemv.md).
 
 Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) are read in column
 order, each column's scale fetched from its group: the ops take the ``g_idx`` as it is stored,
@@ -151,6 +155,9 @@ _define("dequant_linear_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? ze
         "Tensor? g_idx=None, Tensor? bias=None, *, int block_rows) -> Tensor",
         lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None, scale_scale=None,
         scale_offset=None, g_idx=None, bias=None, *, block_rows: x.new_empty((*x.shape[:-1], out_features)))
+# x (..., K) @ weight.T (+ bias) for a float32 / bfloat16 / float16 weight (N, K): a few tokens' GEMV, float32 sums
+_define("float_gemv_cpu", "(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor",
+        lambda x, weight, bias=None: x.new_empty((*x.shape[:-1], weight.shape[0])))
 # what the build was compiled with, 0/1 each: AVX-512, VBMI, VNNI (the anchor only routes the call to the CPU kernel)
 _define("build_features_cpu", "(Tensor anchor) -> int[]", lambda anchor: [0, 0, 0])
 BUILD_FEATURES = ("avx512", "vbmi", "vnni")
@@ -165,6 +172,7 @@ def build_features() -> frozenset[str]:
     return frozenset(name for name, on in zip(BUILD_FEATURES, flags, strict=True) if on)
 _INT_GEMV_OP = torch.ops.lowbit.int_gemv_cpu.default
 _DEQUANT_LINEAR_OP = torch.ops.lowbit.dequant_linear_cpu.default
+FLOAT_GEMV_OP = torch.ops.lowbit.float_gemv_cpu.default
 
 
 def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: torch.device) -> str | None:

@@ -73,7 +73,8 @@ def registry_state() -> tuple[int, int, int]:
 
 @contextlib.contextmanager
 def reference_only() -> Iterator[None]:
-    """Within the block, every quantised linear runs on the reference kernel, as asked: no fallback warning."""
+    """Within the block, every quantised linear runs on the reference kernel, as asked (no fallback warning), and
+    every float one (`lowbit.nn.FloatLinear`) on ``F.linear``: the model computes what plain torch would."""
     global _KERNELS, _generation, _asked_for_reference
     saved, asked = _KERNELS, _asked_for_reference
     _KERNELS, _generation, _asked_for_reference = [], _generation + 1, True
@@ -81,6 +82,11 @@ def reference_only() -> Iterator[None]:
         yield
     finally:
         _KERNELS, _generation, _asked_for_reference = saved, _generation + 1, asked
+
+
+def kernels_enabled() -> bool:
+    """False within `reference_only`: no kernel but torch's own runs."""
+    return not _asked_for_reference
 
 
 def kernels() -> list[Kernel]:

@@ -40,6 +40,9 @@
 // dequantising its own into a workspace it keeps and multiplying it while it is in cache (for
 // one block, the whole weight: the reference's own call).
 //
+// float_gemv_cpu is the same few-token GEMV for a weight kept in float32, bfloat16 or float16
+// (a quantised model's tied output projection): R rows by T tokens per pass, float32 sums.
+//
 // Rows are split between threads with at::parallel_for.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -70,6 +73,12 @@
 #define LOWBIT_VNNI 1  // byte dot products: the 4-bit decode GEMV in integers (`block_vnni`)
 #endif
 #endif
+
+// Before a loop over an array of vector registers (rows R, tokens T, lanes PER: compile-time counts). GCC keeps
+// such an array in registers only if the loops that index it are unrolled before it decides, and without this it
+// kept the accumulators of the R × T kernels on the stack, a store per multiply-add (seen in the assembly,
+// 2026-11-28); the arithmetic is the same either way.
+#define LOWBIT_UNROLL _Pragma("GCC unroll 16")
 
 namespace lowbit {
 
@@ -289,15 +298,15 @@ template <int R, int T, int BITS, typename S>
 void block_lut(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_t N, int64_t n) {
   constexpr int PER = 8 / BITS;
   __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(iota, _mm512_set1_epi32((1 << BITS) - 1)));
   const __m512 levels = w.levels ? _mm512_loadu_ps(w.levels) : codes;  // 16 levels: 4-bit lookup formats only
   for (int64_t g = 0; g < w.G; ++g) {
     const int64_t b0 = w.first_byte(g), b1 = w.end_byte(g);
     __m512 lut[R];
-    for (int r = 0; r < R; ++r) {
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 v = w.levels ? levels
                                 : _mm512_sub_ps(codes, _mm512_set1_ps(static_cast<float>(w.zero_code(n + r, g))));
       lut[r] = _mm512_mul_ps(v, _mm512_set1_ps(scale_at(w, n + r, g)));
@@ -305,56 +314,56 @@ void block_lut(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_
     for (int64_t b = b0; b < b1; b += 16) {
       const __mmask16 k = tail_mask(b1 - b);
       __m512 xv[T][PER];
-      for (int t = 0; t < T; ++t)
-        for (int l = 0; l < PER; ++l) xv[t][l] = _mm512_maskz_loadu_ps(k, xl.at(m0 + t, l) + b);
-      for (int r = 0; r < R; ++r) {
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t)
+        LOWBIT_UNROLL for (int l = 0; l < PER; ++l) xv[t][l] = _mm512_maskz_loadu_ps(k, xl.at(m0 + t, l) + b);
+      LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
         const uint8_t* p = w.q + (n + r) * w.row_bytes + b;
         if (((b - b0) & 63) == 0) prefetch(p);
         const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p));
-        for (int l = 0; l < PER; ++l) {
+        LOWBIT_UNROLL for (int l = 0; l < PER; ++l) {
           const __m512 wv = _mm512_permutexvar_ps(l ? _mm512_srli_epi32(c, l * BITS) : c, lut[r]);
-          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t][l], acc[r][t]);
+          LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t][l], acc[r][t]);
         }
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
 // 8 bits: (c - z) widened to float per code, summed against x per group, then scaled.
 template <int R, int T, typename S>
 void block_int8(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_t N, int64_t n) {
   __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < w.G; ++g) {
     const int64_t b0 = w.first_byte(g), b1 = w.end_byte(g);
     __m512i z[R];
     __m512 part[R][T];
-    for (int r = 0; r < R; ++r) {
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       z[r] = _mm512_set1_epi32(w.zero_code(n + r, g));
-      for (int t = 0; t < T; ++t) part[r][t] = _mm512_setzero_ps();
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm512_setzero_ps();
     }
     for (int64_t b = b0; b < b1; b += 16) {
       const __mmask16 k = tail_mask(b1 - b);
       __m512 xv[T];
-      for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(k, xl.at(m0 + t, 0) + b);
-      for (int r = 0; r < R; ++r) {
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(k, xl.at(m0 + t, 0) + b);
+      LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
         const uint8_t* p = w.q + (n + r) * w.row_bytes + b;
         if (((b - b0) & 63) == 0) prefetch(p);
         const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p));
         const __m512 wv = _mm512_cvtepi32_ps(_mm512_sub_epi32(c, z[r]));
-        for (int t = 0; t < T; ++t) part[r][t] = _mm512_fmadd_ps(wv, xv[t], part[r][t]);
+        LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm512_fmadd_ps(wv, xv[t], part[r][t]);
       }
     }
-    for (int r = 0; r < R; ++r) {
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 s = _mm512_set1_ps(scale_at(w, n + r, g));
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(part[r][t], s, acc[r][t]);
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(part[r][t], s, acc[r][t]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
 // 16 words of 8 codes each from a row's `words` (d .. d + left - 1, left <= 16), word j in 32-bit
@@ -382,12 +391,12 @@ inline __m512i load_words(const uint8_t* row, int64_t d, int64_t left) {
 #define LOWBIT_WORD_LANE(Q)                                                                         \
   {                                                                                                \
     __m512 xv[T];                                                                                  \
-    for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(k, xw.at(m0 + t, Q) + d);           \
-    for (int r = 0; r < R; ++r) {                                                                  \
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(k, xw.at(m0 + t, Q) + d); \
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {                                                     \
       __m512i c = (Q) ? _mm512_srli_epi32(v[r], BITS * (Q)) : v[r];                                \
       if ((Q) < 7) c = _mm512_and_si512(c, field);                                                 \
       const __m512 wv = _mm512_cvtepi32_ps(c);                                                     \
-      for (int t = 0; t < T; ++t) part[r][t] = _mm512_fmadd_ps(wv, xv[t], part[r][t]);             \
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm512_fmadd_ps(wv, xv[t], part[r][t]); \
     }                                                                                              \
   }
 #define LOWBIT_WORD_LANES                                                                           \
@@ -401,12 +410,12 @@ struct WordSums {
   __m512 acc[R][T];
   float corr[R][T];
   WordSums() {
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0f;
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0f;
   }
   void store(float* y, int64_t m0, int64_t N, int64_t n) const {
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) - corr[r][t];
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) - corr[r][t];
   }
 };
 
@@ -427,22 +436,22 @@ void block_words(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int6
   for (int64_t g = 0; g < w.G; ++g) {
     const int64_t d0 = g * w.group / 8, d1 = std::min(w.K, (g + 1) * w.group) / 8;
     __m512 part[R][T];
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) part[r][t] = _mm512_setzero_ps();
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm512_setzero_ps();
     for (int64_t d = d0; d < d1; d += 16) {
       const __mmask16 k = tail_mask(d1 - d);
       __m512i v[R];
-      for (int r = 0; r < R; ++r) {
+      LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
         const uint8_t* row = w.q + (n + r) * w.row_bytes;
         prefetch(row + BITS * d);
         v[r] = load_words<BITS>(row, d, d1 - d);
       }
       LOWBIT_WORD_LANES
     }
-    for (int r = 0; r < R; ++r) {
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       const float s = scale_at(w, n + r, g), sz = s * static_cast<float>(w.zero_code(n + r, g));
       const __m512 sv = _mm512_set1_ps(s);
-      for (int t = 0; t < T; ++t) {
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) {
         total.acc[r][t] = _mm512_fmadd_ps(part[r][t], sv, total.acc[r][t]);
         total.corr[r][t] += sz * xw.group_sum(m0 + t, g);
       }
@@ -509,20 +518,20 @@ void block_word_spans(const Packed<S>& w, const Words& xw, int64_t m0, float* y,
     const __mmask16 k = tail_mask(words - d);
     __m512i v[R];
     __m512 part[R][T];
-    for (int r = 0; r < R; ++r) {
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       const uint8_t* row = w.q + (n + r) * w.row_bytes;
       prefetch(row + BITS * d);
       v[r] = load_words<BITS>(row, d, words - d);
-      for (int t = 0; t < T; ++t) part[r][t] = _mm512_setzero_ps();
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm512_setzero_ps();
     }
     LOWBIT_WORD_LANES
     const int64_t g0 = d >> shift, groups = std::min<int64_t>(16 >> shift, w.G - g0);
     __m512 xsum[T];
-    for (int t = 0; t < T; ++t) xsum[t] = _mm512_maskz_loadu_ps(k, xw.word_sum(m0 + t) + d);
-    for (int r = 0; r < R; ++r) {
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) xsum[t] = _mm512_maskz_loadu_ps(k, xw.word_sum(m0 + t) + d);
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 sv = _mm512_permutexvar_ps(lane_group, load_scales(w, n + r, g0, groups));
       const __m512 zv = _mm512_permutexvar_ps(lane_group, load_zeros<BITS>(w, n + r, g0, groups));
-      for (int t = 0; t < T; ++t)
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t)
         total.acc[r][t] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zv, xsum[t], part[r][t]), sv, total.acc[r][t]);
     }
   }
@@ -611,13 +620,13 @@ void rows16_scattered(const Packed<S>& w, const float* xm, int64_t m0, float* y,
     }
   constexpr int A = T >= 4 ? 1 : 4 / T;  // sums per token: at least 4 chains of multiply-adds in flight
   __m512 acc[T][A];
-  for (int t = 0; t < T; ++t)
-    for (int a = 0; a < A; ++a) acc[t][a] = _mm512_setzero_ps();
+  LOWBIT_UNROLL for (int t = 0; t < T; ++t)
+    LOWBIT_UNROLL for (int a = 0; a < A; ++a) acc[t][a] = _mm512_setzero_ps();
   const __m512 levels = LUT ? _mm512_loadu_ps(w.levels) : _mm512_setzero_ps();
   const __m512i field = _mm512_set1_epi32((1 << BITS) - 1);
   const int64_t words = BITS == 3 ? w.K / 8 : (w.row_bytes + 3) / 4;
   const float* x[T];
-  for (int t = 0; t < T; ++t) x[t] = xm + (m0 + t) * w.K;
+  LOWBIT_UNROLL for (int t = 0; t < T; ++t) x[t] = xm + (m0 + t) * w.K;
   for (int64_t d = 0; d < words; d += 16) {
     __m512i v[16];
     for (int r = 0; r < 16; ++r) {
@@ -648,7 +657,7 @@ void rows16_scattered(const Packed<S>& w, const float* xm, int64_t m0, float* y,
         const float* sz = table + w.g_idx[k0 + q] * 32;
         const __m512 wv = LUT ? _mm512_mul_ps(_mm512_permutexvar_ps(c, levels), _mm512_loadu_ps(sz))
                               : _mm512_fmsub_ps(_mm512_cvtepi32_ps(c), _mm512_loadu_ps(sz), _mm512_loadu_ps(sz + 16));
-        for (int t = 0; t < T; ++t)
+        LOWBIT_UNROLL for (int t = 0; t < T; ++t)
           acc[t][q % A] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t][k0 + q]), acc[t][q % A]);
       };
       [&]<int... Q>(std::integer_sequence<int, Q...>) {
@@ -656,7 +665,7 @@ void rows16_scattered(const Packed<S>& w, const float* xm, int64_t m0, float* y,
       }(std::make_integer_sequence<int, CPW>{});
     }
   }
-  for (int t = 0; t < T; ++t) {
+  LOWBIT_UNROLL for (int t = 0; t < T; ++t) {
     for (int a = 1; a < A; ++a) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][a]);
     _mm512_mask_storeu_ps(y + (m0 + t) * N + n, tail_mask(rows), acc[t][0]);
   }
@@ -794,14 +803,14 @@ struct VnniStep {
 template <int R, bool SPANS, typename S>
 void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
   __m512 total[R];
-  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   const int64_t per = SPANS ? Planes::kCols / w.group : 1;  // groups per block
   const __m512i lane_group = lane_groups(SPANS ? __builtin_ctzll(w.group / 8) : 0);
   for (int64_t g0 = 0; g0 < w.G; g0 += 16) {  // 16 groups' scales and zero points a vector per row
     const int64_t count = std::min<int64_t>(16, w.G - g0);
     __m512 scales[R];
     const __m512 xsum = _mm512_loadu_ps(xp.sums.data() + g0);
-    for (int r = 0; r < R; ++r) {
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       scales[r] = load_scales(w, n + r, g0, count);  // s z sum_k x off the total at once (lanes: groups)
       total[r] = _mm512_fnmadd_ps(_mm512_mul_ps(scales[r], load_zeros<4>(w, n + r, g0, count)), xsum, total[r]);
     }
@@ -809,26 +818,26 @@ void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
       for (int64_t b = g0 / per; b < std::min(xp.blocks, (g0 + count + per - 1) / per); ++b) {
         const VnniStep step(xp, b, w.row_bytes);
         const __m512i lane = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int32_t>(b * per - g0)));
-        for (int r = 0; r < R; ++r)
+        LOWBIT_UNROLL for (int r = 0; r < R; ++r)
           total[r] = _mm512_fmadd_ps(step.row(w.q + (n + r) * w.row_bytes),
                                      _mm512_permutexvar_ps(lane, scales[r]), total[r]);
       }
     } else {
       for (int64_t g = g0; g < g0 + count; ++g) {
         __m512 part[R];
-        for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
+        LOWBIT_UNROLL for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
         for (int64_t b = g * xp.steps; b < std::min(xp.blocks, (g + 1) * xp.steps); ++b) {
           const VnniStep step(xp, b, w.row_bytes);
-          for (int r = 0; r < R; ++r)
+          LOWBIT_UNROLL for (int r = 0; r < R; ++r)
             part[r] = _mm512_add_ps(step.row(w.q + (n + r) * w.row_bytes), part[r]);
         }
         const __m512i lane = _mm512_set1_epi32(static_cast<int32_t>(g - g0));
-        for (int r = 0; r < R; ++r)
+        LOWBIT_UNROLL for (int r = 0; r < R; ++r)
           total[r] = _mm512_fmadd_ps(part[r], _mm512_permutexvar_ps(lane, scales[r]), total[r]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(total[r]);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(total[r]);
 }
 
 template <typename S>
@@ -927,8 +936,9 @@ struct RowScales {
   __m512 t[REGS > 0 ? REGS : 1];
   const float* all;
   RowScales(const float* s, int64_t G) : all(s) {
-    for (int r = 0; r < REGS; ++r) t[r] = 16 * r < G ? _mm512_maskz_loadu_ps(tail_mask(G - 16 * r), s + 16 * r)
-                                                     : _mm512_setzero_ps();
+    LOWBIT_UNROLL for (int r = 0; r < REGS; ++r) {
+      t[r] = 16 * r < G ? _mm512_maskz_loadu_ps(tail_mask(G - 16 * r), s + 16 * r) : _mm512_setzero_ps();
+    }
   }
   __m512 at(__m512i g) const {
     if constexpr (REGS == 0) {
@@ -1049,7 +1059,7 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t first, int64_t n0
 #endif
         for (; k + PER <= k1; k += PER) {  // whole bytes (a group starts on one)
           const int byte = qrow[k / PER];
-          for (int l = 0; l < PER; ++l) orow[k + l] = lut[(byte >> (l * BITS)) & MASK];
+          LOWBIT_UNROLL for (int l = 0; l < PER; ++l) orow[k + l] = lut[(byte >> (l * BITS)) & MASK];
         }
         for (; k < k1; ++k) orow[k] = lut[(qrow[k / PER] >> ((k % PER) * BITS)) & MASK];
       }
@@ -1065,6 +1075,80 @@ void dequant_rows(const Packed<S>& w, float* out, int64_t first, int64_t n0, int
     case 4: dequant_rows_bits<4>(w, out, first, n0, n1); break;
     default: dequant_rows_bits<8>(w, out, first, n0, n1);
   }
+}
+
+// ---- Float weights (an output projection or any layer kept in float32, bfloat16 or float16) ----
+//
+// float_gemv_cpu, y[m, n] = sum_k x[m, k] w[n, k] for a few tokens, x float32: R rows by T tokens per pass,
+// each weight vector loaded once and used for T tokens, each x vector for R rows, the sums in float32
+// (16 lanes per row, added across lanes at the end). On this project's 2-core machine torch's own float32
+// GEMV read the default model's 49152 × 576 head at 5–10 GB/s, this loop at about 20, a plain sum of the
+// weight at 25–40 (bench/results/cpu_float_gemv.md).
+
+// 16 weights from p as float32: those whose bit is set in k, zeros for the rest
+#ifdef LOWBIT_AVX512
+inline __m512 weights16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 weights16(const c10::BFloat16* p, __mmask16 k) {
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));  // bfloat16 is float32's top half
+}
+inline __m512 weights16(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+
+template <int R, int T, typename W>
+inline void float_step(const W* row, const float* x, int64_t K, int64_t k, int64_t m0, __mmask16 mask,
+                       __m512 (&acc)[R][T]) {
+  __m512 xv[T];
+  LOWBIT_UNROLL for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(mask, x + (m0 + t) * K + k);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + (R + r) * K + k), _MM_HINT_T0);  // the next rows
+    const __m512 wv = weights16(row + r * K + k, mask);
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+  }
+}
+
+template <int R, int T, typename W>
+inline void float_block(const W* w, const float* x, float* y, int64_t N, int64_t K, int64_t n, int64_t m0) {
+  __m512 acc[R][T];
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const W* row = w + n * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) float_step<R, T>(row, x, K, k, m0, 0xFFFF, acc);
+  if (k < K) float_step<R, T>(row, x, K, k, m0, tail_mask(K - k), acc);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+// R rows at n, all M tokens, four at a time (the rows stay in cache between the token passes)
+template <int R, typename W>
+inline void float_rows(const W* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) float_block<R, 4>(w, x, y, N, K, n, m);
+  switch (M - m) {
+    case 3: float_block<R, 3>(w, x, y, N, K, n, m); break;
+    case 2: float_block<R, 2>(w, x, y, N, K, n, m); break;
+    case 1: float_block<R, 1>(w, x, y, N, K, n, m); break;
+    default: break;
+  }
+}
+#endif
+
+// rows [n0, n1) of y (M, N) = x (M, K) @ w (N, K).T
+template <typename W>
+void float_gemv(const W* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+#ifdef LOWBIT_AVX512
+  constexpr int kRows = 4;
+  for (; n + kRows <= n1; n += kRows) float_rows<kRows>(w, x, y, M, N, K, n);
+  for (; n < n1; ++n) float_rows<1>(w, x, y, M, N, K, n);
+#endif
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < K; ++k) sum += x[m * K + k] * static_cast<float>(w[n * K + k]);
+      y[m * N + n] = sum;
+    }
 }
 
 }  // namespace lowbit
@@ -1350,6 +1434,43 @@ at::Tensor dequant_linear_cpu(const at::Tensor& x, const at::Tensor& qdata, cons
   return y;
 }
 
+// y (..., N) = x (..., K) @ weight.T (+ bias) for a float32, bfloat16 or float16 weight (N, K) and x of any of
+// those types, with a few tokens in mind (`float_gemv`): float32 sums, y in x's type.
+at::Tensor float_gemv_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  auto is_float = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+  };
+  TORCH_CHECK(x.dim() >= 1 && is_float(x), "float_gemv_cpu: x must be float32, bfloat16 or float16 (..., K)");
+  TORCH_CHECK(weight.dim() == 2 && is_float(weight) && weight.size(1) == x.size(-1),
+              "float_gemv_cpu: weight must be float32, bfloat16 or float16 (N, K) with K = x.size(-1)");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = weight.size(0);
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->size(0) == N),
+              "float_gemv_cpu: bias must be (N,)");
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options().dtype(at::kFloat));
+  auto finish = [&](at::Tensor& sums) {  // + bias, in x's type
+    if (bias.has_value() && bias->defined()) sums.add_(bias->to(at::kFloat));
+    return x.scalar_type() == at::kFloat ? sums : sums.to(x.scalar_type());
+  };
+  if (K == 0) y.zero_();
+  if (y.numel() == 0 || K == 0) return finish(y);
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), w = weight.contiguous();
+  float* out = y.data_ptr<float>();
+  const int64_t grain = grain_rows(K * static_cast<int64_t>(w.element_size()), M);
+  auto run = [&](auto* wp) {
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      lowbit::float_gemv(wp, xf.data_ptr<float>(), out, M, N, K, n0, n1);
+    });
+  };
+  switch (w.scalar_type()) {
+    case at::kBFloat16: run(w.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(w.data_ptr<c10::Half>()); break;
+    default: run(w.data_ptr<float>());
+  }
+  return finish(y);
+}
+
 }  // namespace
 
 // The schemas are defined in Python (lowbit/kernels/cpu.py), with their fake implementations.
@@ -1358,4 +1479,5 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("dequant_cpu", &dequant_cpu);
   m.impl("dequant_linear_cpu", &dequant_linear_cpu);
   m.impl("build_features_cpu", &build_features_cpu);
+  m.impl("float_gemv_cpu", &float_gemv_cpu);
 }
