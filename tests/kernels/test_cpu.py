@@ -91,8 +91,8 @@ def block_float_allowance(x, w):
     return 2.0**-22 * block_max @ w.abs().T
 
 
-def check_one_token_integer_path(weight, x):
-    """M = 1 on the 4-bit path in integers (where the build has AVX-512 VNNI) against float64: within float32's
+def check_integer_path(weight, x):
+    """The 4-bit path in integers (where the build has AVX-512 VNNI) against float64: within float32's
     error on sum |x w| plus the two allowances above; and with LOWBIT_CPU_FLOAT_GEMV=1 on the float path, within
     float32's error plus `zero_point_allowance` alone."""
     w = weight.dequantize().double()
@@ -120,20 +120,21 @@ def test_the_build_names_the_instruction_sets_it_was_compiled_for():
 
 
 @settings(max_examples=150, deadline=None)
-@given(group=st.sampled_from([32, 64, 128, 256, None]), symmetric=st.booleans(),
+@given(M=st.integers(1, 12), group=st.sampled_from([32, 64, 128, 256, None]), symmetric=st.booleans(),
        scale_dtype=st.sampled_from(["float16", "bfloat16", "float32"]), N=st.integers(1, 41), K=st.integers(1, 700),
        spread=st.floats(0, 12), seed=st.integers(0, 2**31 - 1))
-def test_one_token_4_bit_gemv_in_integers_on_random_shapes(group, symmetric, scale_dtype, N, K, spread, seed):
+def test_4_bit_gemv_in_integers_on_random_shapes(M, group, symmetric, scale_dtype, N, K, spread, seed):
     """x's magnitudes spread over up to 10^12 (whole blocks of tiny values beside large ones, outliers in a block),
-    ragged last blocks, groups of a quarter, a half, one or two blocks of 128 columns, or the whole row."""
+    ragged last blocks, groups of a quarter, a half, one or two blocks of 128 columns, or the whole row; each
+    of the M tokens its own blocks."""
     gen = torch.Generator().manual_seed(seed)
     spec = QuantSpec("int", 4, "channel" if group is None else "group", group, symmetric, scale_dtype=scale_dtype)
     weight = quantize_weight(torch.randn(N, K, generator=gen), spec)
-    x = torch.randn(1, K, generator=gen) * 10 ** (spread * (torch.rand(1, K, generator=gen) - 0.5))
-    check_one_token_integer_path(weight, x)
+    x = torch.randn(M, K, generator=gen) * 10 ** (spread * (torch.rand(M, K, generator=gen) - 0.5))
+    check_integer_path(weight, x)
 
 
-def test_one_token_integer_path_on_blocks_of_zeros_outliers_and_extreme_magnitudes():
+def test_integer_path_on_blocks_of_zeros_outliers_and_extreme_magnitudes():
     gen = torch.Generator().manual_seed(7)
     for spec, K in [(QuantSpec("int", 4, "group", 128), 576), (QuantSpec("int", 4, "group", 256, False), 1096),
                     (QuantSpec("int", 4, "group", 32, False), 616), (QuantSpec("int", 4, "group", 64), 700),
@@ -143,25 +144,31 @@ def test_one_token_integer_path_on_blocks_of_zeros_outliers_and_extreme_magnitud
         x[0, :128] = 0  # a block of zeros
         x[0, 130] = 3e4  # a massive activation among ordinary ones
         x[0, K - 1] = 1e-40  # a subnormal beside them: its block keeps ordinary values
-        ys = check_one_token_integer_path(weight, x)
+        ys = check_integer_path(weight, x)
         # two paths where the build has the integer one, not one run twice; one path, the same answer, elsewhere
         assert torch.equal(ys["integers"], ys["float"]) == ("vnni" not in build_features())
         for scale in (1e-42, 1e-30, 1e30):  # blocks of subnormals, tiny and huge values: no overflow, no NaN
-            check_one_token_integer_path(weight, torch.randn(1, K, generator=gen) * scale)
+            check_integer_path(weight, torch.randn(1, K, generator=gen) * scale)
+        # tokens of all of these at once: each token's own blocks (one to four tokens a pass)
+        tokens = torch.cat([x, *(torch.randn(1, K, generator=gen) * scale for scale in (1e-42, 1e-30, 1e30, 1.0))])
+        ys = check_integer_path(weight, tokens)
+        assert torch.equal(ys["integers"], ys["float"]) == ("vnni" not in build_features())
 
 
-def test_one_token_integer_path_gives_the_float_paths_answer_for_non_finite_x(monkeypatch):
+def test_integer_path_gives_the_float_paths_answer_for_non_finite_x(monkeypatch):
     """An inf or NaN has no block floating point form: such an x takes the float path (whose inf - inf in the
-    zero point's sum makes NaN where the reference has ±inf: non-finite either way, never a finite number)."""
+    zero point's sum makes NaN where the reference has ±inf: non-finite either way, never a finite number), the
+    whole call when one of its tokens holds one."""
     weight = quantize_weight(torch.randn(16, 256), QuantSpec("int", 4, "group", 128, symmetric=False))
     for bad in (float("nan"), float("inf"), float("-inf")):
-        x = torch.randn(1, 256)
-        x[0, 200] = bad
-        y = INT_GEMV.run(x, {}, weight, None, None)
-        with monkeypatch.context() as m:
-            m.setenv("LOWBIT_CPU_FLOAT_GEMV", "1")
-            torch.testing.assert_close(y, INT_GEMV.run(x, {}, weight, None, None), rtol=0, atol=0, equal_nan=True)
-        assert not torch.isfinite(y).any() and not torch.isfinite(quantized_linear(x, weight)).any()
+        for M, row in ((1, 0), (5, 3)):
+            x = torch.randn(M, 256)
+            x[row, 200] = bad
+            y = INT_GEMV.run(x, {}, weight, None, None)
+            with monkeypatch.context() as m:
+                m.setenv("LOWBIT_CPU_FLOAT_GEMV", "1")
+                torch.testing.assert_close(y, INT_GEMV.run(x, {}, weight, None, None), rtol=0, atol=0, equal_nan=True)
+            assert not torch.isfinite(y[row]).any() and not torch.isfinite(quantized_linear(x, weight)[row]).any()
 
 
 def random_weight(fmt, per_channel, group_bytes, symmetric, scale_dtype, N, K, seed) -> QuantizedWeight:

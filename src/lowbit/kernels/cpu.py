@@ -9,9 +9,9 @@ double-quantised scales are decoded where they are read) — so a quantised mode
 memory is its packed size:
 
 - ``lowbit::int_gemv_cpu`` (decode: up to 8–32 tokens by format, ``gemv_max_m``): each code is turned into its float
-  weight in registers and multiplied with x at once; no float weight is written. At one token, 4-bit affine
-  codes in groups of 32, 64 or a multiple of 128 columns (or per channel) are multiplied in integers where the build has
-  AVX-512 VNNI: x is rounded to block floating point (a power-of-two unit per 128 columns, each value within
+  weight in registers and multiplied with x at once; no float weight is written. 4-bit affine codes in groups
+  of 32, 64 or a multiple of 128 columns (or per channel) are multiplied in integers where the build has
+  AVX-512 VNNI: each token's x is rounded to block floating point (a power-of-two unit per 128 columns, each value within
   2^-22 of its block's largest magnitude: float32's precision for the block's large values, less for small
   ones beside an outlier), split into three byte planes, and ``vpdpbusd`` does 64 exact products where a
   float multiply-add does 16. ``LOWBIT_CPU_FLOAT_GEMV=1`` keeps the float path; an x holding inf or NaN

@@ -18,10 +18,11 @@
 // weights exactly); 8-bit ones are converted as (c - z) and the group's sum scaled once.
 // Several rows and tokens are done per pass, so each x vector and each converted weight
 // vector is reused from registers, and the weight bytes are prefetched ahead. Elsewhere a
-// portable loop computes the same sums. At one token, 4-bit affine codes in groups of 32, 64 or
-// a multiple of 128 columns (or per channel) are multiplied in integers where AVX-512 VNNI is
-// built in: x as block floating point (23 bits and a sign) in three byte planes, against the
-// codes by vpdpbusd (`Planes`, `block_vnni`; LOWBIT_CPU_FLOAT_GEMV=1 keeps the float path).
+// portable loop computes the same sums. 4-bit affine codes in groups of 32, 64 or a multiple
+// of 128 columns (or per channel) are multiplied in integers where AVX-512 VNNI is built in:
+// each token's x as block floating point (23 bits and a sign) in three byte planes, against
+// the codes by vpdpbusd, each row's codes split once for all tokens (`Planes`, `block_vnni`;
+// LOWBIT_CPU_FLOAT_GEMV=1 keeps the float path).
 //
 // 3-bit codes need K and the group to be multiples of 8 (whole triples per group).
 //
@@ -768,87 +769,112 @@ struct Planes {
 // multiply-add does 16, and the digit sums are joined as 65536 P_t + 256 P_m + P_l (each below
 // 2^24, exact as floats) and scaled by 2^−e_b. So y = sum_g s (sum_k c x − z sum_k x) with the
 // products exact in integers. Lane j of the result holds columns 8j .. 8j + 7.
-struct VnniStep {
-  __m512i xv[6];
-  __mmask64 k;
-  __m512 unit;
-  int64_t offset;  // the block's first byte in a row
-  VnniStep(const Planes& xp, int64_t b, int64_t row_bytes) : offset(64 * b) {
-    for (int i = 0; i < 6; ++i) xv[i] = _mm512_loadu_si512(xp.at(b) + 64 * i);
-    const int64_t left = row_bytes - offset;
-    k = left >= 64 ? ~0ull : (1ull << left) - 1;
-    unit = _mm512_set1_ps(xp.unit[b]);
-  }
-  // the block's sums for the row starting at `row`
-  __m512 row(const uint8_t* row) const {
-    const uint8_t* p = row + offset;
+struct VnniCodes {
+  __m512i c[2];  // the even and odd columns' codes
+  VnniCodes(const uint8_t* row, int64_t b, int64_t row_bytes) {
+    const uint8_t* p = row + 64 * b;
     prefetch(p);
-    const __m512i nibble = _mm512_set1_epi8(0x0F), packed = _mm512_maskz_loadu_epi8(k, p);
-    const __m512i codes[2] = {_mm512_and_si512(packed, nibble),
-                              _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble)};
+    const int64_t left = row_bytes - 64 * b;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i packed = _mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1, p);
+    c[0] = _mm512_and_si512(packed, nibble);
+    c[1] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+  }
+  // the block's sums against one token's planes of block b
+  __m512 dot(const Planes& xp, int64_t b) const {
+    const uint8_t* x = xp.at(b);
     __m512i sum[3];
-    for (int q = 0; q < 3; ++q)
-      sum[q] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], xv[2 * q]), codes[1],
-                                   xv[2 * q + 1]);
+    LOWBIT_UNROLL for (int q = 0; q < 3; ++q) {
+      const __m512i even = _mm512_loadu_si512(x + 64 * (2 * q)), odd = _mm512_loadu_si512(x + 64 * (2 * q + 1));
+      sum[q] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], even), c[1], odd);
+    }
     const __m512 byte = _mm512_set1_ps(256.0f);
     const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[0]), byte, _mm512_cvtepi32_ps(sum[1])),
                                      byte, _mm512_cvtepi32_ps(sum[2]));
-    return _mm512_mul_ps(v, unit);
+    return _mm512_mul_ps(v, _mm512_set1_ps(xp.unit[b]));
   }
 };
 
-// R rows of `VnniStep`s. Groups of a multiple of 128 columns, or one group per row (per-channel
-// scales): each group's sum, then its scale. Groups of 32 or 64 columns (SPANS): a step holds 4
-// or 2 groups, and each lane is scaled by its own group's scale as it is added.
-template <int R, bool SPANS, typename S>
-void block_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n) {
-  __m512 total[R];
-  LOWBIT_UNROLL for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+// R rows × T tokens (`Planes` xp[0 .. T)) of `VnniCodes`, each row's codes split once per block and used for
+// every token. Groups of a multiple of 128 columns, or one group per row (per-channel scales): each group's
+// sum, then its scale. Groups of 32 or 64 columns (SPANS): a block holds 4 or 2 groups, and each lane is
+// scaled by its own group's scale as it is added.
+template <int R, int T, bool SPANS, typename S>
+void block_vnni(const Packed<S>& w, const Planes* xp, float* y, int64_t N, int64_t m0, int64_t n) {
+  __m512 total[R][T];
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
   const int64_t per = SPANS ? Planes::kCols / w.group : 1;  // groups per block
   const __m512i lane_group = lane_groups(SPANS ? __builtin_ctzll(w.group / 8) : 0);
   for (int64_t g0 = 0; g0 < w.G; g0 += 16) {  // 16 groups' scales and zero points a vector per row
     const int64_t count = std::min<int64_t>(16, w.G - g0);
     __m512 scales[R];
-    const __m512 xsum = _mm512_loadu_ps(xp.sums.data() + g0);
     LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       scales[r] = load_scales(w, n + r, g0, count);  // s z sum_k x off the total at once (lanes: groups)
-      total[r] = _mm512_fnmadd_ps(_mm512_mul_ps(scales[r], load_zeros<4>(w, n + r, g0, count)), xsum, total[r]);
+      const __m512 sz = _mm512_mul_ps(scales[r], load_zeros<4>(w, n + r, g0, count));
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t)
+        total[r][t] = _mm512_fnmadd_ps(sz, _mm512_loadu_ps(xp[t].sums.data() + g0), total[r][t]);
     }
     if constexpr (SPANS) {
-      for (int64_t b = g0 / per; b < std::min(xp.blocks, (g0 + count + per - 1) / per); ++b) {
-        const VnniStep step(xp, b, w.row_bytes);
+      for (int64_t b = g0 / per; b < std::min(xp[0].blocks, (g0 + count + per - 1) / per); ++b) {
         const __m512i lane = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int32_t>(b * per - g0)));
-        LOWBIT_UNROLL for (int r = 0; r < R; ++r)
-          total[r] = _mm512_fmadd_ps(step.row(w.q + (n + r) * w.row_bytes),
-                                     _mm512_permutexvar_ps(lane, scales[r]), total[r]);
+        LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+          const VnniCodes codes(w.q + (n + r) * w.row_bytes, b, w.row_bytes);
+          const __m512 s = _mm512_permutexvar_ps(lane, scales[r]);
+          LOWBIT_UNROLL for (int t = 0; t < T; ++t) total[r][t] = _mm512_fmadd_ps(codes.dot(xp[t], b), s, total[r][t]);
+        }
       }
     } else {
       for (int64_t g = g0; g < g0 + count; ++g) {
-        __m512 part[R];
-        LOWBIT_UNROLL for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
-        for (int64_t b = g * xp.steps; b < std::min(xp.blocks, (g + 1) * xp.steps); ++b) {
-          const VnniStep step(xp, b, w.row_bytes);
-          LOWBIT_UNROLL for (int r = 0; r < R; ++r)
-            part[r] = _mm512_add_ps(step.row(w.q + (n + r) * w.row_bytes), part[r]);
+        __m512 part[R][T];
+        LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+          LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm512_setzero_ps();
+        for (int64_t b = g * xp[0].steps; b < std::min(xp[0].blocks, (g + 1) * xp[0].steps); ++b) {
+          LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+            const VnniCodes codes(w.q + (n + r) * w.row_bytes, b, w.row_bytes);
+            LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm512_add_ps(codes.dot(xp[t], b), part[r][t]);
+          }
         }
         const __m512i lane = _mm512_set1_epi32(static_cast<int32_t>(g - g0));
-        LOWBIT_UNROLL for (int r = 0; r < R; ++r)
-          total[r] = _mm512_fmadd_ps(part[r], _mm512_permutexvar_ps(lane, scales[r]), total[r]);
+        LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+          const __m512 s = _mm512_permutexvar_ps(lane, scales[r]);
+          LOWBIT_UNROLL for (int t = 0; t < T; ++t) total[r][t] = _mm512_fmadd_ps(part[r][t], s, total[r][t]);
+        }
       }
     }
   }
-  LOWBIT_UNROLL for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(total[r]);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(total[r][t]);
 }
 
-template <typename S>
-void gemv_vnni(const Packed<S>& w, const Planes& xp, float* y, int64_t n0, int64_t n1) {
+// Rows [n0, n1) for T tokens from m0: 4 rows a pass at one token, 2 at more (the R × T sums and parts in registers).
+template <int T, bool SPANS, typename S>
+void vnni_tokens(const Packed<S>& w, const Planes* xp, float* y, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int kRows = T == 1 ? 4 : 2;
   int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) block_vnni<kRows, T, SPANS>(w, xp + m0, y, N, m0, n);
+  for (; n < n1; ++n) block_vnni<1, T, SPANS>(w, xp + m0, y, N, m0, n);
+}
+
+template <bool SPANS, typename S>
+void gemv_vnni_groups(const Packed<S>& w, const Planes* xp, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) vnni_tokens<4, SPANS>(w, xp, y, N, m, n0, n1);
+  switch (M - m) {
+    case 3: vnni_tokens<3, SPANS>(w, xp, y, N, m, n0, n1); break;
+    case 2: vnni_tokens<2, SPANS>(w, xp, y, N, m, n0, n1); break;
+    case 1: vnni_tokens<1, SPANS>(w, xp, y, N, m, n0, n1); break;
+    default: break;
+  }
+}
+
+// y (M, N) rows [n0, n1) from the tokens' planes
+template <typename S>
+void gemv_vnni(const Packed<S>& w, const Planes* xp, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
   if (w.group < Planes::kCols && w.group < w.K) {
-    for (; n + 4 <= n1; n += 4) block_vnni<4, true>(w, xp, y, n);
-    for (; n < n1; ++n) block_vnni<1, true>(w, xp, y, n);
+    gemv_vnni_groups<true>(w, xp, M, y, N, n0, n1);
   } else {
-    for (; n + 4 <= n1; n += 4) block_vnni<4, false>(w, xp, y, n);
-    for (; n < n1; ++n) block_vnni<1, false>(w, xp, y, n);
+    gemv_vnni_groups<false>(w, xp, M, y, N, n0, n1);
   }
 }
 #endif
@@ -1196,8 +1222,7 @@ struct Weight {
 #endif
     return bits == 3;
   }
-  // 4-bit affine codes at one token with AVX-512 VNNI: groups of whole 128-column blocks, of 32 or 64 columns,
-  // or one per row
+  // 4-bit affine codes with AVX-512 VNNI: groups of whole 128-column blocks, of 32 or 64 columns, or one per row
   bool by_vnni() const {
     return bits == 4 && !levels.defined() && (group % 128 == 0 || group == 32 || group == 64 || group >= K);
   }
@@ -1315,12 +1340,17 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
     return y;
   }
 #ifdef LOWBIT_VNNI
-  const bool vnni = M == 1 && wt.by_vnni() && integer_dot();
-  const auto planes = vnni ? std::make_optional<lowbit::Planes>(xc.data_ptr<float>(), K, wt.group) : std::nullopt;
-  if (planes && planes->finite) {
+  std::vector<lowbit::Planes> planes;  // one per token
+  if (wt.by_vnni() && integer_dot()) {
+    planes.reserve(M);
+    for (int64_t m = 0; m < M && (planes.empty() || planes.back().finite); ++m)
+      planes.emplace_back(xc.data_ptr<float>() + m * K, K, wt.group);
+  }
+  if (!planes.empty() && std::all_of(planes.begin(), planes.end(), [](const auto& p) { return p.finite; })) {
     wt.with_scale_type([&](auto s) {
       const auto w = wt.packed<decltype(s)>();
-      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { lowbit::gemv_vnni(w, *planes, out, n0, n1); });
+      at::parallel_for(0, N, grain,
+                       [&](int64_t n0, int64_t n1) { lowbit::gemv_vnni(w, planes.data(), M, out, N, n0, n1); });
     });
     return y;
   }
