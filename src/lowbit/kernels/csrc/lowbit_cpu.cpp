@@ -42,7 +42,7 @@
 // one block, the whole weight: the reference's own call).
 //
 // float_gemv_cpu is the same few-token GEMV for a weight kept in float32, bfloat16 or float16
-// (a quantised model's tied output projection): R rows by T tokens per pass, float32 sums.
+// (a quantised model's tied output projection; `float_gemv`).
 //
 // Rows are split between threads with at::parallel_for.
 #include <ATen/Dispatch.h>
@@ -82,6 +82,20 @@
 #define LOWBIT_UNROLL _Pragma("GCC unroll 16")
 
 namespace lowbit {
+
+// fn.template operator()<T>(m0) over the tokens [0, M): passes of T = 4, then one of the 3, 2 or 1 left (the
+// kernels' token counts are compile-time, so that their R × T sums stay in registers)
+template <typename Fn>
+inline void token_passes(int64_t M, Fn&& fn) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) fn.template operator()<4>(m);
+  switch (M - m) {
+    case 3: fn.template operator()<3>(m); break;
+    case 2: fn.template operator()<2>(m); break;
+    case 1: fn.template operator()<1>(m); break;
+    default: break;
+  }
+}
 
 // Code k of a row of any width (2, 3, 4 or 8 bits, LSB first; a 3-bit code may straddle two bytes),
 // reading no byte past the row.
@@ -847,25 +861,15 @@ void block_vnni(const Packed<S>& w, const Planes* xp, float* y, int64_t N, int64
     LOWBIT_UNROLL for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(total[r][t]);
 }
 
-// Rows [n0, n1) for T tokens from m0: 4 rows a pass at one token, 2 at more (the R × T sums and parts in registers).
-template <int T, bool SPANS, typename S>
-void vnni_tokens(const Packed<S>& w, const Planes* xp, float* y, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int kRows = T == 1 ? 4 : 2;
-  int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) block_vnni<kRows, T, SPANS>(w, xp + m0, y, N, m0, n);
-  for (; n < n1; ++n) block_vnni<1, T, SPANS>(w, xp + m0, y, N, m0, n);
-}
-
+// Rows [n0, n1) for all M tokens: 4 rows a pass at one token, 2 at more (the R × T sums and parts in registers).
 template <bool SPANS, typename S>
 void gemv_vnni_groups(const Packed<S>& w, const Planes* xp, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) vnni_tokens<4, SPANS>(w, xp, y, N, m, n0, n1);
-  switch (M - m) {
-    case 3: vnni_tokens<3, SPANS>(w, xp, y, N, m, n0, n1); break;
-    case 2: vnni_tokens<2, SPANS>(w, xp, y, N, m, n0, n1); break;
-    case 1: vnni_tokens<1, SPANS>(w, xp, y, N, m, n0, n1); break;
-    default: break;
-  }
+  token_passes(M, [&]<int T>(int64_t m0) {
+    constexpr int kRows = T == 1 ? 4 : 2;
+    int64_t n = n0;
+    for (; n + kRows <= n1; n += kRows) block_vnni<kRows, T, SPANS>(w, xp + m0, y, N, m0, n);
+    for (; n < n1; ++n) block_vnni<1, T, SPANS>(w, xp + m0, y, N, m0, n);
+  });
 }
 
 // y (M, N) rows [n0, n1) from the tokens' planes
@@ -913,13 +917,7 @@ void rows_t(const Packed<S>& w, const X& x, int64_t m0, float* y, int64_t N, int
 // rows [n0, n1) for all M tokens: four at a time, then the rest (one token: four rows per pass)
 template <class B, typename S, typename X>
 void rows_avx512(const Packed<S>& w, const X& x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) rows_t<B, 2, 4>(w, x, m, y, N, n0, n1);
-  switch (M - m) {
-    case 3: rows_t<B, 2, 3>(w, x, m, y, N, n0, n1); break;
-    case 2: rows_t<B, 2, 2>(w, x, m, y, N, n0, n1); break;
-    case 1: rows_t<B, 4, 1>(w, x, m, y, N, n0, n1); break;
-  }
+  token_passes(M, [&]<int T>(int64_t m0) { rows_t<B, T == 1 ? 4 : 2, T>(w, x, m0, y, N, n0, n1); });
 }
 #endif
 
@@ -1148,14 +1146,7 @@ inline void float_block(const W* w, const float* x, float* y, int64_t N, int64_t
 // R rows at n, all M tokens, four at a time (the rows stay in cache between the token passes)
 template <int R, typename W>
 inline void float_rows(const W* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) float_block<R, 4>(w, x, y, N, K, n, m);
-  switch (M - m) {
-    case 3: float_block<R, 3>(w, x, y, N, K, n, m); break;
-    case 2: float_block<R, 2>(w, x, y, N, K, n, m); break;
-    case 1: float_block<R, 1>(w, x, y, N, K, n, m); break;
-    default: break;
-  }
+  token_passes(M, [&]<int T>(int64_t m0) { float_block<R, T>(w, x, y, N, K, n, m0); });
 }
 #endif
 
@@ -1340,13 +1331,12 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
     return y;
   }
 #ifdef LOWBIT_VNNI
-  std::vector<lowbit::Planes> planes;  // one per token
-  if (wt.by_vnni() && integer_dot()) {
-    planes.reserve(M);
-    for (int64_t m = 0; m < M && (planes.empty() || planes.back().finite); ++m)
-      planes.emplace_back(xc.data_ptr<float>() + m * K, K, wt.group);
-  }
-  if (!planes.empty() && std::all_of(planes.begin(), planes.end(), [](const auto& p) { return p.finite; })) {
+  std::vector<lowbit::Planes> planes;  // one per token, until one holds an inf or NaN (then the float path)
+  bool integers = wt.by_vnni() && integer_dot();
+  if (integers) planes.reserve(M);
+  for (int64_t m = 0; integers && m < M; ++m)
+    integers = planes.emplace_back(xc.data_ptr<float>() + m * K, K, wt.group).finite;
+  if (integers) {
     wt.with_scale_type([&](auto s) {
       const auto w = wt.packed<decltype(s)>();
       at::parallel_for(0, N, grain,
