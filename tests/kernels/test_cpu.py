@@ -117,6 +117,8 @@ def test_the_build_names_the_instruction_sets_it_was_compiled_for():
     if platform.machine() == "x86_64" and "LOWBIT_CPU_MARCH" not in os.environ and os.path.exists("/proc/cpuinfo"):
         flags = set(open("/proc/cpuinfo").read().split())  # -march=native: what this CPU has
         assert ("vnni" in features) == ("avx512_vnni" in flags) and ("vbmi" in features) == ("avx512vbmi" in flags)
+        avx512 = {"avx512f", "avx512bw", "avx512vl"} <= flags
+        assert ("avx512" in features) == avx512 and ("avx2" in features) == ({"avx2", "fma"} <= flags and not avx512)
 
 
 @settings(max_examples=150, deadline=None)

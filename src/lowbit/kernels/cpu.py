@@ -158,9 +158,10 @@ _define("dequant_linear_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? ze
 # x (..., K) @ weight.T (+ bias) for a float32 / bfloat16 / float16 weight (N, K): a few tokens' GEMV, float32 sums
 _define("float_gemv_cpu", "(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor",
         lambda x, weight, bias=None: x.new_empty((*x.shape[:-1], weight.shape[0])))
-# what the build was compiled with, 0/1 each: AVX-512, VBMI, VNNI (the anchor only routes the call to the CPU kernel)
-_define("build_features_cpu", "(Tensor anchor) -> int[]", lambda anchor: [0, 0, 0])
-BUILD_FEATURES = ("avx512", "vbmi", "vnni")
+# what the build was compiled with, 0/1 each: AVX-512, VBMI, VNNI, and AVX2 + FMA without AVX-512 (the anchor only
+# routes the call to the CPU kernel)
+_define("build_features_cpu", "(Tensor anchor) -> int[]", lambda anchor: [0, 0, 0, 0])
+BUILD_FEATURES = ("avx512", "vbmi", "vnni", "avx2")
 
 
 def build_features() -> frozenset[str]:
