@@ -22,8 +22,32 @@ class Stamp:
 
     def finish(self) -> dict[str, str]:
         return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                "machine": f"{cpu_name()} ({platform.machine()}; lowbit's kernels built for {kernel_isa()}), "
+                           f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                 "load": f"load average (1 min) {self.load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"}
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (the same project machine has been an AVX-512 and an AVX2 CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def kernel_isa() -> str:
+    """The instruction sets lowbit's C++ kernels were built for on this machine, in words."""
+    from lowbit.kernels.cpu import build_features, extension
+
+    if extension() is not None:
+        return "nothing: they could not be built"
+    features = build_features()
+    if "avx512" in features:
+        return "AVX-512" + "".join(f" + {name.upper()}" for name in ("vbmi", "vnni") if name in features)
+    return "AVX2 + FMA" if "avx2" in features else "no vector extension (portable loops)"
 
 
 def write(name: str, stamp: dict[str, str], rows: list[dict], lines: list[str]) -> None:

@@ -56,6 +56,7 @@ def decode(model, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="cpu_decode", help="bench/results/<name>.{json,md}.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="Comma-separated presets to time.")
@@ -134,7 +135,7 @@ def main() -> None:
                      f"{r['speedup']:.2f} | {r['speedup_vs_fast_fp32']:.2f} | "
                      f"{'–' if ref is None else f'{ref:.2f}'} | "
                      f"{r['same_text_as_reference']} | {r['same_text_as_fp32']} |")
-    write("cpu_decode", env, rows, lines)
+    write(args.name, env, rows, lines)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="cpu_float_gemv", help="bench/results/<name>.{json,md}.")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
         lines.append(f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {r['dtype']} | {r['M']} | "
                      f"{r['F.linear_us']:.1f} | {r['lowbit_us']:.1f} | {r['speedup']:.2f} | "
                      f"{r['lowbit_GB_per_s']:.1f} | {r['sum_GB_per_s']:.1f} |")
-    write("cpu_float_gemv", env, rows, lines)
+    write(args.name, env, rows, lines)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def best_per_layer(run: Callable[[int], object], repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="cpu_kernels", help="bench/results/<name>.{json,md}.")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference-repeats", type=int, default=1, help="Passes for the (slow) reference kernel.")
@@ -133,7 +134,7 @@ def main() -> None:
         lines.append(f"| {r['shape'][0]} × {r['shape'][1]} | {r['format']} | {r['bits_per_weight']:.3f} | "
                      f"{r['tokens']} | {r['kernel_us']:.1f} | {r['fp32_us'] / r['kernel_us']:.2f} | "
                      f"{r['reference_us']:.0f} | {r['reference_us'] / r['kernel_us']:.0f} | {float_path} |")
-    write("cpu_kernels", env, rows, lines)
+    write(args.name, env, rows, lines)
 
 
 if __name__ == "__main__":

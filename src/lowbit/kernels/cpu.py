@@ -31,6 +31,11 @@ memory is its packed size:
   torch's own GEMV read at a fraction of the memory bandwidth on this project's machine
   (bench/results/cpu_float_gemv.md).
 
+Without AVX-512, x86 CPUs with AVX2 and FMA (AMD Zen 2/3, Intel's client CPUs) run 8-lane versions of the
+float kernels for every format (the portable loops had a 4-bit layer at 0.9x float32 ``F.linear`` there); the
+integer (VNNI) path is AVX-512's alone, and the GEMV hands over to the prefill kernel earlier for 3-bit and
+act-order weights (``MAX_M_BY_BITS_AVX2``, ``MAX_M_ACT_ORDER_AVX2``).
+
 Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) are read in column
 order, each column's scale fetched from its group: the ops take the ``g_idx`` as it is stored,
 whatever the group size or width, and the dequantised weight is again the reference's bit for bit.
@@ -73,6 +78,11 @@ LOOKUP_FORMATS = ("nf4", "fp4")  # 4-bit codes that index a table of 16 levels
 MAX_M = 8  # int8, int2, NF4, FP4
 MAX_M_BY_BITS = {3: 16, 4: 12}  # affine codes of these widths
 MAX_M_ACT_ORDER = 32
+# Without AVX-512 (the 8-lane AVX2 kernels; an AMD EPYC Zen 3, 2026-11-28, 2 threads, the default model's shapes):
+# 3-bit codes hand over at 16 tokens already (GEMV 0.86-0.99 ms, dequantise + GEMM 0.75-0.80), and act-order
+# weights after 4 (at 4 tokens 0.40-0.49 ms against 0.66-0.73; at 8, 0.84-0.90 against 0.70-0.82).
+MAX_M_BY_BITS_AVX2 = {3: 12, 4: 12}
+MAX_M_ACT_ORDER_AVX2 = 4
 # Prefill dequantises a block of rows at a time, each thread its own blocks, each block's GEMM right after
 # it is written, while it is in cache: at least BLOCK_BYTES of float32 (or M rows, so that x, read once per
 # block, is not read more than the weight, up to MAX_BLOCK_BYTES: each thread keeps its workspace), and at
@@ -88,12 +98,18 @@ BLOCKS_PER_THREAD = 2
 
 
 def gemv_max_m(weight: QuantizedWeight) -> int:
-    """The most tokens the GEMV runs for this weight; the prefill kernel takes more."""
+    """The most tokens the GEMV runs for this weight on this machine's build; the prefill kernel takes more."""
+    wide = _avx512()
     if weight.g_idx is not None:
-        return MAX_M_ACT_ORDER
+        return MAX_M_ACT_ORDER if wide else MAX_M_ACT_ORDER_AVX2
     if weight.spec.format in LOOKUP_FORMATS:
         return MAX_M
-    return MAX_M_BY_BITS.get(weight.spec.bits, MAX_M)
+    return (MAX_M_BY_BITS if wide else MAX_M_BY_BITS_AVX2).get(weight.spec.bits, MAX_M)
+
+
+@functools.cache
+def _avx512() -> bool:
+    return "avx512" in build_features()
 
 
 @functools.cache

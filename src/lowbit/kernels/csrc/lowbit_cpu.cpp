@@ -24,6 +24,10 @@
 // the codes by vpdpbusd, each row's codes split once for all tokens (`Planes`, `block_vnni`;
 // LOWBIT_CPU_FLOAT_GEMV=1 keeps the float path).
 //
+// x86 CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 2/3, Intel's client CPUs) get 8-lane versions of the float
+// kernels instead of the portable loops: 4- and 3-bit words, 8-bit bytes, 2/4-bit lookup tables (NF4, FP4, int2)
+// and act-order rows, for the GEMV, and act-order rows for the dequantise (`block_words2` and the rest).
+//
 // 3-bit codes need K and the group to be multiples of 8 (whole triples per group).
 //
 // Act-order weights (GPTQ's desc_act) carry g_idx, the group of each column, so a group's
@@ -947,6 +951,20 @@ inline float reduce_add8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// bytes p[0 .. min(left, 8)) in the low 8 bytes, zero past them: a group's last step reads no byte past the row.
+// (A byte loop, not memcpy: a call in the kernels' loops made GCC keep their sums on the stack, a store and a
+// reload per multiply-add, which halved the 8-bit kernel's speed.)
+inline uint64_t bytes_le(const uint8_t* p, int64_t count) {
+  uint64_t v = 0;
+  for (int64_t i = 0; i < count; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
+  return v;
+}
+
+inline __m128i load8(const uint8_t* p, int64_t left) {
+  if (left >= 8) return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm_cvtsi64_si128(static_cast<int64_t>(bytes_le(p, left)));
+}
+
 // R rows × T tokens of 8 lanes: the scaled group sums, and (4 bits) the zero points' z s sum(x), taken off at the end
 template <int R, int T>
 struct Sums8 {
@@ -962,12 +980,38 @@ struct Sums8 {
   }
 };
 
+// 8 words of 8 codes each from a row's words d .. d + min(left, 8) - 1, word j in dword lane j, zero past them (no
+// byte past the row is read). 4 bits: a word is 4 bytes. 3 bits: a 3-byte triple; 24 bytes are loaded, a dword
+// permute gives each 128-bit half its 12 bytes and a byte shuffle moves each triple into a dword of its own.
+template <int BITS>
+inline __m256i load_words2(const uint8_t* row, int64_t d, int64_t left) {
+  const uint8_t* p = row + BITS * d;
+  if constexpr (BITS == 4) {
+    return left >= 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                     : _mm256_maskload_epi32(reinterpret_cast<const int*>(p), lanes_below(left));
+  } else {
+    static_assert(BITS == 3, "8 codes per word: 3 or 4 bits");
+    __m256i raw;
+    if (left >= 8) {
+      raw = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), lanes_below(6));
+    } else {  // up to 7 triples: 21 bytes
+      const int64_t bytes = 3 * left;
+      raw = _mm256_setr_epi64x(static_cast<int64_t>(bytes_le(p, std::min<int64_t>(8, bytes))),
+                               static_cast<int64_t>(bytes > 8 ? bytes_le(p + 8, std::min<int64_t>(8, bytes - 8)) : 0),
+                               static_cast<int64_t>(bytes > 16 ? bytes_le(p + 16, bytes - 16) : 0), 0);
+    }
+    const __m256i halves = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 1, 2, 2, 3, 4, 5, 5));
+    const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+    return _mm256_shuffle_epi8(halves, _mm256_broadcastsi128_si256(spread));
+  }
+}
+
 // `block_words` at 8 words (64 codes) a step: code q of each word shifted out, masked, converted and multiplied
 // with x lane q, the sum over raw codes; per group s (sum c x - z sum x).
-template <int R, int T, typename S>
+template <int R, int T, int BITS, typename S>
 void block_words2(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
   Sums8<R, T> total;
-  const __m256i field = _mm256_set1_epi32(15);
+  const __m256i field = _mm256_set1_epi32((1 << BITS) - 1);
   for (int64_t g = 0; g < w.G; ++g) {
     const int64_t d0 = g * w.group / 8, d1 = std::min(w.K, (g + 1) * w.group) / 8;
     __m256 part[R][T];
@@ -976,16 +1020,15 @@ void block_words2(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int
     for (int64_t d = d0; d < d1; d += 8) {
       __m256i v[R];
       LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
-        const uint8_t* p = w.q + (n + r) * w.row_bytes + 4 * d;
-        prefetch(p);
-        v[r] = d1 - d >= 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                           : _mm256_maskload_epi32(reinterpret_cast<const int*>(p), lanes_below(d1 - d));
+        const uint8_t* row = w.q + (n + r) * w.row_bytes;
+        prefetch(row + BITS * d);
+        v[r] = load_words2<BITS>(row, d, d1 - d);
       }
       LOWBIT_UNROLL for (int q = 0; q < 8; ++q) {  // x past the group meets codes of zero (`Words` has the slack)
         __m256 xv[T];
         LOWBIT_UNROLL for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xw.at(m0 + t, q) + d);
         LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
-          __m256i c = q ? _mm256_srli_epi32(v[r], 4 * q) : v[r];
+          __m256i c = q ? _mm256_srli_epi32(v[r], BITS * q) : v[r];
           if (q < 7) c = _mm256_and_si256(c, field);
           const __m256 wv = _mm256_cvtepi32_ps(c);
           LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm256_fmadd_ps(wv, xv[t], part[r][t]);
@@ -1024,15 +1067,7 @@ void block_int8_2(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int
       LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
         const uint8_t* p = w.q + (n + r) * w.row_bytes + b;
         if (((b - b0) & 63) == 0) prefetch(p);
-        __m128i bytes;
-        if (left >= 8) {
-          bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-        } else {
-          uint64_t tail = 0;
-          std::memcpy(&tail, p, static_cast<size_t>(left));
-          bytes = _mm_cvtsi64_si128(static_cast<int64_t>(tail));
-        }
-        __m256 wv = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), z[r]));
+        __m256 wv = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(load8(p, left)), z[r]));
         if (left < 8) wv = _mm256_and_ps(wv, _mm256_castsi256_ps(lanes_below(left)));
         LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm256_fmadd_ps(wv, xv[t], part[r][t]);
       }
@@ -1045,24 +1080,198 @@ void block_int8_2(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int
   total.store(y, m0, N, n);
 }
 
-struct Int8Blocks2 {
+// 2/4 bits, `block_lut` at 8 codes a step: each packed byte widened to a dword, code l of it (bits l·BITS ..) mapped
+// through the group's table of value(c) · s. vpermps reads 8 entries: 2-bit codes index a table of their 4 held
+// twice; 4-bit codes index the low and the high 8 entries at once and bit 3 of the code, moved to the sign bit,
+// picks one (vblendvps).
+template <int R, int T, int BITS, typename S>
+void block_lut2(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_t N, int64_t n) {
+  constexpr int PER = 8 / BITS;
+  Sums8<R, T> total;
+  const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t g = 0; g < w.G; ++g) {
+    const int64_t b0 = w.first_byte(g), b1 = w.end_byte(g);
+    __m256 low[R], high[R];  // value(c) s for c = 0 .. 7 and 8 .. 15 (2 bits: c = 0 .. 3, twice)
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(scale_at(w, n + r, g));
+      if (w.levels) {
+        low[r] = _mm256_mul_ps(_mm256_loadu_ps(w.levels), s);
+        high[r] = _mm256_mul_ps(_mm256_loadu_ps(w.levels + 8), s);
+      } else {
+        const __m256 z = _mm256_set1_ps(static_cast<float>(w.zero_code(n + r, g)));
+        const __m256 codes = BITS == 2 ? _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3) : iota;
+        low[r] = _mm256_mul_ps(_mm256_sub_ps(codes, z), s);
+        high[r] = _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(iota, _mm256_set1_ps(8.0f)), z), s);
+      }
+    }
+    for (int64_t b = b0; b < b1; b += 8) {
+      const int64_t left = b1 - b;
+      __m256 xv[T][PER];
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t)
+        LOWBIT_UNROLL for (int l = 0; l < PER; ++l) xv[t][l] = _mm256_loadu_ps(xl.at(m0 + t, l) + b);
+      const __m256 keep = _mm256_castsi256_ps(lanes_below(left));  // a group's last step: its bytes only
+      LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+        const uint8_t* p = w.q + (n + r) * w.row_bytes + b;
+        if (((b - b0) & 63) == 0) prefetch(p);
+        const __m256i c = _mm256_cvtepu8_epi32(load8(p, left));
+        LOWBIT_UNROLL for (int l = 0; l < PER; ++l) {
+          const __m256i idx = l ? _mm256_srli_epi32(c, l * BITS) : c;
+          __m256 wv = _mm256_permutevar8x32_ps(low[r], idx);
+          if constexpr (BITS == 4)
+            wv = _mm256_blendv_ps(wv, _mm256_permutevar8x32_ps(high[r], idx),
+                                  _mm256_castsi256_ps(_mm256_slli_epi32(c, 28 - 4 * l)));
+          if (left < 8) wv = _mm256_and_ps(wv, keep);
+          LOWBIT_UNROLL for (int t = 0; t < T; ++t) total.acc[r][t] = _mm256_fmadd_ps(wv, xv[t][l], total.acc[r][t]);
+        }
+      }
+    }
+  }
+  total.store(y, m0, N, n);
+}
+
+struct ByteBlocks2 {
   template <int R, int T, typename S>
   static void run(const Packed<S>& w, const Lanes& xl, int64_t m0, float* y, int64_t N, int64_t n) {
-    block_int8_2<R, T>(w, xl, m0, y, N, n);
+    switch (w.bits) {
+      case 2: block_lut2<R, T, 2>(w, xl, m0, y, N, n); break;
+      case 4: block_lut2<R, T, 4>(w, xl, m0, y, N, n); break;
+      default: block_int8_2<R, T>(w, xl, m0, y, N, n);
+    }
   }
 };
 
 struct WordBlocks2 {
   template <int R, int T, typename S>
   static void run(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
-    block_words2<R, T>(w, xw, m0, y, N, n);
+    w.bits == 4 ? block_words2<R, T, 4>(w, xw, m0, y, N, n) : block_words2<R, T, 3>(w, xw, m0, y, N, n);
   }
 };
 
-// rows [n0, n1) for all M tokens: four rows a pass at one token, two at two, one at three or four
-template <class B, typename S, typename X>
+// An act-order row (a g_idx) in column order, 8 columns at a time (`at`): their groups' scales and zero points
+// looked up in the row's tables (`row_tables`) — with vpermps from LOOK registers of 8 (1, 2 or 4: up to 32 groups;
+// the default model's shapes have 5 and 12, LLaMA-7B's 4096 columns 32 in groups of 128), else gathered (LOOK = 0;
+// vpgatherdd took ~17 cycles per 8 on this project's AVX2 machine) — the codes shifted out of their BITS bytes
+// (8 bits: widened), and w = value(c) s formed as the reference does (subtract, then multiply); zero past K.
+template <int BITS, int LOOK, typename S>
+struct ScatteredRow2 {
+  static constexpr int kRegs = LOOK > 0 ? LOOK : 1;
+  const Packed<S>& w;
+  const uint8_t* qrow;
+  const float *s, *z;
+  __m256 s_tab[kRegs], z_tab[kRegs], lev_lo, lev_hi;
+  ScatteredRow2(const Packed<S>& w_, int64_t n, const float* s_, const float* z_)
+      : w(w_), qrow(w_.q + n * w_.row_bytes), s(s_), z(z_) {
+    if constexpr (LOOK > 0) {
+      alignas(32) float tab[2][kRegs][8] = {};
+      for (int64_t g = 0; g < w.G; ++g) tab[0][g >> 3][g & 7] = s[g], tab[1][g >> 3][g & 7] = z[g];
+      LOWBIT_UNROLL for (int i = 0; i < kRegs; ++i) s_tab[i] = _mm256_load_ps(tab[0][i]), z_tab[i] = _mm256_load_ps(tab[1][i]);
+    }
+    lev_lo = w.levels ? _mm256_loadu_ps(w.levels) : _mm256_setzero_ps();
+    lev_hi = w.levels ? _mm256_loadu_ps(w.levels + 8) : _mm256_setzero_ps();
+  }
+  __m256 look(const __m256 (&t)[kRegs], const float* all, __m256i g) const {
+    if constexpr (LOOK == 0) {
+      return _mm256_i32gather_ps(all, g, 4);
+    } else {
+      const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(g, 28));  // blendv reads the sign bit
+      auto pair = [&](int i) {
+        return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[i], g), _mm256_permutevar8x32_ps(t[i + 1], g), bit3);
+      };
+      if constexpr (LOOK == 1) return _mm256_permutevar8x32_ps(t[0], g);
+      if constexpr (LOOK == 2) return pair(0);
+      if constexpr (LOOK == 4) return _mm256_blendv_ps(pair(0), pair(2), _mm256_castsi256_ps(_mm256_slli_epi32(g, 27)));
+    }
+  }
+  // the weights of columns k0 .. k0 + 7 (k0 a multiple of 8)
+  __m256 at(int64_t k0) const {
+    constexpr int kMask = (1 << BITS) - 1;
+    const int64_t left = w.K - k0;
+    const __m256i g = left >= 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.g_idx + k0))
+                                : _mm256_maskload_epi32(w.g_idx + k0, lanes_below(left));
+    const uint8_t* p = qrow + k0 * BITS / 8;  // 8 codes: BITS bytes
+    if (((k0 * BITS / 8) & 63) < BITS) prefetch(p);
+    __m256i c;
+    if constexpr (BITS == 8) {
+      c = _mm256_cvtepu8_epi32(load8(p, left));
+    } else {
+      const int64_t bytes = std::min<int64_t>(BITS, w.row_bytes - k0 * BITS / 8);
+      uint32_t word = 0;
+      if (bytes == BITS) {
+        std::memcpy(&word, p, BITS);  // a constant size: one or two loads, no call
+      } else {
+        word = static_cast<uint32_t>(bytes_le(p, bytes));
+      }
+      const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+      c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(word)), shifts),
+                           _mm256_set1_epi32(kMask));
+    }
+    __m256 v;
+    if (w.levels) {
+      v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lev_lo, c), _mm256_permutevar8x32_ps(lev_hi, c),
+                           _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+    } else {
+      v = _mm256_sub_ps(_mm256_cvtepi32_ps(c), look(z_tab, z, g));
+    }
+    const __m256 wv = _mm256_mul_ps(v, look(s_tab, s, g));
+    return left < 8 ? _mm256_and_ps(wv, _mm256_castsi256_ps(lanes_below(left))) : wv;
+  }
+};
+
+// One act-order row, T tokens. xp: the tokens' x, each padded with zeros to Kp, a multiple of 8.
+template <int T, int BITS, int LOOK, typename S>
+void row_scattered2(const Packed<S>& w, int64_t n, const float* xp, int64_t Kp, int64_t m0, float* y, int64_t N,
+                    const float* s, const float* z) {
+  const ScatteredRow2<BITS, LOOK, S> row(w, n, s, z);
+  __m256 acc[T];
+  LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < w.K; k0 += 8) {
+    const __m256 wv = row.at(k0);
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t)
+      acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp + (m0 + t) * Kp + k0), acc[t]);
+  }
+  LOWBIT_UNROLL for (int t = 0; t < T; ++t) y[(m0 + t) * N + n] = reduce_add8(acc[t]);
+}
+
+// LOOK for a row of G groups (`ScatteredRow2`)
+template <typename Fn>
+inline void with_look2(int64_t G, Fn&& fn) {
+  if (G <= 8) fn.template operator()<1>();
+  else if (G <= 16) fn.template operator()<2>();
+  else if (G <= 32) fn.template operator()<4>();
+  else fn.template operator()<0>();
+}
+
+template <int BITS, int LOOK, typename S>
+void rows_scattered2_bits(const Packed<S>& w, const float* xp, int64_t Kp, int64_t M, float* y, int64_t N, int64_t n0,
+                          int64_t n1) {
+  std::vector<float> s(std::max<int64_t>(w.G, 16)), z(std::max<int64_t>(w.G, 16));
+  for (int64_t n = n0; n < n1; ++n) {
+    row_tables(w, n, s.data(), z.data());
+    token_passes(M, [&]<int T>(int64_t m0) { row_scattered2<T, BITS, LOOK>(w, n, xp, Kp, m0, y, N, s.data(), z.data()); });
+  }
+}
+
+// rows [n0, n1) of act-order weights for all M tokens (x (M, K) as it is)
+template <typename S>
+void rows_scattered2(const Packed<S>& w, const float* x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t Kp = (w.K + 7) / 8 * 8;
+  std::vector<float> xp(M * Kp, 0.0f);
+  for (int64_t m = 0; m < M; ++m) std::copy(x + m * w.K, x + (m + 1) * w.K, xp.begin() + m * Kp);
+  with_look2(w.G, [&]<int LOOK>() {
+    switch (w.bits) {
+      case 2: rows_scattered2_bits<2, LOOK>(w, xp.data(), Kp, M, y, N, n0, n1); break;
+      case 3: rows_scattered2_bits<3, LOOK>(w, xp.data(), Kp, M, y, N, n0, n1); break;
+      case 4: rows_scattered2_bits<4, LOOK>(w, xp.data(), Kp, M, y, N, n0, n1); break;
+      default: rows_scattered2_bits<8, LOOK>(w, xp.data(), Kp, M, y, N, n0, n1);
+    }
+  });
+}
+
+// rows [n0, n1) for all M tokens: R1 rows a pass at one token (4, or 2 where each row holds two tables), two at
+// two, one at three or four
+template <class B, int R1, typename S, typename X>
 void rows_avx2(const Packed<S>& w, const X& x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
-  token_passes(M, [&]<int T>(int64_t m0) { rows_t<B, T == 1 ? 4 : T == 2 ? 2 : 1, T>(w, x, m0, y, N, n0, n1); });
+  token_passes(M, [&]<int T>(int64_t m0) { rows_t<B, T == 1 ? R1 : T == 2 ? 2 : 1, T>(w, x, m0, y, N, n0, n1); });
 }
 #endif
 
@@ -1072,7 +1281,7 @@ void gemv_rows(const Packed<S>& w, const Lanes& xl, int64_t M, float* y, int64_t
 #if defined(LOWBIT_AVX512)
   rows_avx512<ByteBlocks>(w, xl, M, y, N, n0, n1);
 #elif defined(LOWBIT_AVX2)
-  w.bits == 8 ? rows_avx2<Int8Blocks2>(w, xl, M, y, N, n0, n1) : rows_portable(w, xl, M, y, N, n0, n1);
+  w.bits == 4 ? rows_avx2<ByteBlocks2, 2>(w, xl, M, y, N, n0, n1) : rows_avx2<ByteBlocks2, 4>(w, xl, M, y, N, n0, n1);
 #else
   rows_portable(w, xl, M, y, N, n0, n1);
 #endif
@@ -1084,7 +1293,7 @@ void gemv_words(const Packed<S>& w, const Words& xw, int64_t M, float* y, int64_
 #if defined(LOWBIT_AVX512)
   rows_avx512<WordBlocks>(w, xw, M, y, N, n0, n1);
 #elif defined(LOWBIT_AVX2)
-  w.bits == 4 ? rows_avx2<WordBlocks2>(w, xw, M, y, N, n0, n1) : rows_portable_tri(w, xw, M, y, N, n0, n1);
+  rows_avx2<WordBlocks2, 4>(w, xw, M, y, N, n0, n1);
 #else
   rows_portable_tri(w, xw, M, y, N, n0, n1);  // only 3-bit codes take this path without AVX-512 or AVX2
 #endif
@@ -1093,8 +1302,10 @@ void gemv_words(const Packed<S>& w, const Words& xw, int64_t M, float* y, int64_
 // the same for act-order weights, x as it is
 template <typename S>
 void gemv_scattered(const Packed<S>& w, const float* x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
-#ifdef LOWBIT_AVX512
+#if defined(LOWBIT_AVX512)
   rows16_all(w, x, M, y, N, n0, n1);
+#elif defined(LOWBIT_AVX2)
+  rows_scattered2(w, x, M, y, N, n0, n1);
 #else
   rows_portable_scattered(w, x, M, y, N, n0, n1);
 #endif
@@ -1153,11 +1364,18 @@ void dequant_rows_scattered(const Packed<S>& w, float* out, int64_t first, int64
     const uint8_t* qrow = w.q + n * w.row_bytes;
     float* orow = out + (n - first) * w.K;
     row_tables(w, n, s.data(), z.data());
-#ifdef LOWBIT_VBMI
+#if defined(LOWBIT_VBMI)
     if (w.G <= 32) dequant_row_scattered<BITS, 2>(w, qrow, orow, s.data(), z.data());
     else if (w.G <= 64) dequant_row_scattered<BITS, 4>(w, qrow, orow, s.data(), z.data());
     else if (w.G <= 128) dequant_row_scattered<BITS, 8>(w, qrow, orow, s.data(), z.data());
     else dequant_row_scattered<BITS, 0>(w, qrow, orow, s.data(), z.data());
+#elif defined(LOWBIT_AVX2)
+    with_look2(w.G, [&]<int LOOK>() {
+      const ScatteredRow2<BITS, LOOK, S> row(w, n, s.data(), z.data());
+      int64_t k0 = 0;
+      for (; k0 + 8 <= w.K; k0 += 8) _mm256_storeu_ps(orow + k0, row.at(k0));
+      if (k0 < w.K) _mm256_maskstore_ps(orow + k0, lanes_below(w.K - k0), row.at(k0));
+    });
 #else
     for (int64_t k = 0; k < w.K; ++k) orow[k] = scattered_weight(w, qrow, k, s.data(), z.data());
 #endif
