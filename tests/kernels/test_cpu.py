@@ -577,3 +577,45 @@ def test_the_prefill_op_can_be_the_first_call_in_a_process():
     # the first call goes through the loader that builds the extension; it must pass block_rows (a keyword) on
     done = subprocess.run([sys.executable, "-c", FIRST_CALL_IS_PREFILL], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(M=st.integers(1, 12), K=st.integers(1, 300), bits=st.sampled_from([8, 4]), spread=st.floats(0, 8),
+       zeros=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_the_gemv_quantises_per_token_activations_as_the_reference_does(M, K, bits, spread, zeros, seed):
+    """x_bits: the op's own per-token quantisation gives the very values of `fake_quantize` (the same float
+    operations), so the output equals the GEMV's on the reference's quantised x bit for bit — ties that round to
+    even, tokens of zeros (scale FLT_MIN) and magnitudes over 10^8 included."""
+    from lowbit.tensor import fake_quantize
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = quantize_weight(torch.randn(23, K, generator=gen), QuantSpec("int", 8, "channel"))
+    x = torch.randn(M, K, generator=gen) * 10 ** (spread * (torch.rand(M, K, generator=gen) - 0.5))
+    # token 0: amax 127, so s = 1 at 8 bits and x / s are x's own halves, exact ties for round-half-to-even
+    x[0] = (torch.round(torch.randn(K, generator=gen) * 40) / 2).clamp(-126, 126)
+    x[0, 0] = 127.0
+    if zeros:
+        x[-1] = 0
+    act = QuantSpec("int", bits, "token", scale_dtype="float32", dynamic=True)
+    packed, extra = _operands(weight, {})
+    op = torch.ops.lowbit.int_gemv_cpu
+    y = op(x, *packed, 23, **extra, x_bits=bits)
+    assert torch.equal(y, op(fake_quantize(x, act), *packed, 23, **extra))
+    assert torch.equal(y, INT_GEMV.run(x, {}, weight, None, act))  # the layer passes x_bits
+
+
+def test_per_token_quantisation_in_the_op_keeps_non_finite_tokens_non_finite():
+    from lowbit.tensor import fake_quantize
+
+    weight = quantize_weight(torch.randn(8, 64), QuantSpec("int", 8, "channel"))
+    packed, extra = _operands(weight, {})
+    act = QuantSpec("int", 8, "token", scale_dtype="float32", dynamic=True)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(3, 64)
+        x[1, 5] = bad
+        y = torch.ops.lowbit.int_gemv_cpu(x, *packed, 8, **extra, x_bits=8)
+        ref = torch.ops.lowbit.int_gemv_cpu(fake_quantize(x, act), *packed, 8, **extra)
+        torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+        assert not torch.isfinite(y[1]).any() and torch.isfinite(y[[0, 2]]).all()
+    with pytest.raises(RuntimeError, match="x_bits"):
+        torch.ops.lowbit.int_gemv_cpu(torch.randn(1, 64), *packed, 8, **extra, x_bits=9)

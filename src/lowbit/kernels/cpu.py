@@ -154,11 +154,13 @@ def _define(name: str, schema: str, fake) -> None:
 # for a 4-bit lookup format (NF4, FP4: w = levels[c] * s), else the codes are affine ((c - z) * s); int8 ``scale``
 # codes with ``scale_scale`` and ``scale_offset`` for double-quantised scales (decoded as the kernels read them);
 # ``g_idx`` (K,) int32 for act-order weights, the group of each column
+# ``x_bits`` > 0: x quantised per token first (symmetric, float32 scale amax / qmax), as `fake_quantize` does W8A8's
+# dynamic activations, in the op rather than in five torch calls per layer
 _define("int_gemv_cpu", "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, "
         "int out_features, Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None, "
-        "Tensor? g_idx=None) -> Tensor",
+        "Tensor? g_idx=None, int x_bits=0) -> Tensor",
         lambda x, qdata, scale, zero_point, bits, group, out_features, levels=None, scale_scale=None,
-        scale_offset=None, g_idx=None: x.new_empty((*x.shape[:-1], out_features)))
+        scale_offset=None, g_idx=None, x_bits=0: x.new_empty((*x.shape[:-1], out_features)))
 # the float32 weight (N, K) the codes stand for, equal to the reference's dequantise()
 _define("dequant_cpu", "(Tensor qdata, Tensor scale, Tensor? zero_point, int bits, int group, int in_features, "
         "Tensor? levels=None, Tensor? scale_scale=None, Tensor? scale_offset=None, Tensor? g_idx=None) -> Tensor",
@@ -231,10 +233,24 @@ def _operands(weight: QuantizedWeight, prepared: dict) -> tuple[tuple, dict]:
     return (weight.qdata, scale, weight.zero_point, weight.spec.bits, weight.group_size), extra
 
 
+def token_bits(activations: QuantSpec | None) -> int:
+    """The width of symmetric per-token integer activations with float32 scales (W8A8's), which the GEMV
+    quantises itself (its ``x_bits``); 0 for none or any other spec."""
+    if (activations is not None and activations.format == "int" and activations.symmetric
+            and activations.granularity == "token" and activations.torch_scale_dtype == torch.float32):
+        return activations.bits
+    return 0
+
+
 def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None, activations) -> Tensor:
-    if activations is not None:  # W8A8: the reference's per-call activation quantisation, then the same sums
+    # W8A8: the reference's per-call activation quantisation (in the op where it can: float32 x, whose quantised
+    # values the reference keeps in float32), then the same sums
+    x_bits = token_bits(activations) if x.dtype == torch.float32 else 0
+    if activations is not None and not x_bits:
         x = fake_quantize(x, activations)
     packed, extra = _operands(weight, prepared)
+    if x_bits:
+        extra["x_bits"] = x_bits
     y = _INT_GEMV_OP(x if x.dtype == torch.float32 else x.float(), *packed, weight.shape[0], **extra)
     if bias is not None:
         y = y + bias.float()

@@ -54,6 +54,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
@@ -1675,12 +1676,41 @@ bool integer_dot() {
   return !(v && std::strcmp(v, "1") == 0);
 }
 
-// y (..., N) = x (..., K) @ dequant(W).T for float32 x, with a few tokens M = x.numel() / K in mind.
+// x (M, K) quantised per token to `bits`-bit symmetric codes and back, as lowbit's dynamic activations are
+// (`lowbit.tensor.fake_quantize`, W8A8's): s = amax|x| / qmax (float32 division; 0 becomes FLT_MIN, a NaN in the
+// token makes it NaN), codes round(x / s) (half to even) clamped to [qmin, qmax], x = code * s. The same float
+// operations as torch's, so the same values.
+at::Tensor fake_quantize_tokens(const at::Tensor& x, int64_t M, int64_t K, int64_t bits) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "int_gemv_cpu: x_bits must be 0 (float x) or 2 .. 8");
+  at::Tensor out = at::empty_like(x);
+  const float* in = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1), qmin = -static_cast<float>(1 << (bits - 1));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = in + m * K;
+    float amax = 0.0f;
+    bool nan = false;
+    for (int64_t k = 0; k < K; ++k) {
+      nan |= std::isnan(xm[k]);
+      amax = std::max(amax, std::fabs(xm[k]));
+    }
+    float s = nan ? std::numeric_limits<float>::quiet_NaN() : amax / qmax;
+    if (s == 0.0f) s = std::numeric_limits<float>::min();
+    for (int64_t k = 0; k < K; ++k) {
+      const float q = std::nearbyint(xm[k] / s);
+      o[m * K + k] = (q < qmin ? qmin : q > qmax ? qmax : q) * s;  // a NaN stays NaN, as torch's clamp keeps it
+    }
+  }
+  return out;
+}
+
+// y (..., N) = x (..., K) @ dequant(W).T for float32 x, with a few tokens M = x.numel() / K in mind; x_bits > 0:
+// x quantised per token first (`fake_quantize_tokens`).
 at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                         const std::optional<at::Tensor>& zero_point, int64_t bits, int64_t group,
                         int64_t out_features, const std::optional<at::Tensor>& levels,
                         const std::optional<at::Tensor>& scale_scale, const std::optional<at::Tensor>& scale_offset,
-                        const std::optional<at::Tensor>& g_idx) {
+                        const std::optional<at::Tensor>& g_idx, int64_t x_bits) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "int_gemv_cpu: x must be float32 (..., K)");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = out_features;
   const Weight wt =
@@ -1689,7 +1719,7 @@ at::Tensor int_gemv_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options());
   if (M == 0 || N == 0) return y;
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = x_bits ? fake_quantize_tokens(x.contiguous(), M, K, x_bits) : x.contiguous();
   float* out = y.data_ptr<float>();
   const int64_t grain = grain_rows(wt.q.size(1), M);
   if (wt.g_idx.defined()) {
