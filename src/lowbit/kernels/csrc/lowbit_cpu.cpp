@@ -1007,12 +1007,28 @@ inline __m256i load_words2(const uint8_t* row, int64_t d, int64_t left) {
   }
 }
 
+// Code q of 8 words v[r] (bits BITS·q ..) times x lane q of words d .., summed into part[r][t]: shift, mask,
+// convert, multiply-add. The body of `block_words2` and `block_word_spans2`.
+template <int R, int T, int BITS>
+inline void word_lanes2(const __m256i (&v)[R], const Words& xw, int64_t m0, int64_t d, __m256 (&part)[R][T]) {
+  const __m256i field = _mm256_set1_epi32((1 << BITS) - 1);
+  LOWBIT_UNROLL for (int q = 0; q < 8; ++q) {
+    __m256 xv[T];
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xw.at(m0 + t, q) + d);
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+      __m256i c = q ? _mm256_srli_epi32(v[r], BITS * q) : v[r];
+      if (q < 7) c = _mm256_and_si256(c, field);
+      const __m256 wv = _mm256_cvtepi32_ps(c);
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm256_fmadd_ps(wv, xv[t], part[r][t]);
+    }
+  }
+}
+
 // `block_words` at 8 words (64 codes) a step: code q of each word shifted out, masked, converted and multiplied
 // with x lane q, the sum over raw codes; per group s (sum c x - z sum x).
 template <int R, int T, int BITS, typename S>
 void block_words2(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
   Sums8<R, T> total;
-  const __m256i field = _mm256_set1_epi32((1 << BITS) - 1);
   for (int64_t g = 0; g < w.G; ++g) {
     const int64_t d0 = g * w.group / 8, d1 = std::min(w.K, (g + 1) * w.group) / 8;
     __m256 part[R][T];
@@ -1025,16 +1041,7 @@ void block_words2(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int
         prefetch(row + BITS * d);
         v[r] = load_words2<BITS>(row, d, d1 - d);
       }
-      LOWBIT_UNROLL for (int q = 0; q < 8; ++q) {  // x past the group meets codes of zero (`Words` has the slack)
-        __m256 xv[T];
-        LOWBIT_UNROLL for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xw.at(m0 + t, q) + d);
-        LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
-          __m256i c = q ? _mm256_srli_epi32(v[r], BITS * q) : v[r];
-          if (q < 7) c = _mm256_and_si256(c, field);
-          const __m256 wv = _mm256_cvtepi32_ps(c);
-          LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm256_fmadd_ps(wv, xv[t], part[r][t]);
-        }
-      }
+      word_lanes2<R, T, BITS>(v, xw, m0, d, part);  // x past the group meets codes of zero (`Words` has slack)
     }
     LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       const float s = scale_at(w, n + r, g), sz = s * static_cast<float>(w.zero_code(n + r, g));
@@ -1043,6 +1050,77 @@ void block_words2(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int
         total.acc[r][t] = _mm256_fmadd_ps(part[r][t], sv, total.acc[r][t]);
         total.corr[r][t] += sz * xw.group_sum(m0 + t, g);
       }
+    }
+  }
+  total.store(y, m0, N, n);
+}
+
+// The scales of groups g0 .. g0 + count - 1 (count <= 8) of row n in lanes 0 .. count - 1 (lanes past them: other
+// groups' or zero): one vector load of 8 where they lie in the row, else one at a time.
+template <typename S>
+inline __m256 load_scales8(const Packed<S>& w, int64_t n, int64_t g0, int64_t count) {
+  const S* p = w.scale + n * w.G + g0;
+  if (g0 + 8 <= w.G) {
+    if constexpr (std::is_same_v<S, float>) {
+      return _mm256_loadu_ps(p);
+    } else if constexpr (std::is_same_v<S, at::Half>) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else if constexpr (std::is_same_v<S, at::BFloat16>) {  // a bfloat16 is a float's top half
+      const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+    }
+  }
+  alignas(32) float v[8] = {};
+  for (int64_t i = 0; i < count; ++i) v[i] = scale_at(w, n, g0 + i);
+  return _mm256_load_ps(v);
+}
+
+// The zero codes of groups g0 .. g0 + count - 1 (count <= 8, g0 even) of row n as floats in lanes 0 .. count - 1:
+// 2^(BITS-1) for symmetric codes; packed ones read as one 32-bit field where the row holds it, else one at a time.
+template <int BITS, typename S>
+inline __m256 load_zeros8(const Packed<S>& w, int64_t n, int64_t g0, int64_t count) {
+  if (!w.zero) return _mm256_set1_ps(static_cast<float>(1 << (BITS - 1)));
+  const uint8_t* z = w.zero + n * w.zero_row_bytes;
+  const int64_t bit = g0 * BITS, byte = bit >> 3;
+  if (byte + 4 <= w.zero_row_bytes) {  // 8 codes and the field's offset (0, or 2, 4, 6 at 3 bits) fit 32 bits
+    uint32_t field;
+    std::memcpy(&field, z + byte, 4);
+    const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+    const __m256i all = _mm256_set1_epi32(static_cast<int32_t>(field >> (bit & 7)));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(all, shifts), _mm256_set1_epi32((1 << BITS) - 1)));
+  }
+  alignas(32) float v[8] = {};
+  for (int64_t i = 0; i < count; ++i) v[i] = static_cast<float>(w.zero_code(n, g0 + i));
+  return _mm256_load_ps(v);
+}
+
+// `block_word_spans` at 8 words a step, for groups of 8, 16 or 32 columns (Q4_0's), which `block_words2` would run
+// a half-empty step per group: every step holds whole groups, lane j's in group d / per + (j >> shift); each lane's
+// zero point comes off as z · (sum of x over its word), and each lane is scaled by its group's scale.
+template <int R, int T, int BITS, typename S>
+void block_word_spans2(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
+  Sums8<R, T> total;
+  const int64_t words = w.K / 8;
+  const int shift = __builtin_ctzll(w.group / 8), per = 8 >> shift;  // log2 of words per group; groups per step
+  const __m256i lane_group = _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), shift);
+  for (int64_t d = 0; d < words; d += 8) {
+    __m256i v[R];
+    __m256 part[R][T];
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w.q + (n + r) * w.row_bytes;
+      prefetch(row + BITS * d);
+      v[r] = load_words2<BITS>(row, d, words - d);
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) part[r][t] = _mm256_setzero_ps();
+    }
+    word_lanes2<R, T, BITS>(v, xw, m0, d, part);
+    const int64_t g0 = d >> shift, groups = std::min<int64_t>(per, w.G - g0);
+    __m256 xsum[T];  // `Words` keeps word sums up to D, a multiple of 16 words: d + 8 <= D
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) xsum[t] = _mm256_loadu_ps(xw.word_sum(m0 + t) + d);
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+      const __m256 sv = _mm256_permutevar8x32_ps(load_scales8(w, n + r, g0, groups), lane_group);
+      const __m256 zv = _mm256_permutevar8x32_ps(load_zeros8<BITS>(w, n + r, g0, groups), lane_group);
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t)
+        total.acc[r][t] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zv, xsum[t], part[r][t]), sv, total.acc[r][t]);
     }
   }
   total.store(y, m0, N, n);
@@ -1144,7 +1222,10 @@ struct ByteBlocks2 {
 struct WordBlocks2 {
   template <int R, int T, typename S>
   static void run(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int64_t N, int64_t n) {
-    w.bits == 4 ? block_words2<R, T, 4>(w, xw, m0, y, N, n) : block_words2<R, T, 3>(w, xw, m0, y, N, n);
+    if (w.group < 64 && 64 % w.group == 0)
+      w.bits == 4 ? block_word_spans2<R, T, 4>(w, xw, m0, y, N, n) : block_word_spans2<R, T, 3>(w, xw, m0, y, N, n);
+    else
+      w.bits == 4 ? block_words2<R, T, 4>(w, xw, m0, y, N, n) : block_words2<R, T, 3>(w, xw, m0, y, N, n);
   }
 };
 
