@@ -41,7 +41,8 @@ from _cpu_results import Stamp, write
 from cpu_kernels import act_order
 
 from lowbit.kernels import dispatch, quantized_linear
-from lowbit.kernels.cpu import _DEQUANT_LINEAR_OP, BLOCK_BYTES, DEQUANT_GEMM, INT_GEMV, _operands, block_rows
+from lowbit.kernels.cpu import (_DEQUANT_LINEAR_OP, BLOCK_BYTES, DEQUANT_GEMM, INT_GEMV, _in_order, _operands,
+                               block_rows)
 from lowbit.scheme import QuantSpec
 from lowbit.tensor import QuantizedWeight, quantize_weight
 
@@ -63,7 +64,7 @@ PEAK_WEIGHTS = 4096 * 4096  # the 7B shapes: their peak memory per call is measu
 def whole(x: torch.Tensor, weight: QuantizedWeight, prepared: dict) -> torch.Tensor:
     """The prefill op with one block: the whole float weight written per call."""
     packed, extra = _operands(weight, prepared)
-    return _DEQUANT_LINEAR_OP(x, *packed, weight.shape[0], **extra, block_rows=weight.shape[0])
+    return _DEQUANT_LINEAR_OP(_in_order(x, prepared), *packed, weight.shape[0], **extra, block_rows=weight.shape[0])
 
 
 def peak_added_mb(shape: tuple[int, int], variant: str, tokens: int, threads: int) -> float:

@@ -159,3 +159,31 @@ def test_fake_quantize_fast_path_equals_the_general_formula(rows, cols, bits, gr
     general = dequantize_affine(quantize_affine(flat, s, None, bits, True, flat.shape[1]), s, None, flat.shape[1])
     fast = fake_quantize(x, QuantSpec("int", bits, granularity, scale_dtype="float32"))
     assert torch.equal(fast, general.reshape(x.shape))
+
+
+GROUPED = [s for s in SPECS if s.granularity == "group"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 24), st.integers(1, 300), st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("spec", GROUPED, ids=[f"{s.describe()}{'-dq' if s.double_quant else ''}" for s in GROUPED])
+def test_act_order_weights_sort_into_plain_groups(spec, rows, cols, seed):
+    """GPTQ's g_idx (group i holds the columns ranked i·g .. (i+1)·g − 1) sorts into runs of whole groups: the
+    same codes with the columns in that order are a plain grouped weight, bit for bit the columns of the original
+    (the last group short or not); any other g_idx does not, and a weight without one has no order."""
+    gen = torch.Generator().manual_seed(seed)
+    qw = quantize_weight(torch.randn(rows, cols, generator=gen), spec)
+    assert qw.group_order() is None and qw.in_group_order() is None
+    g_idx = (torch.argsort(torch.randperm(cols, generator=gen)) // qw.group_size).int()
+    ordered = QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.shape, spec, qw.scale_scale, qw.scale_offset,
+                              g_idx)
+    perm, plain = ordered.in_group_order()
+    assert torch.equal(g_idx[perm].long(), torch.arange(cols) // qw.group_size)
+    assert plain.g_idx is None and plain.qdata.shape == qw.qdata.shape and plain.scale is qw.scale
+    assert torch.equal(plain.dequantize(), ordered.dequantize()[:, perm])
+    if qw.scale_shape[1] > 1:  # a column of group 0 moved to the last group: no longer runs of group_size
+        g_idx = g_idx.clone()
+        g_idx[(g_idx == 0).nonzero()[0]] = qw.scale_shape[1] - 1
+        scattered = QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.shape, spec, qw.scale_scale,
+                                    qw.scale_offset, g_idx)
+        assert scattered.group_order()[1] is not None and scattered.in_group_order() is None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -185,6 +185,33 @@ class QuantizedWeight:
         if fmt in ("nf4", "fp4"):
             return dequantize_lut(codes.to(torch.uint8), scale, lut_levels(fmt), group, dtype=torch.float32)
         return dequantize_fp8(codes.to(torch.uint8), scale, fmt[4:], group, dtype=torch.float32)
+
+    # -- act-order --------------------------------------------------------------------
+    def group_order(self) -> tuple[Tensor, Tensor | None] | None:
+        """For act-order weights, ``(perm, groups)``: ``perm`` (C,) int64 lists the columns group by group (a
+        stable argsort of ``g_idx``), and ``groups`` gives each listed column's group, or is None where these
+        are plain runs of ``group_size`` columns, as GPTQ's desc_act writes them. None without a ``g_idx``."""
+        if self.g_idx is None:
+            return None
+        g_idx = self.g_idx.long()
+        perm = torch.argsort(g_idx, stable=True)
+        groups = g_idx[perm]
+        runs = torch.arange(g_idx.numel(), device=g_idx.device) // self.group_size
+        return perm, None if torch.equal(groups, runs) else groups
+
+    def in_group_order(self) -> tuple[Tensor, QuantizedWeight] | None:
+        """``(perm, plain)`` where `group_order` finds plain runs: ``plain`` holds the same codes with its columns
+        in ``perm`` order and contiguous groups (no ``g_idx``), so ``plain.dequantize() == dequantize()[:, perm]``
+        and ``x[..., perm] @ plain.T`` is this layer's product, summed in another order. Else None. The codes are
+        repacked a block of rows at a time (a copy of ``qdata``; scales and zero points are shared)."""
+        order = self.group_order()
+        if order is None or order[1] is not None:
+            return None
+        perm, (rows, cols), bits = order[0], self.shape, self.spec.bits
+        qdata = torch.empty_like(self.qdata)
+        for block in row_blocks(rows, cols):
+            qdata[block] = pack(unpack(self.qdata[block], bits, cols)[:, perm], bits)
+        return perm, replace(self, qdata=qdata, g_idx=None)
 
     # -- serialisation --------------------------------------------------------------
     @classmethod

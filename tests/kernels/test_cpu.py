@@ -217,6 +217,13 @@ def test_dequant_is_the_reference_weight_exactly(fmt, per_channel, group_bytes, 
     assert torch.equal(w, weight.dequantize())
 
 
+def stored_operands(weight: QuantizedWeight) -> tuple[tuple, dict]:
+    """The ops' arguments for the codes as stored (act-order: in column order, with the g_idx), not as `prepare`
+    may sort them."""
+    prepared = INT_GEMV.prepare(weight)
+    return _operands(weight, {"levels": prepared["levels"]} if "levels" in prepared else {})
+
+
 def with_g_idx(weight: QuantizedWeight, seed: int, uneven: bool) -> QuantizedWeight:
     """The same codes and scales, their groups scattered over the columns: GPTQ act-order's g_idx (each group
     ``group_size`` columns in a random column order) or, ``uneven``, any group for any column."""
@@ -233,13 +240,25 @@ def with_g_idx(weight: QuantizedWeight, seed: int, uneven: bool) -> QuantizedWei
 @given(M=st.integers(1, 16), uneven=st.booleans(), **{k: v for k, v in WEIGHTS.items() if k != "per_channel"})
 def test_act_order_weights_on_random_shapes(M, uneven, fmt, group_bytes, symmetric, scale_dtype, N, K, seed):
     """Scattered groups (g_idx): the GEMV (16-row blocks and a tail) against the exact product, the dequantise
-    bit for bit; any number of groups (up to 150 here)."""
+    bit for bit; any number of groups (up to 150 here). GPTQ's g_idx (runs of groups once sorted) is prepared as
+    codes in group order, read by the plain kernels on x's columns in that order; the op on the stored codes
+    reads them in column order all the same."""
     weight = with_g_idx(random_weight(fmt, False, group_bytes, symmetric, scale_dtype, N, K, seed), seed, uneven)
     assert INT_GEMV.supports(weight, None, torch.device("cpu")) is None
     x = torch.randn(M, weight.shape[1], generator=torch.Generator().manual_seed(seed + 1))
-    check_close_to_exact(INT_GEMV.run(x, INT_GEMV.prepare(weight), weight, None, None), x, weight)
-    packed, extra = _operands(weight, INT_GEMV.prepare(weight))
-    assert torch.equal(torch.ops.lowbit.dequant_cpu(*packed, weight.shape[1], **extra), weight.dequantize())
+    prepared = INT_GEMV.prepare(weight)
+    sortable = weight.group_order()[1] is None  # GPTQ's always; a random g_idx by chance (one group, say)
+    assert sortable or uneven
+    assert ("perm" in prepared) == sortable and ("qdata" in prepared) == sortable
+    check_close_to_exact(INT_GEMV.run(x, prepared, weight, None, None), x, weight)
+    stored, extra = stored_operands(weight)
+    check_close_to_exact(torch.ops.lowbit.int_gemv_cpu(x, *stored, weight.shape[0], **extra), x, weight)
+    assert torch.equal(torch.ops.lowbit.dequant_cpu(*stored, weight.shape[1], **extra), weight.dequantize())
+    if sortable:
+        packed, extra = _operands(weight, prepared)
+        assert "g_idx" not in extra
+        assert torch.equal(torch.ops.lowbit.dequant_cpu(*packed, weight.shape[1], **extra),
+                           weight.dequantize()[:, prepared["perm"]])
 
 
 @pytest.mark.parametrize("groups", [7, 32, 33, 64, 65, 86, 128, 129, 200])
@@ -255,11 +274,14 @@ def test_act_order_dequantise_with_any_number_of_groups(groups, symmetric):
         assert torch.equal(torch.ops.lowbit.dequant_cpu(*packed, scattered.shape[1], **extra), scattered.dequantize())
 
 
-def test_act_order_layers_run_on_the_packed_kernels_not_the_reference(caplog):
+@pytest.mark.parametrize("uneven", [False, True], ids=["gptq-g-idx", "any-g-idx"])
+def test_act_order_layers_run_on_the_packed_kernels_not_the_reference(uneven, caplog):
     """A GPTQ act-order layer (g_idx) is served by the GEMV for decode and dequantise + GEMM for prefill
-    (the reference's sums, split by rows of the weight), with nothing logged about a fallback."""
+    (the reference's sums, split by rows of the weight), with nothing logged about a fallback. GPTQ's g_idx
+    runs as a plain layer on codes sorted into group order, held once for both kernels; any other is read in
+    column order."""
     weight = with_g_idx(quantize_weight(torch.randn(72, 1100), QuantSpec("int", 4, "group", 32, symmetric=False)), 0,
-                        uneven=False)
+                        uneven)
     layer = QuantLinear(weight, torch.randn(72))
     cpu = torch.device("cpu")
     with caplog.at_level("WARNING"):
@@ -271,6 +293,13 @@ def test_act_order_layers_run_on_the_packed_kernels_not_the_reference(caplog):
         x = torch.randn(1, 64, 1100)
         check_prefill(layer(x), x, weight, layer.bias)
     assert "reference" not in caplog.text
+    [prepared] = layer._memo.prepared.values()  # one layout for both kernels
+    if uneven:
+        assert "perm" not in prepared
+    else:
+        perm, plain = weight.in_group_order()
+        assert torch.equal(prepared["perm"], perm) and torch.equal(prepared["qdata"], plain.qdata)
+        assert prepared["qdata"].nbytes == weight.qdata.nbytes
 
 
 def test_act_order_ops_check_their_g_idx():
@@ -323,7 +352,7 @@ def test_prefill_in_blocks_on_random_shapes(M, rows, bf16, with_bias, act_order,
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(2, M, weight.shape[1], generator=gen).to(torch.bfloat16 if bf16 else torch.float32)
     bias = torch.randn(N, generator=gen) if with_bias else None
-    packed, extra = _operands(weight, DEQUANT_GEMM.prepare(weight))
+    packed, extra = stored_operands(weight)
     y = torch.ops.lowbit.dequant_linear_cpu(x, *packed, N, **extra, bias=bias, block_rows=rows)
     assert y.shape == (2, M, N) and y.dtype == x.dtype
     if rows >= N:
@@ -440,15 +469,16 @@ def test_quant_linear_uses_the_gemv_for_decode_and_dequant_gemm_for_prefill(monk
     (QuantSpec("int", 4, "group", 128), False, 12, 12),
     (QuantSpec("int", 3, "group", 64, symmetric=False), False, 16, 12),
     (QuantSpec("int", 2, "group", 64, symmetric=False), False, 8, 8),
-    (QuantSpec("int", 4, "group", 64), True, 32, 4),
+    (QuantSpec("int", 4, "group", 64), "gptq", 12, 12),
+    (QuantSpec("int", 4, "group", 64), "any", 32, 4),
 ], ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
 def test_the_decode_kernels_range_of_tokens_depends_on_the_format(spec, act_order, last_gemv_m, last_gemv_m_avx2):
     """Where the GEMV hands over to dequantise + GEMM: early for int8, int2 and NF4, later for 3/4-bit codes,
-    late for act-order weights (a slow, scattered dequantise) with AVX-512; without it (the 8-lane kernels)
-    earlier for 3-bit and act-order weights."""
+    late for act-order weights read in column order (a slow, scattered dequantise) with AVX-512; without it (the
+    8-lane kernels) earlier for 3-bit and those act-order weights. GPTQ's act-order weights run as plain ones."""
     weight = quantize_weight(torch.randn(40, 256), spec)
     if act_order:
-        weight = with_g_idx(weight, 0, uneven=False)
+        weight = with_g_idx(weight, 0, uneven=act_order == "any")
     cpu = torch.device("cpu")
     if "avx512" not in build_features():
         last_gemv_m = last_gemv_m_avx2
@@ -510,8 +540,9 @@ PORTABLE_CHECK = textwrap.dedent("""
                        (QuantSpec("int", 4, "group", 32), 13, 576), (QuantSpec("int", 4, "group", 16, symmetric=False), 7, 1096),
                        (QuantSpec("int", 3, "group", 128, symmetric=False), 9, 1536)]:
         w = quantize_weight(torch.randn(N, K), spec)
-        g_idx = (torch.argsort(torch.randperm(K)) // w.group_size).to(torch.int32)
-        for weight in (w, dataclasses.replace(w, g_idx=g_idx)):  # and act-order's scattered groups
+        gptq = (torch.argsort(torch.randperm(K)) // w.group_size).to(torch.int32)  # sorted into plain groups
+        scattered = torch.randint(0, w.scale_shape[1], (K,), dtype=torch.int32)  # read in column order
+        for weight in (w, dataclasses.replace(w, g_idx=gptq), dataclasses.replace(w, g_idx=scattered)):
             for M in (1, 5):
                 x = torch.randn(M, K)
                 ref = quantized_linear(x, weight)
@@ -528,7 +559,10 @@ PORTABLE_CHECK = textwrap.dedent("""
 @pytest.mark.parametrize("march,features", [("x86-64-v3", ["avx2"]), ("x86-64-v2", [])])
 def test_builds_without_avx512_match_the_reference(march, features):
     """AVX2 + FMA (the 8-lane kernels, what AMD Zen 2/3 and Intel's client CPUs run) and no vector extension
-    beyond SSE4.2 (the portable loops), whatever this machine has."""
+    beyond SSE4.2 (the portable loops), whatever this machine has (the AVX2 build is this machine's own where it
+    has no AVX-512: the rest of this file tests it)."""
+    if march == "x86-64-v3" and build_features() == {"avx2"}:
+        pytest.skip("this machine's own build is the AVX2 one")
     # its own process: the build registers the same op names as this process's
     env = {**os.environ, "LOWBIT_CPU_MARCH": march}
     done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, *features], env=env, capture_output=True, text=True,

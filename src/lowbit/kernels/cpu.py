@@ -36,9 +36,14 @@ float kernels for every format (the portable loops had a 4-bit layer at 0.9x flo
 integer (VNNI) path is AVX-512's alone, and the GEMV hands over to the prefill kernel earlier for 3-bit and
 act-order weights (``MAX_M_BY_BITS_AVX2``, ``MAX_M_ACT_ORDER_AVX2``).
 
-Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) are read in column
-order, each column's scale fetched from its group: the ops take the ``g_idx`` as it is stored,
-whatever the group size or width, and the dequantised weight is again the reference's bit for bit.
+Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) whose groups are runs of
+``group_size`` columns once sorted — the ones GPTQ writes — run as plain grouped weights: ``prepare`` keeps a copy
+of the codes with the columns in group order (`QuantizedWeight.in_group_order`; as vLLM's GPTQ and Marlin kernels
+reorder theirs on load; one more copy of the codes, scales and zero points shared), and each call gathers x's
+columns into that order first, so the layer costs what a plain one does (on an AVX2 Zen 3, 2026-11-29: act-order
+decoding had been 0.72x float32 against 2.1x for plain int4). Any other ``g_idx`` is read in column order, each
+column's scale fetched from its group: the ops take the ``g_idx`` as it is stored, whatever the group size or
+width, and the dequantised weight is again the reference's bit for bit.
 
 Where the extension cannot be built, `supports` says why and the dispatcher falls back to
 the reference kernel.
@@ -73,7 +78,8 @@ LOOKUP_FORMATS = ("nf4", "fp4")  # 4-bit codes that index a table of 16 levels
 # The GEMV's range of tokens, by format: above it, dequantise + GEMM (in blocks) is faster. The GEMV's
 # cost grows with M, the dequantise's does not, so the crossover is where the GEMV's decode of the codes
 # stops paying for itself: early for int8 (one code per byte, a cheap dequantise), int2, NF4 and FP4, later
-# for 3/4-bit codes, and late for act-order weights, whose scattered groups make the dequantise slow.
+# for 3/4-bit codes, and late for act-order weights read in column order (a g_idx that is not sorted runs of
+# groups: sorted ones run as plain weights), whose scattered groups make the dequantise slow.
 # From bench/results/cpu_prefill.md (2026-11-28, 2 threads, the default model's and LLaMA-7B's shapes).
 MAX_M = 8  # int8, int2, NF4, FP4
 MAX_M_BY_BITS = {3: 16, 4: 12}  # affine codes of these widths
@@ -100,7 +106,7 @@ BLOCKS_PER_THREAD = 2
 def gemv_max_m(weight: QuantizedWeight) -> int:
     """The most tokens the GEMV runs for this weight on this machine's build; the prefill kernel takes more."""
     wide = _avx512()
-    if weight.g_idx is not None:
+    if weight.g_idx is not None and not _sortable(weight):
         return MAX_M_ACT_ORDER if wide else MAX_M_ACT_ORDER_AVX2
     if weight.spec.format in LOOKUP_FORMATS:
         return MAX_M
@@ -215,22 +221,44 @@ def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: to
     return extension()
 
 
+def _sortable(weight: QuantizedWeight) -> bool:
+    """Act-order groups that are runs of ``group_size`` columns once sorted, in a layout the plain kernels read."""
+    if weight.group_order()[1] is not None:
+        return False
+    group, cols = weight.group_size, weight.shape[1]
+    return not (weight.spec.bits == 3 and group % 8 or group % (8 // weight.spec.bits) and group < cols)
+
+
 def _prepare(weight: QuantizedWeight) -> dict:
-    """Nothing for integer codes (the kernels read the stored tensors); for NF4 / FP4 their 16 levels."""
-    return {"levels": lut_levels(weight.spec.format).contiguous()} if weight.spec.format in LOOKUP_FORMATS else {}
+    """Nothing for integer codes (the kernels read the stored tensors); for NF4 / FP4 their 16 levels; for
+    act-order weights that run as plain ones (`_sortable`) the column order ``perm`` and the codes in that order."""
+    out = {"levels": lut_levels(weight.spec.format).contiguous()} if weight.spec.format in LOOKUP_FORMATS else {}
+    if weight.g_idx is not None and _sortable(weight):
+        perm, plain = weight.in_group_order()
+        out.update(perm=perm, qdata=plain.qdata)
+    return out
+
+
+def _in_order(x: Tensor, prepared: dict) -> Tensor:
+    """x's columns in the prepared weight's order (act-order weights sorted by group), else x itself."""
+    perm = prepared.get("perm")
+    return x if perm is None else x.index_select(-1, perm)
 
 
 def _operands(weight: QuantizedWeight, prepared: dict) -> tuple[tuple, dict]:
     """The packed weight's positional arguments of the C++ ops (qdata, scale, zero_point, bits, group) and
-    their keyword arguments (levels, double-quantised scales' block scales and offset, act-order's g_idx)."""
-    extra = {} if weight.g_idx is None else {"g_idx": weight.g_idx}
+    their keyword arguments (levels, double-quantised scales' block scales and offset, act-order's g_idx): those
+    of the prepared codes in group order where there are some (`_prepare`)."""
+    sorted_codes = prepared.get("qdata")
+    extra = {} if weight.g_idx is None or sorted_codes is not None else {"g_idx": weight.g_idx}
     if weight.spec.format in LOOKUP_FORMATS:  # `_prepare`'s dict, as the dispatcher passes it
         extra["levels"] = prepared["levels"]
     scale = weight.scale
     if weight.scale_scale is not None:  # int8 codes, read in place as (N, G)
         scale = scale.view(weight.scale_shape)
         extra.update(scale_scale=weight.scale_scale, scale_offset=weight.scale_offset)
-    return (weight.qdata, scale, weight.zero_point, weight.spec.bits, weight.group_size), extra
+    qdata = weight.qdata if sorted_codes is None else sorted_codes
+    return (qdata, scale, weight.zero_point, weight.spec.bits, weight.group_size), extra
 
 
 def token_bits(activations: QuantSpec | None) -> int:
@@ -248,6 +276,7 @@ def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None
     x_bits = token_bits(activations) if x.dtype == torch.float32 else 0
     if activations is not None and not x_bits:
         x = fake_quantize(x, activations)
+    x = _in_order(x, prepared)
     packed, extra = _operands(weight, prepared)
     if x_bits:
         extra["x_bits"] = x_bits
@@ -269,6 +298,7 @@ def _run_dequant(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tenso
     # the reference's arithmetic (dequantise, then F.linear), a block of rows at a time
     if activations is not None:
         x = fake_quantize(x, activations)
+    x = _in_order(x, prepared)
     packed, extra = _operands(weight, prepared)
     rows = block_rows(*weight.shape, x.numel() // max(1, weight.shape[1]))
     return _DEQUANT_LINEAR_OP(x, *packed, weight.shape[0], **extra, bias=bias, block_rows=rows)

@@ -9,7 +9,8 @@ its device can run at any M is named once in the log with the kernels' reasons, 
 runs on the reference — never a crash.
 
 A kernel's ``prepare`` turns the stored weight into the layout the kernel reads, once
-per device; `QuantLinear` keeps the result.
+per device; `QuantLinear` keeps the result, one per prepare function (kernels that share
+one read the same layout, held once).
 """
 
 from __future__ import annotations

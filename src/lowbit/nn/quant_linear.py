@@ -9,6 +9,8 @@ The packed tensors are registered as buffers named as in the checkpoint (``qdata
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -80,9 +82,9 @@ class QuantLinear(nn.Module):
             kernel = memo.kernels[x.device, m] = dispatch.choose(memo.weight, activations, x.device, m)
         if kernel is dispatch.REFERENCE:
             return kernel.run(x, {}, memo.weight, self.bias, activations)
-        prepared = memo.prepared.get(kernel.name)
+        prepared = memo.prepared.get(kernel.prepare)
         if prepared is None:
-            prepared = memo.prepared[kernel.name] = kernel.prepare(memo.weight)
+            prepared = memo.prepared[kernel.prepare] = kernel.prepare(memo.weight)
         return kernel.run(x, prepared, memo.weight, self.bias, activations)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), …: the memo would keep the old buffers alive
@@ -108,7 +110,9 @@ class _Memo:
         self.buffers = tuple(layer._buffers.values())
         self.weight = layer.weight
         self.kernels: dict[tuple[torch.device, int], dispatch.Kernel] = {}  # (device, M) → kernel
-        self.prepared: dict[str, dispatch.Prepared] = {}  # kernel name → its layout of the weight
+        # a kernel's prepare function → its layout of the weight, one for the kernels that share the function
+        # (the CPU GEMV and prefill kernels: act-order codes sorted into group order are held once)
+        self.prepared: dict[Callable, dispatch.Prepared] = {}
 
     def holds(self, layer: QuantLinear) -> bool:
         buffers = layer._buffers.values()

@@ -120,15 +120,12 @@ def _words(weight: QuantizedWeight, perm: Tensor | None) -> Tensor:
 
 
 def _act_order(weight: QuantizedWeight) -> tuple[Tensor | None, Tensor | None]:
-    """(perm, g_idx after perm); g_idx is None when the sorted groups are plain runs of group_size."""
-    if weight.g_idx is None:
+    """(perm, g_idx after perm) as int32; g_idx is None when the sorted groups are plain runs of group_size."""
+    order = weight.group_order()
+    if order is None:
         return None, None
-    g_idx = weight.g_idx.long()
-    perm = torch.argsort(g_idx, stable=True)
-    sorted_groups = g_idx[perm]
-    runs = torch.arange(g_idx.numel(), device=g_idx.device) // weight.group_size
-    kept = None if torch.equal(sorted_groups, runs) else sorted_groups.to(torch.int32)
-    return perm.to(torch.int32), kept
+    perm, groups = order
+    return perm.to(torch.int32), None if groups is None else groups.to(torch.int32)
 
 
 def _prepare_4bit(weight: QuantizedWeight, scales: Tensor) -> Prepared:
