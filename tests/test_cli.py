@@ -115,6 +115,24 @@ def test_size_reads_the_default_model_config():
     assert "0.135 B parameters" in output
 
 
+def test_a_gguf_models_config_is_read_from_its_converted_copy_where_there_is_one(tmp_path, monkeypatch):
+    """Reading the default model's config from its GGUF file parses all of its metadata (5 s); once a load has
+    written the safetensors copy, its config.json is read instead, with the same architecture."""
+    from lowbit import load_model
+    from lowbit.footprint import read_config
+    from lowbit.models.loading import cached_gguf_config, resolve_source
+
+    load_model()  # the copy in this session's cache exists
+    assert cached_gguf_config(resolve_source(None)) is not None
+    cached = read_config("default")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))  # no copy here
+    assert cached_gguf_config(resolve_source(None)) is None
+    from_gguf = read_config("default")
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "tie_word_embeddings", "model_type")
+    assert {k: cached[k] for k in keys} == {k: from_gguf[k] for k in keys}
+
+
 def test_console_script_runs_help():
     out = subprocess.run([sys.executable, "-m", "lowbit.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("demo", "quantize", "eval", "size", "generate"):

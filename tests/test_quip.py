@@ -145,6 +145,8 @@ def test_triton_e8p_linear_paths_and_split_k(shape, tokens):
     W = E8PWeight(codes, scale).dequantize().double()
     x, bias = torch.randn(1, tokens, C, generator=g), torch.randn(R, generator=g)
     for config in E8P_CONFIGS:
+        if tokens > 8 and isinstance(config, dict) and config["path"] == "gemv":
+            continue  # the GEMV is decode's (1 and 5 tokens check it); 17 tokens are for the tiles' ragged M
         for b in (bias, None):
             ref = torch.nn.functional.linear(x.double(), W, None if b is None else b.double())
             out = e8p_linear(x, codes, scale, b, config)

@@ -170,7 +170,7 @@ def config_footprint(config: dict[str, Any], scheme: Scheme | None, float_bytes:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """A model config from a config.json file, a model directory, a GGUF file or 'default'."""
-    from lowbit.models.loading import resolve_source
+    from lowbit.models.loading import cached_gguf_config, resolve_source
 
     candidate = Path(str(path))
     if candidate.is_file() and candidate.suffix.lower() == ".json":
@@ -179,6 +179,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         source = resolve_source(None if str(path) == "default" else path)
         if source.gguf_file is None:
             config_file = source.directory / "config.json"
+        elif (cached := cached_gguf_config(source)) is not None:
+            config_file = cached
         else:
             from transformers import AutoConfig
 

@@ -358,3 +358,40 @@ def test_a_quantised_lm_head_is_written_as_output_weight(model, tok, tmp_path, m
     ids = _ids(tok)
     with torch.no_grad():
         torch.testing.assert_close(_transformers_model(path)(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_header_strings_are_gguf_readers_own(tmp_path):
+    """`header_string` walks the key/value header by the spec (scalars, strings, arrays of either): every string
+    key of the default model's file and of a file gguf's writer made (arrays of every kind before the key) reads
+    as gguf's reader has it; a missing key is None; a file it cannot follow raises ValueError."""
+    from lowbit.io.gguf import header_string
+    from lowbit.models.loading import resolve_source
+
+    where = resolve_source(None)
+    written = tmp_path / "w.gguf"
+    writer = gguf.GGUFWriter(str(written), "llama")
+    writer.add_array("a.ints", [1, 2, 3])
+    writer.add_array("a.floats", [0.5, 1.5])
+    writer.add_array("a.strings", ["x", "yz", ""])
+    writer.add_array("a.nested", [[1, 2], [3]])
+    writer.add_bool("a.bool", True)
+    writer.add_uint64("a.u64", 7)
+    writer.add_string("a.last", "é and more")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    for path in (where.directory / where.gguf_file, written):
+        reader = gguf.GGUFReader(path)
+        strings = [name for name, field in reader.fields.items() if field.types == [gguf.GGUFValueType.STRING]]
+        assert strings
+        for name in strings:
+            assert header_string(path, name) == str(reader.get_field(name).contents()), name
+        assert header_string(path, "no.such.key") is None
+    assert header_string(written, "a.last") == "é and more"
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(written.read_bytes()[:60])
+    with pytest.raises(ValueError):
+        header_string(cut, "a.last")
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(40))
+    with pytest.raises(ValueError, match="not a little-endian GGUF"):
+        header_string(tmp_path / "not.gguf", "a.last")

@@ -10,6 +10,7 @@ With a GPU the compiled kernel itself is run against the reference on awkward sh
 NaN-poisoned outputs.
 """
 
+import concurrent.futures
 import ctypes
 import functools
 import shutil
@@ -217,13 +218,24 @@ VARIANTS += [cuda.DequantVariant(dt, sdt, zp, bits) for dt in (0, 1) for sdt in 
              for bits in (3, 4, 8)]
 
 
+ARCHS = ("sm_80", "sm_90a")
+
+
+@functools.cache
+def _ptxas_reports(source: str) -> dict[str, dict]:
+    """ptxas's report of every entry point of ``source`` by architecture, both compiled at once (ptxas runs on
+    one core: two nvcc processes halve the wait)."""
+    with concurrent.futures.ThreadPoolExecutor(len(ARCHS)) as pool:
+        done = {arch: pool.submit(cuda.compile_nvcc, source, arch, True) for arch in ARCHS}
+    return {arch: cuda.ptxas_reports(future.result()[1]) for arch, future in done.items()}
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_specialisation_compiles_without_spilling(arch):
     names = [f"k{i}" for i in range(len(VARIANTS))]
     source = cuda.SOURCE.read_text() + "".join(v.entry_point(name) for v, name in zip(VARIANTS, names))
-    _, messages = cuda.compile_nvcc(source, arch, verbose=True)
-    reports = cuda.ptxas_reports(messages)
+    reports = _ptxas_reports(source)[arch]
     assert sorted(reports) == sorted(names)
     for variant, name in zip(VARIANTS, names):
         report = reports[name]

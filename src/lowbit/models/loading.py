@@ -139,6 +139,14 @@ def _load_hf_tokenizer(directory: Path, gguf_file: str | None):  # -> PreTrained
         raise LowbitError(f"could not load the tokenizer of '{label}': {str(err).strip().splitlines()[0]}") from err
 
 
+def cached_gguf_config(source: ModelSource) -> Path | None:
+    """The config.json of a GGUF model's safetensors copy, where a load has written one: the model's config
+    without parsing the GGUF file (transformers reads all of its metadata for it, the tokenizer's too: 5 s for the
+    default model on this project's machine)."""
+    config = _gguf_cache_dir(source) / "config.json" if source.gguf_file is not None else None
+    return config if config is not None and config.is_file() else None
+
+
 def _ensure_gguf_cache(source: ModelSource) -> Path | None:
     """The safetensors copy of a GGUF model, made on first use; None if it cannot be written."""
     target = _gguf_cache_dir(source)
