@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from lowbit.errors import LowbitError
 from lowbit.scheme import QuantSpec
-from lowbit.tensor import QuantizedWeight, expected_layout, fake_quantize, quantize_weight, storage_bytes
+from lowbit.tensor import (QuantizedWeight, expected_layout, fake_quantize, quantize_weight, rtn_dequantized,
+                           storage_bytes)
 
 SPECS = [
     QuantSpec("int", 4, "group", 128),
@@ -187,3 +188,12 @@ def test_act_order_weights_sort_into_plain_groups(spec, rows, cols, seed):
         scattered = QuantizedWeight(qw.qdata, qw.scale, qw.zero_point, qw.shape, spec, qw.scale_scale,
                                     qw.scale_offset, g_idx)
         assert scattered.group_order()[1] is not None and scattered.in_group_order() is None
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 24), st.integers(1, 300), st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_the_planners_round_trip_without_packing_is_the_packed_ones(spec, rows, cols, seed):
+    """What the bit planner scores a candidate by: bit for bit the dequantised packed weight, any observer."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
+    assert torch.equal(rtn_dequantized(w, spec), quantize_weight(w, spec).dequantize())

@@ -66,7 +66,7 @@ from lowbit.errors import LowbitError
 from lowbit.models import select_linears
 from lowbit.scheme import QuantSpec, Scheme
 from lowbit.sequential import CHUNK_TOKENS, shared_input_groups
-from lowbit.tensor import quantize_weight, storage_bytes
+from lowbit.tensor import rtn_dequantized, storage_bytes
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def _errors_of(group: list[str], weights: dict[str, Tensor], H: Tensor, specs: S
                     out[name].append(output_error(weights[name], result.weight.dequantize(), H, fisher[name]))
         else:
             for name in group:
-                Q = quantize_weight(weights[name], spec, name=f"{name}.weight").dequantize()
+                Q = rtn_dequantized(weights[name], spec, name=f"{name}.weight")
                 out[name].append(output_error(weights[name], Q, H, None if fisher is None else fisher[name]))
     return out
 
