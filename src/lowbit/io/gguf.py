@@ -271,10 +271,6 @@ def _source_pre(model: nn.Module) -> str | None:
         return None if field is None else str(field.contents())
 
 
-# sizes of GGUF's scalar metadata types by type id (the spec's gguf_metadata_value_type); 8 is a string, 9 an array
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
 def header_string(path: Path, key: str) -> str | None:
     """The string value of one metadata ``key`` of a GGUF file (v2 or v3, little-endian), or None without it.
 
@@ -285,6 +281,10 @@ def header_string(path: Path, key: str) -> str | None:
     import mmap
     import struct
 
+    import gguf
+
+    kinds = gguf.GGUFValueType
+    scalar_bytes = {int(kind): np.dtype(dtype).itemsize for kind, dtype in gguf.GGUFReader.gguf_scalar_to_np.items()}
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] not in (2, 3):
             raise ValueError(f"{path} is not a little-endian GGUF v2/v3 file")
@@ -301,15 +301,15 @@ def header_string(path: Path, key: str) -> str | None:
 
         def skip(kind: int) -> None:
             nonlocal at
-            if kind in _SCALAR_BYTES:
-                at += _SCALAR_BYTES[kind]
-            elif kind == 8:
+            if kind in scalar_bytes:
+                at += scalar_bytes[kind]
+            elif kind == kinds.STRING:
                 string()
-            elif kind == 9:
+            elif kind == kinds.ARRAY:
                 inner, n = struct.unpack_from("<IQ", data, at)
                 at += 12
-                if inner in _SCALAR_BYTES:
-                    at += n * _SCALAR_BYTES[inner]
+                if inner in scalar_bytes:
+                    at += n * scalar_bytes[inner]
                 else:
                     for _ in range(n):
                         skip(inner)
@@ -322,7 +322,7 @@ def header_string(path: Path, key: str) -> str | None:
                 kind = struct.unpack_from("<I", data, at)[0]
                 at += 4
                 if name == key.encode():
-                    if kind != 8:
+                    if kind != kinds.STRING:
                         raise ValueError(f"{path}: {key} is not a string")
                     return string().decode("utf-8")
                 skip(kind)

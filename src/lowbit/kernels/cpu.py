@@ -106,7 +106,7 @@ BLOCKS_PER_THREAD = 2
 def gemv_max_m(weight: QuantizedWeight) -> int:
     """The most tokens the GEMV runs for this weight on this machine's build; the prefill kernel takes more."""
     wide = _avx512()
-    if weight.g_idx is not None and not _sortable(weight):
+    if weight.g_idx is not None and not _sortable(weight):  # read in column order
         return MAX_M_ACT_ORDER if wide else MAX_M_ACT_ORDER_AVX2
     if weight.spec.format in LOOKUP_FORMATS:
         return MAX_M
@@ -209,32 +209,37 @@ def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: to
         return f"integer 2/3/4/8-bit, NF4 or FP4 weights only, not {spec.describe()}"
     if spec.granularity == "tensor":
         return "per-group or per-channel scales only, not one per tensor"
-    group, cols = weight.group_size, weight.shape[1]
+    cols = weight.shape[1]
     if weight.g_idx is not None:  # act-order: g_idx places every column's group, of any size
         if spec.bits == 3 and cols % 8:  # whole 3-byte words of 8 codes
             return f"3-bit codes need in_features to be a multiple of 8, not {cols}"
         return extension()
-    if spec.bits == 3 and (group % 8 or cols % 8):  # whole 3-byte words of 8 codes per group
+    return _grouped_layout(weight) or extension()
+
+
+def _grouped_layout(weight: QuantizedWeight) -> str | None:
+    """Why the kernels cannot read the weight's columns as contiguous groups of its group size, or None."""
+    group, cols, bits = weight.group_size, weight.shape[1], weight.spec.bits
+    if bits == 3 and (group % 8 or cols % 8):  # whole 3-byte words of 8 codes per group
         return f"3-bit codes need the group size and in_features to be multiples of 8, not {group} and {cols}"
-    if group % (8 // spec.bits) and group < cols:  # groups start on a byte
+    if group % (8 // bits) and group < cols:  # groups start on a byte
         return f"groups of {group} do not fill whole bytes"
-    return extension()
+    return None
 
 
 def _sortable(weight: QuantizedWeight) -> bool:
-    """Act-order groups that are runs of ``group_size`` columns once sorted, in a layout the plain kernels read."""
-    if weight.group_order()[1] is not None:
-        return False
-    group, cols = weight.group_size, weight.shape[1]
-    return not (weight.spec.bits == 3 and group % 8 or group % (8 // weight.spec.bits) and group < cols)
+    """Act-order groups that are runs of ``group_size`` columns once sorted, in a layout the plain kernels read:
+    `_prepare` sorts them."""
+    return weight.g_idx is not None and _grouped_layout(weight) is None and weight.group_order()[1] is None
 
 
 def _prepare(weight: QuantizedWeight) -> dict:
     """Nothing for integer codes (the kernels read the stored tensors); for NF4 / FP4 their 16 levels; for
     act-order weights that run as plain ones (`_sortable`) the column order ``perm`` and the codes in that order."""
     out = {"levels": lut_levels(weight.spec.format).contiguous()} if weight.spec.format in LOOKUP_FORMATS else {}
-    if weight.g_idx is not None and _sortable(weight):
-        perm, plain = weight.in_group_order()
+    ordered = weight.in_group_order() if weight.g_idx is not None and _grouped_layout(weight) is None else None
+    if ordered is not None:  # `_sortable`, with one sort of the g_idx
+        perm, plain = ordered
         out.update(perm=perm, qdata=plain.qdata)
     return out
 

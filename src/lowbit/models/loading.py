@@ -143,15 +143,17 @@ def cached_gguf_config(source: ModelSource) -> Path | None:
     """The config.json of a GGUF model's safetensors copy, where a load has written one: the model's config
     without parsing the GGUF file (transformers reads all of its metadata for it, the tokenizer's too: 5 s for the
     default model on this project's machine)."""
-    config = _gguf_cache_dir(source) / "config.json" if source.gguf_file is not None else None
-    return config if config is not None and config.is_file() else None
+    if source.gguf_file is None:
+        return None
+    config = _gguf_cache_dir(source) / "config.json"
+    return config if config.is_file() else None
 
 
 def _ensure_gguf_cache(source: ModelSource) -> Path | None:
     """The safetensors copy of a GGUF model, made on first use; None if it cannot be written."""
+    if (config := cached_gguf_config(source)) is not None:
+        return config.parent
     target = _gguf_cache_dir(source)
-    if (target / "config.json").is_file():
-        return target
     log.info("converting %s to a safetensors cache at %s (once)", source.label, target)
     model = _load_hf(source.directory, source.gguf_file, torch.float32)
     tokenizer = _load_hf_tokenizer(source.directory, source.gguf_file)
