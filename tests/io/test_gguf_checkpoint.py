@@ -395,3 +395,21 @@ def test_header_strings_are_gguf_readers_own(tmp_path):
     (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(40))
     with pytest.raises(ValueError, match="not a little-endian GGUF"):
         header_string(tmp_path / "not.gguf", "a.last")
+
+
+def test_a_header_the_walk_cannot_follow_is_read_by_ggufs_reader(tmp_path):
+    """`metadata_string` (what the GGUF export asks for the source's tokenizer.ggml.pre) on a big-endian file, which
+    `header_string` refuses: gguf's reader answers, the value and a missing key alike."""
+    from lowbit.io.gguf import header_string, metadata_string
+
+    path = tmp_path / "big.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_array("a.ints", [1, 2, 3])
+    writer.add_string("tokenizer.ggml.pre", "smollm")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="not a little-endian GGUF"):
+        header_string(path, "tokenizer.ggml.pre")
+    assert metadata_string(path, "tokenizer.ggml.pre") == "smollm"
+    assert metadata_string(path, "no.such.key") is None

@@ -249,8 +249,6 @@ def gguf_tensors(model: nn.Module, gguf_type: str | None = None, embedding_type:
 
 def _source_pre(model: nn.Module) -> str | None:
     """``tokenizer.ggml.pre`` of the GGUF file the model was loaded from, if it was."""
-    import gguf
-
     from lowbit.models.loading import resolve_source
 
     info = getattr(model, "lowbit_info", None)
@@ -263,11 +261,18 @@ def _source_pre(model: nn.Module) -> str | None:
         return None
     if where.gguf_file is None:
         return None
-    path = where.directory / where.gguf_file
+    return metadata_string(where.directory / where.gguf_file, "tokenizer.ggml.pre")
+
+
+def metadata_string(path: Path, key: str) -> str | None:
+    """The string value of one metadata ``key`` of a GGUF file, or None without it: `header_string`'s walk of the
+    header where it can follow it, gguf's reader otherwise (a big-endian file, a value type it does not know)."""
+    import gguf
+
     try:
-        return header_string(path, "tokenizer.ggml.pre")
+        return header_string(path, key)
     except (OSError, ValueError):  # not a header this reader follows (UnicodeDecodeError is one): gguf's reads it
-        field = gguf.GGUFReader(path).get_field("tokenizer.ggml.pre")
+        field = gguf.GGUFReader(path).get_field(key)
         return None if field is None else str(field.contents())
 
 
