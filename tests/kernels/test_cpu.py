@@ -465,17 +465,18 @@ def test_quant_linear_uses_the_gemv_for_decode_and_dequant_gemm_for_prefill(monk
 
 @pytest.mark.parametrize("spec,act_order,last_gemv_m,last_gemv_m_avx2", [
     (QuantSpec("int", 8, "channel"), False, 8, 8),
-    (QuantSpec("nf4", 4, "group", 64), False, 8, 8),
-    (QuantSpec("int", 4, "group", 128), False, 12, 12),
-    (QuantSpec("int", 3, "group", 64, symmetric=False), False, 16, 12),
-    (QuantSpec("int", 2, "group", 64, symmetric=False), False, 8, 8),
-    (QuantSpec("int", 4, "group", 64), "gptq", 12, 12),
+    (QuantSpec("nf4", 4, "group", 64), False, 8, 6),
+    (QuantSpec("int", 4, "group", 128), False, 12, 6),
+    (QuantSpec("int", 3, "group", 64, symmetric=False), False, 16, 6),
+    (QuantSpec("int", 2, "group", 64, symmetric=False), False, 8, 6),
+    (QuantSpec("int", 4, "group", 64), "gptq", 12, 6),
     (QuantSpec("int", 4, "group", 64), "any", 32, 4),
 ], ids=lambda c: c.describe() if isinstance(c, QuantSpec) else str(c))
 def test_the_decode_kernels_range_of_tokens_depends_on_the_format(spec, act_order, last_gemv_m, last_gemv_m_avx2):
     """Where the GEMV hands over to dequantise + GEMM: early for int8, int2 and NF4, later for 3/4-bit codes,
     late for act-order weights read in column order (a slow, scattered dequantise) with AVX-512; without it (the
-    8-lane kernels) earlier for 3-bit and those act-order weights. GPTQ's act-order weights run as plain ones."""
+    8-lane kernels) after 6 tokens but for int8's 8 and those act-order weights' 4. GPTQ's act-order weights run as
+    plain ones."""
     weight = quantize_weight(torch.randn(40, 256), spec)
     if act_order:
         weight = with_g_idx(weight, 0, uneven=act_order == "any")

@@ -8,7 +8,7 @@ target is its own build). Its kernels need no prepared copy of the weight — th
 double-quantised scales are decoded where they are read) — so a quantised model's weight
 memory is its packed size:
 
-- ``lowbit::int_gemv_cpu`` (decode: up to 8–32 tokens by format, ``gemv_max_m``): each code is turned into its float
+- ``lowbit::int_gemv_cpu`` (decode: up to 4–32 tokens by format and build, ``gemv_max_m``): each code is turned into its float
   weight in registers and multiplied with x at once; no float weight is written. 4-bit affine codes in groups
   of 32, 64 or a multiple of 128 columns (or per channel) are multiplied in integers where the build has
   AVX-512 VNNI: each token's x is rounded to block floating point (a power-of-two unit per 128 columns, each value within
@@ -33,8 +33,10 @@ memory is its packed size:
 
 Without AVX-512, x86 CPUs with AVX2 and FMA (AMD Zen 2/3, Intel's client CPUs) run 8-lane versions of the
 float kernels for every format (the portable loops had a 4-bit layer at 0.9x float32 ``F.linear`` there); the
-integer (VNNI) path is AVX-512's alone, and the GEMV hands over to the prefill kernel earlier for 3-bit and
-act-order weights (``MAX_M_BY_BITS_AVX2``, ``MAX_M_ACT_ORDER_AVX2``).
+integer (VNNI) path is AVX-512's alone, and the GEMV hands over to the prefill kernel earlier (``MAX_M_AVX2`` and
+the rest). The prefill kernel's dequantise has 8-lane table lookups for 2/3/4-bit codes and NF4 / FP4 there (the
+portable byte loops had the default model's 576 × 1536 layer at 0.75-0.87x float32 F.linear from 16 tokens on; now
+0.97-1.46x, bench/results/cpu_prefill_avx2.md).
 
 Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) whose groups are runs of
 ``group_size`` columns once sorted — the ones GPTQ writes — run as plain grouped weights: ``prepare`` keeps a copy
@@ -84,10 +86,12 @@ LOOKUP_FORMATS = ("nf4", "fp4")  # 4-bit codes that index a table of 16 levels
 MAX_M = 8  # int8, int2, NF4, FP4
 MAX_M_BY_BITS = {3: 16, 4: 12}  # affine codes of these widths
 MAX_M_ACT_ORDER = 32
-# Without AVX-512 (the 8-lane AVX2 kernels; an AMD EPYC Zen 3, 2026-11-28, 2 threads, the default model's shapes):
-# 3-bit codes hand over at 16 tokens already (GEMV 0.86-0.99 ms, dequantise + GEMM 0.75-0.80), and act-order
-# weights after 4 (at 4 tokens 0.40-0.49 ms against 0.66-0.73; at 8, 0.84-0.90 against 0.70-0.82).
-MAX_M_BY_BITS_AVX2 = {3: 12, 4: 12}
+# Without AVX-512 (the 8-lane AVX2 kernels; an AMD EPYC Zen 3, 2 threads, 2026-11-29, the default model's and
+# LLaMA-7B's shapes): the GEMV keeps up with the prefill kernel to 6 tokens for 2/3/4-bit and NF4 codes, 8 for
+# int8; at 8 tokens a 4096 × 4096 layer's 2/3/4-bit GEMV took 1.7x float32 F.linear's time, dequantise + GEMM
+# 0.55-0.58x; act-order weights read in column order hand over after 4.
+MAX_M_AVX2 = 6
+MAX_M_BY_BITS_AVX2 = {8: 8}
 MAX_M_ACT_ORDER_AVX2 = 4
 # Prefill dequantises a block of rows at a time, each thread its own blocks, each block's GEMM right after
 # it is written, while it is in cache: at least BLOCK_BYTES of float32 (or M rows, so that x, read once per
@@ -108,9 +112,11 @@ def gemv_max_m(weight: QuantizedWeight) -> int:
     wide = _avx512()
     if weight.g_idx is not None and not _sortable(weight):  # read in column order
         return MAX_M_ACT_ORDER if wide else MAX_M_ACT_ORDER_AVX2
+    if not wide:
+        return MAX_M_BY_BITS_AVX2.get(weight.spec.bits, MAX_M_AVX2)
     if weight.spec.format in LOOKUP_FORMATS:
         return MAX_M
-    return (MAX_M_BY_BITS if wide else MAX_M_BY_BITS_AVX2).get(weight.spec.bits, MAX_M)
+    return MAX_M_BY_BITS.get(weight.spec.bits, MAX_M)
 
 
 @functools.cache

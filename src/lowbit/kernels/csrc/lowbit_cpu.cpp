@@ -26,7 +26,8 @@
 //
 // x86 CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 2/3, Intel's client CPUs) get 8-lane versions of the float
 // kernels instead of the portable loops: 4- and 3-bit words, 8-bit bytes, 2/4-bit lookup tables (NF4, FP4, int2)
-// and act-order rows, for the GEMV, and act-order rows for the dequantise (`block_words2` and the rest).
+// and act-order rows, for the GEMV (`block_words2` and the rest), and for the dequantise act-order rows and 8 codes
+// a step looked up in the group's table by lane permutes (`dequant_rows_bits`).
 //
 // 3-bit codes need K and the group to be multiples of 8 (whole triples per group).
 //
@@ -1494,6 +1495,16 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t first, int64_t n0
             _mm512_storeu_ps(orow + k, _mm512_permutexvar_ps(c, table));
           }
         }
+#elif defined(LOWBIT_AVX2)
+        {  // one triple, 8 codes: each lane shifts its own down and looks it up in the 8-entry table
+          const __m256 table = _mm256_loadu_ps(lut);
+          const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+          for (; k + 8 <= k1; k += 8) {
+            const __m256i v = _mm256_set1_epi32(static_cast<int>(triple(qrow, k / 8)));
+            _mm256_storeu_ps(orow + k, _mm256_permutevar8x32_ps(table, _mm256_and_si256(_mm256_srlv_epi32(v, shifts),
+                                                                                         _mm256_set1_epi32(7))));
+          }
+        }
 #endif
         for (; k < k1; k += 8) {
           const uint32_t v = triple(qrow, k / 8);
@@ -1527,6 +1538,35 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t first, int64_t n0
             if (left > 16) {
               _mm512_mask_storeu_ps(orow + k + 16, tail_mask(left - 16), _mm512_permutex2var_ps(lo, second, hi));
             }
+          }
+        }
+#elif defined(LOWBIT_AVX2)
+        // 8 codes of a 32-bit word (a group starts on a byte): each lane shifts its own down and looks it up, 2 bits
+        // in a 4-entry table, 4 bits in two 8-entry ones (its low 3 bits index both, bit 3 chooses)
+        if constexpr (BITS == 2) {
+          const __m256 table = _mm256_castps128_ps256(_mm_loadu_ps(lut));  // codes 0 .. 3 read the low half only
+          const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+          const __m256i field = _mm256_set1_epi32(3);
+          for (; k + 16 <= k1; k += 16) {
+            uint32_t word;
+            std::memcpy(&word, qrow + k / 4, sizeof word);
+            const __m256i lanes = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
+            _mm256_storeu_ps(orow + k, _mm256_permutevar8x32_ps(table, _mm256_and_si256(lanes, field)));
+            _mm256_storeu_ps(orow + k + 8,
+                             _mm256_permutevar8x32_ps(table, _mm256_and_si256(_mm256_srli_epi32(lanes, 16), field)));
+          }
+        }
+        if constexpr (BITS == 4) {
+          const __m256 low = _mm256_loadu_ps(lut), high = _mm256_loadu_ps(lut + 8);
+          const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+          for (; k + 8 <= k1; k += 8) {
+            uint32_t word;
+            std::memcpy(&word, qrow + k / 2, sizeof word);
+            const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
+                                               _mm256_set1_epi32(15));
+            const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // sign: bit 3 of the code
+            const __m256 below = _mm256_permutevar8x32_ps(low, c), above = _mm256_permutevar8x32_ps(high, c);
+            _mm256_storeu_ps(orow + k, _mm256_blendv_ps(below, above, upper));
           }
         }
 #endif
