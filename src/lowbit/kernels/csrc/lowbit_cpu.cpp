@@ -1596,7 +1596,9 @@ void dequant_rows(const Packed<S>& w, float* out, int64_t first, int64_t n0, int
 // each weight vector loaded once and used for T tokens, each x vector for R rows, the sums in float32
 // (16 lanes per row, added across lanes at the end). On this project's 2-core machine torch's own float32
 // GEMV read the default model's 49152 × 576 head at 5–10 GB/s, this loop at about 20, a plain sum of the
-// weight at 25–40 (bench/results/cpu_float_gemv.md).
+// weight at 25–40 (bench/results/cpu_float_gemv.md). AVX2 builds run it 8 lanes wide (an AMD EPYC Zen 3,
+// 2026-11-29: 1.07–5.9x F.linear from 1 to 12 tokens, bench/results/cpu_float_gemv_avx2.md; the compiler's
+// vectorised loop, a row and a token at a time, had been 1.6–2.3x slower than this at 4 tokens).
 
 // 16 weights from p as float32: those whose bit is set in k, zeros for the rest
 #ifdef LOWBIT_AVX512
@@ -1637,13 +1639,59 @@ template <int R, typename W>
 inline void float_rows(const W* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n) {
   token_passes(M, [&]<int T>(int64_t m0) { float_block<R, T>(w, x, y, N, K, n, m0); });
 }
+#elif defined(LOWBIT_AVX2)
+// 8 lanes: `float_block`'s sums over whole steps of 8 columns, the K % 8 columns past them added one at a time
+inline __m256 weights8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 weights8(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));  // bfloat16 is float32's top half
+}
+inline __m256 weights8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int R, int T, typename W>
+inline void float_block2(const W* w, const float* x, float* y, int64_t N, int64_t K, int64_t n, int64_t m0) {
+  __m256 acc[R][T];
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const W* row = w + n * K;
+  const int64_t whole = K / 8 * 8;
+  for (int64_t k = 0; k < whole; k += 8) {
+    __m256 xv[T];
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + (m0 + t) * K + k);
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + (R + r) * K + k), _MM_HINT_T0);  // the next rows
+      const __m256 wv = weights8(row + r * K + k);
+      LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int t = 0; t < T; ++t) {
+      float sum = reduce_add8(acc[r][t]);
+      for (int64_t k = whole; k < K; ++k) sum += x[(m0 + t) * K + k] * static_cast<float>(row[r * K + k]);
+      y[(m0 + t) * N + n + r] = sum;
+    }
+}
+
+// R rows at n, all M tokens: four tokens a pass with R = 2 (16 registers: 8 sums, 4 x, a weight), else R
+template <int R, typename W>
+inline void float_rows(const W* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n) {
+  token_passes(M, [&]<int T>(int64_t m0) {
+    if constexpr (T <= 2 || R == 1) {
+      float_block2<R, T>(w, x, y, N, K, n, m0);
+    } else {
+      for (int r = 0; r < R; r += 2) float_block2<2, T>(w, x, y, N, K, n + r, m0);
+    }
+  });
+}
 #endif
 
 // rows [n0, n1) of y (M, N) = x (M, K) @ w (N, K).T
 template <typename W>
 void float_gemv(const W* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   int64_t n = n0;
-#ifdef LOWBIT_AVX512
+#if defined(LOWBIT_AVX512) || defined(LOWBIT_AVX2)
   constexpr int kRows = 4;
   for (; n + kRows <= n1; n += kRows) float_rows<kRows>(w, x, y, M, N, K, n);
   for (; n < n1; ++n) float_rows<1>(w, x, y, M, N, K, n);
