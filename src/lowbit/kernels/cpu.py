@@ -35,8 +35,8 @@ Without AVX-512, x86 CPUs with AVX2 and FMA (AMD Zen 2/3, Intel's client CPUs) r
 float kernels for every format (the portable loops had a 4-bit layer at 0.9x float32 ``F.linear`` there); the
 integer (VNNI) path is AVX-512's alone, and the GEMV hands over to the prefill kernel earlier (``MAX_M_AVX2`` and
 the rest). The prefill kernel's dequantise has 8-lane table lookups for 2/3/4-bit codes and NF4 / FP4 there (the
-portable byte loops had the default model's 576 × 1536 layer at 0.75-0.87x float32 F.linear from 16 tokens on; now
-0.97-1.46x, bench/results/cpu_prefill_avx2.md).
+portable byte loops had the default model's 576 × 1536 int4 layer at 0.75-0.87x float32 F.linear from 16 tokens on;
+now 1.02-1.43x, bench/results/cpu_prefill_avx2.md).
 
 Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) whose groups are runs of
 ``group_size`` columns once sorted — the ones GPTQ writes — run as plain grouped weights: ``prepare`` keeps a copy
