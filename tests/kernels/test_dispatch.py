@@ -1,6 +1,8 @@
 """The reference custom op, the dispatcher's fallback, and QuantLinear's input checks."""
 
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -78,3 +80,13 @@ def test_quant_linear_names_a_shape_mismatch(shape):
     layer = QuantLinear(quantize_weight(torch.randn(24, 64), QuantSpec("int", 4, "group", 32)))
     with pytest.raises(LowbitError, match=r"expects inputs \(\.\.\., 64\)"):
         layer(torch.randn(shape))
+
+
+def test_the_cpu_kernels_build_wherever_there_is_a_compiler():
+    """The CPU kernel tests skip where the C++ kernels cannot be built. That has to mean no compiler, never a source
+    that no longer compiles, which would turn every one of them into a skip and the run green."""
+    from lowbit.kernels import cpu
+
+    if os.environ.get("LOWBIT_NO_CPP") or shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here, or LOWBIT_NO_CPP set")
+    assert cpu.extension() is None, cpu.extension()

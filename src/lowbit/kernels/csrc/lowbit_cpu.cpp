@@ -947,6 +947,30 @@ inline __m256i lanes_below(int64_t left) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// 8 float32, float16 or bfloat16 values from p as float32 (a bfloat16 is a float32's top half)
+inline __m256 floats8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 floats8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 floats8(const at::BFloat16* p) {
+  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+
+// the 8 BITS-bit fields of word, LSB first, one per lane (codes 0 .. 7 of a packed 2/3/4-bit word)
+template <int BITS>
+inline __m256i fields8(uint32_t word) {
+  const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(word)), shifts),
+                          _mm256_set1_epi32((1 << BITS) - 1));
+}
+
+// table[c] for 4-bit codes c, the 16-entry table in two registers: c's low 3 bits index both, bit 3 chooses
+inline __m256 lookup16(__m256 low, __m256 high, __m256i c) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c), _mm256_permutevar8x32_ps(high, c),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+}
+
 inline float reduce_add8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -1061,15 +1085,8 @@ void block_words2(const Packed<S>& w, const Words& xw, int64_t m0, float* y, int
 template <typename S>
 inline __m256 load_scales8(const Packed<S>& w, int64_t n, int64_t g0, int64_t count) {
   const S* p = w.scale + n * w.G + g0;
-  if (g0 + 8 <= w.G) {
-    if constexpr (std::is_same_v<S, float>) {
-      return _mm256_loadu_ps(p);
-    } else if constexpr (std::is_same_v<S, at::Half>) {
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    } else if constexpr (std::is_same_v<S, at::BFloat16>) {  // a bfloat16 is a float's top half
-      const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
-    }
+  if constexpr (requires { floats8(p); }) {  // float32/16, bfloat16; the rest (double-quantised int8) one at a time
+    if (g0 + 8 <= w.G) return floats8(p);
   }
   alignas(32) float v[8] = {};
   for (int64_t i = 0; i < count; ++i) v[i] = scale_at(w, n, g0 + i);
@@ -1086,9 +1103,7 @@ inline __m256 load_zeros8(const Packed<S>& w, int64_t n, int64_t g0, int64_t cou
   if (byte + 4 <= w.zero_row_bytes) {  // 8 codes and the field's offset (0, or 2, 4, 6 at 3 bits) fit 32 bits
     uint32_t field;
     std::memcpy(&field, z + byte, 4);
-    const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
-    const __m256i all = _mm256_set1_epi32(static_cast<int32_t>(field >> (bit & 7)));
-    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(all, shifts), _mm256_set1_epi32((1 << BITS) - 1)));
+    return _mm256_cvtepi32_ps(fields8<BITS>(field >> (bit & 7)));
   }
   alignas(32) float v[8] = {};
   for (int64_t i = 0; i < count; ++i) v[i] = static_cast<float>(w.zero_code(n, g0 + i));
@@ -1267,7 +1282,6 @@ struct ScatteredRow2 {
   }
   // the weights of columns k0 .. k0 + 7 (k0 a multiple of 8)
   __m256 at(int64_t k0) const {
-    constexpr int kMask = (1 << BITS) - 1;
     const int64_t left = w.K - k0;
     const __m256i g = left >= 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.g_idx + k0))
                                 : _mm256_maskload_epi32(w.g_idx + k0, lanes_below(left));
@@ -1284,14 +1298,11 @@ struct ScatteredRow2 {
       } else {
         word = static_cast<uint32_t>(bytes_le(p, bytes));
       }
-      const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
-      c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(word)), shifts),
-                           _mm256_set1_epi32(kMask));
+      c = fields8<BITS>(word);
     }
     __m256 v;
     if (w.levels) {
-      v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lev_lo, c), _mm256_permutevar8x32_ps(lev_hi, c),
-                           _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+      v = lookup16(lev_lo, lev_hi, c);
     } else {
       v = _mm256_sub_ps(_mm256_cvtepi32_ps(c), look(z_tab, z, g));
     }
@@ -1496,14 +1507,10 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t first, int64_t n0
           }
         }
 #elif defined(LOWBIT_AVX2)
-        {  // one triple, 8 codes: each lane shifts its own down and looks it up in the 8-entry table
+        {  // one triple, 8 codes, looked up in the 8-entry table
           const __m256 table = _mm256_loadu_ps(lut);
-          const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
-          for (; k + 8 <= k1; k += 8) {
-            const __m256i v = _mm256_set1_epi32(static_cast<int>(triple(qrow, k / 8)));
-            _mm256_storeu_ps(orow + k, _mm256_permutevar8x32_ps(table, _mm256_and_si256(_mm256_srlv_epi32(v, shifts),
-                                                                                         _mm256_set1_epi32(7))));
-          }
+          for (; k + 8 <= k1; k += 8)
+            _mm256_storeu_ps(orow + k, _mm256_permutevar8x32_ps(table, fields8<3>(triple(qrow, k / 8))));
         }
 #endif
         for (; k < k1; k += 8) {
@@ -1541,32 +1548,23 @@ void dequant_rows_bits(const Packed<S>& w, float* out, int64_t first, int64_t n0
           }
         }
 #elif defined(LOWBIT_AVX2)
-        // 8 codes of a 32-bit word (a group starts on a byte): each lane shifts its own down and looks it up, 2 bits
-        // in a 4-entry table, 4 bits in two 8-entry ones (its low 3 bits index both, bit 3 chooses)
+        // the codes of a 32-bit word (a group starts on a byte), 8 a step, looked up in the group's table: 2 bits
+        // in one register (codes 0 .. 3 read its low half only), 4 bits in two
         if constexpr (BITS == 2) {
-          const __m256 table = _mm256_castps128_ps256(_mm_loadu_ps(lut));  // codes 0 .. 3 read the low half only
-          const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-          const __m256i field = _mm256_set1_epi32(3);
+          const __m256 table = _mm256_castps128_ps256(_mm_loadu_ps(lut));
           for (; k + 16 <= k1; k += 16) {
             uint32_t word;
             std::memcpy(&word, qrow + k / 4, sizeof word);
-            const __m256i lanes = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
-            _mm256_storeu_ps(orow + k, _mm256_permutevar8x32_ps(table, _mm256_and_si256(lanes, field)));
-            _mm256_storeu_ps(orow + k + 8,
-                             _mm256_permutevar8x32_ps(table, _mm256_and_si256(_mm256_srli_epi32(lanes, 16), field)));
+            _mm256_storeu_ps(orow + k, _mm256_permutevar8x32_ps(table, fields8<2>(word)));
+            _mm256_storeu_ps(orow + k + 8, _mm256_permutevar8x32_ps(table, fields8<2>(word >> 16)));
           }
         }
         if constexpr (BITS == 4) {
           const __m256 low = _mm256_loadu_ps(lut), high = _mm256_loadu_ps(lut + 8);
-          const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
           for (; k + 8 <= k1; k += 8) {
             uint32_t word;
             std::memcpy(&word, qrow + k / 2, sizeof word);
-            const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
-                                               _mm256_set1_epi32(15));
-            const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // sign: bit 3 of the code
-            const __m256 below = _mm256_permutevar8x32_ps(low, c), above = _mm256_permutevar8x32_ps(high, c);
-            _mm256_storeu_ps(orow + k, _mm256_blendv_ps(below, above, upper));
+            _mm256_storeu_ps(orow + k, lookup16(low, high, fields8<4>(word)));
           }
         }
 #endif
@@ -1641,14 +1639,6 @@ inline void float_rows(const W* w, const float* x, float* y, int64_t M, int64_t 
 }
 #elif defined(LOWBIT_AVX2)
 // 8 lanes: `float_block`'s sums over whole steps of 8 columns, the K % 8 columns past them added one at a time
-inline __m256 weights8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 weights8(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));  // bfloat16 is float32's top half
-}
-inline __m256 weights8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 template <int R, int T, typename W>
 inline void float_block2(const W* w, const float* x, float* y, int64_t N, int64_t K, int64_t n, int64_t m0) {
@@ -1662,7 +1652,7 @@ inline void float_block2(const W* w, const float* x, float* y, int64_t N, int64_
     LOWBIT_UNROLL for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + (m0 + t) * K + k);
     LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(row + (R + r) * K + k), _MM_HINT_T0);  // the next rows
-      const __m256 wv = weights8(row + r * K + k);
+      const __m256 wv = floats8(row + r * K + k);
       LOWBIT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
     }
   }
