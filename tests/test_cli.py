@@ -181,16 +181,18 @@ def test_quantize_to_compressed_tensors_then_export_to_gptq_and_evaluate(tmp_pat
 
 
 def test_smoothquant_from_the_command_line_then_eval(tmp_path):
-    """A user's run: SmoothQuant W8A8 on the default model, saved, evaluated again by 'lowbit eval'."""
+    """A user's run: SmoothQuant W8A8 on the default model, saved, evaluated again by 'lowbit eval' (in this
+    process: the console script's own start is test_console_script_runs_help's and the demo's)."""
     out, report = tmp_path / "sq", tmp_path / "e.json"
-    done = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", "default", "--scheme", "W8A8", "--method",
-                           "smoothquant", "--alpha", "0.6", "--calib-samples", "2", "--calib-seqlen", "128", "--out",
-                           str(out), "--no-eval"], check=True, capture_output=True, text=True)
-    assert "scales folded into 90 groups of linears; 30 left unscaled" in done.stderr
-    assert "grouped-query attention" in done.stderr
-    subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", str(out), "--reference", "default", "--window", "256",
-                    "--max-windows", "1", "--kl-windows", "1", "--json", str(report)],
-                   check=True, capture_output=True, text=True)
+    result = CliRunner().invoke(cli, ["quantize", "default", "--scheme", "W8A8", "--method", "smoothquant", "--alpha",
+                                      "0.6", "--calib-samples", "2", "--calib-seqlen", "128", "--out", str(out),
+                                      "--no-eval"])
+    assert result.exit_code == 0, result.output
+    assert "scales folded into 90 groups of linears; 30 left unscaled" in result.stderr
+    assert "grouped-query attention" in result.stderr
+    code, output = run("eval", str(out), "--reference", "default", "--window", "256", "--max-windows", "1",
+                       "--kl-windows", "1", "--json", str(report))
+    assert code == 0, output
     data = json.loads(report.read_text())
     assert data["method"]["name"] == "smoothquant" and data["method"]["alpha"] == 0.6
     assert data["scheme"]["name"] == "W8A8" and 0 < data["kl"] < 0.1

@@ -155,18 +155,25 @@ def test_corrupt_checkpoint_names_the_tensor(default_model, tmp_path):
 
 
 def test_cli_quantize_then_eval(tmp_path):
+    """quantize --out --json, then eval of what it wrote, through the CLI's own entry point in this process (the
+    demo and generate tests below start the console script as a user's shell does)."""
+    from click.testing import CliRunner
+
+    from lowbit.cli import cli
+
     out, report = tmp_path / "w4", tmp_path / "q.json"
     common = ["--window", "512", "--max-windows", "1", "--kl-windows", "1"]
-    subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", "default", "--scheme", "W4A16", "--out", str(out),
-                    "--json", str(report), *common], check=True, capture_output=True, text=True)
+    result = CliRunner().invoke(cli, ["quantize", "default", "--scheme", "W4A16", "--out", str(out), "--json",
+                                      str(report), *common])
+    assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     for key in ("model", "scheme", "method", "bits_per_weight", "weight_bytes", "ppl", "reference_ppl", "kl",
                 "top1", "quantize_seconds", "peak_rss_bytes", "versions"):
         assert key in data, key
     assert data["scheme"]["name"] == "W4A16" and data["method"]["name"] == "rtn"
     again = tmp_path / "e.json"
-    subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", str(out), "--json", str(again), *common],
-                   check=True, capture_output=True, text=True)
+    result = CliRunner().invoke(cli, ["eval", str(out), "--json", str(again), *common])
+    assert result.exit_code == 0, result.output
     evaluated = json.loads(again.read_text())
     assert evaluated["ppl"]["pydoc-eval"] == pytest.approx(data["ppl"]["pydoc-eval"], rel=1e-5)
     assert evaluated["scheme"]["name"] == "W4A16"

