@@ -27,6 +27,21 @@ def fp_stats(default_model, eval_tokens):
     return reference_stats(default_model, eval_tokens, SHORT)
 
 
+@pytest.fixture(scope="module")
+def rtn_result(default_model, eval_tokens, fp_stats):
+    """``rtn_result(scheme)``: the short evaluation of the default model quantised by RTN at ``scheme``, made once
+    per scheme for this module (several tests judge the same presets)."""
+    done = {}
+
+    def result(scheme: str):
+        if scheme not in done:
+            q = lowbit.quantize(default_model, scheme, progress=False)
+            done[scheme] = evaluate_tokens(q, eval_tokens, fp_stats, SHORT)
+        return done[scheme]
+
+    return result
+
+
 def test_float_model_is_the_protocol_model(default_model):
     cfg = default_model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
@@ -35,9 +50,8 @@ def test_float_model_is_the_protocol_model(default_model):
     assert sum(params.values()) == 134_515_008
 
 
-def test_w8a16_is_within_one_percent_of_fp(default_model, eval_tokens, fp_stats):
-    q = lowbit.quantize(default_model, lowbit.W8A16)
-    result = evaluate_tokens(q, eval_tokens, fp_stats, SHORT)
+def test_w8a16_is_within_one_percent_of_fp(fp_stats, rtn_result):
+    result = rtn_result("W8A16")
     assert abs(result.ppl / fp_stats.ppl - 1) < 0.01
     assert 0 < result.kl < 0.01 and result.top1 > 97
 
@@ -68,9 +82,8 @@ def test_bits_per_weight_counts_the_ragged_groups(default_model):
 # but tight enough to catch a broken codec. 4-bit RTN costs this 135M model a lot.
 @pytest.mark.parametrize("scheme, bound", [("W4A16", 2.0), ("W4A16_ASYM", 1.7), ("NF4", 1.7), ("FP8", 1.1),
                                            ("W8A8", 1.1)])
-def test_every_scheme_runs_and_degrades_gracefully(default_model, eval_tokens, fp_stats, scheme, bound):
-    q = lowbit.quantize(default_model, scheme)
-    result = evaluate_tokens(q, eval_tokens, fp_stats, SHORT)
+def test_every_scheme_runs_and_degrades_gracefully(fp_stats, rtn_result, scheme, bound):
+    result = rtn_result(scheme)
     assert math.isfinite(result.ppl) and math.isfinite(result.kl)
     assert result.kl > 0
     assert result.ppl < bound * fp_stats.ppl
@@ -110,10 +123,8 @@ def test_exact_reproduction_has_zero_kl(default_model, eval_tokens, fp_stats):
     assert result.ppl == pytest.approx(fp_stats.ppl, rel=1e-6)
 
 
-def test_lower_bits_do_more_damage(default_model, eval_tokens, fp_stats):
-    kl = {}
-    for name in ("W8A16", "W4A16_ASYM", "W3A16", "W2A16"):
-        kl[name] = evaluate_tokens(lowbit.quantize(default_model, name), eval_tokens, fp_stats, SHORT).kl
+def test_lower_bits_do_more_damage(rtn_result):
+    kl = {name: rtn_result(name).kl for name in ("W8A16", "W4A16_ASYM", "W3A16", "W2A16")}
     assert kl["W8A16"] < kl["W4A16_ASYM"] < kl["W3A16"] < kl["W2A16"]
 
 
@@ -196,11 +207,11 @@ def test_cli_generate_from_a_saved_checkpoint(default_model, default_tokenizer, 
 
 
 def test_an_int8_lm_head_costs_little_and_decodes_as_the_reference_kernel(default_model, default_tokenizer,
-                                                                           eval_tokens, fp_stats):
+                                                                           eval_tokens, fp_stats, rtn_result):
     from lowbit.kernels import dispatch
     from lowbit.scheme import scheme_with
 
-    body = evaluate_tokens(lowbit.quantize(default_model, lowbit.W4A16, progress=False), eval_tokens, fp_stats, SHORT)
+    body = rtn_result("W4A16")
     q = lowbit.quantize(default_model, scheme_with(lowbit.W4A16, lm_head="int8"), progress=False)
     headed = evaluate_tokens(q, eval_tokens, fp_stats, SHORT)
     assert abs(headed.ppl / body.ppl - 1) < 0.01 and headed.kl < body.kl + 0.02
