@@ -2,7 +2,9 @@
 
 PROTOCOL.md: torch with 2 threads, batch 1, a 64-token prompt (the start of pydoc-eval),
 128 new tokens, greedy; tokens/s = new tokens / wall time of ``generate`` (prefill
-included), best of ``--repeats`` runs after one warm-up. Each quantised model is RTN of
+included), best of ``--repeats`` runs after one warm-up. The runs are interleaved: every model is built
+first, then each round times every model once, so a slow spell of this shared machine costs every row
+a run rather than one row all of its runs. Each quantised model is RTN of
 the same float model; its text is compared with the same quantised weights run through
 the reference kernel (dequantise + F.linear, and torch's F.linear for the layers left in float),
 which must give the same greedy tokens. A quantised model's float layers (the tied lm_head) run
@@ -41,17 +43,31 @@ PLANNED = "rtn plan 3.5 bpw, defaults"
 SCHEMES = ("W8A16", "W4A16", "W4A16_ASYM", "W8A8", "W3A16", "NF4", "W2A16", "Q4_0")
 
 
-def decode(model, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, torch.Tensor]:
+def generate(model, prompt: torch.Tensor, new: int) -> tuple[float, torch.Tensor]:
+    """One greedy run: its wall time in seconds and the new tokens."""
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         start = time.perf_counter()
-        out = model.generate(prompt, **kwargs)  # warm-up (and the first-use kernel build)
-        best = float("inf") if repeats else time.perf_counter() - start  # no repeats: this one run's time
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = model.generate(prompt, **kwargs)
-            best = min(best, time.perf_counter() - start)
-    return new / best, out[0, prompt.shape[1]:]
+        out = model.generate(prompt, **kwargs)
+        return time.perf_counter() - start, out[0, prompt.shape[1]:]
+
+
+def interleaved(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new: int,
+                repeats: int) -> dict[str, tuple[float, torch.Tensor, bool]]:
+    """Each model's tokens/s (best of ``repeats`` after a warm-up), its text, and whether every run gave that text;
+    round r times every model once."""
+    texts, best, steady = {}, {}, {}
+    for name, model in models.items():  # warm-up (and the first-use kernel builds)
+        seconds, texts[name] = generate(model, prompt, new)
+        best[name], steady[name] = seconds if not repeats else float("inf"), True
+    for round_ in range(repeats):
+        for name, model in models.items():
+            seconds, tokens = generate(model, prompt, new)
+            steady[name] = steady[name] and bool(torch.equal(tokens, texts[name]))
+            best[name] = min(best[name], seconds)
+        print(f"round {round_ + 1} of {repeats}: " + ", ".join(f"{n.split(' (')[0]} {new / best[n]:.2f}"
+                                                                for n in models), flush=True)
+    return {name: (new / best[name], texts[name], steady[name]) for name in models}
 
 
 def main() -> None:
@@ -73,19 +89,9 @@ def main() -> None:
     tok = lowbit.load_tokenizer()
     prompt = tokenize(tok, load_text("pydoc-eval"))[:64][None]
     fp = lowbit.load_model()
-    fp_speed, fp_tokens = decode(fp, prompt, args.new_tokens, args.repeats)
     fast_fp = copy.deepcopy(fp)
     use_float_gemv(fast_fp)
-    fast_speed, fast_tokens = decode(fast_fp, prompt, args.new_tokens, args.repeats)
-    del fast_fp
-    fast_same = bool(torch.equal(fast_tokens, fp_tokens))  # a float model's reference is plain torch: FP32's text
-    rows = [{"setting": "FP32", "tokens_per_s": fp_speed, "speedup": 1.0, "speedup_vs_fast_fp32": fp_speed / fast_speed,
-             "kernel": "F.linear", "prefill_kernel": "F.linear", "same_text_as_reference": True,
-             "same_text_as_fp32": True},
-            {"setting": "FP32, every linear on lowbit's float GEMV", "tokens_per_s": fast_speed,
-             "speedup": fast_speed / fp_speed, "speedup_vs_fast_fp32": 1.0, "kernel": "lowbit float GEMV",
-             "prefill_kernel": "F.linear", "same_text_as_reference": fast_same, "same_text_as_fp32": fast_same}]
-    print(f"FP32: {fp_speed:.2f} tokens/s; on lowbit's float GEMV {fast_speed:.2f} tokens/s", flush=True)
+    models = {"FP32": fp, "FP32, every linear on lowbit's float GEMV": fast_fp}
     settings: list[tuple[str, str | Scheme, dict]] = [(name, name, {}) for name in args.schemes.split(",") if name]
     settings += [(f"{name} + lm_head int8", with_lm_head(get_scheme(name), "int8"), {})
                  for name in args.int8_head.split(",") if name]
@@ -98,29 +104,45 @@ def main() -> None:
         calib = calibration_set(n=args.act_order_samples, seqlen=512, tokenizer=tok)
         settings.append((f"W4A16 GPTQ act-order, g_idx ({args.act_order_samples} × 512 calibration tokens)", "W4A16",
                          {"method": GPTQ(act_order=True, static_groups=False), "calib": calib}))
+    cpu = torch.device("cpu")
+    kernels, references = {}, {}
     for name, scheme, method in settings:
-        q = lowbit.quantize(fp, scheme, progress=False, **method)
+        q = models[name] = lowbit.quantize(fp, scheme, progress=False, **method)
         layers = [m for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear)]
-
-        def kernels(m: int) -> str:  # every kernel the layers take for m tokens (a mixed scheme may take several)
-            cpu = torch.device("cpu")
-            return ", ".join(sorted({dispatch.choose(x.weight, x.activations, cpu, m).name for x in layers}))
-
-        kernel, prefill_kernel = kernels(1), kernels(prompt.shape[1])
-        speed, tokens = decode(q, prompt, args.new_tokens, args.repeats)
-        with dispatch.reference_only():  # the same weights through the reference kernel only
-            ref_speed, ref_tokens = decode(q, prompt, args.new_tokens, 0)
+        # every kernel the layers take at one token and at the prompt's (a mixed scheme may take several)
+        kernels[name] = [", ".join(sorted({dispatch.choose(x.weight, x.activations, cpu, m).name for x in layers}))
+                         for m in (1, prompt.shape[1])]
+        with dispatch.reference_only():  # the same weights through the reference kernel only: one run
+            references[name] = generate(q, prompt, args.new_tokens)
+        print(f"{name}: quantised; the reference kernel's run took {references[name][0]:.1f} s", flush=True)
+    timed = interleaved(models, prompt, args.new_tokens, args.repeats)
+    (fp_speed, fp_tokens, _), (fast_speed, fast_tokens, _) = (timed["FP32"],
+                                                               timed["FP32, every linear on lowbit's float GEMV"])
+    if unsteady := [name for name, (*_, steady) in timed.items() if not steady]:
+        print(f"warning: greedy text differed between runs of {', '.join(unsteady)}", flush=True)
+    fast_same = bool(torch.equal(fast_tokens, fp_tokens))  # a float model's reference is plain torch: FP32's text
+    rows = [{"setting": "FP32", "tokens_per_s": fp_speed, "speedup": 1.0, "speedup_vs_fast_fp32": fp_speed / fast_speed,
+             "kernel": "F.linear", "prefill_kernel": "F.linear", "same_text_as_reference": True,
+             "same_text_as_fp32": True},
+            {"setting": "FP32, every linear on lowbit's float GEMV", "tokens_per_s": fast_speed,
+             "speedup": fast_speed / fp_speed, "speedup_vs_fast_fp32": 1.0, "kernel": "lowbit float GEMV",
+             "prefill_kernel": "F.linear", "same_text_as_reference": fast_same, "same_text_as_fp32": fast_same}]
+    print(f"FP32: {fp_speed:.2f} tokens/s; on lowbit's float GEMV {fast_speed:.2f} tokens/s", flush=True)
+    for name, *_ in settings:
+        speed, tokens, steady = timed[name]
+        ref_seconds, ref_tokens = references[name]
         rows.append({"setting": name, "tokens_per_s": speed, "speedup": speed / fp_speed,
-                     "speedup_vs_fast_fp32": speed / fast_speed, "kernel": kernel,
-                     "reference_kernel_tokens_per_s": ref_speed,
-                     "prefill_kernel": prefill_kernel,
+                     "speedup_vs_fast_fp32": speed / fast_speed, "kernel": kernels[name][0],
+                     "reference_kernel_tokens_per_s": args.new_tokens / ref_seconds,
+                     "prefill_kernel": kernels[name][1],
                      "same_text_as_reference": bool(torch.equal(tokens, ref_tokens)),
-                     "same_text_as_fp32": bool(torch.equal(tokens, fp_tokens))})
-        print(f"{name}: {speed:.2f} tokens/s ({speed / fp_speed:.2f}× FP32, kernel {kernel}), "
+                     "same_text_as_fp32": bool(torch.equal(tokens, fp_tokens)), "same_text_every_run": steady})
+        print(f"{name}: {speed:.2f} tokens/s ({speed / fp_speed:.2f}× FP32, kernel {kernels[name][0]}), "
               f"text equal to reference kernel's: {rows[-1]['same_text_as_reference']}", flush=True)
     env = stamp.finish()
     lines = [f"# Greedy decoding on CPU (SmolLM2-135M-Instruct, prompt 64, {args.new_tokens} new tokens, batch 1)",
-             "", f"Measured {env['date']} on {env['machine']} ({env['load']}); best of {args.repeats} after a warm-up; "
+             "", f"Measured {env['date']} on {env['machine']} ({env['load']}); best of {args.repeats} after a warm-up, "
+             "the runs interleaved (each round times every row once); "
              "RTN weights unless the row says otherwise; lm_head and embeddings stay float32 (tied) unless the row "
              "says lm_head int8 (then the head is int8 per channel and the embedding float32). A quantised model's "
              "float32 head runs on lowbit's float GEMV, as `lowbit.quantize` leaves it; × FP32 is against the "
