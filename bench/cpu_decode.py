@@ -56,10 +56,11 @@ def interleaved(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new: i
                 repeats: int) -> dict[str, tuple[float, torch.Tensor, bool]]:
     """Each model's tokens/s (best of ``repeats`` after a warm-up), its text, and whether every run gave that text;
     round r times every model once."""
-    texts, best, steady = {}, {}, {}
-    for name, model in models.items():  # warm-up (and the first-use kernel builds)
+    texts, best = {}, {}
+    for name, model in models.items():  # warm-up (and the first-use kernel builds); timed only without repeats
         seconds, texts[name] = generate(model, prompt, new)
-        best[name], steady[name] = seconds if not repeats else float("inf"), True
+        best[name] = float("inf") if repeats else seconds
+    steady = dict.fromkeys(models, True)
     for round_ in range(repeats):
         for name, model in models.items():
             seconds, tokens = generate(model, prompt, new)
@@ -109,9 +110,10 @@ def main() -> None:
     for name, scheme, method in settings:
         q = models[name] = lowbit.quantize(fp, scheme, progress=False, **method)
         layers = [m for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear)]
-        # every kernel the layers take at one token and at the prompt's (a mixed scheme may take several)
-        kernels[name] = [", ".join(sorted({dispatch.choose(x.weight, x.activations, cpu, m).name for x in layers}))
-                         for m in (1, prompt.shape[1])]
+        # (decode, prefill): every kernel the layers take at one token and at the prompt's (a mixed scheme may
+        # take several)
+        kernels[name] = tuple(", ".join(sorted({dispatch.choose(x.weight, x.activations, cpu, m).name
+                                                for x in layers})) for m in (1, prompt.shape[1]))
         with dispatch.reference_only():  # the same weights through the reference kernel only: one run
             references[name] = generate(q, prompt, args.new_tokens)
         print(f"{name}: quantised; the reference kernel's run took {references[name][0]:.1f} s", flush=True)
@@ -131,13 +133,14 @@ def main() -> None:
     for name, *_ in settings:
         speed, tokens, steady = timed[name]
         ref_seconds, ref_tokens = references[name]
+        kernel, prefill_kernel = kernels[name]
         rows.append({"setting": name, "tokens_per_s": speed, "speedup": speed / fp_speed,
-                     "speedup_vs_fast_fp32": speed / fast_speed, "kernel": kernels[name][0],
+                     "speedup_vs_fast_fp32": speed / fast_speed, "kernel": kernel,
                      "reference_kernel_tokens_per_s": args.new_tokens / ref_seconds,
-                     "prefill_kernel": kernels[name][1],
+                     "prefill_kernel": prefill_kernel,
                      "same_text_as_reference": bool(torch.equal(tokens, ref_tokens)),
                      "same_text_as_fp32": bool(torch.equal(tokens, fp_tokens)), "same_text_every_run": steady})
-        print(f"{name}: {speed:.2f} tokens/s ({speed / fp_speed:.2f}× FP32, kernel {kernels[name][0]}), "
+        print(f"{name}: {speed:.2f} tokens/s ({speed / fp_speed:.2f}× FP32, kernel {kernel}), "
               f"text equal to reference kernel's: {rows[-1]['same_text_as_reference']}", flush=True)
     env = stamp.finish()
     lines = [f"# Greedy decoding on CPU (SmolLM2-135M-Instruct, prompt 64, {args.new_tokens} new tokens, batch 1)",
