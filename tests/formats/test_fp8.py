@@ -1,4 +1,5 @@
-"""FP8: our arithmetic rounding agrees with torch's float8 casts; scaled round trips."""
+"""FP8: our arithmetic rounding agrees with torch's float8 casts (which `round_to_minifloat` takes for FP8);
+scaled round trips."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.errors import LowbitError
-from lowbit.formats import FP8_BITS, FP8_DTYPES, FP8_MAX, choose_scale_fp8, dequantize_fp8, quantize_fp8, round_to_minifloat
+from lowbit.formats import (FP8_BITS, FP8_DTYPES, FP8_MAX, choose_scale_fp8, dequantize_fp8, minifloat_arithmetic,
+                            quantize_fp8, round_to_minifloat)
 
 
 def _torch_round(x, fmt):
@@ -18,9 +20,9 @@ def test_every_code_and_every_midpoint_matches_torch(fmt):
     exp_bits, man_bits = FP8_BITS[fmt]
     values = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPES[fmt]).float()
     finite = values[torch.isfinite(values) & (values.abs() <= FP8_MAX[fmt])].unique()
-    assert torch.equal(round_to_minifloat(finite, exp_bits, man_bits, FP8_MAX[fmt]), finite)
+    assert torch.equal(minifloat_arithmetic(finite, exp_bits, man_bits, FP8_MAX[fmt]), finite)
     mids = (finite[1:] + finite[:-1]) / 2  # exact ties: round half to even
-    assert torch.equal(round_to_minifloat(mids, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(mids, fmt))
+    assert torch.equal(minifloat_arithmetic(mids, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(mids, fmt))
 
 
 @settings(max_examples=200, deadline=None)
@@ -29,7 +31,7 @@ def test_random_values_match_torch(fmt, seed, magnitude):
     exp_bits, man_bits = FP8_BITS[fmt]
     x = torch.randn(4096, generator=torch.Generator().manual_seed(seed)) * magnitude
     x = x.clamp(-FP8_MAX[fmt], FP8_MAX[fmt])
-    assert torch.equal(round_to_minifloat(x, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(x, fmt))
+    assert torch.equal(minifloat_arithmetic(x, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(x, fmt))
 
 
 def test_saturates_at_max():
@@ -68,7 +70,7 @@ def test_random_float32_bit_patterns_match_torch(fmt):
     x = bits.view(torch.float32)
     x = x[torch.isfinite(x) & (x.abs() <= FP8_MAX[fmt])]
     assert x.numel() > 50_000
-    assert torch.equal(round_to_minifloat(x, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(x, fmt))
+    assert torch.equal(minifloat_arithmetic(x, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(x, fmt))
 
 
 @settings(max_examples=100, deadline=None)
@@ -80,17 +82,20 @@ def test_log_uniform_values_over_the_whole_range_match_torch(fmt, seed):
     top = torch.tensor(FP8_MAX[fmt]).log2().item()
     x = torch.exp2(lowest + (top - lowest) * torch.rand(2048, generator=gen))
     x = torch.where(torch.rand(2048, generator=gen) < 0.5, -x, x).clamp(-FP8_MAX[fmt], FP8_MAX[fmt])
-    assert torch.equal(round_to_minifloat(x, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(x, fmt))
+    assert torch.equal(minifloat_arithmetic(x, exp_bits, man_bits, FP8_MAX[fmt]), _torch_round(x, fmt))
 
 
-def test_special_values():
-    x = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 1e-30, 464.0, 480.0])
-    out = round_to_minifloat(x, 4, 3, 448.0)
+@pytest.mark.parametrize("rounding", [round_to_minifloat, minifloat_arithmetic])  # torch's cast, and ours
+def test_special_values(rounding):
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 1e-30, 464.0, 480.0, -1e6])
+    out = rounding(x, 4, 3, 448.0)
     assert out[:2].tolist() == [448.0, -448.0] and out[2].isnan()
     assert out[3] == 0 and out[3].signbit() and out[4] == 0
-    assert out[5:].tolist() == [448.0, 448.0]  # saturates rather than producing NaN
-    assert round_to_minifloat(torch.tensor([2.0**-9, 2.0**-10, 1.5 * 2.0**-10]), 4, 3, 448.0).tolist() == [
+    assert out[5:].tolist() == [448.0, 448.0, -448.0]  # saturates rather than producing NaN
+    assert rounding(torch.tensor([2.0**-9, 2.0**-10, 1.5 * 2.0**-10]), 4, 3, 448.0).tolist() == [
         2.0**-9, 0.0, 2.0**-9]  # smallest e4m3 subnormal, a tie to 0 (even), a tie to 2^-9
+    big = rounding(torch.tensor([float("inf"), -float("inf"), 61440.0, 1e9]), 5, 2, 57344.0)
+    assert big.tolist() == [57344.0, -57344.0, 57344.0, 57344.0]  # e5m2 saturates too, though it has infinities
 
 
 @settings(max_examples=60, deadline=None)

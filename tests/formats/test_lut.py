@@ -132,10 +132,45 @@ def test_lookup_in_chunks_equals_one_pass(monkeypatch):
     levels = nf4_levels()
     scale = choose_scale_absmax(x, 64, 1.0)
     whole = quantize_lut(x, scale, levels, 64)
-    monkeypatch.setattr(lut, "_CHUNK_BYTES", 64 * 37)  # 37 elements per chunk
+    monkeypatch.setattr(lut, "_CHUNK", 37)  # 37 elements per chunk
     assert torch.equal(quantize_lut(x, scale, levels, 64), whole)
     s = scale.float()[:, group_index(300, 64)]
     assert torch.equal(whole.long(), ((x / s)[..., None] - levels).abs().argmin(dim=-1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 256), st.integers(0, 2**31 - 1), st.booleans())
+def test_lookup_is_the_argmin_of_the_distances_for_any_table(count, seed, repeats):
+    """Any table (unsorted, repeated values, -0 beside 0, as FP4's): within its range, the level nearest to each
+    value, the lowest code on a tie, as the argmin over every level's distance picks — values at levels, at the
+    midpoints between them (ties), between; beyond the range, the end level."""
+    gen = torch.Generator().manual_seed(seed)
+    levels = torch.round(torch.randn(count, generator=gen) * 64) / 64  # distinct levels at least 1/64 apart
+    if repeats and count > 2:
+        levels[torch.randint(0, count, (count // 2,), generator=gen)] = levels[0].item()
+        levels[1], levels[2] = 0.0, -0.0
+    ordered = levels.unique()
+    inside = torch.cat([levels, (ordered[1:] + ordered[:-1]) / 2, torch.rand(500, generator=gen)
+                        * (ordered[-1] - ordered[0]) + ordered[0], torch.tensor([0.0, -0.0])])
+    inside = inside[(inside >= ordered[0]) & (inside <= ordered[-1])][None]
+    codes = quantize_lut(inside, torch.ones(1, 1), levels, inside.shape[1])
+    assert torch.equal(codes.long(), (inside[..., None] - levels).abs().argmin(dim=-1))
+    beyond = torch.stack([ordered[0] - torch.tensor([1e-3, 1.0, 1e6]), ordered[-1] + torch.tensor([1e-3, 1.0, 1e6])])
+    ends = quantize_lut(beyond.reshape(1, 6), torch.ones(1, 1), levels, 6).reshape(2, 3).long()
+    assert (ends[0] == (levels == ordered[0]).nonzero()[0]).all()
+    assert (ends[1] == (levels == ordered[-1]).nonzero()[0]).all()
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_lookup_of_every_float16_in_range_is_the_argmin(fmt):
+    """NF4's and FP4's own tables, every float16 value within them (and the midpoints of their levels)."""
+    levels = nf4_levels() if fmt == "nf4" else fp4_e2m1_levels()
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    every = every[torch.isfinite(every) & (every.abs() <= levels.abs().max())]
+    ordered = levels.unique()
+    y = torch.cat([every, (ordered[1:] + ordered[:-1]) / 2])[None]
+    codes = quantize_lut(y, torch.ones(1, 1), levels, y.shape[1])
+    assert torch.equal(codes.long(), (y[..., None] - levels).abs().argmin(dim=-1))
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -404,6 +404,9 @@ def test_prefill_op_checks_its_arguments():
         torch.ops.lowbit.dequant_linear_cpu(torch.randn(9, 160), *packed, 40, bias=torch.randn(41), block_rows=16)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         torch.ops.lowbit.dequant_linear_cpu(torch.randn(9, 160).double(), *packed, 40, block_rows=16)
+    with pytest.raises(RuntimeError, match="scale must be float16, bfloat16, float32, or int8"):  # no float64 kernels
+        torch.ops.lowbit.int_gemv_cpu(torch.randn(1, 160), weight.qdata, weight.scale.double(), weight.zero_point, 4,
+                                      64, 40)
 
 
 @pytest.mark.parametrize("zero_point", [False, True])

@@ -8,6 +8,7 @@ from lowbit.formats.fp8 import (
     dequantize_fp8,
     fp4_codes_from_values,
     quantize_fp8,
+    minifloat_arithmetic,
     round_to_minifloat,
 )
 from lowbit.formats.integer import (
@@ -43,5 +44,5 @@ __all__ = [
     "dequantize_affine", "dequantize_fp8", "dequantize_lut", "double_dequantize", "double_quantize",
     "expand_groups", "fake_quantize_affine", "fp4_codes_from_values", "fp4_e2m1_levels", "group_index",
     "group_minmax", "int_range", "nf4_levels", "num_groups", "pack", "packed_length", "pad_to_groups",
-    "quantize_affine", "quantize_fp8", "quantize_lut", "round_to_minifloat", "store_scale", "unpack",
+    "minifloat_arithmetic", "quantize_affine", "quantize_fp8", "quantize_lut", "round_to_minifloat", "store_scale", "unpack",
 ]

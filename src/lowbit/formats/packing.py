@@ -117,6 +117,8 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
 def _unpack_rows(packed: Tensor, bits: int, n: int, word: int) -> Tensor:
     """`unpack` of a (rows, words) block."""
     rows, words = packed.shape
+    if bits == word:  # a code per byte, as it is
+        return packed[:, :n].to(torch.int32)
     values = packed.to(torch.int64)
     if packed.dtype == torch.int32:
         values = values & 0xFFFFFFFF

@@ -1,7 +1,7 @@
 """CPU kernels for 2/3/4/8-bit integer, NF4 and FP4 weights, reading lowbit's packed codes as they are stored.
 
-``csrc/lowbit_cpu.cpp`` is compiled on first use with the machine's C++ compiler (through
-``torch.utils.cpp_extension``, cached under the torch extensions directory) for
+``csrc/lowbit_cpu*.cpp`` (three translation units, compiled side by side) are built on first use with the
+machine's C++ compiler (through ``torch.utils.cpp_extension``, cached under the torch extensions directory) for
 ``-march=native``, or the target named by ``LOWBIT_CPU_MARCH`` (e.g. ``x86-64-v3``; each
 target is its own build). Its kernels need no prepared copy of the weight — the stored
 ``qdata``, ``scale`` and ``zero_point`` are their inputs (NF4 / FP4 add their 16 levels;
@@ -59,6 +59,7 @@ against 338 µs for float32 ``F.linear``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -74,7 +75,10 @@ from lowbit.tensor import QuantizedWeight, fake_quantize, lut_levels
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
+CSRC = Path(__file__).parent / "csrc"
+# the ops, then the kernels for 16-bit and for 32-bit / int8 scales, each instantiated from lowbit_cpu_kernels.h
+SOURCES = [CSRC / name for name in ("lowbit_cpu.cpp", "lowbit_cpu_scales16.cpp", "lowbit_cpu_scales32.cpp")]
+HEADER = CSRC / "lowbit_cpu_kernels.h"
 NAME = "lowbit_cpu"
 LOOKUP_FORMATS = ("nf4", "fp4")  # 4-bit codes that index a table of 16 levels
 # The GEMV's range of tokens, by format: above it, dequantise + GEMM (in blocks) is faster. The GEMV's
@@ -135,7 +139,10 @@ def extension() -> str | None:
         from torch.utils.cpp_extension import load
 
         log.info("building lowbit's CPU kernels for -march=%s (once) ...", march)
-        load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-ffp-contract=off"],
+        # torch rebuilds when a source or a flag changes, and hashes no header: the header's hash is a flag
+        header = hashlib.sha256(HEADER.read_bytes()).hexdigest()[:16]
+        load(name=name, sources=[str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
+             extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-ffp-contract=off", f"-DLOWBIT_KERNELS_H={header}"],
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return None
     except Exception as err:  # noqa: BLE001 - any build failure means: use the reference

@@ -245,8 +245,9 @@ def _make_current(device_index: int) -> None:
     _check(lib.cuCtxSetCurrent(ctx), "making the device's context current")
 
 
-def compile_nvrtc(source: str, arch: str) -> bytes:
-    """CUBIN of ``source`` for ``arch`` (e.g. "sm_90") by NVRTC."""
+def compile_nvrtc(source: str, arch: str, verbose: bool = False) -> tuple[bytes, str]:
+    """CUBIN of ``source`` for ``arch`` (e.g. "sm_90") by NVRTC, and its log (ptxas's register and spill report
+    with ``verbose``)."""
     lib = _nvrtc()
     if lib is None:
         raise LowbitError("NVRTC (libnvrtc.so) could not be loaded.")
@@ -254,20 +255,20 @@ def compile_nvrtc(source: str, arch: str) -> bytes:
     if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"w4a16_mma.cu", 0, None, None):
         raise LowbitError("NVRTC could not create a program.")
     try:
-        opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"]
+        opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"] + ([b"--ptxas-options=-v"] if verbose else [])
         status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        if status:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            raise LowbitError(f"NVRTC could not compile {SOURCE.name} for {arch}:\n{log.value.decode()}")
         size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        messages = log.value.decode(errors="replace")
+        if status:
+            raise LowbitError(f"NVRTC could not compile {SOURCE.name} for {arch}:\n{messages}")
         if lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)):
             raise LowbitError(f"NVRTC made no CUBIN for {arch} (an arch it only knows as PTX?).")
         image = ctypes.create_string_buffer(size.value)
         lib.nvrtcGetCUBIN(prog, image)
-        return image.raw
+        return image.raw, messages
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
@@ -342,7 +343,7 @@ def _function(variant: Variant | DequantVariant, device_index: int) -> _Function
     arch = f"sm_{major}{minor}"
     source = variant.source()
     try:
-        image = compile_nvrtc(source, arch)
+        image = compile_nvrtc(source, arch)[0]
     except LowbitError as nvrtc_error:
         try:
             image = compile_nvcc(source, arch)[0]
