@@ -6,6 +6,7 @@ and head), so that the suite stays fast on two cores; the full model and the pro
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lowbit.calibration.pipeline import capture_first_layer_inputs, run_layer
 from lowbit.errors import LowbitError
 from lowbit.eval import EvalConfig, evaluate_tokens, reference_stats
 from lowbit.nn import quantized_modules
+from lowbit.sequential import calibration_dtype
 
 SHORT = EvalConfig(window=512, max_windows=2, kl_windows=1)
 
@@ -54,12 +56,29 @@ def rtn(small_model, eval_tokens, fp_stats):
     return evaluate_tokens(lowbit.quantize(small_model, lowbit.W4A16_ASYM), eval_tokens, fp_stats, SHORT)
 
 
+@pytest.fixture(scope="module")
+def gptq_run(small_model, eval_tokens, fp_stats, calib):
+    """``gptq_run(method)``: the small model quantised at W4A16_ASYM by ``method``, and its short evaluation, made
+    once per method as it resolves on this machine (its "auto" calibration dtype named: the default method's run
+    is the dtype test's run at that dtype)."""
+    done = {}
+
+    def run(method: lowbit.GPTQ):
+        dtype = str(calibration_dtype(method.calib_dtype, torch.device("cpu"))).removeprefix("torch.")
+        method = dataclasses.replace(method, calib_dtype=dtype)
+        if method not in done:
+            q = lowbit.quantize(small_model, lowbit.W4A16_ASYM, method=method, calib=calib, progress=False)
+            done[method] = q, evaluate_tokens(q, eval_tokens, fp_stats, SHORT)
+        return done[method]
+
+    return run
+
+
 @pytest.mark.parametrize("method", [lowbit.GPTQ(), lowbit.GPTQ(static_groups=False, true_sequential=False),
                                     lowbit.GPTQ(act_order=False)],
                          ids=["true-sequential-static-act-order", "act-order-g-idx-batched", "natural-order"])
-def test_gptq_beats_rtn_on_the_default_model(small_model, eval_tokens, fp_stats, calib, rtn, method):
-    q = lowbit.quantize(small_model, lowbit.W4A16_ASYM, method=method, calib=calib)
-    gptq = evaluate_tokens(q, eval_tokens, fp_stats, SHORT)
+def test_gptq_beats_rtn_on_the_default_model(gptq_run, rtn, method):
+    q, gptq = gptq_run(method)
     # A six-layer model is no language model (its perplexity is astronomical), but its
     # fidelity to the float six-layer model is well defined: KL and top-1 must improve.
     assert gptq.kl < 0.75 * rtn.kl and gptq.top1 > rtn.top1
@@ -102,7 +121,7 @@ def test_linears_reading_one_tensor_are_found_by_probing_not_by_name(default_mod
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-def test_calibration_dtype_float32_and_bfloat16_give_close_results(small_model, eval_tokens, fp_stats, calib):
+def test_calibration_dtype_float32_and_bfloat16_give_close_results(gptq_run):
     """A bfloat16 calibration forward (activations included) quantises as well as a float32 one.
 
     Each run's layer errors are measured with its own Hessians, which bfloat16 activations
@@ -112,12 +131,11 @@ def test_calibration_dtype_float32_and_bfloat16_give_close_results(small_model, 
     """
     errors, kl = {}, {}
     for dtype in ("float32", "bfloat16"):
-        q = lowbit.quantize(small_model, lowbit.W4A16_ASYM, method=lowbit.GPTQ(calib_dtype=dtype), calib=calib,
-                            progress=False)
+        q, result = gptq_run(lowbit.GPTQ(calib_dtype=dtype))
         details = q.lowbit_info.details
         assert details["calibration_dtype"] == dtype
         errors[dtype] = torch.tensor(details["layer_errors"])
-        kl[dtype] = evaluate_tokens(q, eval_tokens, fp_stats, SHORT).kl
+        kl[dtype] = result.kl
     assert torch.allclose(errors["bfloat16"], errors["float32"], rtol=0.15)
     assert kl["bfloat16"] < 1.1 * kl["float32"]
 
