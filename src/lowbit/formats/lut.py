@@ -124,7 +124,8 @@ def _from_ordered(k: Tensor) -> Tensor:
 def dequantize_lut(codes: Tensor, scale: Tensor, levels: Tensor, group_size: int,
                    dtype: torch.dtype = torch.float32) -> Tensor:
     """levels[code] * s, (R, C)."""
-    values = levels.to(codes.device, torch.float32)[codes.long()]
+    table = levels.to(codes.device, torch.float32)
+    values = table.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)  # a gather by int32
     return (values * expand_groups(scale.float(), codes.shape[1], group_size)).to(dtype)
 
 
