@@ -78,6 +78,8 @@ def pack(codes: Tensor, bits: int, storage: torch.dtype = torch.uint8) -> Tensor
 
 def _pack_rows(codes: Tensor, bits: int, word: int, words: int, storage: torch.dtype) -> Tensor:
     """`pack` of a (rows, n) block of checked codes."""
+    if storage == torch.uint8:
+        return _pack_bytes(codes, bits, words)
     codes = codes.to(torch.int64)
     rows, n = codes.shape
     if word % bits == 0:  # whole codes per word: shift each into place and add
@@ -135,6 +137,26 @@ def _unpack_rows(packed: Tensor, bits: int, n: int, word: int) -> Tensor:
     low = values.gather(-1, index) >> shift
     high = values.gather(-1, index + 1) << (word - shift)
     return ((low | high) & ((1 << bits) - 1)).to(torch.int32)
+
+
+def _pack_bytes(codes: Tensor, bits: int, words: int) -> Tensor:
+    """`_pack_rows` into uint8 words, the inverse of `_unpack_bytes` and worked the same ways: in the bytes' width
+    where codes never straddle a byte, else 8 codes at a time into one integer that is cut into ``bits`` bytes."""
+    rows, n = codes.shape
+    if bits == 8:
+        return codes.to(torch.uint8)
+    if 8 % bits == 0:
+        per = 8 // bits
+        c = torch.nn.functional.pad(codes.to(torch.uint8), (0, words * per - n)).reshape(rows, words, per)
+        packed = c[..., 0].clone()
+        for j in range(1, per):
+            packed |= c[..., j] << (bits * j)  # below 256: c < 2^bits
+        return packed
+    runs = -(-n // 8)
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, runs * 8 - n)).reshape(rows, runs, 8)
+    value = (c << torch.arange(0, 8 * bits, bits, device=codes.device)).sum(-1)  # (rows, runs), 8 * bits bits
+    packed = (value[..., None] >> torch.arange(0, 8 * bits, 8, device=codes.device)) & 0xFF  # (rows, runs, bits)
+    return packed.reshape(rows, runs * bits)[:, :words].to(torch.uint8)
 
 
 def _unpack_bytes(packed: Tensor, bits: int, n: int) -> Tensor:
