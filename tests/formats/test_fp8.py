@@ -110,6 +110,8 @@ def test_grouped_codes_are_torch_bit_patterns(fmt, rows, cols, group, seed, dtyp
     assert y.abs().max() <= FP8_MAX[fmt] * (1 + 1e-6)  # absmax scaling clips by one float32 ulp at most
     y = y.clamp(-FP8_MAX[fmt], FP8_MAX[fmt])
     assert torch.equal(codes, y.to(FP8_DTYPES[fmt]).view(torch.uint8))
+    # and the values they stand for are our arithmetic's rounding of y (the codec itself uses torch's cast)
+    assert torch.equal(codes.view(FP8_DTYPES[fmt]).float(), minifloat_arithmetic(y, *FP8_BITS[fmt], FP8_MAX[fmt]))
     assert dequantize_fp8(codes, scale, fmt, group, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 

@@ -266,7 +266,7 @@ def test_nvrtc_compiles_a_variants_source_as_shipped(variant):
 
 @pytest.mark.parametrize("compiler", ["nvrtc", "nvcc"])
 def test_a_compile_error_names_the_source(compiler):
-    if (cuda._nvrtc() is None) if compiler == "nvrtc" else (shutil.which("nvcc") is None):
+    if MISSING[compiler]:
         pytest.skip(f"{compiler} is not installed")
     compile_ = cuda.compile_nvrtc if compiler == "nvrtc" else cuda.compile_nvcc
     with pytest.raises(LowbitError, match="w4a16_mma.cu"):

@@ -7,8 +7,8 @@ from lowbit.formats.fp8 import (
     choose_scale_fp8,
     dequantize_fp8,
     fp4_codes_from_values,
-    quantize_fp8,
     minifloat_arithmetic,
+    quantize_fp8,
     round_to_minifloat,
 )
 from lowbit.formats.integer import (
@@ -35,6 +35,7 @@ from lowbit.formats.lut import (
     fp4_e2m1_levels,
     nf4_levels,
     quantize_lut,
+    table_lookup,
 )
 from lowbit.formats.packing import pack, packed_length, unpack
 
@@ -44,5 +45,6 @@ __all__ = [
     "dequantize_affine", "dequantize_fp8", "dequantize_lut", "double_dequantize", "double_quantize",
     "expand_groups", "fake_quantize_affine", "fp4_codes_from_values", "fp4_e2m1_levels", "group_index",
     "group_minmax", "int_range", "nf4_levels", "num_groups", "pack", "packed_length", "pad_to_groups",
-    "minifloat_arithmetic", "quantize_affine", "quantize_fp8", "quantize_lut", "round_to_minifloat", "store_scale", "unpack",
+    "minifloat_arithmetic", "quantize_affine", "quantize_fp8", "quantize_lut", "round_to_minifloat", "store_scale",
+    "table_lookup", "unpack",
 ]

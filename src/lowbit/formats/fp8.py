@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats.integer import expand_groups, pad_to_groups, store_scale
-from lowbit.formats.lut import FP4_E2M1_MAGNITUDES
+from lowbit.formats.lut import FP4_E2M1_MAGNITUDES, table_lookup
 
 FP8_MAX: dict[str, float] = {"e4m3": 448.0, "e5m2": 57344.0}
 FP8_BITS: dict[str, tuple[int, int]] = {"e4m3": (4, 3), "e5m2": (5, 2)}
@@ -43,24 +43,19 @@ def round_to_minifloat(x: Tensor, exp_bits: int, man_bits: int, max_value: float
     Halfway cases go to the even mantissa; magnitudes beyond ``max_value`` saturate (so
     do infinities); NaN stays NaN; the sign of zero is kept. Returns float32.
     """
-    _check_minifloat(exp_bits, man_bits, max_value)
-    dtype = _TORCH_MINIFLOATS.get((exp_bits, man_bits, float(max_value)))
+    dtype = _TORCH_MINIFLOATS.get((exp_bits, man_bits, max_value))
     if dtype is None:
         return minifloat_arithmetic(x, exp_bits, man_bits, max_value)
     # saturated first (the cast would make an out-of-range value NaN), then rounded half to even by the cast
     return x.float().clamp(-max_value, max_value).to(dtype).float()
 
 
-def _check_minifloat(exp_bits: int, man_bits: int, max_value: float) -> None:
+def minifloat_arithmetic(x: Tensor, exp_bits: int, man_bits: int, max_value: float) -> Tensor:
+    """`round_to_minifloat` in float32 arithmetic, for any format."""
     if not isinstance(exp_bits, int) or not isinstance(man_bits, int) or exp_bits < 1 or man_bits < 0:
         raise LowbitError(f"minifloat needs exp_bits >= 1 and man_bits >= 0, got ({exp_bits!r}, {man_bits!r}).")
     if not max_value > 0:
         raise LowbitError(f"minifloat max_value must be positive, got {max_value!r}.")
-
-
-def minifloat_arithmetic(x: Tensor, exp_bits: int, man_bits: int, max_value: float) -> Tensor:
-    """`round_to_minifloat` in float32 arithmetic, for any format."""
-    _check_minifloat(exp_bits, man_bits, max_value)
     bias = (1 << (exp_bits - 1)) - 1
     xf = x.float()
     mag = xf.abs()
@@ -103,17 +98,15 @@ def choose_scale_fp8(x: Tensor, group_size: int, fmt: str, scale_dtype: torch.dt
 def quantize_fp8(x: Tensor, scale: Tensor, fmt: str, group_size: int) -> Tensor:
     """FP8 bit patterns of x / s, (R, C) uint8."""
     _check_fmt(fmt)
-    exp_bits, man_bits = FP8_BITS[fmt]
     limit = FP8_MAX[fmt]
     y = (x.float() / expand_groups(scale.float(), x.shape[1], group_size)).clamp(-limit, limit)
-    return round_to_minifloat(y, exp_bits, man_bits, limit).to(FP8_DTYPES[fmt]).view(torch.uint8)  # exact
+    # torch's cast rounds half to even, as `round_to_minifloat` does for these formats (the same cast)
+    return y.to(FP8_DTYPES[fmt]).view(torch.uint8)
 
 
 def dequantize_fp8(codes: Tensor, scale: Tensor, fmt: str, group_size: int,
                    dtype: torch.dtype = torch.float32) -> Tensor:
     """value(code) * s, (R, C)."""
     _check_fmt(fmt)
-    # each code's value from a table of all 256 (the same as casting the float8 view, about 1.7x faster on CPU)
-    table = _fp8_values(fmt, codes.device)
-    values = table.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+    values = table_lookup(_fp8_values(fmt, codes.device), codes)  # the float8 view's cast, 1.7x faster on CPU
     return (values * expand_groups(scale.float(), codes.shape[1], group_size)).to(dtype)

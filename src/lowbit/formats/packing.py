@@ -119,8 +119,6 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
 def _unpack_rows(packed: Tensor, bits: int, n: int, word: int) -> Tensor:
     """`unpack` of a (rows, words) block."""
     rows, words = packed.shape
-    if bits == word:  # a code per byte, as it is
-        return packed[:, :n].to(torch.int32)
     if word == 8:  # bytes, LSB first: every `bits` bytes hold 8 whole codes (3 bits: the 24-bit triples)
         return _unpack_bytes(packed, bits, n)
     values = packed.to(torch.int64)
@@ -164,6 +162,8 @@ def _unpack_bytes(packed: Tensor, bits: int, n: int) -> Tensor:
     bits: 10x faster for 4 bits than widening every byte to int64 first, on this project's 2-core machine), else
     from each run of ``bits`` bytes read as one little-endian integer of 8 codes (3, 5, 6, 7 bits)."""
     rows, words = packed.shape
+    if bits == 8:  # a code per byte, as it is
+        return packed[:, :n].to(torch.int32)
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)

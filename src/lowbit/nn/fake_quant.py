@@ -47,6 +47,7 @@ from lowbit.formats import (
     quantize_fp8,
     quantize_lut,
     round_to_minifloat,
+    table_lookup,
 )
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.scheme import QuantSpec
@@ -115,7 +116,7 @@ def _snap_float(spec: QuantSpec) -> Callable[[Tensor], Tensor]:
 
     def snap(y: Tensor) -> Tensor:
         codes = quantize_lut(y, torch.ones(y.shape[0], 1, device=y.device), levels, y.shape[1])  # y / 1 is exact
-        return levels.to(y.device)[codes.long()]
+        return table_lookup(levels.to(y.device), codes)
 
     return snap
 
