@@ -176,12 +176,20 @@ struct Words {
     data.assign(M * 8 * D + 8, 0.0f);  // + 8: a step of 8 lanes may start at any word before D
     sums.assign(M * G, 0.0f);
     word_sums.assign(M * D, 0.0f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) {
-        data[(m * 8 + k % 8) * D + k / 8] = x[m * K + k];
-        sums[m * G + k / group] += x[m * K + k];
-        word_sums[m * D + k / 8] += x[m * K + k];
+    for (int64_t m = 0; m < M; ++m) {  // (no division per column: this runs on every call, ~2 µs for 576 columns)
+      const float* xm = x + m * K;
+      float* lanes = data.data() + m * 8 * D;
+      for (int64_t d = 0; d < K / 8; ++d) {
+        float sum = 0.0f;
+        for (int q = 0; q < 8; ++q) lanes[q * D + d] = xm[8 * d + q], sum += xm[8 * d + q];
+        word_sums[m * D + d] = sum;
       }
+      for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.0f;
+        for (int64_t k = g * group; k < std::min(K, (g + 1) * group); ++k) sum += xm[k];
+        sums[m * G + g] = sum;
+      }
+    }
   }
   const float* at(int64_t m, int q) const { return data.data() + (m * 8 + q) * D; }
   float group_sum(int64_t m, int64_t g) const { return sums[m * G + g]; }
