@@ -41,6 +41,57 @@ def test_cache_is_identical_to_the_gguf(default_model, default_tokenizer, monkey
         default_tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
+def test_the_memoised_reader_parses_as_ggufs_own(tmp_path, endian):
+    """Within `gguf_parsed_once` the reader slices the header from a plain array over the mapped file, not the
+    memmap: keys of every kind and the tensors' names, types, shapes and data read exactly as gguf's reader has
+    them, in either byte order."""
+    import gguf
+    import numpy as np
+
+    from lowbit.models.loading import gguf_parsed_once
+
+    path = tmp_path / "w.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama", endianess=getattr(gguf.GGUFEndian, endian))
+    writer.add_array("a.ints", [1, -2, 3])
+    writer.add_array("a.floats", [0.5, 1.5])
+    writer.add_array("a.strings", ["x", "yz", "", "é"])
+    writer.add_array("a.nested", [[1, 2], [3]])
+    writer.add_bool("a.bool", True)
+    writer.add_uint64("a.u64", 2**40 + 7)
+    writer.add_float32("a.f32", -0.25)
+    writer.add_string("a.last", "é and more")
+    rng = np.random.default_rng(0)
+    tensors = {"t.f32": rng.standard_normal((3, 5)).astype(np.float32),
+               "t.f16": rng.standard_normal((4, 8)).astype(np.float16), "t.i8": np.arange(-8, 8, dtype=np.int8)}
+    for name, array in tensors.items():
+        writer.add_tensor(name, array.copy())  # (the writer swaps a big-endian file's bytes itself)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    theirs = gguf.GGUFReader(path)
+    with gguf_parsed_once():
+        ours = gguf.GGUFReader(path)
+        assert type(ours) is not type(theirs)  # the memoised subclass did the parsing
+    assert list(ours.fields) == list(theirs.fields) and len(ours.fields) > 8
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.offset, mine.types, mine.data, mine.name) == (field.offset, field.types, field.data, name)
+        assert len(mine.parts) == len(field.parts), name
+        for a, b in zip(mine.parts, field.parts, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+        assert mine.contents() == field.contents(), name
+    assert [t.name for t in ours.tensors] == list(tensors)
+    for mine, tensor in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (mine.tensor_type, list(mine.shape), mine.data_offset) == \
+            (tensor.tensor_type, list(tensor.shape), tensor.data_offset)
+        assert np.array_equal(mine.data, tensor.data) and mine.data.dtype == tensor.data.dtype
+    for mine, (name, array) in zip(ours.tensors, tensors.items(), strict=True):
+        assert np.array_equal(np.asarray(mine.data).astype(array.dtype).reshape(array.shape), array), name
+
+
 def test_default_names():
     for name in (None, "", "default"):
         assert resolve_source(name).gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
