@@ -17,7 +17,7 @@ from lowbit.kernels import dispatch, quantized_linear
 from lowbit.kernels import cpu as cpu_kernels
 from lowbit.kernels.cpu import DEQUANT_GEMM, INT_GEMV, _operands, block_rows, build_features, extension, gemv_max_m
 from lowbit.nn import QuantLinear
-from lowbit.scheme import QuantSpec
+from lowbit.scheme import QuantSpec, get_scheme
 from lowbit.tensor import QuantizedWeight, quantize_weight
 
 pytestmark = pytest.mark.skipif(isinstance(extension(), str), reason="the C++ kernels cannot be built here")
@@ -605,6 +605,27 @@ def test_forward_remembers_its_kernel_until_the_registry_or_the_buffers_change(m
     torch.testing.assert_close(layer(x), x @ other.dequantize().T)  # prepared again from the new codes
     assert calls[-2:] == ["prepare", "run"] and len(calls) == 6
     assert copy.deepcopy(layer)._memo is None and layer._memo is not None
+
+
+@pytest.mark.parametrize("case", ["plain", "bias", "bf16-bias", "bf16-x", "w8a8", "act-order"])
+def test_a_layers_bound_gemv_is_the_kernels_run(case):
+    """`QuantLinear` calls what the GEMV's ``bind`` made (its operands gathered once) where there is nothing to do
+    per call but the op, and the kernel's ``run`` otherwise: either way the layer's output is ``run``'s, bit for
+    bit, with or without a bias of either type, for float32 and bfloat16 x."""
+    gen = torch.Generator().manual_seed(5)
+    weight = quantize_weight(torch.randn(40, 96, generator=gen), QuantSpec("int", 4, "group", 32, symmetric=False))
+    activations = get_scheme("W8A8").activations if case == "w8a8" else None
+    if case == "act-order":
+        weight = with_g_idx(weight, 0, False)
+    bias = {"bias": torch.randn(40, generator=gen), "bf16-bias": torch.randn(40, generator=gen).bfloat16()}.get(case)
+    layer = QuantLinear(weight, bias, activations)
+    x = torch.randn(2, 96, generator=gen).to(torch.bfloat16 if case == "bf16-x" else torch.float32)
+    prepared = INT_GEMV.prepare(weight)
+    assert (INT_GEMV.bind(prepared, weight, activations) is None) == (case in ("w8a8", "act-order"))
+    expected = INT_GEMV.run(x, prepared, weight, layer.bias, activations)
+    for _ in range(2):  # the call that makes the memo's entry, then the one that reuses it
+        y = layer(x)
+        assert y.dtype == expected.dtype and torch.equal(y, expected)
 
 
 FIRST_CALL_IS_PREFILL = textwrap.dedent("""

@@ -304,6 +304,24 @@ def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def _bind(prepared: dict, weight: QuantizedWeight, activations: QuantSpec | None):
+    """`_run` for this weight with its operands gathered once, where there is nothing to do per call but the op:
+    no activation quantisation, codes read as stored; x of another type than float32, or a bias that is not
+    float32, still take `_run` itself."""
+    if activations is not None or "perm" in prepared:
+        return None
+    packed, extra = _operands(weight, prepared)
+    out_features = weight.shape[0]
+
+    def gemv(x: Tensor, bias: Tensor | None) -> Tensor:
+        if x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+            return _run(x, prepared, weight, bias, activations)
+        y = _INT_GEMV_OP(x, *packed, out_features, **extra)
+        return y if bias is None else y.add_(bias)
+
+    return gemv
+
+
 def block_rows(out_features: int, in_features: int, tokens: int) -> int:
     """Rows of float weight dequantised at a time for prefill (module comment at ``BLOCK_BYTES``), in whole
     16-row steps."""
@@ -322,7 +340,8 @@ def _run_dequant(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tenso
     return _DEQUANT_LINEAR_OP(x, *packed, weight.shape[0], **extra, bias=bias, block_rows=rows)
 
 
-INT_GEMV = Kernel("cpu-int-gemv", "cpu", supports=_supports, prepare=_prepare, run=_run, max_m=gemv_max_m)
+INT_GEMV = Kernel("cpu-int-gemv", "cpu", supports=_supports, prepare=_prepare, run=_run, max_m=gemv_max_m,
+                  bind=_bind)
 DEQUANT_GEMM = Kernel("cpu-dequant-gemm", "cpu", supports=_supports, prepare=_prepare, run=_run_dequant,
                       min_m=lambda weight: gemv_max_m(weight) + 1)
 register(INT_GEMV)

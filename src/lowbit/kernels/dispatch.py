@@ -10,7 +10,10 @@ runs on the reference — never a crash.
 
 A kernel's ``prepare`` turns the stored weight into the layout the kernel reads, once
 per device; `QuantLinear` keeps the result, one per prepare function (kernels that share
-one read the same layout, held once).
+one read the same layout, held once). A kernel may also ``bind`` a prepared weight: a
+function of (x, bias) that `QuantLinear` keeps per (device, M) and calls instead of ``run``,
+with whatever ``run`` works out from the weight on every call worked out once (a decode step
+calls each layer once per token, each call a few µs of Python on top of tens of µs of work).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class Kernel:
     # the kernel's range of tokens M, fixed or (a function of the weight) where it depends on the format
     min_m: int | Callable[[QuantizedWeight], int] = 1
     max_m: int | Callable[[QuantizedWeight], int] | None = None
+    # (prepared, weight, activations) → a function of (x, bias) equal to ``run`` with those arguments, or None
+    bind: Callable[[Prepared, QuantizedWeight, QuantSpec | None], Callable[[Tensor, Tensor | None], Tensor] | None] \
+        | None = None
 
     def covers(self, m: int, weight: QuantizedWeight) -> bool:
         low = self.min_m(weight) if callable(self.min_m) else self.min_m

@@ -75,17 +75,12 @@ class QuantLinear(nn.Module):
             x = fake_quantize_static(x, activations, self._buffers["input_scale"])  # then sees the codes' values
             activations = None
         m = x.numel() // self.in_features
-        kernel = memo.kernels.get((x.device, m))
-        if kernel is None:
-            if len(memo.kernels) > 64:  # prefill lengths vary; keep the memo small
-                memo.kernels.clear()
-            kernel = memo.kernels[x.device, m] = dispatch.choose(memo.weight, activations, x.device, m)
-        if kernel is dispatch.REFERENCE:
-            return kernel.run(x, {}, memo.weight, self.bias, activations)
-        prepared = memo.prepared.get(kernel.prepare)
-        if prepared is None:
-            prepared = memo.prepared[kernel.prepare] = kernel.prepare(memo.weight)
-        return kernel.run(x, prepared, memo.weight, self.bias, activations)
+        call = memo.calls.get((x.device, m))
+        if call is None:
+            if len(memo.calls) > 64:  # prefill lengths vary; keep the memo small
+                memo.calls.clear()
+            call = memo.calls[x.device, m] = memo.call(x.device, m, activations)
+        return call(x, self.bias)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), …: the memo would keep the old buffers alive
         self._memo = None
@@ -107,17 +102,30 @@ class _Memo:
 
     def __init__(self, layer: QuantLinear) -> None:
         self.registry = dispatch.registry_state()
-        self.buffers = tuple(layer._buffers.values())
+        self.buffers = tuple(layer._buffers.values())  # held, so that no other tensor can take their ids
+        self.ids = tuple(map(id, self.buffers))
         self.weight = layer.weight
-        self.kernels: dict[tuple[torch.device, int], dispatch.Kernel] = {}  # (device, M) → kernel
+        # (device, M) → the chosen kernel's run as a function of (x, bias), or what its ``bind`` made
+        self.calls: dict[tuple[torch.device, int], Callable[[Tensor, Tensor | None], Tensor]] = {}
         # a kernel's prepare function → its layout of the weight, one for the kernels that share the function
         # (the CPU GEMV and prefill kernels: act-order codes sorted into group order are held once)
         self.prepared: dict[Callable, dispatch.Prepared] = {}
 
+    def call(self, device: torch.device, m: int,
+             activations: QuantSpec | None) -> Callable[[Tensor, Tensor | None], Tensor]:
+        """The kernel for M tokens on ``device``, with its prepared layout (made once, shared), as one function."""
+        weight = self.weight
+        kernel = dispatch.choose(weight, activations, device, m)
+        if kernel is dispatch.REFERENCE:
+            return lambda x, bias: kernel.run(x, {}, weight, bias, activations)
+        prepared = self.prepared.get(kernel.prepare)
+        if prepared is None:
+            prepared = self.prepared[kernel.prepare] = kernel.prepare(weight)
+        bound = kernel.bind(prepared, weight, activations) if kernel.bind is not None else None
+        return bound or (lambda x, bias: kernel.run(x, prepared, weight, bias, activations))
+
     def holds(self, layer: QuantLinear) -> bool:
-        buffers = layer._buffers.values()
-        return (self.registry == dispatch.registry_state() and len(buffers) == len(self.buffers)
-                and all(a is b for a, b in zip(buffers, self.buffers)))
+        return self.registry == dispatch.registry_state() and tuple(map(id, layer._buffers.values())) == self.ids
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
