@@ -900,11 +900,11 @@ def tasks_cmd(harness: bool, export_dir: str | None, task_text: str, task_items:
                    f"--include_path {export_dir} --tasks {','.join(names.values())}", err=True)
     if harness:
         try:
-            from lm_eval.tasks import TaskManager
+            from lowbit.eval.harness import task_manager
         except ImportError as err:
             raise LowbitError("listing lm-eval's tasks needs lm-eval 0.4: pip install 'lowbit[eval]' "
                               f"(import failed: {err}).") from err
-        for name in TaskManager().all_tasks:
+        for name in task_manager().all_tasks:
             click.echo(name)
 
 

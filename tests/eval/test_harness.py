@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -96,3 +97,61 @@ def test_cli_eval_tasks_native_and_harness(tmp_path):
         assert interval["low"] <= report["tasks"]["nextsent"]["acc"] <= interval["high"]
     for task in ("lastword", "nextsent"):
         assert reports[False]["tasks"][task]["acc"] == reports[True]["tasks"][task]["acc"]
+
+
+def test_lm_evals_own_task_index_is_cached_and_equal_to_a_fresh_one(tmp_path, monkeypatch):
+    """`task_manager` reads the index of lm-eval's own tasks from lowbit's cache, written by the first call: the
+    same entries as lm-eval's own TaskManager builds, a user's directory still indexed each time and merged after
+    (its task replacing the built-in one of the same name); an edited task file or a cut cache file makes a new
+    index. (A copy of three of lm-eval's task folders stands in for its ~14 000 tasks.)"""
+    import shutil
+
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager, _index
+
+    from lowbit.eval import harness
+
+    own = tmp_path / "tasks"
+    for name in ("arc", "piqa", "hellaswag"):
+        shutil.copytree(Path(lm_eval.tasks.__file__).parent / name, own / name)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "piqa.yaml").write_text((own / "piqa" / "piqa.yaml").read_text().replace("num_fewshot", "# num_fewshot"))
+    monkeypatch.setattr(lm_eval.tasks, "__file__", str(own / "__init__.py"))
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(harness, "_INDEXES", {})
+    built = []
+    plain_build = _index.TaskIndex.__dict__["build"].__func__
+
+    def counting(paths, *, resolve_includes=True):
+        built.append([Path(p).name for p in paths])
+        return plain_build(paths, resolve_includes=resolve_includes)
+
+    monkeypatch.setattr(_index.TaskIndex, "build", staticmethod(counting))
+
+    def fresh(paths):
+        return TaskManager(include_path=paths, include_defaults=False)._index
+
+    expected = fresh([str(own), str(user)])
+    assert "piqa" in expected and "arc_easy" in expected and expected["piqa"].yaml_path == user / "piqa.yaml"
+    built.clear()
+    assert harness.task_manager([str(own), str(user)], include_defaults=False)._index == expected
+    assert built == [["tasks"], ["mine"]]  # our own tasks' index built (and written) once, the user's as always
+    assert len(list((tmp_path / "cache" / "lm-eval").glob("task-index-*.pickle"))) == 1
+    harness._INDEXES.clear()  # a new process: read from the file
+    assert harness.task_manager([str(own), str(user)], include_defaults=False)._index == expected
+    assert built == [["tasks"], ["mine"], ["mine"]]
+    assert _index.TaskIndex.__dict__["build"].__func__ is counting  # put back when the block ended
+
+    arc = own / "arc" / "arc_easy.yaml"  # an edited task: a new fingerprint, a new index
+    arc.write_text(arc.read_text().replace("task: arc_easy", "task: arc_easy_edited"))
+    index = harness.task_manager([str(own)], include_defaults=False)._index
+    assert "arc_easy_edited" in index and "arc_easy" not in index and built[-1] == ["tasks"]
+    assert index == fresh([str(own)])
+
+    harness._INDEXES.clear()
+    for path in (tmp_path / "cache" / "lm-eval").glob("task-index-*.pickle"):
+        path.write_bytes(path.read_bytes()[:100])  # cut short: built again, quietly
+    count = len(built)
+    assert harness.task_manager([str(own)], include_defaults=False)._index == index
+    assert len(built) == count + 1
