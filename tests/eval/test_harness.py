@@ -1,7 +1,9 @@
 """The lm-eval bridge: the same numbers as lowbit's native scoring and as lm-eval's own HF model."""
 
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -134,10 +136,17 @@ def test_lm_evals_own_task_index_is_cached_and_equal_to_a_fresh_one(tmp_path, mo
 
     expected = fresh([str(own), str(user)])
     assert "piqa" in expected and "arc_easy" in expected and expected["piqa"].yaml_path == user / "piqa.yaml"
+    cache = tmp_path / "cache" / "lm-eval"
+    cache.mkdir(parents=True)
+    for age in range(1, 6):  # other environments' indexes, the oldest last: all but the newest 3 go
+        (cache / f"task-index-other{age}.pickle").write_bytes(b"x")
+        os.utime(cache / f"task-index-other{age}.pickle", (time.time() - 1000 * age,) * 2)
     built.clear()
     assert harness.task_manager([str(own), str(user)], include_defaults=False)._index == expected
     assert built == [["tasks"], ["mine"]]  # our own tasks' index built (and written) once, the user's as always
-    assert len(list((tmp_path / "cache" / "lm-eval").glob("task-index-*.pickle"))) == 1
+    kept = {path.name for path in cache.glob("task-index-*.pickle")}
+    assert harness.KEPT_INDEXES == 4 and len(kept) == 4
+    assert {name for name in kept if "other" in name} == {f"task-index-other{age}.pickle" for age in (1, 2, 3)}
     harness._INDEXES.clear()  # a new process: read from the file
     assert harness.task_manager([str(own), str(user)], include_defaults=False)._index == expected
     assert built == [["tasks"], ["mine"], ["mine"]]
@@ -150,7 +159,7 @@ def test_lm_evals_own_task_index_is_cached_and_equal_to_a_fresh_one(tmp_path, mo
     assert index == fresh([str(own)])
 
     harness._INDEXES.clear()
-    for path in (tmp_path / "cache" / "lm-eval").glob("task-index-*.pickle"):
+    for path in cache.glob("task-index-*.pickle"):
         path.write_bytes(path.read_bytes()[:100])  # cut short: built again, quietly
     count = len(built)
     assert harness.task_manager([str(own)], include_defaults=False)._index == index

@@ -156,6 +156,8 @@ def _cached_index(root: Path, build) -> dict:
     data = _INDEXES.get(key)
     if data is None and path.is_file():
         data = path.read_bytes()
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used: kept by `_prune_indexes`
     if data is not None:
         try:
             index = pickle.loads(data)
@@ -172,9 +174,27 @@ def _cached_index(root: Path, build) -> dict:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".tmp-", delete=False) as tmp:
             tmp.write(data)
         os.replace(tmp.name, path)
+        _prune_indexes(path.parent)
     except OSError as err:
         log.warning("could not write lm-eval's task index to %s (%s); indexing on each run", path, err)
     return index
+
+
+KEPT_INDEXES = 4  # task indexes kept in the cache (one per lm-eval install and version), the most recently used
+
+
+def _prune_indexes(directory: Path) -> None:
+    """Remove all but the `KEPT_INDEXES` most recently used task indexes (15 MB each for lm-eval 0.4.13): every
+    new environment or lm-eval version writes its own."""
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # removed meanwhile by another process
+            return 0.0
+
+    for old in sorted(directory.glob("task-index-*.pickle"), key=used, reverse=True)[KEPT_INDEXES:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 @contextlib.contextmanager
