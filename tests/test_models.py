@@ -92,6 +92,38 @@ def test_the_memoised_reader_parses_as_ggufs_own(tmp_path, endian):
         assert np.array_equal(np.asarray(mine.data).astype(array.dtype).reshape(array.shape), array), name
 
 
+def test_a_gguf_files_cache_is_keyed_by_its_content_not_its_path(tmp_path):
+    """The safetensors copy of a GGUF file is found by the file's content (size and blocks spread over it): the
+    same bytes at another path and time (another environment's install) share it; a byte changed in the header,
+    in the middle or at the end makes another key."""
+    import os
+    import shutil
+
+    from lowbit.models.loading import SAMPLE_BYTES, ModelSource, _gguf_cache_dir, content_key
+
+    data = bytearray(torch.randint(0, 256, (3 * 1024 * 1024 + 123,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "m.gguf").write_bytes(data)
+    shutil.copy(tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf")  # a new path and modification time
+
+    def key(path):
+        stat = os.stat(path)
+        return content_key(str(path), stat.st_size, stat.st_mtime_ns)
+
+    assert key(tmp_path / "a" / "m.gguf") == key(tmp_path / "b" / "m.gguf")
+    assert _gguf_cache_dir(ModelSource(tmp_path / "a", "m.gguf")) == \
+        _gguf_cache_dir(ModelSource(tmp_path / "b", "m.gguf"))
+    middle = (len(data) - SAMPLE_BYTES) * 32 // 63  # inside the 33rd of the 64 blocks
+    for at in (10, middle + 5, len(data) - 1):
+        changed = bytearray(data)
+        changed[at] ^= 1
+        path = tmp_path / f"c{at}.gguf"
+        path.write_bytes(changed)
+        assert key(path) != key(tmp_path / "a" / "m.gguf"), at
+
+
 def test_default_names():
     for name in (None, "", "default"):
         assert resolve_source(name).gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -92,12 +92,33 @@ def cache_root() -> Path:
     return Path(base) / "lowbit"
 
 
+SAMPLE_BYTES, SAMPLES = 1 << 16, 64  # `content_key`: blocks of the file read, spread over it
+
+
+@functools.lru_cache(maxsize=64)
+def content_key(path: str, size: int, mtime_ns: int) -> str:
+    """A fingerprint of a file's bytes that reads 4 MiB of it, not all (a 70B model's GGUF is 40 GB): its size and
+    `SAMPLES` blocks of `SAMPLE_BYTES` spread evenly from its first byte to its last, so the GGUF header (the
+    metadata, the tokenizer) and tensors throughout. The same file installed twice (each environment's copy of the
+    default model's package) has the same key whatever its path and time; two different models of one size differ
+    in their headers and tensors alike. (``mtime_ns`` only makes this memo read an edited file again.)"""
+    digest = hashlib.sha256(f"{size}|".encode())
+    with open(path, "rb") as f:
+        for i in range(SAMPLES):
+            f.seek(max(0, size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 def _gguf_cache_dir(source: ModelSource) -> Path:
+    """Where the safetensors copy of a GGUF file goes: by the file's content (`content_key`) and transformers'
+    version, so that environments with the same file share one copy (a new path each, as every CI clone's own
+    environment has, had made a new 0.5 GB copy of the default model each time)."""
     import transformers
 
     path = (source.directory / str(source.gguf_file)).resolve()
     stat = path.stat()
-    key = f"{path}|{stat.st_size}|{int(stat.st_mtime)}|{transformers.__version__}"
+    key = f"{content_key(str(path), stat.st_size, stat.st_mtime_ns)}|{transformers.__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{path.stem}-{digest}"
 
