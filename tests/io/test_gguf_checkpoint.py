@@ -322,12 +322,13 @@ def test_act_order_column_order_is_refused(model, tok, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_quantizes_the_default_model_to_gguf_and_evaluates_the_file(tmp_path):
+def test_cli_quantizes_the_default_model_to_gguf_and_evaluates_the_file(tmp_path, monkeypatch):
     """What a user types: quantise to Q4_0 straight into a .gguf, then evaluate that file."""
     from click.testing import CliRunner
 
     from lowbit.cli import cli
 
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))  # the file's safetensors copy: not in the user's
     out = tmp_path / "m.gguf"
     runner = CliRunner()
     result = runner.invoke(cli, ["quantize", "default", "--scheme", "Q4_0", "--format", "gguf", "--out", str(out),
