@@ -628,6 +628,26 @@ def test_a_layers_bound_gemv_is_the_kernels_run(case):
         assert y.dtype == expected.dtype and torch.equal(y, expected)
 
 
+def test_a_load_of_the_kernels_that_compiles_says_so(monkeypatch, caplog):
+    """A load of the C++ kernels still going after `BUILD_NOTICE_S` is compiling them (a minute): a warning says so,
+    which the CLI shows by default, so a first run does not stop without a word; a load from torch's cache (16 ms
+    here) says nothing."""
+    import time
+
+    import torch.utils.cpp_extension
+
+    monkeypatch.delenv("LOWBIT_NO_CPP", raising=False)
+    monkeypatch.setattr(cpu_kernels, "BUILD_NOTICE_S", 0.05)
+    for seconds, said in ((0.4, True), (0.0, False)):
+        monkeypatch.setattr(torch.utils.cpp_extension, "load",
+                            lambda *args, seconds=seconds, **kwargs: time.sleep(seconds))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lowbit.kernels.cpu"):
+            assert cpu_kernels.extension.__wrapped__() is None  # the memoised function itself, run again
+            time.sleep(0.2)  # past the notice's time: a cancelled one stays silent
+        assert ("compiling lowbit's CPU kernels" in caplog.text) == said, seconds
+
+
 FIRST_CALL_IS_PREFILL = textwrap.dedent("""
     import torch
     from lowbit.kernels.cpu import DEQUANT_GEMM

@@ -63,6 +63,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -128,6 +129,9 @@ def _avx512() -> bool:
     return "avx512" in build_features()
 
 
+BUILD_NOTICE_S = 3.0  # a load of the kernels still going after this long is compiling them: `extension` says so
+
+
 @functools.cache
 def extension() -> str | None:
     """Build (once per machine and target) and load the C++ kernels: None, or why they cannot be."""
@@ -138,12 +142,23 @@ def extension() -> str | None:
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("building lowbit's CPU kernels for -march=%s (once) ...", march)
+        log.info("loading lowbit's CPU kernels for -march=%s ...", march)
         # torch rebuilds when a source or a flag changes, and hashes no header: the header's hash is a flag
         header = hashlib.sha256(HEADER.read_bytes()).hexdigest()[:16]
-        load(name=name, sources=[str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
-             extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-ffp-contract=off", f"-DLOWBIT_KERNELS_H={header}"],
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        # a load that has to compile takes a minute (47 s on this project's 2-core machine): say so, where the
+        # user would otherwise see a run stop without a word; a load from torch's cache is done long before
+        notice = threading.Timer(BUILD_NOTICE_S, log.warning, (
+            "compiling lowbit's CPU kernels for -march=%s: once for this machine and version, about a minute ...",
+            march))
+        notice.daemon = True
+        notice.start()
+        try:
+            load(name=name, sources=[str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
+                 extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-ffp-contract=off",
+                               f"-DLOWBIT_KERNELS_H={header}"],
+                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        finally:
+            notice.cancel()
         return None
     except Exception as err:  # noqa: BLE001 - any build failure means: use the reference
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
