@@ -236,7 +236,8 @@ def _ensure_gguf_cache(source: ModelSource) -> Path | None:
     if (config := cached_gguf_config(source)) is not None:
         return config.parent
     target = _gguf_cache_dir(source)
-    log.info("converting %s to a safetensors cache at %s (once)", source.label, target)
+    log.warning("converting %s to a safetensors copy at %s: once for this file, ~20 s for a 135M model ...",
+                source.label, target)
     with gguf_parsed_once():
         model = _load_hf(source.directory, source.gguf_file, torch.float32)
         tokenizer = _load_hf_tokenizer(source.directory, source.gguf_file)
