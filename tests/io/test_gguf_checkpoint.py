@@ -328,7 +328,6 @@ def test_cli_quantizes_the_default_model_to_gguf_and_evaluates_the_file(tmp_path
 
     from lowbit.cli import cli
 
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))  # the file's safetensors copy: not in the user's
     out = tmp_path / "m.gguf"
     runner = CliRunner()
     result = runner.invoke(cli, ["quantize", "default", "--scheme", "Q4_0", "--format", "gguf", "--out", str(out),
@@ -336,6 +335,7 @@ def test_cli_quantizes_the_default_model_to_gguf_and_evaluates_the_file(tmp_path
     assert result.exit_code == 0, result.output
     types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert types == {"Q4_0", "Q8_0", "F32"}  # linears, the tied embedding, norms
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))  # the file's safetensors copy: not in the user's
     result = runner.invoke(cli, ["eval", str(out), "--max-windows", "1", "--json", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     assert 10 < json.loads((tmp_path / "e.json").read_text())["ppl"]["pydoc-eval"] < 40
