@@ -99,7 +99,7 @@ def test_a_gguf_files_cache_is_keyed_by_its_content_not_its_path(tmp_path):
     import os
     import shutil
 
-    from lowbit.models.loading import SAMPLE_BYTES, ModelSource, _gguf_cache_dir, content_key
+    from lowbit.models.loading import SAMPLE_BYTES, SAMPLES, ModelSource, _gguf_cache_dir, content_key
 
     data = bytearray(torch.randint(0, 256, (3 * 1024 * 1024 + 123,), generator=torch.Generator().manual_seed(0),
                                    dtype=torch.uint8).numpy().tobytes())
@@ -115,7 +115,7 @@ def test_a_gguf_files_cache_is_keyed_by_its_content_not_its_path(tmp_path):
     assert key(tmp_path / "a" / "m.gguf") == key(tmp_path / "b" / "m.gguf")
     assert _gguf_cache_dir(ModelSource(tmp_path / "a", "m.gguf")) == \
         _gguf_cache_dir(ModelSource(tmp_path / "b", "m.gguf"))
-    middle = (len(data) - SAMPLE_BYTES) * 32 // 63  # inside the 33rd of the 64 blocks
+    middle = (len(data) - SAMPLE_BYTES) * (SAMPLES // 2) // (SAMPLES - 1)  # where a block in the middle starts
     for at in (10, middle + 5, len(data) - 1):
         changed = bytearray(data)
         changed[at] ^= 1

@@ -121,7 +121,6 @@ def test_lm_evals_own_task_index_is_cached_and_equal_to_a_fresh_one(tmp_path, mo
     (user / "piqa.yaml").write_text((own / "piqa" / "piqa.yaml").read_text().replace("num_fewshot", "# num_fewshot"))
     monkeypatch.setattr(lm_eval.tasks, "__file__", str(own / "__init__.py"))
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(harness, "_INDEXES", {})
     built = []
     plain_build = _index.TaskIndex.__dict__["build"].__func__
 
@@ -147,7 +146,6 @@ def test_lm_evals_own_task_index_is_cached_and_equal_to_a_fresh_one(tmp_path, mo
     kept = {path.name for path in cache.glob("task-index-*.pickle")}
     assert harness.KEPT_INDEXES == 4 and len(kept) == 4
     assert {name for name in kept if "other" in name} == {f"task-index-other{age}.pickle" for age in (1, 2, 3)}
-    harness._INDEXES.clear()  # a new process: read from the file
     assert harness.task_manager([str(own), str(user)], include_defaults=False)._index == expected
     assert built == [["tasks"], ["mine"], ["mine"]]
     assert _index.TaskIndex.__dict__["build"].__func__ is counting  # put back when the block ended
@@ -158,7 +156,6 @@ def test_lm_evals_own_task_index_is_cached_and_equal_to_a_fresh_one(tmp_path, mo
     assert "arc_easy_edited" in index and "arc_easy" not in index and built[-1] == ["tasks"]
     assert index == fresh([str(own)])
 
-    harness._INDEXES.clear()
     for path in cache.glob("task-index-*.pickle"):
         path.write_bytes(path.read_bytes()[:100])  # cut short: built again, quietly
     count = len(built)

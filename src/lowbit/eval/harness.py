@@ -127,9 +127,6 @@ class HarnessResult:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-_INDEXES: dict[str, bytes] = {}  # this process's pickled indexes of lm-eval's own tasks, by `_tasks_fingerprint`
-
-
 def _tasks_fingerprint(root: Path) -> str:
     """lm-eval's version, the directory, and every YAML file under it by name, size and modification time (a
     walk of ~14 000 files: 0.2 s), so that an edited, added or removed task file makes a new index."""
@@ -148,32 +145,26 @@ def _tasks_fingerprint(root: Path) -> str:
 
 
 def _cached_index(root: Path, build) -> dict:
-    """lm-eval's index of ``root`` (its own tasks directory): from this process's memo or lowbit's cache where
-    they have this fingerprint, else built and written there. Unpickled afresh for each caller, who may change
-    its entries."""
-    key = _tasks_fingerprint(root)
-    path = cache_root() / "lm-eval" / f"task-index-{key}.pickle"
-    data = _INDEXES.get(key)
-    if data is None and path.is_file():
-        data = path.read_bytes()
-        with contextlib.suppress(OSError):
-            os.utime(path)  # used: kept by `_prune_indexes`
-    if data is not None:
-        try:
-            index = pickle.loads(data)
-            if isinstance(index, dict):
-                _INDEXES[key] = data
-                return index
-        except Exception as err:  # a cut or foreign file: build it again
-            log.debug("ignoring the task index at %s (%s)", path, err)
+    """lm-eval's index of ``root`` (its own tasks directory): read from lowbit's cache where it has this
+    fingerprint, else built and written there."""
+    from lowbit.io import atomic_file
+
+    path = cache_root() / "lm-eval" / f"task-index-{_tasks_fingerprint(root)}.pickle"
+    try:
+        index = pickle.loads(path.read_bytes())
+        if isinstance(index, dict):
+            with contextlib.suppress(OSError):  # a read-only cache is still read
+                os.utime(path)  # used: kept by `_prune_indexes`
+            return index
+    except FileNotFoundError:
+        pass
+    except Exception as err:  # a cut or foreign file: build it again
+        log.debug("ignoring the task index at %s (%s)", path, err)
     log.info("indexing lm-eval's tasks (once, cached at %s)", path)
     index = build([root])
-    data = _INDEXES[key] = pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".tmp-", delete=False) as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, path)
+        with atomic_file(path, overwrite=True) as tmp:
+            tmp.write_bytes(pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL))
         _prune_indexes(path.parent)
     except OSError as err:
         log.warning("could not write lm-eval's task index to %s (%s); indexing on each run", path, err)

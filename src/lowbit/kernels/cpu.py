@@ -321,18 +321,16 @@ def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None
 
 def _bind(prepared: dict, weight: QuantizedWeight, activations: QuantSpec | None):
     """`_run` for this weight with its operands gathered once, where there is nothing to do per call but the op:
-    no activation quantisation, codes read as stored; x of another type than float32, or a bias that is not
-    float32, still take `_run` itself."""
+    no activation quantisation, codes read as stored, float32 x and no bias (any other call takes `_run`)."""
     if activations is not None or "perm" in prepared:
         return None
     packed, extra = _operands(weight, prepared)
     out_features = weight.shape[0]
 
     def gemv(x: Tensor, bias: Tensor | None) -> Tensor:
-        if x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        if x.dtype != torch.float32 or bias is not None:
             return _run(x, prepared, weight, bias, activations)
-        y = _INT_GEMV_OP(x, *packed, out_features, **extra)
-        return y if bias is None else y.add_(bias)
+        return _INT_GEMV_OP(x, *packed, out_features, **extra)
 
     return gemv
 

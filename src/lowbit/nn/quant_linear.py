@@ -116,8 +116,6 @@ class _Memo:
         """The kernel for M tokens on ``device``, with its prepared layout (made once, shared), as one function."""
         weight = self.weight
         kernel = dispatch.choose(weight, activations, device, m)
-        if kernel is dispatch.REFERENCE:
-            return lambda x, bias: kernel.run(x, {}, weight, bias, activations)
         prepared = self.prepared.get(kernel.prepare)
         if prepared is None:
             prepared = self.prepared[kernel.prepare] = kernel.prepare(weight)
