@@ -112,7 +112,7 @@ def main() -> None:
         layers = [m for m in q.modules() if isinstance(m, lowbit.nn.QuantLinear)]
         # (decode, prefill): every kernel the layers take at one token and at the prompt's (a mixed scheme may
         # take several)
-        kernels[name] = tuple(", ".join(sorted({dispatch.choose(x.weight, x.activations, cpu, m).name
+        kernels[name] = tuple(", ".join(sorted({dispatch.choose(x.kernel_weight, x.activations, cpu, m).name
                                                 for x in layers})) for m in (1, prompt.shape[1]))
         with dispatch.reference_only():  # the same weights through the reference kernel only: one run
             references[name] = generate(q, prompt, args.new_tokens)

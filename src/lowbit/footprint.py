@@ -19,7 +19,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.models.layers import name_filter
 from lowbit.formats.e8p import DIM, SOURCE_SIZE
-from lowbit.nn import quantized_modules
+from lowbit.nn import QuantLinear, quantized_modules
 from lowbit.nn.e8p_linear import E8PLinear, e8p_modules
 from lowbit.nn.incoherent import incoherent_modules
 from lowbit.scheme import Scheme
@@ -76,7 +76,7 @@ class Footprint:
 def model_footprint(model: nn.Module, float_bytes: int = 2) -> Footprint:
     """Measure a (possibly quantised) model; tied tensors count once."""
     quant = {**quantized_modules(model), **e8p_modules(model)}
-    q_bytes = sum(m.weight.nbytes for m in quant.values())
+    q_bytes = sum(m.stored_nbytes if isinstance(m, QuantLinear) else m.weight.nbytes for m in quant.values())
     q_params = sum(m.in_features * m.out_features for m in quant.values())
     # incoherence processing stores one sign bit per input and output feature of each wrapped layer;
     # E8P decodes from a 256 × 8 table of small integers, counted once (a byte each) when used

@@ -185,7 +185,7 @@ def finish_layer(run: _Run, index: int, layer: nn.Module, prefix: str, stored: d
     progress, return the layer to the meta device and the pages of its float tensors to their files."""
     local = quantized_modules(layer)
     quantized = {f"{prefix}{index}.{n}": m for n, m in local.items()}
-    codes = {f"{n}.{k}" for n, m in local.items() for k in m.weight.tensors()}
+    codes = {f"{n}.{k}" for n, m in local.items() for k in m.kernel_weight.tensors()}
     # float tensors other than the packed weights in float32, as the in-memory path (which loads float32) writes them
     tensors = {f"{prefix}{index}.{k}": v.float() if v.is_floating_point() and k not in codes else v
                for k, v in layer.state_dict().items()}
@@ -205,7 +205,7 @@ def finish_layer(run: _Run, index: int, layer: nn.Module, prefix: str, stored: d
 def _layer_record(m: QuantLinear) -> dict[str, Any]:
     return {"shape": [m.out_features, m.in_features], "weights": m.spec.to_dict(),
             "activations": m.activations.to_dict() if m.activations else None, "bias": m.bias is not None,
-            "g_idx": m.weight.g_idx is not None, "bits_per_weight": m.weight.bits_per_weight}
+            "g_idx": m.has_g_idx, "bits_per_weight": 8.0 * m.stored_nbytes / (m.out_features * m.in_features)}
 
 
 def _round_layer(layer: nn.Module, stored: dict[str, Tensor], selected: set[str], prefix: str, scheme: Scheme) -> None:

@@ -213,6 +213,32 @@ class QuantizedWeight:
             qdata[block] = pack(unpack(self.qdata[block], bits, cols)[:, perm], bits)
         return perm, replace(self, qdata=qdata, g_idx=None)
 
+    def in_column_order(self, perm: Tensor) -> QuantizedWeight:
+        """The act-order weight whose `in_group_order` is ``(perm, self)``, for a weight without a ``g_idx``: its
+        columns put back where ``perm`` took them from, and each column's group in a ``g_idx`` (a copy of
+        ``qdata``)."""
+        if self.g_idx is not None:
+            raise LowbitError("in_column_order takes a weight in group order, without a g_idx.")
+        (rows, cols), bits = self.shape, self.spec.bits
+        perm = perm.long()
+        qdata = torch.empty_like(self.qdata)
+        for block in row_blocks(rows, cols):
+            codes = unpack(self.qdata[block], bits, cols)
+            qdata[block] = pack(torch.empty_like(codes).index_copy_(1, perm, codes), bits)
+        g_idx = torch.empty(cols, dtype=torch.int32, device=perm.device)
+        g_idx[perm] = (torch.arange(cols, device=perm.device) // self.group_size).to(torch.int32)
+        return replace(self, qdata=qdata, g_idx=g_idx)
+
+    def group_layout_issue(self) -> str | None:
+        """Why this weight's columns cannot be read as contiguous groups of its group size that start on whole
+        bytes (3-bit codes: whole 3-byte words of 8 codes), or None."""
+        group, cols, bits = self.group_size, self.shape[1], self.spec.bits
+        if bits == 3 and (group % 8 or cols % 8):
+            return f"3-bit codes need the group size and in_features to be multiples of 8, not {group} and {cols}"
+        if group * bits % 8 and group < cols:
+            return f"groups of {group} do not fill whole bytes"
+        return None
+
     # -- serialisation --------------------------------------------------------------
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], shape: tuple[int, int], spec: QuantSpec,

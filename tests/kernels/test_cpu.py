@@ -240,25 +240,27 @@ def with_g_idx(weight: QuantizedWeight, seed: int, uneven: bool) -> QuantizedWei
 @given(M=st.integers(1, 16), uneven=st.booleans(), **{k: v for k, v in WEIGHTS.items() if k != "per_channel"})
 def test_act_order_weights_on_random_shapes(M, uneven, fmt, group_bytes, symmetric, scale_dtype, N, K, seed):
     """Scattered groups (g_idx): the GEMV (16-row blocks and a tail) against the exact product, the dequantise
-    bit for bit; any number of groups (up to 150 here). GPTQ's g_idx (runs of groups once sorted) is prepared as
-    codes in group order, read by the plain kernels on x's columns in that order; the op on the stored codes
-    reads them in column order all the same."""
+    bit for bit; any number of groups (up to 150 here). GPTQ's g_idx (runs of groups once sorted), as
+    `QuantLinear` keeps it — codes in group order, x's columns gathered into that order — runs on the plain
+    kernels to the same product."""
     weight = with_g_idx(random_weight(fmt, False, group_bytes, symmetric, scale_dtype, N, K, seed), seed, uneven)
     assert INT_GEMV.supports(weight, None, torch.device("cpu")) is None
     x = torch.randn(M, weight.shape[1], generator=torch.Generator().manual_seed(seed + 1))
-    prepared = INT_GEMV.prepare(weight)
-    sortable = weight.group_order()[1] is None  # GPTQ's always; a random g_idx by chance (one group, say)
-    assert sortable or uneven
-    assert ("perm" in prepared) == sortable and ("qdata" in prepared) == sortable
-    check_close_to_exact(INT_GEMV.run(x, prepared, weight, None, None), x, weight)
+    check_close_to_exact(INT_GEMV.run(x, INT_GEMV.prepare(weight), weight, None, None), x, weight)
     stored, extra = stored_operands(weight)
+    assert "g_idx" in extra
     check_close_to_exact(torch.ops.lowbit.int_gemv_cpu(x, *stored, weight.shape[0], **extra), x, weight)
     assert torch.equal(torch.ops.lowbit.dequant_cpu(*stored, weight.shape[1], **extra), weight.dequantize())
-    if sortable:
-        packed, extra = _operands(weight, prepared)
-        assert "g_idx" not in extra
-        assert torch.equal(torch.ops.lowbit.dequant_cpu(*packed, weight.shape[1], **extra),
-                           weight.dequantize()[:, prepared["perm"]])
+    ordered = weight.in_group_order()
+    assert (ordered is not None) == (weight.group_order()[1] is None)  # GPTQ's always; a random g_idx by chance
+    assert ordered is not None or uneven
+    if ordered is not None:
+        perm, plain = ordered
+        assert plain.g_idx is None and INT_GEMV.supports(plain, None, torch.device("cpu")) is None
+        check_close_to_exact(INT_GEMV.run(x[:, perm], INT_GEMV.prepare(plain), plain, None, None), x, weight)
+        packed, extra = stored_operands(plain)
+        dense = torch.ops.lowbit.dequant_cpu(*packed, weight.shape[1], **extra)
+        assert torch.equal(dense, weight.dequantize()[:, perm])
 
 
 @pytest.mark.parametrize("groups", [7, 32, 33, 64, 65, 86, 128, 129, 200])
@@ -278,28 +280,26 @@ def test_act_order_dequantise_with_any_number_of_groups(groups, symmetric):
 def test_act_order_layers_run_on_the_packed_kernels_not_the_reference(uneven, caplog):
     """A GPTQ act-order layer (g_idx) is served by the GEMV for decode and dequantise + GEMM for prefill
     (the reference's sums, split by rows of the weight), with nothing logged about a fallback. GPTQ's g_idx
-    runs as a plain layer on codes sorted into group order, held once for both kernels; any other is read in
-    column order."""
+    runs as a plain layer: the layer holds its codes in group order, once, and no kernel keeps another copy;
+    any other g_idx is read in column order."""
     weight = with_g_idx(quantize_weight(torch.randn(72, 1100), QuantSpec("int", 4, "group", 32, symmetric=False)), 0,
                         uneven)
     layer = QuantLinear(weight, torch.randn(72))
+    assert ("perm" in layer._buffers) == (not uneven) and ("g_idx" in layer._buffers) == uneven
+    held = layer.kernel_weight
     cpu = torch.device("cpu")
     with caplog.at_level("WARNING"):
-        assert dispatch.choose(weight, None, cpu, 1) is INT_GEMV
-        assert dispatch.choose(weight, None, cpu, 64) is DEQUANT_GEMM
+        assert dispatch.choose(held, None, cpu, 1) is INT_GEMV
+        assert dispatch.choose(held, None, cpu, 64) is DEQUANT_GEMM
         x = torch.randn(3, 1100)
         ref = quantized_linear(x, weight, layer.bias)
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
         x = torch.randn(1, 64, 1100)
         check_prefill(layer(x), x, weight, layer.bias)
     assert "reference" not in caplog.text
-    [prepared] = layer._memo.prepared.values()  # one layout for both kernels
-    if uneven:
-        assert "perm" not in prepared
-    else:
-        perm, plain = weight.in_group_order()
-        assert torch.equal(prepared["perm"], perm) and torch.equal(prepared["qdata"], plain.qdata)
-        assert prepared["qdata"].nbytes == weight.qdata.nbytes
+    [prepared] = layer._memo.prepared.values()  # one layout for both kernels, holding no codes
+    assert prepared == {}
+    assert layer.stored_nbytes == weight.nbytes == sum(b.nbytes for b in layer.buffers())
 
 
 def test_act_order_ops_check_their_g_idx():
@@ -479,10 +479,11 @@ def test_the_decode_kernels_range_of_tokens_depends_on_the_format(spec, act_orde
     """Where the GEMV hands over to dequantise + GEMM: early for int8, int2 and NF4, later for 3/4-bit codes,
     late for act-order weights read in column order (a slow, scattered dequantise) with AVX-512; without it (the
     8-lane kernels) after 6 tokens but for int8's 8 and those act-order weights' 4. GPTQ's act-order weights run as
-    plain ones."""
+    plain ones (`QuantLinear` holds them in group order)."""
     weight = quantize_weight(torch.randn(40, 256), spec)
-    if act_order:
-        weight = with_g_idx(weight, 0, uneven=act_order == "any")
+    if act_order:  # as a layer holds it: GPTQ's with the columns in group order, no g_idx
+        weight = QuantLinear(with_g_idx(weight, 0, uneven=act_order == "any")).kernel_weight
+        assert (weight.g_idx is None) == (act_order == "gptq")
     cpu = torch.device("cpu")
     if "avx512" not in build_features():
         last_gemv_m = last_gemv_m_avx2
@@ -611,7 +612,8 @@ def test_forward_remembers_its_kernel_until_the_registry_or_the_buffers_change(m
 def test_a_layers_bound_gemv_is_the_kernels_run(case):
     """`QuantLinear` calls what the GEMV's ``bind`` made (its operands gathered once) where there is nothing to do
     per call but the op, and the kernel's ``run`` otherwise: either way the layer's output is ``run``'s, bit for
-    bit, with or without a bias of either type, for float32 and bfloat16 x."""
+    bit, with or without a bias of either type, for float32 and bfloat16 x, and for GPTQ's act-order codes that
+    the layer keeps in group order."""
     gen = torch.Generator().manual_seed(5)
     weight = quantize_weight(torch.randn(40, 96, generator=gen), QuantSpec("int", 4, "group", 32, symmetric=False))
     activations = get_scheme("W8A8").activations if case == "w8a8" else None
@@ -620,9 +622,11 @@ def test_a_layers_bound_gemv_is_the_kernels_run(case):
     bias = {"bias": torch.randn(40, generator=gen), "bf16-bias": torch.randn(40, generator=gen).bfloat16()}.get(case)
     layer = QuantLinear(weight, bias, activations)
     x = torch.randn(2, 96, generator=gen).to(torch.bfloat16 if case == "bf16-x" else torch.float32)
-    prepared = INT_GEMV.prepare(weight)
-    assert (INT_GEMV.bind(prepared, weight, activations) is None) == (case in ("w8a8", "act-order"))
-    expected = INT_GEMV.run(x, prepared, weight, layer.bias, activations)
+    held = layer.kernel_weight  # act-order: the codes in group order, x's columns gathered into it
+    assert ("perm" in layer._buffers) == (case == "act-order") and held.g_idx is None
+    prepared = INT_GEMV.prepare(held)
+    assert (INT_GEMV.bind(prepared, held, activations) is None) == (case == "w8a8")
+    expected = INT_GEMV.run(layer.in_kernel_order(x), prepared, held, layer.bias, activations)
     for _ in range(2):  # the call that makes the memo's entry, then the one that reuses it
         y = layer(x)
         assert y.dtype == expected.dtype and torch.equal(y, expected)

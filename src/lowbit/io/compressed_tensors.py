@@ -181,7 +181,7 @@ def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer: Any = 
         groups[by_key[key]]["targets"].append(name)
         formats.add(fmt)
         layer_formats[name] = fmt
-    quantized = {f"{name}.{buf}" for name, m in layers.items() for buf, _ in m.named_buffers(recurse=False)}
+    quantized = {f"{name}.{buf}" for name, m in layers.items() for buf in m.buffer_keys()}
     quantized |= {f"{name}.bias" for name in layers}
 
     def units():  # one layer's compressed tensors at a time: made as the shard that holds them fills

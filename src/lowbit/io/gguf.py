@@ -228,7 +228,7 @@ def gguf_tensors(model: nn.Module, gguf_type: str | None = None, embedding_type:
             raise LowbitError(f"layer {name} has a bias, which the GGUF llama writer here does not handle.")
         kind = implied_type(name, layer)
         put(f"{name}.weight", kind, _lossless_blocks(layer, kind).numpy())
-    skip = {f"{n}.{b}" for n, m in quantized.items() for b, _ in m.named_buffers(recurse=False)}
+    skip = {f"{n}.{b}" for n, m in quantized.items() for b in m.buffer_keys()}
     for key, tensor in model.state_dict().items():
         if key in skip or key == tied:
             continue

@@ -121,7 +121,7 @@ def save_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrit
         if cfg != first:
             raise LowbitError(f"layer {name} is quantised as {cfg}, another as {first}: a GPTQ checkpoint holds one "
                               "scheme.")
-    quantized = {f"{name}.{buf}" for name, m in layers.items() for buf, _ in m.named_buffers(recurse=False)}
+    quantized = {f"{name}.{buf}" for name, m in layers.items() for buf in m.buffer_keys()}
     quantized |= {f"{name}.bias" for name in layers}
 
     def units():  # one layer's repacked tensors at a time: made as the shard that holds them fills

@@ -96,8 +96,8 @@ def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: 
             "weights": m.spec.to_dict(),
             "activations": m.activations.to_dict() if m.activations else None,
             "bias": m.bias is not None,
-            "g_idx": m.weight.g_idx is not None,
-            "bits_per_weight": m.weight.bits_per_weight,
+            "g_idx": m.has_g_idx,
+            "bits_per_weight": 8.0 * m.stored_nbytes / (m.out_features * m.in_features),
         }
         for name, m in quantized_modules(model).items()
     }
@@ -176,8 +176,8 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
 
 
 def _quantized_keys(model: nn.Module) -> set[str]:
-    keys = set()
-    for name, module in {**quantized_modules(model), **e8p_modules(model)}.items():
+    keys = {f"{name}.{buf}" for name, module in quantized_modules(model).items() for buf in module.buffer_keys()}
+    for name, module in e8p_modules(model).items():
         keys.update(f"{name}.{buf}" for buf, _ in module.named_buffers(recurse=False))
     return keys
 

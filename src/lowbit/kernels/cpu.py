@@ -38,14 +38,11 @@ the rest). The prefill kernel's dequantise has 8-lane table lookups for 2/3/4-bi
 portable byte loops had the default model's 576 × 1536 int4 layer at 0.75-0.87x float32 F.linear from 16 tokens on;
 now 1.02-1.43x, bench/results/cpu_prefill_avx2.md).
 
-Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) whose groups are runs of
-``group_size`` columns once sorted — the ones GPTQ writes — run as plain grouped weights: ``prepare`` keeps a copy
-of the codes with the columns in group order (`QuantizedWeight.in_group_order`; as vLLM's GPTQ and Marlin kernels
-reorder theirs on load; one more copy of the codes, scales and zero points shared), and each call gathers x's
-columns into that order first, so the layer costs what a plain one does (on an AVX2 Zen 3, 2026-11-29: act-order
-decoding had been 0.72x float32 against 2.1x for plain int4). Any other ``g_idx`` is read in column order, each
+Act-order weights (GPTQ's desc_act, a ``g_idx`` naming each column's group) are read in column order, each
 column's scale fetched from its group: the ops take the ``g_idx`` as it is stored, whatever the group size or
-width, and the dequantised weight is again the reference's bit for bit.
+width, and the dequantised weight is again the reference's bit for bit. The ones GPTQ writes — groups that are
+runs of ``group_size`` columns once sorted — never get here from a model: `lowbit.nn.QuantLinear` keeps their
+codes in group order and gathers x's columns into that order, so they run as plain grouped weights.
 
 Where the extension cannot be built, `supports` says why and the dispatcher falls back to
 the reference kernel.
@@ -85,8 +82,8 @@ LOOKUP_FORMATS = ("nf4", "fp4")  # 4-bit codes that index a table of 16 levels
 # The GEMV's range of tokens, by format: above it, dequantise + GEMM (in blocks) is faster. The GEMV's
 # cost grows with M, the dequantise's does not, so the crossover is where the GEMV's decode of the codes
 # stops paying for itself: early for int8 (one code per byte, a cheap dequantise), int2, NF4 and FP4, later
-# for 3/4-bit codes, and late for act-order weights read in column order (a g_idx that is not sorted runs of
-# groups: sorted ones run as plain weights), whose scattered groups make the dequantise slow.
+# for 3/4-bit codes, and late for act-order weights (read in column order: `QuantLinear` runs GPTQ's as plain
+# grouped weights), whose scattered groups make the dequantise slow.
 # From bench/results/cpu_prefill.md (2026-11-28, 2 threads, the default model's and LLaMA-7B's shapes).
 MAX_M = 8  # int8, int2, NF4, FP4
 MAX_M_BY_BITS = {3: 16, 4: 12}  # affine codes of these widths
@@ -115,7 +112,7 @@ BLOCKS_PER_THREAD = 2
 def gemv_max_m(weight: QuantizedWeight) -> int:
     """The most tokens the GEMV runs for this weight on this machine's build; the prefill kernel takes more."""
     wide = _avx512()
-    if weight.g_idx is not None and not _sortable(weight):  # read in column order
+    if weight.g_idx is not None:  # read in column order
         return MAX_M_ACT_ORDER if wide else MAX_M_ACT_ORDER_AVX2
     if not wide:
         return MAX_M_BY_BITS_AVX2.get(weight.spec.bits, MAX_M_AVX2)
@@ -242,56 +239,25 @@ def _supports(weight: QuantizedWeight, activations: QuantSpec | None, device: to
         if spec.bits == 3 and cols % 8:  # whole 3-byte words of 8 codes
             return f"3-bit codes need in_features to be a multiple of 8, not {cols}"
         return extension()
-    return _grouped_layout(weight) or extension()
-
-
-def _grouped_layout(weight: QuantizedWeight) -> str | None:
-    """Why the kernels cannot read the weight's columns as contiguous groups of its group size, or None."""
-    group, cols, bits = weight.group_size, weight.shape[1], weight.spec.bits
-    if bits == 3 and (group % 8 or cols % 8):  # whole 3-byte words of 8 codes per group
-        return f"3-bit codes need the group size and in_features to be multiples of 8, not {group} and {cols}"
-    if group % (8 // bits) and group < cols:  # groups start on a byte
-        return f"groups of {group} do not fill whole bytes"
-    return None
-
-
-def _sortable(weight: QuantizedWeight) -> bool:
-    """Act-order groups that are runs of ``group_size`` columns once sorted, in a layout the plain kernels read:
-    `_prepare` sorts them."""
-    return weight.g_idx is not None and _grouped_layout(weight) is None and weight.group_order()[1] is None
+    return weight.group_layout_issue() or extension()
 
 
 def _prepare(weight: QuantizedWeight) -> dict:
-    """Nothing for integer codes (the kernels read the stored tensors); for NF4 / FP4 their 16 levels; for
-    act-order weights that run as plain ones (`_sortable`) the column order ``perm`` and the codes in that order."""
-    out = {"levels": lut_levels(weight.spec.format).contiguous()} if weight.spec.format in LOOKUP_FORMATS else {}
-    ordered = weight.in_group_order() if weight.g_idx is not None and _grouped_layout(weight) is None else None
-    if ordered is not None:  # `_sortable`, with one sort of the g_idx
-        perm, plain = ordered
-        out.update(perm=perm, qdata=plain.qdata)
-    return out
-
-
-def _in_order(x: Tensor, prepared: dict) -> Tensor:
-    """x's columns in the prepared weight's order (act-order weights sorted by group), else x itself."""
-    perm = prepared.get("perm")
-    return x if perm is None else x.index_select(-1, perm)
+    """Nothing for integer codes (the kernels read the stored tensors); for NF4 / FP4 their 16 levels."""
+    return {"levels": lut_levels(weight.spec.format).contiguous()} if weight.spec.format in LOOKUP_FORMATS else {}
 
 
 def _operands(weight: QuantizedWeight, prepared: dict) -> tuple[tuple, dict]:
     """The packed weight's positional arguments of the C++ ops (qdata, scale, zero_point, bits, group) and
-    their keyword arguments (levels, double-quantised scales' block scales and offset, act-order's g_idx): those
-    of the prepared codes in group order where there are some (`_prepare`)."""
-    sorted_codes = prepared.get("qdata")
-    extra = {} if weight.g_idx is None or sorted_codes is not None else {"g_idx": weight.g_idx}
+    their keyword arguments (levels, double-quantised scales' block scales and offset, act-order's g_idx)."""
+    extra = {} if weight.g_idx is None else {"g_idx": weight.g_idx}
     if weight.spec.format in LOOKUP_FORMATS:  # `_prepare`'s dict, as the dispatcher passes it
         extra["levels"] = prepared["levels"]
     scale = weight.scale
     if weight.scale_scale is not None:  # int8 codes, read in place as (N, G)
         scale = scale.view(weight.scale_shape)
         extra.update(scale_scale=weight.scale_scale, scale_offset=weight.scale_offset)
-    qdata = weight.qdata if sorted_codes is None else sorted_codes
-    return (qdata, scale, weight.zero_point, weight.spec.bits, weight.group_size), extra
+    return (weight.qdata, scale, weight.zero_point, weight.spec.bits, weight.group_size), extra
 
 
 def token_bits(activations: QuantSpec | None) -> int:
@@ -309,7 +275,6 @@ def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None
     x_bits = token_bits(activations) if x.dtype == torch.float32 else 0
     if activations is not None and not x_bits:
         x = fake_quantize(x, activations)
-    x = _in_order(x, prepared)
     packed, extra = _operands(weight, prepared)
     if x_bits:
         extra["x_bits"] = x_bits
@@ -321,8 +286,8 @@ def _run(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tensor | None
 
 def _bind(prepared: dict, weight: QuantizedWeight, activations: QuantSpec | None):
     """`_run` for this weight with its operands gathered once, where there is nothing to do per call but the op:
-    no activation quantisation, codes read as stored, float32 x and no bias (any other call takes `_run`)."""
-    if activations is not None or "perm" in prepared:
+    no activation quantisation, float32 x and no bias (any other call takes `_run`)."""
+    if activations is not None:
         return None
     packed, extra = _operands(weight, prepared)
     out_features = weight.shape[0]
@@ -347,7 +312,6 @@ def _run_dequant(x: Tensor, prepared: dict, weight: QuantizedWeight, bias: Tenso
     # the reference's arithmetic (dequantise, then F.linear), a block of rows at a time
     if activations is not None:
         x = fake_quantize(x, activations)
-    x = _in_order(x, prepared)
     packed, extra = _operands(weight, prepared)
     rows = block_rows(*weight.shape, x.numel() // max(1, weight.shape[1]))
     return _DEQUANT_LINEAR_OP(x, *packed, weight.shape[0], **extra, bias=bias, block_rows=rows)

@@ -48,7 +48,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled():  # the kernels have no backward: decode the frozen base for this matmul
-            y = quantized_linear(x, self.base.weight, self.base.bias)
+            y = quantized_linear(self.base.in_kernel_order(x), self.base.kernel_weight, self.base.bias)
         else:
             y = self.base(x)
         update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))

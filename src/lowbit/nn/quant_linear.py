@@ -5,6 +5,13 @@ The packed tensors are registered as buffers named as in the checkpoint (``qdata
 ``.to()`` and loading with ``assign=True`` work as for any module. With static activations
 (``activations.dynamic`` false) the calibrated per-tensor activation scale is the buffer
 ``input_scale``; activations are then quantised with it before the weight's kernel runs.
+
+Act-order weights whose groups are runs of ``group_size`` columns once sorted (GPTQ's desc_act ``g_idx``) are
+kept with their columns in group order, as plain grouped codes, and the column order as the buffer ``perm``
+(int32): each call gathers x's columns into that order, so every kernel reads them as a plain grouped weight (as
+vLLM's GPTQ and Marlin layers reorder theirs on load), and the codes are held once. ``state_dict()`` and `weight`
+give them back as checkpoints hold them — column order and ``g_idx``, rebuilt (a copy of the codes) — and
+loading takes that form.
 """
 
 from __future__ import annotations
@@ -29,8 +36,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.spec = weight.spec
         self.activations = activations
-        for name, tensor in weight.tensors().items():
-            self.register_buffer(name, tensor)
+        self._set_weight(weight)
         if activations is not None and not activations.dynamic:
             if activations.granularity != "tensor":
                 raise LowbitError(f"per-{activations.granularity} activation scales are computed on each forward: "
@@ -56,13 +62,53 @@ class QuantLinear(nn.Module):
         static = activations is not None and not activations.dynamic
         return cls(weight, b, activations, torch.ones(1, device=device) if static else None)
 
+    def _set_weight(self, weight: QuantizedWeight) -> None:
+        """The weight's tensors as the buffers: act-order codes in group order with their ``perm`` where that order
+        is a plain grouped layout (module docstring)."""
+        ordered = weight.in_group_order() if weight.g_idx is not None and weight.group_layout_issue() is None else None
+        for name in ("g_idx", "perm"):
+            self._buffers.pop(name, None)
+        if ordered is not None:
+            perm, weight = ordered
+        for name, tensor in weight.tensors().items():
+            self.register_buffer(name, tensor)
+        if ordered is not None:
+            self.register_buffer("perm", perm.to(torch.int32))
+
     @property
-    def weight(self) -> QuantizedWeight:
-        """The buffers as a `QuantizedWeight` (validated once, when the module was built)."""
+    def kernel_weight(self) -> QuantizedWeight:
+        """The buffers as a `QuantizedWeight`: what the kernels multiply `in_kernel_order` (x) with."""
         get = self._buffers.get
         return QuantizedWeight(get("qdata"), get("scale"), get("zero_point"),  # type: ignore[arg-type]
                                (self.out_features, self.in_features), self.spec,
                                get("scale_scale"), get("scale_offset"), get("g_idx"))
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        """The weight as a checkpoint stores it; for act-order codes kept in group order, rebuilt in column order
+        with their ``g_idx`` (a copy of the codes; the layer's own are `kernel_weight`)."""
+        perm = self._buffers.get("perm")
+        return self.kernel_weight if perm is None else self.kernel_weight.in_column_order(perm)
+
+    @property
+    def has_g_idx(self) -> bool:
+        """Whether the stored weight (`weight`, a checkpoint) has a ``g_idx``."""
+        return "g_idx" in self._buffers or "perm" in self._buffers
+
+    def buffer_keys(self) -> list[str]:
+        """The names of the buffers in ``state_dict()`` (the checkpoint's: a g_idx where the layer holds a perm)."""
+        return [("g_idx" if name == "perm" else name) for name in self._buffers]
+
+    @property
+    def stored_nbytes(self) -> int:
+        """``weight.nbytes`` without rebuilding it: ``perm`` stands for the ``g_idx``, (K,) int32 both."""
+        perm = self._buffers.get("perm")
+        return self.kernel_weight.nbytes + (0 if perm is None else perm.numel() * perm.element_size())
+
+    def in_kernel_order(self, x: Tensor) -> Tensor:
+        """x's columns in the order of the codes the layer holds (act-order kept in group order), else x."""
+        perm = self._buffers.get("perm")
+        return x if perm is None else x.index_select(-1, perm)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -74,6 +120,9 @@ class QuantLinear(nn.Module):
         if "input_scale" in self._buffers:  # static: quantised here with the calibrated scale, the kernel
             x = fake_quantize_static(x, activations, self._buffers["input_scale"])  # then sees the codes' values
             activations = None
+        perm = self._buffers.get("perm")
+        if perm is not None:
+            x = x.index_select(-1, perm)
         m = x.numel() // self.in_features
         call = memo.calls.get((x.device, m))
         if call is None:
@@ -81,6 +130,24 @@ class QuantLinear(nn.Module):
                 memo.calls.clear()
             call = memo.calls[x.device, m] = memo.call(x.device, m, activations)
         return call(x, self.bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "perm" in self._buffers:  # checkpoints hold act-order codes in column order, with their g_idx
+            del destination[prefix + "perm"]
+            destination.update((prefix + name, t) for name, t in self.weight.tensors().items())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        perm = self._buffers.get("perm")
+        if perm is not None and prefix + "g_idx" in state_dict:  # a checkpoint's column order: loaded as it is,
+            del self._buffers["perm"]  # then sorted again below (qdata has the same shape in either order)
+            self.register_buffer("g_idx", torch.empty(perm.shape, dtype=torch.int32, device=perm.device))
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if "g_idx" in self._buffers and len(error_msgs) == errors:
+            self._set_weight(self.kernel_weight)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), …: the memo would keep the old buffers alive
         self._memo = None
@@ -104,11 +171,10 @@ class _Memo:
         self.registry = dispatch.registry_state()
         self.buffers = tuple(layer._buffers.values())  # held, so that no other tensor can take their ids
         self.ids = tuple(map(id, self.buffers))
-        self.weight = layer.weight
+        self.weight = layer.kernel_weight
         # (device, M) → the chosen kernel's run as a function of (x, bias), or what its ``bind`` made
         self.calls: dict[tuple[torch.device, int], Callable[[Tensor, Tensor | None], Tensor]] = {}
         # a kernel's prepare function → its layout of the weight, one for the kernels that share the function
-        # (the CPU GEMV and prefill kernels: act-order codes sorted into group order are held once)
         self.prepared: dict[Callable, dispatch.Prepared] = {}
 
     def call(self, device: torch.device, m: int,
