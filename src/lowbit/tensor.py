@@ -225,9 +225,7 @@ class QuantizedWeight:
         for block in row_blocks(rows, cols):
             codes = unpack(self.qdata[block], bits, cols)
             qdata[block] = pack(torch.empty_like(codes).index_copy_(1, perm, codes), bits)
-        g_idx = torch.empty(cols, dtype=torch.int32, device=perm.device)
-        g_idx[perm] = (torch.arange(cols, device=perm.device) // self.group_size).to(torch.int32)
-        return replace(self, qdata=qdata, g_idx=g_idx)
+        return replace(self, qdata=qdata, g_idx=groups_of_columns(perm, self.group_size))
 
     def group_layout_issue(self) -> str | None:
         """Why this weight's columns cannot be read as contiguous groups of its group size that start on whole
@@ -264,6 +262,13 @@ class QuantizedWeight:
             scale_offset=tensors.get("scale_offset"),
             g_idx=tensors.get("g_idx"),
         )
+
+
+def groups_of_columns(perm: Tensor, group_size: int) -> Tensor:
+    """The ``g_idx`` (C,) int32 under which ``perm`` lists the columns group by group, in runs of ``group_size``."""
+    g_idx = torch.empty(perm.numel(), dtype=torch.int32, device=perm.device)
+    g_idx[perm.long()] = (torch.arange(perm.numel(), device=perm.device) // group_size).to(torch.int32)
+    return g_idx
 
 
 def expected_layout(spec: QuantSpec, shape: tuple[int, int], g_idx: bool = False

@@ -83,3 +83,25 @@ def test_copies_and_devices_keep_the_order():
     for other in (copy.deepcopy(layer), layer.to("cpu"), QuantLinear(layer.weight)):
         assert torch.equal(other(x), y)
         assert_same_weight(other.weight, weight)
+
+
+def test_a_checkpoint_layout_state_dict_rebuilds_no_codes(monkeypatch):
+    """Within `checkpoint_layout` the state dict has the checkpoint's keys, shapes, dtypes and g_idx without
+    rebuilding the codes (what the writers and loaders use to check layouts and to leave the quantised layers out);
+    outside it, the codes come back in column order."""
+    from lowbit.nn import checkpoint_layout
+    from lowbit.tensor import QuantizedWeight
+
+    weight = act_order(SPECS[0], 24, 160, 5)
+    layer = QuantLinear(weight)
+    full = layer.state_dict()
+    rebuilt = []
+    original = QuantizedWeight.in_column_order
+    monkeypatch.setattr(QuantizedWeight, "in_column_order", lambda *a: rebuilt.append(1) or original(*a))
+    with checkpoint_layout():
+        cheap = layer.state_dict()
+    assert not rebuilt
+    assert cheap.keys() == full.keys()
+    assert all(cheap[k].shape == full[k].shape and cheap[k].dtype == full[k].dtype for k in full)
+    assert torch.equal(cheap["g_idx"], weight.g_idx) and torch.equal(cheap["qdata"], layer.qdata)
+    assert torch.equal(layer.state_dict()["qdata"], weight.qdata) and rebuilt

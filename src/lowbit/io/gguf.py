@@ -62,7 +62,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats.ggml import GGML_BLOCKS, ggml_encode, q4_0_from_codes, q4_1_from_codes, q8_0_from_codes
 from lowbit.io.skeleton import check_exportable, tied_output_key
-from lowbit.nn import QuantLinear, quantized_modules
+from lowbit.nn import QuantLinear, checkpoint_layout, quantized_modules
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,9 @@ def gguf_tensors(model: nn.Module, gguf_type: str | None = None, embedding_type:
         kind = implied_type(name, layer)
         put(f"{name}.weight", kind, _lossless_blocks(layer, kind).numpy())
     skip = {f"{n}.{b}" for n, m in quantized.items() for b in m.buffer_keys()}
-    for key, tensor in model.state_dict().items():
+    with checkpoint_layout():
+        state = model.state_dict()
+    for key, tensor in state.items():
         if key in skip or key == tied:
             continue
         module = key.rsplit(".", 1)[0]

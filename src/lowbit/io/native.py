@@ -29,7 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.shards import DEFAULT_MAX_SHARD_SIZE, layer_units, load_tensors, parse_size, save_tensors
 from lowbit.io.skeleton import build_model, read_config
 from lowbit.models import set_submodule
-from lowbit.nn import QuantLinear, quantized_modules
+from lowbit.nn import QuantLinear, checkpoint_layout, quantized_modules
 from lowbit.nn.e8p_linear import E8PLinear, e8p_modules
 from lowbit.nn.incoherent import IncoherentLinear, incoherent_modules
 from lowbit.scheme import QuantSpec
@@ -153,7 +153,8 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
         if target not in state:
             raise LowbitError(f"tensor {target} (stored for {alias}) is missing from '{stored.where}'.")
         state[alias] = state[target]
-    expected = model.state_dict()
+    with checkpoint_layout():  # keys, shapes and dtypes: act-order codes are not rebuilt for them
+        expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -11,7 +11,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.layers import output_embedding_name
-from lowbit.nn import QuantLinear, quantized_modules
+from lowbit.nn import QuantLinear, checkpoint_layout, quantized_modules
 
 
 def check_exportable(model: nn.Module, fmt: str) -> None:
@@ -44,7 +44,9 @@ def float_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
     """The model's state dict without the keys in ``skip``, tied tensors (embeddings / lm_head) once."""
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple[int, ...]]] = set()
-    for key, tensor in model.state_dict().items():
+    with checkpoint_layout():  # the quantised layers' tensors are skipped: none is rebuilt for it
+        state = model.state_dict()
+    for key, tensor in state.items():
         ptr = (tensor.data_ptr(), tuple(tensor.shape))
         if key in skip or (tensor.numel() and ptr in seen):
             continue
@@ -105,7 +107,9 @@ def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quant
     model, after checking that they are exactly the ones it expects, in the shapes it expects. Errors
     name ``where`` (the checkpoint's file or index), or the tensor's own file when ``files`` gives it."""
     files = files or {}
-    expected = {k: t for k, t in model.state_dict().items() if not any(k.startswith(n + ".") for n in quantized)}
+    with checkpoint_layout():
+        state = model.state_dict()
+    expected = {k: t for k, t in state.items() if not any(k.startswith(n + ".") for n in quantized)}
     tied = tied_output_key(model)
     missing = sorted(k for k in set(expected) - set(tensors) if k != tied)
     unexpected = sorted(set(tensors) - set(expected))

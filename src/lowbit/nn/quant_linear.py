@@ -16,7 +16,8 @@ loading takes that form.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,23 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.kernels import dispatch
 from lowbit.scheme import QuantSpec
-from lowbit.tensor import QuantizedWeight, expected_layout, fake_quantize_static
+from lowbit.tensor import QuantizedWeight, expected_layout, fake_quantize_static, groups_of_columns
+
+_layout_only = False  # within `checkpoint_layout`
+
+
+@contextlib.contextmanager
+def checkpoint_layout() -> Iterator[None]:
+    """Within the block, ``state_dict()`` gives act-order layers held in group order with the checkpoint's keys,
+    shapes and dtypes but without rebuilding their codes in column order: ``qdata`` is the layer's own (in group
+    order), ``g_idx`` the true one (K values). For code that checks a state dict's layout or leaves the quantised
+    layers' tensors out — never for writing those."""
+    global _layout_only
+    saved, _layout_only = _layout_only, True
+    try:
+        yield
+    finally:
+        _layout_only = saved
 
 
 class QuantLinear(nn.Module):
@@ -133,9 +150,13 @@ class QuantLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if "perm" in self._buffers:  # checkpoints hold act-order codes in column order, with their g_idx
+        perm = self._buffers.get("perm")
+        if perm is not None:  # checkpoints hold act-order codes in column order, with their g_idx
             del destination[prefix + "perm"]
-            destination.update((prefix + name, t) for name, t in self.weight.tensors().items())
+            if _layout_only:
+                destination[prefix + "g_idx"] = groups_of_columns(perm, self.kernel_weight.group_size)
+            else:
+                destination.update((prefix + name, t) for name, t in self.weight.tensors().items())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -196,4 +217,4 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-__all__ = ["QuantLinear", "quantized_modules"]
+__all__ = ["QuantLinear", "checkpoint_layout", "quantized_modules"]
