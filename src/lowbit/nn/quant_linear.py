@@ -137,9 +137,7 @@ class QuantLinear(nn.Module):
         if "input_scale" in self._buffers:  # static: quantised here with the calibrated scale, the kernel
             x = fake_quantize_static(x, activations, self._buffers["input_scale"])  # then sees the codes' values
             activations = None
-        perm = self._buffers.get("perm")
-        if perm is not None:
-            x = x.index_select(-1, perm)
+        x = self.in_kernel_order(x)
         m = x.numel() // self.in_features
         call = memo.calls.get((x.device, m))
         if call is None:
