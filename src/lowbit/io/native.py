@@ -169,7 +169,10 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
                               f"expected {tuple(tensor.shape)}.")
         if got.is_floating_point() and tensor.is_floating_point() and key not in quantized_keys:
             state[key] = got.to(dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    # the quantised layers were built from their tensors above (act-order codes already sorted into group order):
+    # every key has been checked, the rest are assigned
+    held = {f"{name}.{buf}" for name, m in quantized_modules(model).items() for buf in m.buffer_keys()}
+    model.load_state_dict({k: t for k, t in state.items() if k not in held}, strict=False, assign=True)
     model.tie_weights()
     for param in model.parameters():
         param.requires_grad_(False)
