@@ -205,6 +205,12 @@ def test_cli_generate_from_a_saved_checkpoint(default_model, default_tokenizer, 
                          text=True)
     assert out.stdout.startswith("The capital of France is") and len(out.stdout) > len("The capital of France is")
     assert "tokens/s" in out.stderr
+    # streamed a word at a time, the printed text is the whole greedy continuation, once
+    prompt = default_tokenizer("The capital of France is", return_tensors="pt")
+    with torch.inference_mode():
+        ids = lowbit.load(path).generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    continuation = default_tokenizer.decode(ids[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)
+    assert out.stdout == "The capital of France is" + continuation + "\n"
 
 
 def test_an_int8_lm_head_costs_little_and_decodes_as_the_reference_kernel(default_model, default_tokenizer,

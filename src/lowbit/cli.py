@@ -641,14 +641,17 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
         raise LowbitError(f"--max-new-tokens must be positive, got {max_new_tokens}.")
     lm, tokenizer = load_model(model), load_tokenizer(model)
     use_float_gemv(lm)  # float layers (all of a float model's) on lowbit's GEMV on CPU, as quantize leaves them
+    from transformers import TextStreamer
+
     ids = tokenizer(prompt, return_tensors="pt")
+    click.echo(prompt, nl=False)  # then each word as it is generated (transformers' streamer: whole words, flushed)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = lm.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+        out = lm.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     new = out[0, ids["input_ids"].shape[1]:]
-    click.echo(prompt + tokenizer.decode(new, skip_special_tokens=True))
     click.echo(f"{new.numel()} tokens in {seconds:.2f} s ({new.numel() / seconds:.1f} tokens/s)", err=True)
 
 
