@@ -5,7 +5,6 @@ each evaluation to a few seconds while still exercising every path.
 """
 
 import copy
-import dataclasses
 import json
 import math
 import subprocess
@@ -237,23 +236,24 @@ def test_an_int8_lm_head_costs_little_and_decodes_as_the_reference_kernel(defaul
 def test_a_decoding_model_holds_each_weight_once_at_its_packed_size(default_model, eval_tokens, scheme):
     """Issue 4: after prefill and decoding on the CPU kernels, every quantised layer holds exactly its packed bytes
     (its buffers, as a checkpoint counts them) and what the kernels prepared holds no copy of any weight (NF4's 16
-    levels at most). ``act-order``: W4A16's codes given GPTQ's g_idx (groups in a random column order), which the
-    layers keep sorted into group order."""
+    levels at most); the bytes are counted from the spec, not read off the layer. ``act-order``: W4A16's groups put
+    in a random column order with their g_idx, as GPTQ's desc_act writes them, which the layers keep in group order."""
     from lowbit.kernels import dispatch
+    from lowbit.tensor import storage_bytes
 
     q = lowbit.quantize(default_model, "W4A16" if scheme == "act-order" else scheme, progress=False)
     if scheme == "act-order":
         gen = torch.Generator().manual_seed(0)
         for name, layer in quantized_modules(q).items():
-            w = layer.weight
-            g_idx = (torch.argsort(torch.randperm(w.shape[1], generator=gen)) // w.group_size).to(torch.int32)
-            q.set_submodule(name, QuantLinear(dataclasses.replace(w, g_idx=g_idx), layer.bias))
+            scattered = layer.weight.in_column_order(torch.randperm(layer.in_features, generator=gen))
+            q.set_submodule(name, QuantLinear(scattered, layer.bias))
     layers = quantized_modules(q)
     with torch.inference_mode():
         q.generate(eval_tokens[:24][None], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     for name, layer in layers.items():
         held = sum(b.nbytes for b in layer.buffers(recurse=False))
-        assert held == layer.stored_nbytes == layer.weight.nbytes, name
+        packed = storage_bytes(layer.spec, (layer.out_features, layer.in_features), g_idx=scheme == "act-order")
+        assert held == packed == layer.weight.nbytes, name
         assert layer._memo is not None and len(layer._memo.calls) >= 2, name  # prefill and decode both ran
         prepared = [t for p in layer._memo.prepared.values() for t in p.values()]
         assert sum(t.nbytes for t in prepared) <= 64, name

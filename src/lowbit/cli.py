@@ -634,6 +634,8 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
     """Greedy continuation of PROMPT by MODEL (any model lowbit can load), on lowbit's kernels."""
     import torch
 
+    from transformers import TextStreamer
+
     from lowbit.api import load_model, load_tokenizer
     from lowbit.nn import use_float_gemv
 
@@ -641,8 +643,6 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
         raise LowbitError(f"--max-new-tokens must be positive, got {max_new_tokens}.")
     lm, tokenizer = load_model(model), load_tokenizer(model)
     use_float_gemv(lm)  # float layers (all of a float model's) on lowbit's GEMV on CPU, as quantize leaves them
-    from transformers import TextStreamer
-
     ids = tokenizer(prompt, return_tensors="pt")
     click.echo(prompt, nl=False)  # then each word as it is generated (transformers' streamer: whole words, flushed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

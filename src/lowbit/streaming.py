@@ -205,7 +205,7 @@ def finish_layer(run: _Run, index: int, layer: nn.Module, prefix: str, stored: d
 def _layer_record(m: QuantLinear) -> dict[str, Any]:
     return {"shape": [m.out_features, m.in_features], "weights": m.spec.to_dict(),
             "activations": m.activations.to_dict() if m.activations else None, "bias": m.bias is not None,
-            "g_idx": m.has_g_idx, "bits_per_weight": 8.0 * m.stored_nbytes / (m.out_features * m.in_features)}
+            "g_idx": m.has_g_idx, "bits_per_weight": m.bits_per_weight}
 
 
 def _round_layer(layer: nn.Module, stored: dict[str, Tensor], selected: set[str], prefix: str, scheme: Scheme) -> None:

@@ -18,16 +18,14 @@ SPECS = [QuantSpec("int", 4, "group", 32, symmetric=False), QuantSpec("int", 3, 
 
 
 def act_order(spec: QuantSpec, rows: int, cols: int, seed: int, uneven: bool = False):
-    """A weight with GPTQ's g_idx (each group ``group_size`` columns in a random column order) or, ``uneven``,
-    any group for any column."""
+    """A weight with GPTQ's g_idx (its groups' columns put in a random column order) or, ``uneven``, any group for
+    any column."""
     gen = torch.Generator().manual_seed(seed)
     weight = quantize_weight(torch.randn(rows, cols, generator=gen), spec)
-    groups = weight.scale_shape[1]
     if uneven:
-        g_idx = torch.randint(0, groups, (cols,), generator=gen)
-    else:
-        g_idx = torch.argsort(torch.randperm(cols, generator=gen)) // weight.group_size
-    return dataclasses.replace(weight, g_idx=g_idx.to(torch.int32))
+        g_idx = torch.randint(0, weight.scale_shape[1], (cols,), generator=gen, dtype=torch.int32)
+        return dataclasses.replace(weight, g_idx=g_idx)
+    return weight.in_column_order(torch.randperm(cols, generator=gen))
 
 
 def assert_same_weight(a, b):

@@ -97,7 +97,7 @@ def save_native(model: nn.Module, out: str | Path, tokenizer: Any = None, info: 
             "activations": m.activations.to_dict() if m.activations else None,
             "bias": m.bias is not None,
             "g_idx": m.has_g_idx,
-            "bits_per_weight": 8.0 * m.stored_nbytes / (m.out_features * m.in_features),
+            "bits_per_weight": m.bits_per_weight,
         }
         for name, m in quantized_modules(model).items()
     }
@@ -161,29 +161,22 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
         which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         where = stored.where if missing else stored.file(unexpected[0])
         raise LowbitError(f"'{where}' does not match its config: {which}.")
-    quantized_keys = _quantized_keys(model)
+    # the quantised layers were built from their tensors above (act-order codes sorted into group order there): they
+    # are checked here with the rest, and neither converted nor assigned again; E8P layers are empty until assigned
+    held = {f"{name}.{buf}" for name, m in quantized_modules(model).items() for buf in m.buffer_keys()}
+    codebooks = {f"{name}.{buf}" for name, m in e8p_modules(model).items() for buf, _ in m.named_buffers(recurse=False)}
     for key, tensor in expected.items():
         got = state[key]
         if tuple(got.shape) != tuple(tensor.shape):
             raise LowbitError(f"tensor {key} in '{stored.file(key)}' has shape {tuple(got.shape)}, "
                               f"expected {tuple(tensor.shape)}.")
-        if got.is_floating_point() and tensor.is_floating_point() and key not in quantized_keys:
+        if got.is_floating_point() and tensor.is_floating_point() and key not in held and key not in codebooks:
             state[key] = got.to(dtype)
-    # the quantised layers were built from their tensors above (act-order codes already sorted into group order):
-    # every key has been checked, the rest are assigned
-    held = {f"{name}.{buf}" for name, m in quantized_modules(model).items() for buf in m.buffer_keys()}
     model.load_state_dict({k: t for k, t in state.items() if k not in held}, strict=False, assign=True)
     model.tie_weights()
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
-
-
-def _quantized_keys(model: nn.Module) -> set[str]:
-    keys = {f"{name}.{buf}" for name, module in quantized_modules(model).items() for buf in module.buffer_keys()}
-    for name, module in e8p_modules(model).items():
-        keys.update(f"{name}.{buf}" for buf, _ in module.named_buffers(recurse=False))
-    return keys
 
 
 def _transform_entries(model: nn.Module) -> dict[str, Any]:

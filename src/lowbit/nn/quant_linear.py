@@ -122,6 +122,11 @@ class QuantLinear(nn.Module):
         perm = self._buffers.get("perm")
         return self.kernel_weight.nbytes + (0 if perm is None else perm.numel() * perm.element_size())
 
+    @property
+    def bits_per_weight(self) -> float:
+        """``weight.bits_per_weight`` without rebuilding it."""
+        return 8.0 * self.stored_nbytes / (self.out_features * self.in_features)
+
     def in_kernel_order(self, x: Tensor) -> Tensor:
         """x's columns in the order of the codes the layer holds (act-order kept in group order), else x."""
         perm = self._buffers.get("perm")
